@@ -1,0 +1,108 @@
+"""What to compress and how: a versioned, JSON-serialisable configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+SIGN_FUNCTIONS = ("smooth", "ste")
+INIT_METHODS = ("dual-svid", "itq")
+
+
+class LittleBitError(ValueError):
+    """Bad user input: the CLI prints it as one line and exits with code 2."""
+
+
+@dataclass
+class LayerOverride:
+    """Settings for the modules whose qualified name matches a glob ``pattern``.
+
+    ``bpw`` replaces the target for those layers; ``rank`` fixes the rank outright.
+    """
+
+    pattern: str
+    bpw: float | None = None
+    rank: int | None = None
+
+
+@dataclass
+class LittleBitConfig:
+    """How a model is compressed.
+
+    ``bpw`` is the bit budget per weight of each converted linear layer, scales included.
+    ``kv_rank_multiplier`` scales the rank of k/v projections relative to the rank the budget gives.
+    ``skip`` lists glob patterns of module names left in full precision.
+    """
+
+    bpw: float = 0.55
+    residual: bool = True
+    kv_rank_multiplier: float = 1.0
+    overrides: list[LayerOverride] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
+    sign_function: str = "smooth"
+    smooth_alpha: float = 100.0
+    init: str = "dual-svid"
+    seed: int = 0
+    rank_multiple: int = 8
+    min_rank: int = 8
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        self.overrides = [o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides]
+        self.validate()
+
+    def validate(self) -> None:
+        check_bpw(self.bpw)
+        for o in self.overrides:
+            if o.bpw is not None:
+                check_bpw(o.bpw)
+            if o.rank is not None and o.rank < 1:
+                raise LittleBitError(f"override {o.pattern!r}: rank must be >= 1, got {o.rank}")
+        if self.sign_function not in SIGN_FUNCTIONS:
+            raise LittleBitError(f"sign_function must be one of {SIGN_FUNCTIONS}, got {self.sign_function!r}")
+        if self.init not in INIT_METHODS:
+            raise LittleBitError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
+        if self.kv_rank_multiplier <= 0:
+            raise LittleBitError(f"kv_rank_multiplier must be > 0, got {self.kv_rank_multiplier}")
+        if self.version > CONFIG_VERSION:
+            raise LittleBitError(
+                f"config version {self.version} is newer than this littlebit understands ({CONFIG_VERSION})"
+            )
+
+    def is_skipped(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.skip)
+
+    def override_for(self, name: str) -> LayerOverride | None:
+        """The last matching override wins, so later, more specific patterns refine earlier ones."""
+        found = None
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(name, o.pattern):
+                found = o
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LittleBitConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise LittleBitError(f"unknown LittleBit config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LittleBitConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def check_bpw(bpw: float) -> None:
+    if not (0 < bpw < 16):
+        raise LittleBitError(f"bits per weight must be in (0, 16), got {bpw}")

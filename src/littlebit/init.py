@@ -1,0 +1,126 @@
+"""Initialising the factors: Dual-SVID (the paper) and Joint-ITQ (a learned rotation before signs).
+
+Both return real-valued latent factors whose signs are the binary matrices, plus the three scale
+vectors fitted to the latent magnitudes, for one or two (residual) paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Above this many entries in the smaller side, a randomized SVD is much faster and accurate enough.
+_EXACT_SVD_MAX_DIM = 2048
+
+
+@dataclass
+class Factors:
+    """Stacked over paths: u (P, d_out, r), v (P, d_in, r), h (P, d_out), l (P, r), g (P, d_in)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    h: torch.Tensor
+    l: torch.Tensor
+    g: torch.Tensor
+
+    def weight(self) -> torch.Tensor:
+        """The dense matrix the binarised factors represent (for checks only: it is d_out x d_in)."""
+        return reconstruct(self.u, self.v, self.h, self.l, self.g)
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """sign with sign(0) = +1, as the packed format stores it."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+def reconstruct(u, v, h, l, g) -> torch.Tensor:
+    w = 0
+    for p in range(u.shape[0]):
+        w = w + (h[p, :, None] * sign(u[p]) * l[p]) @ (sign(v[p]) * g[p, :, None]).T
+    return w
+
+
+def truncated_svd(w: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading ``rank`` singular triplets; exact for small matrices, randomized for large ones."""
+    rank = min(rank, *w.shape)
+    if min(w.shape) <= _EXACT_SVD_MAX_DIM or rank > min(w.shape) // 4:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank].T
+    devices = [w.device] if w.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(w, q=min(rank + 16, min(w.shape)), niter=6)
+    return u[:, :rank], s[:rank], v[:, :rank]
+
+
+def rank1_magnitudes(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-1 fit ``|a| ~ x y^T`` with x, y >= 0 (Perron vectors of a nonnegative matrix)."""
+    u, s, vh = torch.linalg.svd(a.abs(), full_matrices=False)
+    root = s[0].sqrt()
+    return u[:, 0].abs() * root, vh[0].abs() * root
+
+
+def joint_itq(u: torch.Tensor, v: torch.Tensor, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the latent factors by one r x r orthogonal R so that their signs fit them better.
+
+    ``(u R)(v R)^T = u v^T``, so the product is unchanged; R solves the orthogonal Procrustes
+    problem between the stacked factors and their signs, alternating with the signs themselves.
+    """
+    x = torch.cat([u, v], dim=0)
+    r = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    for _ in range(iters):
+        b = sign(x @ r)
+        left, _, right_h = torch.linalg.svd(x.T @ b, full_matrices=False)
+        r = left @ right_h
+    return u @ r, v @ r
+
+
+def _one_path(w: torch.Tensor, rank: int, seed: int, itq: bool, itq_iters: int):
+    left, s, right = truncated_svd(w, rank, seed)
+    root = s.sqrt()
+    u, v = left * root, right * root
+    if u.shape[1] < rank:  # the matrix has fewer singular values than the rank: pad with zeros
+        pad = rank - u.shape[1]
+        u = torch.nn.functional.pad(u, (0, pad))
+        v = torch.nn.functional.pad(v, (0, pad))
+    if itq:
+        u, v = joint_itq(u, v, itq_iters)
+    h, l_u = rank1_magnitudes(u)
+    g, l_v = rank1_magnitudes(v)
+    return u, v, h, l_u * l_v, g
+
+
+def initialise(
+    weight: torch.Tensor,
+    rank: int,
+    residual: bool = True,
+    method: str = "dual-svid",
+    seed: int = 0,
+    input_scale: torch.Tensor | None = None,
+    itq_iters: int = 50,
+) -> Factors:
+    """Factors for ``weight`` (d_out x d_in), computed in fp32 on ``weight``'s device.
+
+    ``input_scale`` (d_in, positive), e.g. the RMS of each input feature on calibration data, makes
+    the fit minimise the error on the outputs rather than on the weights: the factorisation runs on
+    ``weight * input_scale`` and the column scale ``g`` is divided by it afterwards, which leaves
+    the signs' meaning unchanged.
+    """
+    if method not in ("dual-svid", "itq"):
+        raise ValueError(f"unknown initialisation {method!r}")
+    w = weight.detach().to(torch.float32)
+    if input_scale is not None:
+        input_scale = input_scale.to(w).clamp_min(1e-8)
+        w = w * input_scale
+    paths = []
+    target = w
+    for p in range(2 if residual else 1):
+        u, v, h, l, g = _one_path(target, rank, seed + p, method == "itq", itq_iters)
+        paths.append((u, v, h, l, g))
+        if p == 0 and residual:
+            target = w - reconstruct(u[None], v[None], h[None], l[None], g[None])
+    u, v, h, l, g = (torch.stack(t) for t in zip(*paths, strict=True))
+    if input_scale is not None:
+        g = g / input_scale
+    return Factors(u, v, h, l, g)

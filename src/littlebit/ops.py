@@ -1,0 +1,118 @@
+"""The packed LittleBit product, with a pure-PyTorch reference and pluggable faster backends.
+
+    y = sum_p  h_p * (S_U,p @ (l_p * (S_V,p^T @ (g_p * x))))      (+ bias)
+
+``u_signs``: int32 ``(P, d_out, ceil(r/32))``, rows of S_U packed along r.
+``v_signs``: int32 ``(P, r, ceil(d_in/32))``, rows of S_V^T packed along d_in.
+``h``: ``(P, d_out)``, ``l``: ``(P, r)``, ``g``: ``(P, d_in)``. P is 2 with the residual path.
+
+A backend is a function with the reference's signature plus a predicate saying which calls it
+takes; the first registered backend that accepts a call runs it, the reference takes the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .packing import unpack_signs
+
+# Unpack at most this many sign entries at once, so the reference never holds a large +-1 matrix.
+_UNPACK_CHUNK = 1 << 22
+
+
+def _signed_matmul(x: torch.Tensor, words: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x @ S^T`` where S (rows x n) is packed in ``words``; unpacks a block of rows at a time."""
+    rows = words.shape[0]
+    step = max(1, _UNPACK_CHUNK // max(n, 1))
+    if step >= rows:
+        return x @ unpack_signs(words, n, dtype).T
+    out = [x @ unpack_signs(words[i : i + step], n, dtype).T for i in range(0, rows, step)]
+    return torch.cat(out, dim=-1)
+
+
+def littlebit_linear_reference(
+    x: torch.Tensor,
+    u_signs: torch.Tensor,
+    v_signs: torch.Tensor,
+    h: torch.Tensor,
+    l: torch.Tensor,
+    g: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    dtype = x.dtype
+    d_in, rank = g.shape[-1], l.shape[-1]
+    y = None
+    for p in range(u_signs.shape[0]):
+        t = _signed_matmul(x * g[p].to(dtype), v_signs[p], d_in, dtype)
+        t = t * l[p].to(dtype)
+        yp = _signed_matmul(t, u_signs[p], rank, dtype) * h[p].to(dtype)
+        y = yp if y is None else y + yp
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y
+
+
+LinearFn = Callable[..., torch.Tensor]
+Predicate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], bool]
+
+
+@dataclass
+class Backend:
+    name: str
+    fn: LinearFn
+    accepts: Predicate
+
+
+_BACKENDS: dict[str, Backend] = {}
+_forced: list[str] = []
+
+
+def register_backend(name: str, fn: LinearFn, accepts: Predicate) -> None:
+    """Add a faster implementation; ``accepts(x, u_signs, v_signs)`` says which calls it can take."""
+    _BACKENDS[name] = Backend(name, fn, accepts)
+
+
+def available_backends() -> list[str]:
+    return ["reference", *_BACKENDS]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force one backend (``"reference"`` included) inside the block, e.g. to compare them."""
+    if name != "reference" and name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; available: {available_backends()}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def select_backend(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor) -> str:
+    forced = _forced[-1] if _forced else os.environ.get("LITTLEBIT_BACKEND", "")
+    if forced:
+        return forced
+    for b in _BACKENDS.values():
+        if b.accepts(x, u_signs, v_signs):
+            return b.name
+    return "reference"
+
+
+def littlebit_linear(
+    x: torch.Tensor,
+    u_signs: torch.Tensor,
+    v_signs: torch.Tensor,
+    h: torch.Tensor,
+    l: torch.Tensor,
+    g: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The packed product through the best backend that takes this call."""
+    name = select_backend(x, u_signs, v_signs)
+    fn = littlebit_linear_reference if name == "reference" else _BACKENDS[name].fn
+    return fn(x, u_signs, v_signs, h, l, g, bias)
