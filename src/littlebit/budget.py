@@ -70,7 +70,7 @@ class LayerBudget:
 
     @property
     def bpw(self) -> float:
-        return layer_bpw(self.d_in, self.d_out, self.rank, self.residual)
+        return self.bits / self.n_weights
 
     @property
     def bytes(self) -> int:

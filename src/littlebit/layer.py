@@ -114,23 +114,41 @@ class LittleBitLinear(nn.Linear):
         return Factors(*(getattr(self, n).detach() for n in ("u", "v", "h", "l", "g")))
 
     def signs(self, latent: torch.Tensor) -> torch.Tensor:
+        """``sign(latent)`` with the configured surrogate gradient.
+
+        Written as ``hard + (soft - soft.detach())`` rather than through the autograd Functions
+        above: the value is exactly the sign and the gradient is the soft function's, and
+        ``torch.compile`` fuses it with the scale folding instead of breaking the graph.
+        """
+        hard = torch.where(latent >= 0, 1.0, -1.0).to(latent.dtype)
+        if not (torch.is_grad_enabled() and latent.requires_grad):
+            return hard
         if self.sign_function == "ste":
-            return STESign.apply(latent)
-        return SmoothSign.apply(latent, self.smooth_alpha)
+            soft = latent.clamp(-1.0, 1.0)
+        else:
+            soft = torch.tanh(latent * self.smooth_alpha)
+        return hard + (soft - soft.detach())
+
+    def folded_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` (d_in, P*r) and ``B`` (d_out, P*r) with ``W = B A^T``: the scales folded into the signs.
+
+        Folding costs O((d_in + d_out) r) per call instead of O(tokens * (d_in + d_out)) of
+        element-wise work on activations, and turns both paths into two plain GEMMs.
+        """
+        p, r = self.n_paths, self.rank
+        a = self.signs(self.v) * self.g[:, :, None] * self.l[:, None, :]
+        b = self.signs(self.u) * self.h[:, :, None]
+        a = a.transpose(0, 1).reshape(self.in_features, p * r).to(dtype)
+        b = b.transpose(0, 1).reshape(self.out_features, p * r).to(dtype)
+        return a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else self.u.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        shape = x.shape
-        x2 = x.reshape(1, -1, shape[-1]).to(dtype)
-        su, sv = self.signs(self.u).to(dtype), self.signs(self.v).to(dtype)
-        h, l, g = self.h.to(dtype), self.l.to(dtype), self.g.to(dtype)
-        t = torch.bmm(x2 * g[:, None, :], sv) * l[:, None, :]
-        y = (torch.bmm(t, su.transpose(1, 2)) * h[:, None, :]).sum(0)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        a, b = self.folded_factors(dtype)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return nn.functional.linear(nn.functional.linear(x.to(dtype), a.T), b, bias)
 
     def packed_state(self, scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """The deployment tensors: packed signs and the scales in ``scale_dtype``."""

@@ -78,14 +78,15 @@ class PackedLittleBitLinear(nn.Module):
 
 @dataclass
 class LayerSpec:
-    """Shape of one compressed module; ``parts`` (name -> [out_features, rank]) for fused ones."""
+    """Shape of one compressed module; ``parts``, for fused ones, lists ``[name, out_features, rank]``
+    in output order (a list, because JSON writers may sort the keys of a mapping)."""
 
     in_features: int
     out_features: int
     rank: int = 0
     bias: bool = False
     paths: int = 2
-    parts: dict[str, list[int]] = field(default_factory=dict)
+    parts: list[list] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -100,7 +101,7 @@ def layer_specs(model: nn.Module) -> dict[str, LayerSpec]:
     for name, m in model.named_modules():
         if isinstance(m, SplitLinear):
             first = next(iter(m.parts.values()))
-            parts = {k: [p.out_features, p.rank] for k, p in m.parts.items()}
+            parts = [[k, p.out_features, p.rank] for k, p in m.parts.items()]
             bias = first.bias is not None
             specs[name] = LayerSpec(m.in_features, m.out_features, 0, bias, first.n_paths, parts)
         elif isinstance(m, (LittleBitLinear, PackedLittleBitLinear)) and ".parts." not in name:
@@ -115,7 +116,7 @@ def _packed_from_spec(spec: LayerSpec, scale_dtype: torch.dtype, device) -> nn.M
         )
     parts = {
         k: PackedLittleBitLinear(spec.in_features, d_out, r, spec.paths, spec.bias, scale_dtype, device)
-        for k, (d_out, r) in spec.parts.items()
+        for k, d_out, r in spec.parts
     }
     return SplitLinear(parts, spec.in_features)
 

@@ -58,7 +58,7 @@ def safetensors_header(file: Path) -> dict:
 
 def _expand(name: str, spec: dict) -> list[tuple[str, int, int, int]]:
     if spec.get("parts"):
-        return [(f"{name}[{k}]", spec["in_features"], d_out, r) for k, (d_out, r) in spec["parts"].items()]
+        return [(f"{name}[{k}]", spec["in_features"], d_out, r) for k, d_out, r in spec["parts"]]
     return [(name, spec["in_features"], spec["out_features"], spec["rank"])]
 
 

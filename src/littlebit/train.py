@@ -1,0 +1,366 @@
+"""Quantization-aware training by distillation: block reconstruction, then global distillation.
+
+Phases, each resumable: ``blocks`` (one decoder layer at a time against the teacher's layer
+outputs, see ``blockwise``), then ``global`` (the whole student against the teacher's logits and
+hidden states, see ``distill``). A checkpoint holds the trained tensors, the optimizer, the RNG
+states and the data position; ``resume=True`` continues from it and, on CPU, ends with the same
+weights bit for bit as a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blockwise import BlockConfig, decoder_layers, reconstruct_blocks
+from .config import LittleBitConfig, LittleBitError
+from .distill import DistillConfig, distill_loss
+from .optim import (
+    LearningRates,
+    lr_factor,
+    make_optimizer,
+    norm_parameters,
+    param_groups,
+    select_trainable,
+    set_lr,
+)
+from .stream import Batches, load_tokens, pack_sequences
+from .student import make_student
+from .train_log import TrainLog
+from .train_state import (
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    restore_rng,
+    rng_tensors,
+    save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    seqlen: int = 512
+    batch_size: int = 8  # sequences per micro-batch; one optimizer step sees grad_accum of them
+    grad_accum: int = 1
+    lrs: LearningRates = field(default_factory=LearningRates)
+    warmup_frac: float = 0.02
+    loss: DistillConfig = field(default_factory=DistillConfig)
+    blocks: BlockConfig = field(default_factory=BlockConfig)
+    calib_sequences: int = 16
+    act_power: float = 1.0
+    latent_rms: float | None = 0.02
+    train_norms: bool = True
+    max_grad_norm: float | None = None
+    seed: int = 0
+    eval_every: int = 0
+    eval_windows: int | None = 8
+    eval_seqlen: int = 512
+    save_every: int = 50
+    compile: bool | None = None  # None: on CUDA only
+    amp: bool | None = None  # bf16 autocast; None: on CUDA only
+    grad_checkpoint: bool = False
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seqlen", "batch_size", "grad_accum"):
+            if getattr(self, name) < (0 if name == "steps" else 1):
+                raise LittleBitError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if isinstance(self.lrs, dict):
+            self.lrs = LearningRates(**self.lrs)
+        if isinstance(self.loss, dict):
+            self.loss = DistillConfig(**self.loss)
+        if isinstance(self.blocks, dict):
+            self.blocks = BlockConfig(**self.blocks)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seqlen
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    student: nn.Module
+    history: list[dict]  # {"step", "tokens", "ppl"} at each evaluation
+    tokens: int  # every token a student pass was trained on, calibration included
+    tokens_per_s: float  # global phase, student + teacher, without evaluation and checkpoint time
+    seconds: float
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Trainer:
+    """One run: owns the student, the optimizer, the data position and the checkpoints."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        data: torch.Tensor | str | Path | None,
+        lb_config: LittleBitConfig,
+        config: TrainConfig,
+        work_dir: str | Path,
+        tokenizer=None,
+        eval_ids: torch.Tensor | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.teacher, self.lb_config, self.config = teacher, lb_config, config
+        self.work_dir, self.tokenizer, self.eval_ids, self.progress = (
+            Path(work_dir),
+            tokenizer,
+            eval_ids,
+            progress,
+        )
+        self.device = next(teacher.parameters()).device
+        cuda = self.device.type == "cuda"
+        self.use_amp = cuda if config.amp is None else config.amp
+        self.use_compile = cuda if config.compile is None else config.compile
+        self.amp = _autocast(self.device, self.use_amp)
+        self.sequences = pack_sequences(load_tokens(data, tokenizer), config.seqlen)
+        self.history: list[dict] = []
+        self.tokens = 0
+        self.step = 0
+        self.phase = "blocks"
+        self.next_block = 0
+        self.position = 0
+        self.student: nn.Module | None = None
+        self.optimizer = None
+
+    # ----- setup -----------------------------------------------------------------------------
+    def _calibration(self) -> torch.Tensor:
+        n = min(self.config.calib_sequences, self.sequences.shape[0])
+        return self.sequences[:n]
+
+    def _block_sequences(self) -> torch.Tensor:
+        # The calibration slice starts the data; block reconstruction reads the sequences after it.
+        start = min(self.config.calib_sequences, self.sequences.shape[0])
+        idx = [(start + i) % self.sequences.shape[0] for i in range(self.config.blocks.sequences)]
+        return self.sequences[idx]
+
+    def setup(self, resume: bool) -> None:
+        state = load_checkpoint(self.work_dir) if resume else None
+        if resume and state is None:
+            log.warning("no checkpoint in %s: starting from the beginning", self.work_dir)
+        calib = None if state is not None else self._calibration()
+        self.student = make_student(
+            self.teacher, self.lb_config, calib, self.config.act_power, self.config.latent_rms, self.progress
+        )
+        self.kinds = select_trainable(self.student, self.config.train_norms)
+        if state is None:
+            self.tokens = calib.numel() if self.config.act_power != 0 else 0
+            self.log = TrainLog(self.work_dir, None, self.config.tensorboard)
+            return
+        tensors, meta = state
+        self.phase, self.step, self.next_block = meta["phase"], meta["step"], meta["next_block"]
+        self.position, self.tokens, self.history = meta["position"], meta["tokens"], meta["history"]
+        params = dict(self.student.named_parameters())
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key.startswith("model."):
+                    params[key[len("model.") :]].copy_(value)
+        if self.phase == "global":
+            self._make_optimizer()
+            optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
+        restore_rng(tensors)
+        self.log = TrainLog(self.work_dir, (self.phase, self.step, self.next_block), self.config.tensorboard)
+
+    def _make_optimizer(self) -> None:
+        self.kinds = select_trainable(self.student, self.config.train_norms)
+        self.optimizer = make_optimizer(param_groups(self.kinds, self.config.lrs))
+
+    def save(self) -> None:
+        tensors = {**trainable_state(self.student), **rng_tensors()}
+        meta = {
+            "phase": self.phase,
+            "step": self.step,
+            "next_block": self.next_block,
+            "position": self.position,
+            "tokens": self.tokens,
+            "history": self.history,
+            "train_config": self.config.to_dict(),
+            "littlebit_config": self.lb_config.to_dict(),
+        }
+        if self.optimizer is not None:
+            opt_tensors, meta["optimizer"] = optimizer_to_flat(self.optimizer)
+            tensors.update(opt_tensors)
+        tag = f"{self.phase}-{self.next_block if self.phase == 'blocks' else self.step:06d}"
+        save_checkpoint(self.work_dir, tag, tensors, meta)
+
+    # ----- phases ----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        start = time.perf_counter()
+        self.global_seconds, self._global_tokens = 0.0, 0
+        if self.phase == "blocks":
+            self._blocks()
+        if self.phase == "global":
+            self._global()
+        self.log.close()
+        tps = self._global_tokens / self.global_seconds if self.global_seconds else float("nan")
+        return TrainResult(self.student, self.history, self.tokens, tps, time.perf_counter() - start)
+
+    def _blocks(self) -> None:
+        cfg = self.config.blocks
+        if cfg.sequences and cfg.epochs:
+            seqs = self._block_sequences()
+
+            total, n_layers = seqs.numel() * cfg.epochs, len(decoder_layers(self.student))
+
+            def done(index: int, loss: float) -> None:
+                self.next_block = index + 1
+                # Each layer's share of the phase's token cost, summing exactly to the total.
+                self.tokens += total * (index + 1) // n_layers - total * index // n_layers
+                self.log.write({"phase": "blocks", "block": index, "rel_err": loss, "tokens": self.tokens})
+                self.save()
+
+            reconstruct_blocks(
+                self.teacher,
+                self.student,
+                seqs,
+                cfg,
+                self.config.lrs,
+                self.amp,
+                self.config.train_norms,
+                start_block=self.next_block,
+                on_block_done=done,
+                progress=self.progress,
+            )
+        self.phase = "global"
+        self._make_optimizer()
+        self._evaluate()
+        self.save()
+
+    def _global(self) -> None:
+        cfg = self.config
+        if self.optimizer is None:
+            self._make_optimizer()
+        teacher = self._teacher_for_distillation()
+        student_fwd = self._student_forward()
+        batches = Batches(self.sequences, cfg.batch_size, cfg.seed, self.position)
+        warmup = math.ceil(cfg.warmup_frac * cfg.steps)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="distillation", disable=not self.progress)
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            set_lr(self.optimizer, lr_factor(self.step, cfg.steps, warmup))
+            parts = self._train_step(batches, teacher, student_fwd)
+            self.position = batches.position
+            self.step += 1
+            self.tokens += cfg.tokens_per_step
+            record = {"phase": "global", "step": self.step, "tokens": self.tokens}
+            record.update({k: v.item() for k, v in parts.items()})  # one sync per step
+            dt = time.perf_counter() - t0
+            self.global_seconds += dt
+            self._global_tokens += cfg.tokens_per_step
+            record["tokens_per_s"] = cfg.tokens_per_step / dt
+            self.log.write(record)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
+            if cfg.eval_every and self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                self._evaluate()
+            if cfg.save_every and self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+
+    def _train_step(self, batches: Batches, teacher: nn.Module, student_fwd) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        want_hidden = cfg.loss.weight > 0
+        totals: dict[str, torch.Tensor] = {}
+        for _ in range(cfg.grad_accum):
+            batch = batches.next().to(self.device)
+            with torch.no_grad(), self.amp():
+                t_out = teacher(batch, output_hidden_states=want_hidden, use_cache=False)
+            with self.amp():
+                s_out = student_fwd(batch, output_hidden_states=want_hidden, use_cache=False)
+            s_hid = s_out.hidden_states[1:] if want_hidden else ()
+            t_hid = t_out.hidden_states[1:] if want_hidden else ()
+            loss, parts = distill_loss(s_out.logits, t_out.logits, s_hid, t_hid, cfg.loss)
+            (loss / cfg.grad_accum).backward()
+            parts["loss"] = loss.detach()
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0) + v / cfg.grad_accum
+        if cfg.max_grad_norm:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals
+
+    def _teacher_for_distillation(self) -> nn.Module:
+        teacher = self.teacher
+        if self.use_amp and next(teacher.parameters()).dtype == torch.float32:
+            # A bf16 copy: half the memory traffic; the caller's fp32 teacher stays as it was.
+            teacher = copy.deepcopy(teacher).to(torch.bfloat16)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+        return torch.compile(teacher) if self.use_compile else teacher
+
+    def _student_forward(self):
+        self.student.train()
+        if self.config.grad_checkpoint:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return torch.compile(self.student) if self.use_compile else self.student
+
+    def _evaluate(self) -> None:
+        if self.eval_ids is None:
+            return
+        from .evaluation import perplexity
+
+        self.student.eval()
+        with self.amp():
+            ppl = perplexity(
+                self.student, self.eval_ids, self.config.eval_seqlen, self.config.eval_windows, progress=False
+            )
+        self.student.train()
+        entry = {"step": self.step, "tokens": self.tokens, "ppl": ppl}
+        self.history.append(entry)
+        self.log.write({"phase": "eval", **entry})
+        if self.progress:
+            tqdm.write(f"step {self.step}: {self.tokens} tokens, perplexity {ppl:.2f}")
+
+
+def train(
+    teacher: nn.Module,
+    data: torch.Tensor | str | Path | None,
+    lb_config: LittleBitConfig,
+    config: TrainConfig | None = None,
+    work_dir: str | Path = "littlebit-train",
+    tokenizer=None,
+    eval_ids: torch.Tensor | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Distil a LittleBit student from ``teacher`` (left unchanged) and return it, trained.
+
+    ``data`` is a 1-D tensor of token ids or a text source for ``data.training_text`` (then
+    ``tokenizer`` is needed). ``eval_ids`` (1, n) enables the periodic perplexity evaluation.
+    Checkpoints and the JSONL log go to ``work_dir``.
+    """
+    trainer = Trainer(
+        teacher, data, lb_config, config or TrainConfig(), work_dir, tokenizer, eval_ids, progress
+    )
+    trainer.setup(resume)
+    return trainer.run()

@@ -1,0 +1,140 @@
+"""The ``littlebit train`` command: its arguments and what it runs (wired into ``cli.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from .blockwise import BLOCK_INPUTS, BlockConfig
+from .config import INIT_METHODS, SIGN_FUNCTIONS, LittleBitConfig, LittleBitError, check_bpw
+from .distill import LOSS_FORMS, DistillConfig
+from .optim import LearningRates
+from .train import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", nargs="?", default=None, help="hub id, local directory or .gguf (default: SmolLM2-135M)"
+    )
+    parser.add_argument("--bpw", type=float, required=True, help="bits per weight of each converted layer")
+    parser.add_argument("--out", required=True, help="directory for the compressed model (must not exist)")
+    parser.add_argument("--work-dir", default=None, help="checkpoints and logs (default: OUT-train)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in the work dir")
+    parser.add_argument("--init", choices=INIT_METHODS, default="itq", help="factor initialisation")
+    parser.add_argument("--data", default=None, help="wikitext2:valid (default), a text file or a directory")
+    parser.add_argument("--steps", type=int, default=400, help="global distillation steps")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="scale learning rate, relative to each scale's RMS"
+    )
+    parser.add_argument("--latent-lr", type=float, default=None, help="learning rate of the latent factors")
+    parser.add_argument("--norm-lr", type=float, default=None, help="norm learning rate (relative)")
+    parser.add_argument("--freeze-norms", action="store_true", help="do not train the RMSNorm weights")
+    parser.add_argument("--loss", choices=LOSS_FORMS, default="normalized", help="distillation loss form")
+    parser.add_argument("--hidden-weight", type=float, default=None, help="weight of the hidden-state term")
+    parser.add_argument("--warmup", type=float, default=0.02, help="warm-up, as a fraction of the steps")
+    parser.add_argument(
+        "--block-sequences", type=int, default=None, help="sequences for block reconstruction (0: off)"
+    )
+    parser.add_argument("--block-epochs", type=int, default=None)
+    parser.add_argument("--block-inputs", choices=BLOCK_INPUTS, default="student")
+    parser.add_argument("--calib-sequences", type=int, default=16, help="sequences for activation statistics")
+    parser.add_argument(
+        "--act-power", type=float, default=None, help="activation-aware init exponent (0: off)"
+    )
+    parser.add_argument(
+        "--latent-rms", type=float, default=None, help="rescale latents to this RMS (0: keep)"
+    )
+    parser.add_argument("--sign", choices=SIGN_FUNCTIONS, default="smooth", help="sign surrogate gradient")
+    parser.add_argument("--no-residual", action="store_true", help="one path per layer instead of two")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--eval-every", type=int, default=50, help="steps between perplexity evaluations (0: end only)"
+    )
+    parser.add_argument("--eval-windows", type=int, default=8, help="windows per evaluation (0: whole split)")
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--no-amp", action="store_true", help="train in fp32 even on GPU")
+    parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainConfig]:
+    check_bpw(args.bpw)
+    lb = LittleBitConfig(bpw=args.bpw, init=args.init, residual=not args.no_residual, sign_function=args.sign)
+    d = TrainConfig()
+    lrs = LearningRates(
+        latent=args.latent_lr if args.latent_lr is not None else d.lrs.latent,
+        scale=args.lr if args.lr is not None else d.lrs.scale,
+        norm=args.norm_lr if args.norm_lr is not None else d.lrs.norm,
+    )
+    blocks = BlockConfig(
+        sequences=d.blocks.sequences if args.block_sequences is None else args.block_sequences,
+        epochs=d.blocks.epochs if args.block_epochs is None else args.block_epochs,
+        inputs=args.block_inputs,
+    )
+    cfg = TrainConfig(
+        steps=args.steps,
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lrs=lrs,
+        warmup_frac=args.warmup,
+        loss=DistillConfig(form=args.loss, hidden_weight=args.hidden_weight),
+        blocks=blocks,
+        calib_sequences=args.calib_sequences,
+        act_power=d.act_power if args.act_power is None else args.act_power,
+        latent_rms=d.latent_rms if args.latent_rms is None else (args.latent_rms or None),
+        train_norms=not args.freeze_norms,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        eval_windows=args.eval_windows or None,
+        eval_seqlen=args.eval_seqlen,
+        save_every=args.save_every,
+        compile=False if args.no_compile else None,
+        amp=False if args.no_amp else None,
+        grad_checkpoint=args.grad_checkpoint,
+        tensorboard=args.tensorboard,
+    )
+    return lb, cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Load the model, train, save the compressed model to ``--out``; returns the exit code."""
+    import torch
+
+    from .evaluation import tokenize_eval
+    from .models import load_model, load_tokenizer
+    from .serialization import save_compressed
+
+    lb, cfg = config_from_args(args)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LittleBitError(f"output directory {out} exists and is not empty")
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + "-train")
+    if work.exists() and any(work.iterdir()) and not args.resume:
+        raise LittleBitError(f"work directory {work} is not empty: pass --resume, or another --work-dir")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    try:
+        eval_ids = tokenize_eval(tokenizer, "wikitext2", "test")
+    except LittleBitError as e:
+        log.warning("no periodic evaluation: %s", e)
+        eval_ids = None
+    result = train(teacher, args.data, lb, cfg, work, tokenizer, eval_ids, resume=args.resume)
+    save_compressed(result.student, out, tokenizer=tokenizer)
+    summary = {"out": str(out), "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
+    if result.history:
+        summary["wikitext2_ppl"] = result.history[-1]["ppl"]
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,44 @@
+"""Tiny random models of every supported architecture, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+VOCAB = 256
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+_ATTN = dict(num_attention_heads=4, num_key_value_heads=2)
+
+ARCHITECTURES = {
+    "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_COMMON, **_ATTN)),
+    "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**_COMMON, **_ATTN)),
+    "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_COMMON, **_ATTN)),
+    "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**_COMMON, **_ATTN, head_dim=16)),
+    "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_COMMON, **_ATTN, head_dim=16)),
+    "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**_COMMON, **_ATTN, head_dim=16)),
+    "opt": lambda: tf.OPTForCausalLM(
+        tf.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+        )
+    ),
+    "phi3": lambda: tf.Phi3ForCausalLM(
+        tf.Phi3Config(**_COMMON, **_ATTN, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    ),
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return ARCHITECTURES[arch]().eval()
+
+
+@pytest.fixture
+def tiny_llama() -> torch.nn.Module:
+    return tiny_model("llama")

@@ -1,0 +1,144 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
+
+import littlebit
+from littlebit import LittleBitConfig, LittleBitError, convert, load_compressed, save_compressed
+from littlebit.ops import littlebit_linear_reference
+from littlebit.packed import PackedLittleBitLinear
+from littlebit.report import checkpoint_info
+
+
+def round_scales_to_fp16(model):
+    for m in model.modules():
+        if isinstance(m, littlebit.LittleBitLinear):
+            for name in "hlg":
+                getattr(m, name).data = getattr(m, name).data.half().float()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny compressed Llama saved in fp32, plus the training-form logits before saving."""
+    model = tiny_model("llama")
+    convert(model, LittleBitConfig(bpw=2.0), progress=False)
+    round_scales_to_fp16(model)
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        ref = model(x).logits
+    out = tmp_path / "ckpt"
+    save_compressed(model, out, dtype=torch.float32)
+    return out, x, ref
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "opt", "gemma2"])
+def test_packed_logits_equal_training_logits(tmp_path, arch):
+    model = tiny_model(arch)
+    convert(model, LittleBitConfig(bpw=2.0), progress=False)
+    round_scales_to_fp16(model)
+    x = torch.randint(0, 256, (1, 11))
+    with torch.no_grad():
+        ref = model(x).logits
+    save_compressed(model, tmp_path / "m", dtype=torch.float32)
+    loaded = load_compressed(tmp_path / "m")
+    assert any(isinstance(m, PackedLittleBitLinear) for m in loaded.modules())
+    with torch.no_grad():
+        out = loaded(x).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_from_pretrained_and_byte_stable_round_trip(saved, tmp_path):
+    out, x, ref = saved
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref, rtol=1e-4, atol=1e-4)
+    again = tmp_path / "again"
+    model.save_pretrained(again)
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert json.loads((again / "config.json").read_text()) == json.loads((out / "config.json").read_text())
+    generated = model.generate(x[:1, :4], max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 9)
+
+
+def test_from_pretrained_in_a_fresh_process_needs_no_remote_code(saved):
+    out, _, _ = saved
+    code = f"import littlebit, transformers; m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}); print(type(m.model.layers[0].mlp.up_proj).__name__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "PackedLittleBitLinear"
+
+
+def test_packed_layer_holds_only_packed_tensors(saved):
+    out, _, _ = saved
+    model = load_compressed(out)
+    layer = model.model.layers[0].mlp.down_proj
+    assert not list(layer.parameters())
+    kinds = {name: b.dtype for name, b in layer.named_buffers()}
+    assert kinds["u_signs"] == torch.int32 and kinds["v_signs"] == torch.int32
+    assert kinds["h"] == torch.float16
+    x = torch.randn(4, layer.in_features)
+    args = (layer.u_signs, layer.v_signs, layer.h, layer.l, layer.g)
+    torch.testing.assert_close(layer(x), littlebit_linear_reference(x, *args))
+
+
+def test_info_reports_sizes(saved):
+    out, _, _ = saved
+    info = checkpoint_info(out)
+    assert {"bpw_linear", "bpw_total", "n_params", "layers", "bytes_on_disk", "bytes_in_memory"} <= set(info)
+    assert info["bytes_in_memory"] == pytest.approx(info["bytes_expected"], rel=0.05)
+    assert info["bytes_on_disk"] == pytest.approx(info["bytes_expected"], rel=0.05)
+    assert {"name", "shape", "rank", "bpw"} <= set(info["layers"][0])
+
+
+def _flip_byte(path, offset_from_end):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "damaged or truncated"),
+        ("flip", "damaged"),
+        ("version", "format version"),
+        ("shape", "disagrees|config says"),
+        ("missing", "no .safetensors|not provide|missing|cannot load"),
+    ],
+)
+def test_damaged_checkpoints_are_refused(saved, damage, message):
+    out, _, _ = saved
+    weights, config = out / "model.safetensors", out / "config.json"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    elif damage == "flip":
+        _flip_byte(weights, 100)
+    else:
+        cfg = json.loads(config.read_text())
+        q = cfg["quantization_config"]
+        if damage == "version":
+            q["format_version"] = 99
+        elif damage == "shape":
+            name = next(iter(q["layers"]))
+            q["layers"][name]["rank"] += 8
+        else:
+            os.remove(weights)
+        config.write_text(json.dumps(cfg))
+    with pytest.raises(LittleBitError, match=message):
+        load_compressed(out)
+
+
+def test_save_refuses_non_empty_directory_and_leaves_nothing(tmp_path):
+    model = tiny_model("llama")
+    convert(model, LittleBitConfig(bpw=2.0), progress=False)
+    target = tmp_path / "busy"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    with pytest.raises(LittleBitError, match="not empty"):
+        save_compressed(model, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
