@@ -1,0 +1,162 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as tf
+
+from littlebit.cli import main
+from littlebit.models import load_tokenizer
+
+DATA = "wikitext-2-raw"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with the default model's tokenizer, saved like a hub checkpoint."""
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A small folder laid out like shared/data."""
+    root = tmp_path_factory.mktemp("data")
+    (root / DATA).mkdir()
+    (root / "ptb").mkdir()
+    text = " = Title = \n \n The quick brown fox jumps over the lazy dog . \n" * 200
+    (root / DATA / "wiki.test.raw").write_text(text)
+    (root / "ptb" / "ptb.test.txt").write_text(" the cat sat on the mat \n" * 300)
+    return root
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("c") / "out"
+    assert main(["compress", str(tiny_dir), "--bpw", "2.0", "--out", str(out), "--dtype", "float32"]) == 0
+    return out
+
+
+def run_cli(capsys, *argv):
+    """Exit code, stdout and stderr of the command; usage errors exit through SystemExit."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_compress_info_eval_generate(compressed, data_dir, capsys):
+    code, out, _ = run_cli(capsys, "info", str(compressed), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["bytes_in_memory"] > 0 and len(info["layers"]) == 14
+    assert {"bpw_linear", "bpw_total", "n_params", "bytes_on_disk", "bytes_expected"} <= set(info)
+    code, out, _ = run_cli(
+        capsys,
+        "eval",
+        str(compressed),
+        "--ppl",
+        "wikitext2,ptb",
+        "--seqlen",
+        "64",
+        "--max-windows",
+        "2",
+        "--data-dir",
+        str(data_dir),
+        "--json",
+    )
+    result = json.loads(out)
+    assert code == 0 and set(result) == {"wikitext2", "ptb"} and all(v > 1 for v in result.values())
+    code, out, _ = run_cli(
+        capsys, "generate", str(compressed), "--prompt", "Hello", "--max-new-tokens", "3", "--json"
+    )
+    assert code == 0 and "text" in json.loads(out)
+
+
+def test_eval_baselines(tiny_dir, data_dir, capsys):
+    for kind in ("svd", "onebit"):
+        code, out, _ = run_cli(
+            capsys,
+            "eval",
+            str(tiny_dir),
+            "--baseline",
+            kind,
+            "--bpw",
+            "1.0",
+            "--seqlen",
+            "64",
+            "--max-windows",
+            "1",
+            "--data-dir",
+            str(data_dir),
+            "--json",
+        )
+        assert code == 0 and json.loads(out)["wikitext2"] > 1
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["compress", "{tiny}", "--bpw", "0", "--out", "{out}"], "(0, 16)"),
+        (["compress", "{tiny}", "--bpw", "16", "--out", "{out}"], "(0, 16)"),
+        (["compress", "{tiny}", "--bpw", "-1", "--out", "{out}"], "(0, 16)"),
+        (["compress", "{tiny}", "--bpw", "abc", "--out", "{out}"], "not a number"),
+        (["compress", "{missing}", "--bpw", "1", "--out", "{out}"], "cannot load model"),
+        (["compress", "{tiny}", "--bpw", "1", "--out", "{out}", "--skip", "*"], "no linear layers"),
+        (["compress", "{tiny}", "--bpw", "1", "--out", "{busy}"], "not empty"),
+        (["eval", "{tiny}", "--data-dir", "{empty}"], "data file not found"),
+        (["eval", "{tiny}", "--ppl", "c5"], "unknown dataset"),
+        (["info", "{tiny}"], "not a LittleBit checkpoint"),
+        (["info", "{missing}"], "no config.json"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(tiny_dir, tmp_path, capsys, argv, fragment):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    (tmp_path / "empty").mkdir()
+    paths = {
+        "tiny": tiny_dir,
+        "out": tmp_path / "out",
+        "busy": busy,
+        "missing": tmp_path / "no-such-model",
+        "empty": tmp_path / "empty",
+    }
+    argv = [a.format(**paths) for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line]
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in busy.iterdir()) == ["x"]
+
+
+def test_damaged_checkpoint_from_the_command_line(compressed, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(compressed, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    res = subprocess.run(
+        [sys.executable, "-m", "littlebit.cli", "info", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr and res.stderr.strip().startswith("littlebit: error:")
