@@ -75,7 +75,7 @@ def test_model_report_and_small_layer_warning(tiny_llama):
         assert layer.bpw == pytest.approx(paper_bpw(layer.d_in, layer.d_out, layer.rank, True))
     # 64x64 layers cannot get below 32*(128)/4096 = 1 BPW with a residual path
     msg = report.warning()
-    assert msg is not None and "model.layers.0.self_attn.q_proj" in msg
+    assert msg is not None and "model.layers.[0-1].self_attn.q_proj (64x64: 1.562 > 0.300)" in msg
     assert report.bpw_total > report.bpw_linear
     d = report.to_dict()
     assert {"bpw_linear", "bpw_total", "n_params", "layers"} <= set(d)

@@ -7,6 +7,7 @@ Per path, a ``d_out x d_in`` layer of rank ``r`` stores ``r * (d_in + d_out)`` s
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 from .config import check_bpw
@@ -109,13 +110,22 @@ class ModelBudget:
         return [layer for layer in self.layers if layer.bpw > layer.target_bpw + 1e-9]
 
     def warning(self) -> str | None:
+        """Names every layer over its target, grouped as ``model.layers.[0-29].mlp.up_proj``."""
         bad = self.over_budget()
         if not bad:
             return None
-        parts = [f"{b.name} ({b.d_out}x{b.d_in}: {b.bpw:.3f} > {b.target_bpw:.3f})" for b in bad]
-        return f"{len(bad)} layer(s) cannot reach their BPW target even at the minimum rank: " + ", ".join(
-            parts
-        )
+        groups: dict[tuple, list[int]] = {}
+        for b in bad:
+            m = re.search(r"\.(\d+)\.", b.name)
+            pattern = b.name[: m.start(1)] + "{}" + b.name[m.end(1) :] if m else b.name
+            key = (pattern, b.d_out, b.d_in, round(b.bpw, 3), b.target_bpw)
+            groups.setdefault(key, []).append(int(m.group(1)) if m else -1)
+        parts = [
+            f"{pattern.format(_ranges(idx))} ({d_out}x{d_in}: {bpw:.3f} > {target:.3f})"
+            for (pattern, d_out, d_in, bpw, target), idx in groups.items()
+        ]
+        head = f"{len(bad)} layer(s) cannot reach their BPW target even at the minimum rank: "
+        return head + "; ".join(parts)
 
     def to_dict(self) -> dict:
         return {
@@ -132,3 +142,16 @@ class ModelBudget:
         rows.append(f"BPW over converted linear layers: {self.bpw_linear:.4f}")
         rows.append(f"BPW over all weights (embeddings, head, norms at 16 bits): {self.bpw_total:.4f}")
         return "\n".join(rows)
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0-3,7]`` for indices 0,1,2,3,7; a single index stays bare."""
+    if indices == [-1]:
+        return ""
+    idx = sorted(set(indices))
+    spans, start = [], idx[0]
+    for prev, cur in zip(idx, [*idx[1:], None], strict=True):
+        if cur is None or cur != prev + 1:
+            spans.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return spans[0] if len(idx) == 1 else "[" + ",".join(spans) + "]"
