@@ -103,6 +103,40 @@ def select_backend(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor
     return "reference"
 
 
+def _dispatch(
+    x: torch.Tensor,
+    u_signs: torch.Tensor,
+    v_signs: torch.Tensor,
+    h: torch.Tensor,
+    l: torch.Tensor,
+    g: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    name = select_backend(x, u_signs, v_signs)
+    fn = littlebit_linear_reference if name == "reference" else _BACKENDS[name].fn
+    return fn(x, u_signs, v_signs, h, l, g, bias)
+
+
+# Registered as a custom op so torch.compile and CUDA graphs see one opaque node instead of tracing
+# (and breaking on) the backend selection.
+@torch.library.custom_op("littlebit::linear", mutates_args=())
+def _linear_op(
+    x: torch.Tensor,
+    u_signs: torch.Tensor,
+    v_signs: torch.Tensor,
+    h: torch.Tensor,
+    l: torch.Tensor,
+    g: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return _dispatch(x, u_signs, v_signs, h, l, g, bias).contiguous()
+
+
+@_linear_op.register_fake
+def _(x, u_signs, v_signs, h, l, g, bias):
+    return x.new_empty(*x.shape[:-1], u_signs.shape[1])
+
+
 def littlebit_linear(
     x: torch.Tensor,
     u_signs: torch.Tensor,
@@ -113,6 +147,4 @@ def littlebit_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The packed product through the best backend that takes this call."""
-    name = select_backend(x, u_signs, v_signs)
-    fn = littlebit_linear_reference if name == "reference" else _BACKENDS[name].fn
-    return fn(x, u_signs, v_signs, h, l, g, bias)
+    return _linear_op(x, u_signs, v_signs, h, l, g, bias)

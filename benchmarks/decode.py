@@ -1,0 +1,159 @@
+"""End-to-end greedy decoding: FP16 versus LittleBit (issue: fast).
+
+Batch 1, a static KV cache, and the whole decode step captured in one CUDA graph (so launch
+overhead is paid once per token); ``--compile`` additionally runs the model through torch.compile
+to fuse the elementwise work (norms, rotary, activations) around the linear layers. The same recipe
+is applied to every model, so the ratios compare like with like.
+
+    python benchmarks/decode.py --models 7b-fp16,7b-0.1,7b-0.55,7b-1.0 --compile
+    python benchmarks/decode.py --models smollm-fp16,smollm-0.55
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import common
+import torch
+from torch import nn
+
+
+def build(name: str, device: str) -> nn.Module:
+    from littlebit.synthetic import llama_config, random_packed_llama
+
+    if name.startswith("7b-"):
+        tag = name[3:]
+        if tag != "fp16":
+            return random_packed_llama("llama-2-7b", float(tag), device, torch.float16)
+        from transformers import LlamaForCausalLM
+
+        config = llama_config("llama-2-7b")
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config).half()
+        model = model.to_empty(device=device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.fill_(1.0) if "norm" in n else p.normal_(0, 0.02, generator=gen)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+        return model.eval()
+    from littlebit import LittleBitConfig, convert, pack_model
+    from littlebit.models import load_model
+    from littlebit.serialization import cast_unquantized
+
+    tag = name.split("-", 1)[1]
+    model = load_model(None, torch.float32 if tag != "fp16" else torch.float16, device)
+    if tag != "fp16":
+        convert(model, LittleBitConfig(bpw=float(tag)), compute_device=device, progress=False)
+        pack_model(model)
+        cast_unquantized(model, torch.float16)
+    return model.eval()
+
+
+def bench(model: nn.Module, prompt_len: int, new_tokens: int, use_compile: bool, device: str) -> dict:
+    from transformers import StaticCache
+
+    forward = torch.compile(model.forward, dynamic=False) if use_compile else model.forward
+    max_len = prompt_len + new_tokens + 8
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
+
+    def prefill() -> torch.Tensor:
+        cache.reset()
+        pos = torch.arange(prompt_len, device=device)
+        logits = forward(input_ids=prompt, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        return logits[:, -1:].argmax(-1)
+
+    with torch.no_grad():
+        for _ in range(2):  # warm-up: compilation and autotuning stay out of the numbers
+            prefill()
+        torch.cuda.synchronize()
+        ttft = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            first = prefill()
+            torch.cuda.synchronize()
+            ttft.append(time.perf_counter() - t0)
+
+        tok = first.clone()
+        pos = torch.tensor([prompt_len], device=device)
+
+        def step() -> None:
+            logits = forward(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+            tok.copy_(logits[:, -1:].argmax(-1))
+            pos.add_(1)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        rates = []
+        for _ in range(3):
+            prefill()
+            tok.copy_(first)
+            pos.fill_(prompt_len)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                graph.replay()
+            torch.cuda.synchronize()
+            rates.append(new_tokens / (time.perf_counter() - t0))
+    return {"ttft_ms": 1e3 * statistics.median(ttft), "tokens_per_s": statistics.median(rates)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="7b-fp16,7b-0.1,7b-0.55,7b-1.0")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--tag", default="decode", help="results file name")
+    args = p.parse_args()
+    import littlebit.kernels  # noqa: F401  (registers the fast backends)
+    from littlebit.ops import available_backends
+    from littlebit.report import memory_bytes
+
+    device = "cuda"
+    records = []
+    for name in args.models.split(","):
+        torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        model = build(name, device)
+        built = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rec = {
+            "model": name,
+            "compile": args.compile,
+            "bytes": memory_bytes(model),
+            "backends": available_backends(),
+        }
+        rec.update(bench(model, args.prompt_len, args.new_tokens, args.compile, device))
+        rec.update(build_s=built, bench_s=time.perf_counter() - t0)
+        records.append(rec)
+        print(rec, flush=True)
+        del model
+    by_family: dict[str, float] = {
+        r["model"].split("-")[0]: r["tokens_per_s"] for r in records if "fp16" in r["model"]
+    }
+    for r in records:
+        base = by_family.get(r["model"].split("-")[0])
+        r["speedup_vs_fp16"] = r["tokens_per_s"] / base if base else None
+    common.write_results(args.tag, records, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    print(f"\n{'model':<14} {'GB':>6} {'TTFT ms':>8} {'tok/s':>8} {'vs FP16':>8}")
+    for r in records:
+        speed = f"{r['speedup_vs_fp16']:.2f}x" if r["speedup_vs_fp16"] else "-"
+        print(
+            f"{r['model']:<14} {r['bytes'] / 1e9:>6.2f} {r['ttft_ms']:>8.2f} "
+            f"{r['tokens_per_s']:>8.1f} {speed:>8}"
+        )
+
+
+if __name__ == "__main__":
+    main()
