@@ -41,12 +41,28 @@ def reconstruct(u, v, h, l, g) -> torch.Tensor:
     return w
 
 
+def _svd_by_gram(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading singular triplets from the eigenvectors of the smaller Gram matrix, in float64.
+
+    Much faster than a full SVD for the few hundred leading triplets Dual-SVID needs, and float64
+    keeps the leading ones accurate (the squared condition number only hurts the tail, unused here).
+    """
+    tall = w.shape[0] >= w.shape[1]
+    a = (w if tall else w.T).double()
+    evals, evecs = torch.linalg.eigh(a.T @ a)
+    order = torch.argsort(evals, descending=True)[:rank]
+    s = evals[order].clamp_min(0).sqrt()
+    v = evecs[:, order]
+    u = (a @ v) / s.clamp_min(torch.finfo(torch.float64).tiny ** 0.5)
+    u, v = (u, v) if tall else (v, u)
+    return u.to(w.dtype), s.to(w.dtype), v.to(w.dtype)
+
+
 def truncated_svd(w: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Leading ``rank`` singular triplets; exact for small matrices, randomized for large ones."""
+    """Leading ``rank`` singular triplets ``(U, S, V)``: exact for small matrices, randomized for large."""
     rank = min(rank, *w.shape)
     if min(w.shape) <= _EXACT_SVD_MAX_DIM or rank > min(w.shape) // 4:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return u[:, :rank], s[:rank], vh[:rank].T
+        return _svd_by_gram(w, rank)
     devices = [w.device] if w.is_cuda else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -70,10 +86,28 @@ def joint_itq(u: torch.Tensor, v: torch.Tensor, iters: int = 50) -> tuple[torch.
     x = torch.cat([u, v], dim=0)
     r = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     for _ in range(iters):
-        b = sign(x @ r)
-        left, _, right_h = torch.linalg.svd(x.T @ b, full_matrices=False)
-        r = left @ right_h
+        r = orthogonal_polar(x.T @ sign(x @ r))
+    if x.is_cuda:  # make the Newton-Schulz result orthogonal to working precision
+        r = orthogonal_polar(r, exact=True)
     return u @ r, v @ r
+
+
+def orthogonal_polar(m: torch.Tensor, exact: bool | None = None, iters: int = 24) -> torch.Tensor:
+    """The orthogonal factor of ``m``'s polar decomposition (the Procrustes solution).
+
+    On a GPU a small SVD costs milliseconds of solver overhead and ITQ needs one per iteration for
+    every layer, so there the factor comes from Newton-Schulz iterations (matrix products only);
+    the CPU, where LAPACK is quick on small matrices, uses the SVD.
+    """
+    exact = not m.is_cuda if exact is None else exact
+    if exact:
+        left, _, right_h = torch.linalg.svd(m, full_matrices=False)
+        return left @ right_h
+    y = m / m.norm().clamp_min(1e-30)  # every singular value in (0, 1]: inside the convergence region
+    eye = torch.eye(m.shape[1], dtype=m.dtype, device=m.device)
+    for _ in range(iters):
+        y = y @ (1.5 * eye - 0.5 * (y.T @ y))
+    return y
 
 
 def _one_path(w: torch.Tensor, rank: int, seed: int, itq: bool, itq_iters: int):
