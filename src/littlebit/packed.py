@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from . import kernels  # noqa: F401  (registers the fast backends behind littlebit_linear)
 from .convert import SplitLinear, set_submodule
 from .layer import LittleBitLinear
 from .ops import littlebit_linear

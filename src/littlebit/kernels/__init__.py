@@ -1,0 +1,35 @@
+"""Fast backends for :func:`littlebit.ops.littlebit_linear`; importing this package registers them.
+
+- ``triton`` (``triton_littlebit``): CUDA tensors in fp16/bf16 with up to 64 tokens, where Triton and a GPU
+  are present. The kernel module is only imported then, so machines without either never touch it.
+- ``cpu-lut`` (``cpu_lut``): CPU tensors with up to 16 tokens (decoding).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ..ops import register_backend
+from . import cpu_lut
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def register() -> list[str]:
+    """Register every backend usable here; returns their names. Safe to call again."""
+    names = []
+    if triton_available():
+        from . import triton_littlebit
+
+        register_backend("triton", triton_littlebit.littlebit_linear_triton, triton_littlebit.accepts)
+        names.append("triton")
+    register_backend("cpu-lut", cpu_lut.littlebit_linear_cpu_lut, cpu_lut.accepts)
+    names.append("cpu-lut")
+    return names
+
+
+registered = register()

@@ -1,0 +1,437 @@
+"""Packed LittleBit kernels against fp16 F.linear on one GPU, for Llama-2-7B and -70B layer shapes.
+
+Run from the repository root with plain python3 (no littlebit install needed):
+
+    python3 benchmarks/kernels.py [--out benchmarks/results/kernels.json] [--sweep] [--profile] [--quick]
+
+Per shape, BPW (rank from the budget formula, residual path on) and batch it times, with CUDA graphs and
+weights rotated among enough copies to spill the 50 MB L2: fp16 ``F.linear``; the same low-rank product
+with unpacked fp16 factors (scales folded in, both paths: two GEMMs); and the Triton kernel. Weights are
+random packed words and random positive scales, so no model is needed. It also reports the bandwidth the
+packed bytes imply against a measured device-to-device copy, and the kernel's error against an fp32 dense
+reconstruction of the same layer. ``--cpu`` instead times the cpu-lut backend against fp32 F.linear on
+the SmolLM2-135M shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, "src")
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
+BPWS = [0.1, 0.3, 0.55, 0.8, 1.0]
+BATCHES = [1, 4, 16]
+ROTATE_BYTES = 160e6  # > 3x the H100's 50 MB L2
+SMOL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
+
+
+def import_kernel(name: str):
+    """``littlebit.kernels.<name>`` without running ``littlebit/__init__`` (which pulls in transformers)."""
+    if "littlebit" not in sys.modules:
+        pkg = types.ModuleType("littlebit")
+        pkg.__path__ = [str(Path("src/littlebit").resolve())]
+        sys.modules["littlebit"] = pkg
+    return importlib.import_module(f"littlebit.kernels.{name}")
+
+
+def rank_for_bpw(d_in: int, d_out: int, bpw: float) -> int:
+    """littlebit.budget.rank_for_bpw(d_in, d_out, bpw, residual=True), restated to keep this standalone."""
+    free_bits = bpw * d_in * d_out - 2 * 16 * (d_in + d_out)
+    raw = math.floor(free_bits / (2 * (d_in + d_out + 16)) + 1e-9)
+    return max(8, min((raw // 8) * 8, max(8, (min(d_in, d_out) // 8) * 8)))
+
+
+def packed_bytes(d_in: int, d_out: int, r: int) -> int:
+    return 2 * (4 * (d_out * math.ceil(r / 32) + r * math.ceil(d_in / 32)) + 2 * (d_in + d_out + r))
+
+
+def unpack(words: torch.Tensor, n: int) -> torch.Tensor:
+    """+-1 fp32 (..., n) from int32 words (..., ceil(n/32)): bit b of word k is entry 32k + b, set = +1."""
+    bits = (words.unsqueeze(-1) >> torch.arange(32, device=words.device, dtype=torch.int32)) & 1
+    return bits.reshape(*words.shape[:-1], -1)[..., :n].float() * 2 - 1
+
+
+def random_layer(d_in: int, d_out: int, r: int, dev: str, gen: torch.Generator) -> list[torch.Tensor]:
+    def words(*shape):
+        return torch.randint(-(2**31), 2**31, shape, generator=gen, device=dev, dtype=torch.int64).to(
+            torch.int32
+        )
+
+    def scale(n, fan):
+        return ((torch.rand(2, n, generator=gen, device=dev) + 0.5) / fan**0.5).half()
+
+    return [
+        words(2, d_out, math.ceil(r / 32)),
+        words(2, r, math.ceil(d_in / 32)),
+        scale(d_out, r),
+        scale(r, d_in),
+    ]
+
+
+def dense_reconstruction(u, v, h, l, g, d_in, r) -> torch.Tensor:
+    """fp32 (d_out, d_in) weight of the layer: sum_p diag(h) S_U diag(l) S_V^T diag(g)."""
+    w = None
+    for p in range(u.shape[0]):
+        su = unpack(u[p], r) * h[p].float()[:, None]
+        sv = unpack(v[p], d_in) * l[p].float()[:, None] * g[p].float()[None, :]
+        w = su @ sv if w is None else w + su @ sv
+        del su, sv
+    return w
+
+
+def time_graph(calls: list, reps: int) -> float:
+    """Median µs per call of a CUDA graph that runs every call once (one per weight copy)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls[:3]:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def reps_for(us_estimate: float, n_calls: int) -> int:
+    return int(min(50, max(7, 0.25e6 / max(1.0, us_estimate * n_calls))))
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy, bytes read plus bytes written."""
+    src = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_graph([lambda: dst.copy_(src)], 20)
+    return 2 * (1 << 30) / (us * 1e-6) / 1e9
+
+
+def n_copies(nbytes: float, cap: int = 1024) -> int:
+    return int(min(cap, max(2, math.ceil(ROTATE_BYTES / nbytes))))
+
+
+def lowrank_factors(u, v, h, l, g, d_in, r) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 A (d_in, 2r), B (2r, d_out) with every scale folded in: y = (x @ A) @ B."""
+    a = torch.cat([(unpack(v[p], d_in) * l[p].float()[:, None] * g[p].float()[None, :]) for p in range(2)])
+    b = torch.cat([(unpack(u[p], r) * h[p].float()[:, None]) for p in range(2)], dim=1)
+    return a.T.contiguous().half(), b.T.contiguous().half()
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def bench_shape(tk, d_in, d_out, bpws, batches, cfg, gen, copy_gbps, device, deadline) -> list[dict]:
+    records = []
+    xs = {m: torch.randn(m, d_in, generator=gen, device="cuda").half() for m in batches}
+    ws = [
+        torch.randn(d_out, d_in, generator=gen, device="cuda").half()
+        for _ in range(n_copies(2 * d_in * d_out))
+    ]
+    us_fp16 = {
+        m: time_graph([lambda w=w, m=m: F.linear(xs[m], w) for w in ws], reps_for(150, len(ws)))
+        for m in batches
+    }
+    del ws
+    for bpw in bpws:
+        if time.time() > deadline:
+            print(f"  deadline reached: skipping {d_in}x{d_out} from bpw {bpw}")
+            break
+        r = rank_for_bpw(d_in, d_out, bpw)
+        nbytes = packed_bytes(d_in, d_out, r)
+        g = (torch.rand(2, d_in, generator=gen, device="cuda") + 0.5).half()
+        layers = [(*random_layer(d_in, d_out, r, "cuda", gen), g) for _ in range(n_copies(nbytes))]
+        u, v, h, l, _ = layers[0]
+        w_ref = dense_reconstruction(u, v, h, l, g, d_in, r)
+        a0, b0 = lowrank_factors(u, v, h, l, g, d_in, r)
+        lr = [(a0, b0)] + [
+            (torch.randn_like(a0).sign(), torch.randn_like(b0).sign())
+            for _ in range(n_copies(a0.numel() * 2 + b0.numel() * 2) - 1)
+        ]
+        for m in batches:
+            x = xs[m]
+            ref = x.float() @ w_ref.T
+            y = tk.littlebit_linear_triton(x, u, v, h, l, g, config=cfg)
+            err = rel_err(y, ref)
+            err_lr = rel_err((x @ a0) @ b0, ref)
+            us_lb = time_graph(
+                [lambda c=c, x=x: tk.littlebit_linear_triton(x, *c, config=cfg) for c in layers],
+                reps_for(20, len(layers)),
+            )
+            us_lr = time_graph([lambda a=a, b=b, x=x: (x @ a) @ b for a, b in lr], reps_for(50, len(lr)))
+            gbps = nbytes / (us_lb * 1e-6) / 1e9
+            rec = dict(
+                d_in=d_in, d_out=d_out, bpw=bpw, batch=m, rank=r, packed_bytes=nbytes,
+                us_fp16=round(us_fp16[m], 2), us_lowrank_fp16=round(us_lr, 2), us_littlebit=round(us_lb, 2),
+                speedup=round(us_fp16[m] / us_lb, 2), speedup_vs_lowrank=round(us_lr / us_lb, 2),
+                gbps=round(gbps, 1), copy_gbps=round(copy_gbps, 1), bw_fraction=round(gbps / copy_gbps, 3),
+                floor_us=round(nbytes / (copy_gbps * 1e9) * 1e6, 2), rel_err=float(f"{err:.3g}"),
+                rel_err_lowrank_fp16=float(f"{err_lr:.3g}"), device=device,
+                path="gemv" if m <= cfg.gemv_max_tokens else "tensor-core",
+            )  # fmt: skip
+            records.append(rec)
+            print(
+                f"{d_in:>6}x{d_out:<6} bpw {bpw:<4} r {r:>5} b {m:>2}  fp16 {us_fp16[m]:8.1f}  "
+                f"lowrank {us_lr:8.1f}  littlebit {us_lb:7.2f} us  x{us_fp16[m] / us_lb:6.1f}  "
+                f"{gbps:6.0f} GB/s ({gbps / copy_gbps:4.0%})  err {err:.1e}",
+                flush=True,
+            )
+        del layers, lr, w_ref, a0, b0, u, v, h, l
+        torch.cuda.empty_cache()
+    return records
+
+
+def sweep(tk, gen, plan: list, out: Path | None) -> None:
+    """µs and error per config on a few cases, to choose the defaults (KERNELS_NOTES.md).
+
+    ``plan``: (cases, configs) pairs; each case is (d_in, d_out, bpw, batch).
+    """
+
+    def timed(cfg, x, layers):
+        return round(
+            time_graph([lambda c=c: tk.littlebit_linear_triton(x, *c, config=cfg) for c in layers], 15), 2
+        )
+
+    rows = []
+    for cases, configs in plan:
+        for d_in, d_out, bpw, m in cases:
+            r = rank_for_bpw(d_in, d_out, bpw)
+            g = (torch.rand(2, d_in, generator=gen, device="cuda") + 0.5).half()
+            nc = n_copies(packed_bytes(d_in, d_out, r))
+            layers = [(*random_layer(d_in, d_out, r, "cuda", gen), g) for _ in range(nc)]
+            x = torch.randn(m, d_in, generator=gen, device="cuda").half()
+            u, v, h, l, _ = layers[0]
+            ref = x.float() @ dense_reconstruction(u, v, h, l, g, d_in, r).T
+            line = {"d_in": d_in, "d_out": d_out, "bpw": bpw, "batch": m, "rank": r}
+            for name, cfg in configs.items():
+                try:
+                    err = rel_err(tk.littlebit_linear_triton(x, *layers[0], config=cfg), ref)
+                    line[name] = timed(cfg, x, layers) if err < 1e-2 else f"wrong: rel err {err:.2e}"
+                except Exception as e:  # a config that does not compile is a result too
+                    line[name] = f"error: {type(e).__name__}: {str(e)[:200]}"
+            rows.append(line)
+            print("sweep", json.dumps(line), flush=True)
+            del layers, ref
+            torch.cuda.empty_cache()
+    if out is not None:
+        out.write_text(json.dumps(rows, indent=1))
+
+
+def profile(tk, gen, cases: list) -> None:
+    """Per-kernel device time (no graphs) for a few cases: where the time of a call goes."""
+    try:
+        _profile(tk, gen, cases)
+    except Exception as e:  # the profiler is a diagnostic; never lose the table to it
+        print(f"profile failed: {type(e).__name__}: {e}", flush=True)
+
+
+def _profile(tk, gen, cases: list) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for d_in, d_out, bpw, m in cases:
+        r = rank_for_bpw(d_in, d_out, bpw)
+        g = (torch.rand(2, d_in, generator=gen, device="cuda") + 0.5).half()
+        layers = [
+            (*random_layer(d_in, d_out, r, "cuda", gen), g)
+            for _ in range(n_copies(packed_bytes(d_in, d_out, r)))
+        ]
+        x = torch.randn(m, d_in, generator=gen, device="cuda").half()
+        for c in layers[:2]:
+            tk.littlebit_linear_triton(x, *c)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                for c in layers:
+                    tk.littlebit_linear_triton(x, *c)
+            torch.cuda.synchronize()
+        parts = []
+        for e in prof.key_averages():
+            if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0:
+                us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / max(
+                    1, e.count
+                )
+                parts.append(f"{e.key[:40]}: {us:.2f} us x{e.count}")
+        print(f"profile {d_in}x{d_out} bpw {bpw} r {r} b {m}: " + "; ".join(parts), flush=True)
+        del layers
+
+
+def _median_us(fn, n: int = 2000) -> float:
+    for _ in range(100):
+        fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
+def _cpu_row(cpu_lut, d_in: int, d_out: int, gen: torch.Generator) -> dict:
+    r = rank_for_bpw(d_in, d_out, 0.55)
+    u, v, h, l = random_layer(d_in, d_out, r, "cpu", gen)
+    g = (torch.rand(2, d_in, generator=gen) + 0.5).half()
+    b = torch.randn(d_out)
+    x = torch.randn(1, d_in)
+    # cold: rotate among copies of the dense weight that overflow a 32 MB L3, as decoding a model does
+    ws = [torch.randn(d_out, d_in) for _ in range(n_copies(4 * d_in * d_out, cap=256))]
+    it = iter(range(1 << 62))
+    return dict(
+        d_in=d_in, d_out=d_out, bpw=0.55, batch=1, rank=r, threads=torch.get_num_threads(),
+        us_cpu_lut=round(_median_us(lambda: cpu_lut.littlebit_linear_cpu_lut(x, u, v, h, l, g, b)), 2),
+        us_fp32_hot=round(_median_us(lambda: F.linear(x, ws[0], b)), 2),
+        us_fp32_cold=round(_median_us(lambda: F.linear(x, ws[next(it) % len(ws)], b)), 2),
+        us_torch_lut=round(_median_us(lambda: cpu_lut._torch_lut(x, u, v, h, l, g), n=200), 2),
+    )  # fmt: skip
+
+
+def bench_cpu(out: Path | None) -> None:
+    """cpu-lut against fp32 F.linear for SmolLM2-135M's shapes at 0.55 BPW, batch 1, 2 threads."""
+    cpu_lut = import_kernel("cpu_lut")
+    torch.set_num_threads(2)
+    cpu_lut.native_library()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for d_in, d_out in SMOL_SHAPES:
+        rows.append(_cpu_row(cpu_lut, d_in, d_out, gen))
+        print("cpu", json.dumps(rows[-1]), flush=True)
+    if out is not None:
+        out.write_text(json.dumps(rows, indent=1))
+
+
+def check_asm(tk, gen):
+    """The default config, without the inline-PTX decoding if it fails to build or to match here."""
+    d_in, d_out, r = 4096, 4096, 552
+    g = (torch.rand(2, d_in, generator=gen, device="cuda") + 0.5).half()
+    u, v, h, l = random_layer(d_in, d_out, r, "cuda", gen)
+    x = torch.randn(1, d_in, generator=gen, device="cuda").half()
+    ref = x.float() @ dense_reconstruction(u, v, h, l, g, d_in, r).T
+    try:
+        err = rel_err(tk.littlebit_linear_triton(x, u, v, h, l, g, config=tk.KernelConfig(asm=True)), ref)
+    except Exception as e:
+        print(
+            f"asm decoding unavailable ({type(e).__name__}: {str(e)[:300]}); using plain decoding", flush=True
+        )
+        return tk.KernelConfig(asm=False)
+    print(f"asm decoding rel err {err:.2e}", flush=True)
+    return tk.DEFAULT_CONFIG if err < 1e-2 else tk.KernelConfig(asm=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, help="GPU table (default benchmarks/results/kernels.json); CPU rows")
+    ap.add_argument("--sweep-out", type=Path, help="where to write the sweep's rows")
+    ap.add_argument("--quick", action="store_true", help="two shapes, two BPWs")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="time the cpu-lut backend instead")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="stop starting new work after this")
+    ap.add_argument("--single", help="d_in,d_out,bpw,batch: a few plain calls and exit (for ncu)")
+    args = ap.parse_args()
+    if args.cpu:
+        bench_cpu(args.out)
+        return
+    args.out = args.out or Path("benchmarks/results/kernels.json")
+    t_start = time.time()
+    tk = import_kernel("triton_littlebit")
+    if args.single:
+        d_in, d_out, bpw, m = (float(f) for f in args.single.split(","))
+        d_in, d_out, m = int(d_in), int(d_out), int(m)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        layer = random_layer(d_in, d_out, rank_for_bpw(d_in, d_out, bpw), "cuda", gen)
+        g = (torch.rand(2, d_in, generator=gen, device="cuda") + 0.5).half()
+        x = torch.randn(m, d_in, generator=gen, device="cuda").half()
+        for _ in range(3):
+            tk.littlebit_linear_triton(x, *layer, g)
+        torch.cuda.synchronize()
+        return
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = torch.cuda.get_device_name()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copy_gbps = copy_bandwidth()
+    print(f"{device}: device-to-device copy {copy_gbps:.0f} GB/s (read + write)", flush=True)
+    out_dir = args.out.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        profile(
+            tk,
+            gen,
+            [(4096, 4096, 0.55, 1), (8192, 28672, 1.0, 1), (28672, 8192, 1.0, 1), (8192, 28672, 0.55, 16)],
+        )
+    if args.sweep:
+        K = tk.KernelConfig
+        gemv = {
+            "default": K(),
+            "rows_v4": K(rows_v=4),
+            "rows_v16": K(rows_v=16),
+            "rows_u2": K(rows_u=2),
+            "rows_u8": K(rows_u=8),
+            "words_u8": K(words_u=8),
+            "words_u32": K(words_u=32),
+            "waves2": K(waves=2.0),
+            "waves8": K(waves=8.0),
+            "warps8": K(warps=8),
+            "plain": K(asm=False),
+        }
+        tc = {
+            "tc_128_2_w4": K(),
+            "tc_128_4_w4": K(tc_words=4),
+            "tc_128_4_w8": K(tc_words=4, tc_warps=8),
+            "tc_256_4_w8": K(tc_rows=256, tc_words=4, tc_warps=8),
+            "tc_64_2_w4": K(tc_rows=64),
+            "tc_128_2_waves2": K(waves=2.0),
+            "gemv_all": K(gemv_max_tokens=4),
+        }
+        b1 = [(4096, 4096, 0.55, 1), (8192, 28672, 0.1, 1), (8192, 28672, 1.0, 1), (28672, 8192, 1.0, 1)]
+        b1 += [(4096, 11008, 0.3, 1)]
+        bn = [(4096, 11008, 0.3, 4), (8192, 28672, 0.55, 4), (8192, 28672, 0.55, 16), (4096, 4096, 0.55, 16)]
+        bn += [(28672, 8192, 1.0, 16)]
+        sweep(tk, gen, [(b1, gemv), (bn, tc)], args.sweep_out)
+    if args.no_table:
+        return
+    shapes, bpws = (SHAPES[:1] + SHAPES[4:5], [0.1, 1.0]) if args.quick else (SHAPES, BPWS)
+    deadline = t_start + args.budget_s
+    records = []
+    for d_in, d_out in shapes:
+        records += bench_shape(
+            tk, d_in, d_out, bpws, BATCHES, tk.DEFAULT_CONFIG, gen, copy_gbps, device, deadline
+        )
+        args.out.write_text(json.dumps(records, indent=1))
+    print(f"\n{'shape':>13} {'bpw':>4} {'b':>2} {'rank':>5} {'fp16 us':>8} {'lowrank':>8} {'littlebit':>9} "
+          f"{'x fp16':>7} {'GB/s':>6} {'of copy':>7} {'rel err':>8}")  # fmt: skip
+    for r in records:
+        print(
+            f"{r['d_in']:>6}x{r['d_out']:<6} {r['bpw']:>4} {r['batch']:>2} {r['rank']:>5} "
+            f"{r['us_fp16']:>8.1f} {r['us_lowrank_fp16']:>8.1f} {r['us_littlebit']:>9.2f} "
+            f"{r['speedup']:>7.1f} {r['gbps']:>6.0f} {r['bw_fraction']:>7.0%} {r['rel_err']:>8.1e}"
+        )
+    print(f"total {time.time() - t_start:.0f} s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Triton GEMV kernels (1-4 tokens): a matrix-vector product over packed sign bits.
+
+At batch 1 the cost is turning bits into signed sums, not moving them, so the inner loop is what
+matters. A thread owns one word column and several rows of a tile; for each bit position it needs the
+value that meets that bit, the same for all its rows. Those values come from small vectors laid out
+*per block of BKW words, bit-major* (value of bit b of word kk of block n at ``n*NB*BKW + b*BKW + kk``),
+so the 16 or 32 loads of a step are contiguous across lanes and their offsets compile to immediates.
+
+Vector modes:
+  0  fp32, one value per bit (NB=32), any dtype: add the values under set bits (a predicated add per
+     bit), then signed sum = 2 * that - total.
+  1  int32 fp16x2 pairs (NB=16), pair i = (value of bit i, value of bit i+16): ``~w << (15 - i)`` puts
+     both bits on the two half-word sign positions, one lop3 flips the pair's signs, one add.f16x2
+     accumulates: 1.5 instructions per bit (inline PTX; emulated under the interpreter). Sums of 32
+     terms are fp16, so it is meant for fp16 activations.
+  2  as 1, but fp32 pairs stored side by side (what stage 1's fp32 atomics can build), packed to fp16x2
+     in the loop.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _halves(v):
+    """int32 fp16x2 -> (low, high) as fp32."""
+    lo = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _join_halves(lo, hi):
+    """fp32 (low, high) -> int32 fp16x2, each half rounded to nearest."""
+    lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return lo16 | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+# Each helper has a one-instruction PTX form for the GPU and a plain form with the same results for
+# Triton's interpreter, so the tests on CPU check the layouts these modes read.
+
+
+@triton.jit
+def _pack_half2(lo, hi, PTX: tl.constexpr):
+    if PTX:
+        res = tl.inline_asm_elementwise(
+            "cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32, is_pure=True, pack=1
+        )
+    else:
+        res = _join_halves(lo, hi)
+    return res
+
+
+@triton.jit
+def _signed_add_half2(shifted_not_w, pair, acc2, PTX: tl.constexpr):
+    """acc2 + pair with each half negated where bit 15 / bit 31 of ``shifted_not_w`` is set."""
+    if PTX:
+        res = tl.inline_asm_elementwise(
+            "{ .reg .b32 m, v; mov.b32 m, 0x80008000; lop3.b32 v, $1, m, $2, 0x6A; add.rn.f16x2 $0, $3, v; }",
+            "=r,r,r,r",
+            [shifted_not_w, pair, acc2],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        v_lo, v_hi = _halves((shifted_not_w & -2147450880) ^ pair)
+        a_lo, a_hi = _halves(acc2)
+        res = _join_halves(a_lo + v_lo, a_hi + v_hi)
+    return res
+
+
+@triton.jit
+def _half2_sum(acc2, PTX: tl.constexpr):
+    if PTX:
+        res = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; .reg .f32 a, b; mov.b32 {lo, hi}, $1; "
+            "cvt.f32.f16 a, lo; cvt.f32.f16 b, hi; add.f32 $0, a, b; }",
+            "=f,r",
+            [acc2],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        lo, hi = _halves(acc2)
+        res = lo + hi
+    return res
+
+
+@triton.jit
+def _rows_dot(w_ptrs, row_ok, vec_base, tok_ok, k_lo, k_hi, TOK, BR, BKW, MODE, PTX):
+    """(TOK, BR) fp32: over words [k_lo, k_hi) (k_lo a multiple of BKW), sum of sign(row, i) * vec(tok, i).
+
+    ``w_ptrs`` (BR, 1): each row's word 0. ``vec_base`` (TOK, 1): each token's vector, in ``MODE``.
+    """
+    kk = tl.arange(0, BKW)
+    acc = tl.zeros((TOK, BR, BKW), tl.float32)
+    tot = tl.zeros((TOK, BKW), tl.float32)
+    w = tl.load(w_ptrs + (k_lo + kk)[None, :], mask=row_ok[:, None] & ((k_lo + kk) < k_hi)[None, :], other=0)
+    for k0 in range(k_lo, k_hi, BKW):
+        cols = k0 + kk
+        vmask = tok_ok[:, None] & (cols < k_hi)[None, :]
+        # The next tile is requested before this one is decoded, so a load is always in flight.
+        nxt = cols + BKW
+        w_next = tl.load(w_ptrs + nxt[None, :], mask=row_ok[:, None] & (nxt < k_hi)[None, :], other=0)
+        if MODE == 0:
+            vp = vec_base + (k0 // BKW) * (32 * BKW) + kk[None, :]
+            for b in tl.static_range(32):
+                vb = tl.load(vp + b * BKW, mask=vmask, other=0.0)
+                if b == 31:
+                    bit = w < 0
+                else:
+                    bit = (w & (1 << b)) != 0
+                acc = tl.where(bit[None, :, :], acc + vb[:, None, :], acc)
+                tot += vb
+        else:
+            nw = ~w
+            acc2 = tl.zeros((TOK, BR, BKW), tl.int32)
+            if MODE == 1:
+                vp = vec_base + (k0 // BKW) * (16 * BKW) + kk[None, :]
+            else:
+                vp = vec_base + (k0 // BKW) * (32 * BKW) + 2 * kk[None, :]
+            for i in tl.static_range(16):
+                if MODE == 1:
+                    pair = tl.load(vp + i * BKW, mask=vmask, other=0)
+                else:
+                    lo = tl.load(vp + 2 * i * BKW, mask=vmask, other=0.0)
+                    hi = tl.load(vp + 2 * i * BKW + 1, mask=vmask, other=0.0)
+                    pair = _pack_half2(lo, hi, PTX)
+                acc2 = _signed_add_half2((nw << (15 - i))[None, :, :], pair[:, None, :], acc2, PTX)
+            # fp16 sums of 32 terms only; words are added in fp32.
+            acc += _half2_sum(acc2, PTX)
+        w = w_next
+    if MODE == 0:
+        res = 2.0 * tl.sum(acc, axis=2) - tl.sum(tot, axis=1)[:, None]
+    else:
+        res = tl.sum(acc, axis=2)
+    return res
+
+
+@triton.jit
+def _vec_offsets(j, BKW: tl.constexpr, MODE: tl.constexpr):
+    """Offset of entry j of a row-length vector inside one token's and path's block of ``MODE`` layout."""
+    k = j // 32
+    b = j % 32
+    if MODE == 0:
+        off = (k // BKW) * (32 * BKW) + b * BKW + k % BKW
+    elif MODE == 1:
+        off = (k // BKW) * (16 * BKW) + (b % 16) * BKW + k % BKW
+    else:
+        off = ((k // BKW) * (16 * BKW) + (b % 16) * BKW + k % BKW) * 2 + b // 16
+    return off
+
+
+@triton.jit
+def _prep_kernel(
+    x_ptr, g_ptr, gx_ptr, t_ptr, d_in, stride_xm, vec_len, n_zero,
+    P: tl.constexpr, BW: tl.constexpr, B1: tl.constexpr, MODE: tl.constexpr, ZB: tl.constexpr,
+):  # fmt: skip
+    """g_p * x for every path and token in stage 1's layout; zeroes ``t`` for stage 1's atomics."""
+    m = tl.program_id(1)
+    words = tl.program_id(0) * BW + tl.arange(0, BW)
+    if MODE == 1:
+        i = tl.arange(0, 16)
+        e = words[:, None] * 32 + i[None, :]
+        x_lo = tl.load(x_ptr + m * stride_xm + e, mask=e < d_in, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_ptr + m * stride_xm + e + 16, mask=e + 16 < d_in, other=0.0).to(tl.float32)
+        off = (words[:, None] // B1) * (16 * B1) + i[None, :] * B1 + words[:, None] % B1
+        for p in tl.static_range(P):
+            g_lo = tl.load(g_ptr + p * d_in + e, mask=e < d_in, other=0.0).to(tl.float32)
+            g_hi = tl.load(g_ptr + p * d_in + e + 16, mask=e + 16 < d_in, other=0.0).to(tl.float32)
+            lo = (x_lo * g_lo).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            hi = (x_hi * g_hi).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+            tl.store(gx_ptr + (m * P + p) * vec_len + off, lo | (hi << 16), mask=(off >= 0) & (off < vec_len))
+    else:
+        b = tl.arange(0, 32)
+        e = words[:, None] * 32 + b[None, :]
+        xv = tl.load(x_ptr + m * stride_xm + e, mask=e < d_in, other=0.0).to(tl.float32)
+        off = (words[:, None] // B1) * (32 * B1) + b[None, :] * B1 + words[:, None] % B1
+        for p in tl.static_range(P):
+            gv = tl.load(g_ptr + p * d_in + e, mask=e < d_in, other=0.0).to(tl.float32)
+            tl.store(gx_ptr + (m * P + p) * vec_len + off, xv * gv, mask=(off >= 0) & (off < vec_len))
+    z = (m * tl.num_programs(0) + tl.program_id(0)) * ZB + tl.arange(0, ZB)
+    tl.store(t_ptr + z, tl.zeros((ZB,), tl.float32), mask=z < n_zero)
+
+
+@triton.jit
+def _gemv_v_kernel(
+    gx_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, n_rb, chunk, vec_len, t_len,
+    P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
+    B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr,
+):  # fmt: skip
+    """Stage 1: t (+)= l * S_V^T (g*x) over one block of rows and one chunk of d_in, by fp32 atomics
+    into ``t`` laid out for stage 2 (``B2``, ``MODE2``)."""
+    pid = tl.program_id(0)
+    p = pid // n_rb
+    rows = (pid % n_rb) * BR + tl.arange(0, BR)
+    row_ok = rows < R
+    toks = tl.arange(0, TOK)
+    tok_ok = toks < M
+    k_lo = tl.program_id(1) * chunk
+    k_hi = tl.minimum(k_lo + chunk, W_in)
+    w_ptrs = v_ptr + (p * R + rows)[:, None] * W_in
+    vec_base = gx_ptr + ((toks * P + p) * vec_len)[:, None]
+    part = _rows_dot(w_ptrs, row_ok, vec_base, tok_ok, k_lo, k_hi, TOK, BR, B1, MODE1, PTX)
+    lv = tl.load(l_ptr + p * R + rows, mask=row_ok, other=0.0).to(tl.float32)
+    dst = t_ptr + ((toks * P + p) * t_len)[:, None] + _vec_offsets(rows, B2, MODE2)[None, :]
+    tl.atomic_add(dst, part * lv[None, :], mask=tok_ok[:, None] & row_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def _gemv_u_kernel(
+    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, stride_ym, t_len,
+    P: tl.constexpr, TOK: tl.constexpr, BO: tl.constexpr, B2: tl.constexpr, MODE2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PTX: tl.constexpr,
+):  # fmt: skip
+    """Stage 2: y = sum_p h_p * S_U,p t_p (+ bias) for one block of output rows."""
+    rows = tl.program_id(0) * BO + tl.arange(0, BO)
+    row_ok = rows < d_out
+    toks = tl.arange(0, TOK)
+    tok_ok = toks < M
+    y = tl.zeros((TOK, BO), tl.float32)
+    for p in tl.static_range(P):
+        w_ptrs = u_ptr + (p * d_out + rows)[:, None] * W_r
+        vec_base = t_ptr + ((toks * P + p) * t_len)[:, None]
+        s = _rows_dot(w_ptrs, row_ok, vec_base, tok_ok, 0, W_r, TOK, BO, B2, MODE2, PTX)
+        hv = tl.load(h_ptr + p * d_out + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y += s * hv[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    out = y_ptr + toks[:, None] * stride_ym + rows[None, :]
+    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=tok_ok[:, None] & row_ok[None, :])
