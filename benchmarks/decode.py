@@ -7,6 +7,7 @@ is applied to every model, so the ratios compare like with like.
 
     python benchmarks/decode.py --models 7b-fp16,7b-0.1,7b-0.55,7b-1.0 --compile
     python benchmarks/decode.py --models smollm-fp16,smollm-0.55
+    python benchmarks/decode.py --device cpu --models smollm-fp32,smollm-0.55   # eager, 2 threads
 """
 
 from __future__ import annotations
@@ -44,12 +45,31 @@ def build(name: str, device: str) -> nn.Module:
     from littlebit.serialization import cast_unquantized
 
     tag = name.split("-", 1)[1]
-    model = load_model(None, torch.float32 if tag != "fp16" else torch.float16, device)
-    if tag != "fp16":
+    dense = {"fp16": torch.float16, "fp32": torch.float32}
+    model = load_model(None, dense.get(tag, torch.float32), device)
+    if tag not in dense:
         convert(model, LittleBitConfig(bpw=float(tag)), compute_device=device, progress=False)
         pack_model(model)
-        cast_unquantized(model, torch.float16)
+        if device == "cuda":
+            cast_unquantized(model, torch.float16)
     return model.eval()
+
+
+def bench_cpu(model: nn.Module, prompt_len: int, new_tokens: int) -> dict:
+    """Eager greedy decoding with the default dynamic cache: what a CPU user runs."""
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len))
+    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
+        ttft, rates = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            model.generate(prompt, max_new_tokens=1, do_sample=False)
+            ttft.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            model.generate(prompt, **kw)
+            rates.append(new_tokens / (time.perf_counter() - t0 - ttft[-1]))
+    return {"ttft_ms": 1e3 * statistics.median(ttft), "tokens_per_s": statistics.median(rates)}
 
 
 def bench(model: nn.Module, prompt_len: int, new_tokens: int, use_compile: bool, device: str) -> dict:
@@ -114,16 +134,20 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--tag", default="decode", help="results file name")
+    p.add_argument("--tag", help="results file name (default decode or decode_cpu)")
+    p.add_argument("--device", default="cuda")
     args = p.parse_args()
     import littlebit.kernels  # noqa: F401  (registers the fast backends)
     from littlebit.ops import available_backends
     from littlebit.report import memory_bytes
 
-    device = "cuda"
+    device = args.device
+    if device == "cpu":
+        torch.set_num_threads(2)
     records = []
     for name in args.models.split(","):
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         t0 = time.perf_counter()
         model = build(name, device)
         built = time.perf_counter() - t0
@@ -134,21 +158,24 @@ def main() -> None:
             "bytes": memory_bytes(model),
             "backends": available_backends(),
         }
-        rec.update(bench(model, args.prompt_len, args.new_tokens, args.compile, device))
+        if device == "cuda":
+            rec.update(bench(model, args.prompt_len, args.new_tokens, args.compile, device))
+        else:
+            rec.update(bench_cpu(model, args.prompt_len, args.new_tokens))
         rec.update(build_s=built, bench_s=time.perf_counter() - t0)
         records.append(rec)
         print(rec, flush=True)
         del model
-    by_family: dict[str, float] = {
-        r["model"].split("-")[0]: r["tokens_per_s"] for r in records if "fp16" in r["model"]
-    }
+    dense = [r for r in records if r["model"].endswith(("fp16", "fp32"))]
+    by_family = {r["model"].split("-")[0]: r["tokens_per_s"] for r in dense}
     for r in records:
         base = by_family.get(r["model"].split("-")[0])
-        r["speedup_vs_fp16"] = r["tokens_per_s"] / base if base else None
-    common.write_results(args.tag, records, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
-    print(f"\n{'model':<14} {'GB':>6} {'TTFT ms':>8} {'tok/s':>8} {'vs FP16':>8}")
+        r["speedup_vs_dense"] = r["tokens_per_s"] / base if base else None
+    tag = args.tag or ("decode" if device == "cuda" else "decode_cpu")
+    common.write_results(tag, records, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    print(f"\n{'model':<14} {'GB':>6} {'TTFT ms':>8} {'tok/s':>8} {'vs dense':>8}")
     for r in records:
-        speed = f"{r['speedup_vs_fp16']:.2f}x" if r["speedup_vs_fp16"] else "-"
+        speed = f"{r['speedup_vs_dense']:.2f}x" if r["speedup_vs_dense"] else "-"
         print(
             f"{r['model']:<14} {r['bytes'] / 1e9:>6.2f} {r['ttft_ms']:>8.2f} "
             f"{r['tokens_per_s']:>8.1f} {speed:>8}"
