@@ -67,7 +67,11 @@ def test_from_pretrained_and_byte_stable_round_trip(saved, tmp_path):
 
 def test_from_pretrained_in_a_fresh_process_needs_no_remote_code(saved):
     out, _, _ = saved
-    code = f"import littlebit, transformers; m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}); print(type(m.model.layers[0].mlp.up_proj).__name__)"
+    code = (
+        "import littlebit, transformers; "
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}); "
+        "print(type(m.model.layers[0].mlp.up_proj).__name__)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "PackedLittleBitLinear"
@@ -142,3 +146,14 @@ def test_save_refuses_non_empty_directory_and_leaves_nothing(tmp_path):
     with pytest.raises(LittleBitError, match="not empty"):
         save_compressed(model, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+
+def test_requested_dtype_applies_to_uncompressed_weights(tmp_path):
+    model = tiny_model("llama")
+    convert(model, LittleBitConfig(bpw=2.0), progress=False)
+    save_compressed(model, tmp_path / "bf16")  # uncompressed weights saved in bfloat16
+    loaded = load_compressed(tmp_path / "bf16", dtype=torch.float32)
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32
+    layer = loaded.model.layers[0].mlp.up_proj
+    assert layer.h.dtype == torch.float16 and layer.u_signs.dtype == torch.int32
+    assert load_compressed(tmp_path / "bf16").model.embed_tokens.weight.dtype == torch.bfloat16

@@ -34,6 +34,9 @@ class BlockConfig:
     batch_size: int = 4
     inputs: str = "student"
     warmup_frac: float = 0.05
+    # Each layer gets only epochs x sequences / batch_size steps, a tenth of the global phase's
+    # or fewer, so it takes larger ones.
+    lr_multiplier: float = 5.0
 
     def __post_init__(self) -> None:
         if self.inputs not in BLOCK_INPUTS:
@@ -157,7 +160,9 @@ def reconstruct_blocks(
 
 def _fit_layer(layer, x, y, kwargs, config, lrs, amp, train_norms, index, total) -> float:
     kinds = select_trainable(layer, train_norms)
-    optimizer = make_optimizer(param_groups(kinds, lrs))
+    m = config.lr_multiplier
+    scaled = LearningRates(lrs.latent * m, lrs.scale * m, lrs.norm * m, lrs.relative)
+    optimizer = make_optimizer(param_groups(kinds, scaled))
     warmup = int(config.warmup_frac * total)
     n, bs = x.shape[0], config.batch_size
     # A fixed, seeded order per layer keeps the run reproducible and resumable block by block.
@@ -178,5 +183,6 @@ def _fit_layer(layer, x, y, kwargs, config, lrs, amp, train_norms, index, total)
             last = loss.item() if step == total - 1 else last
             step += 1
     for p in layer.parameters():
+        p.grad = None  # a stale gradient would leak into the next phase's first step
         p.requires_grad_(False)
     return last

@@ -176,14 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_compression_arguments(p)
     p.set_defaults(func=cmd_compress)
 
-    try:
-        from .train_command import add_train_arguments, run_train
-    except ImportError:
-        pass
-    else:
-        p = sub.add_parser("train", help="recover quality by distillation from the original model")
-        add_train_arguments(p)
-        p.set_defaults(func=run_train)
+    from .train_command import add_train_arguments, run_train
+
+    p = sub.add_parser("train", help="recover quality by distillation from the original model")
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
 
     p = sub.add_parser("eval", help="perplexity of a model or a LittleBit directory")
     p.add_argument("model", nargs="?", help="LittleBit directory, Hugging Face id or local model (default)")

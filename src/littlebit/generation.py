@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -41,4 +42,11 @@ def generate_command(args: argparse.Namespace) -> int:
         if cache is not None:
             record.update(cache.bytes_per_token_report())
         print(json.dumps(record))
+    elif cache is not None:
+        r = cache.bytes_per_token_report()
+        print(
+            f"\nlatent KV cache: {r['cache_bytes_per_token']:,.0f} bytes/token vs "
+            f"{r['cache_bytes_per_token_standard']:,.0f} standard ({r['cache_compression']:.1f}x smaller)",
+            file=sys.stderr,
+        )
     return 0

@@ -20,7 +20,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .config import LittleBitError
 from .packed import LayerSpec, install_packed_skeleton
-from .serialization import FORMAT_VERSION, state_digests, tie_groups, verify_files
+from .serialization import FORMAT_VERSION, cast_unquantized, state_digests, tie_groups, verify_files
 
 
 class LittleBitQuantConfig(QuantizationConfigMixin):
@@ -69,6 +69,10 @@ class LittleBitHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         return
 
+    def update_dtype(self, dtype):
+        self._requested_dtype = dtype  # applied after loading: see get_new_dtype
+        return dtype
+
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         specs = self.quantization_config.specs()
         for name, spec in specs.items():
@@ -93,10 +97,14 @@ class LittleBitHfQuantizer(HfQuantizer):
         left = [n for n, b in model.named_buffers() if b.device.type == "meta"]
         if left:
             raise LittleBitError(f"checkpoint did not provide {left[0]} (and {len(left) - 1} more)")
+        dtype = getattr(self, "_requested_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            cast_unquantized(model, dtype)
         return model
 
     def get_new_dtype(self, converter, param, dtype):
-        # Packed words are integers and the scales keep the precision they were saved in.
+        # Tensors load as saved (the words are integers, the scales keep their precision); the
+        # uncompressed weights are cast to the requested dtype after loading instead.
         return None
 
     def get_state_dict_and_metadata(self, model):

@@ -10,7 +10,7 @@ Latents and scales get different learning rates: a latent matters only through i
 step size decides how many signs flip, while a scale is a real-valued gain. Each scale tensor's
 rate is relative to its size (``lr * RMS``): activation-aware initialisation gives column scales
 that differ by orders of magnitude between layers, and one absolute rate would freeze some while
-shaking others.
+shaking others. (Rates are set per half-octave of RMS, not per tensor; see ``param_groups``.)
 """
 
 from __future__ import annotations
@@ -78,9 +78,14 @@ def param_groups(kinds: dict[str, list[nn.Parameter]], lrs: LearningRates) -> li
         if not lrs.relative:
             groups.append({"params": kinds[kind], "lr": rate, "base_lr": rate, "kind": kind})
             continue
+        # Tensors of similar size share a group (half-octave buckets): one group per tensor would
+        # mean hundreds of optimizer launches per step, which dominated a step's time on an H100.
+        buckets: dict[int, list[nn.Parameter]] = {}
         for p in kinds[kind]:
-            lr = rate * _rms(p)
-            groups.append({"params": [p], "lr": lr, "base_lr": lr, "kind": kind})
+            buckets.setdefault(round(2 * math.log2(_rms(p))), []).append(p)
+        for b in sorted(buckets):
+            lr = rate * 2 ** (b / 2)
+            groups.append({"params": buckets[b], "lr": lr, "base_lr": lr, "kind": kind})
     return groups
 
 

@@ -26,7 +26,7 @@ def make_student(
     ``calibration`` (n, seqlen) token ids turn on activation-aware initialisation with input
     scales ``rms ** act_power``; None or ``act_power == 0`` fits the weights alone.
     """
-    student = copy.deepcopy(teacher).float()
+    student = cast_floating(copy.deepcopy(teacher), torch.float32)
     scales = None
     if calibration is not None and calibration.numel() and act_power != 0:
         scales = scale_function(input_rms(teacher, calibration), act_power)
@@ -35,6 +35,20 @@ def make_student(
     if latent_rms is not None:
         rescale_latents(student, latent_rms)
     return student
+
+
+def cast_floating(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating-point parameters in place; buffers keep their precision.
+
+    Not ``.to(dtype)``: transformers refuses dtype casts of models it loaded from GGUF (it marks
+    them quantized, though their tensors are plain dequantized floats), and it would also round
+    buffers such as the rotary frequencies, which bf16 cannot hold precisely enough.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model
 
 
 @torch.no_grad()

@@ -29,13 +29,12 @@ from .optim import (
     LearningRates,
     lr_factor,
     make_optimizer,
-    norm_parameters,
     param_groups,
     select_trainable,
     set_lr,
 )
 from .stream import Batches, load_tokens, pack_sequences
-from .student import make_student
+from .student import cast_floating, make_student
 from .train_log import TrainLog
 from .train_state import (
     load_checkpoint,
@@ -47,6 +46,9 @@ from .train_state import (
 )
 
 log = logging.getLogger(__name__)
+
+# Steps left out of the throughput figure: the first ones compile and warm the allocator up.
+_WARM_STEPS = 3
 
 
 @dataclass
@@ -98,8 +100,9 @@ class TrainResult:
     student: nn.Module
     history: list[dict]  # {"step", "tokens", "ppl"} at each evaluation
     tokens: int  # every token a student pass was trained on, calibration included
-    tokens_per_s: float  # global phase, student + teacher, without evaluation and checkpoint time
+    tokens_per_s: float  # global phase after warm-up, student + teacher, without evaluation and checkpoints
     seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase of this process
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -108,8 +111,29 @@ def _autocast(device: torch.device, enabled: bool):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+def trained_state(model: nn.Module, kinds: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """Every tensor training may change, whether or not it is being trained right now."""
+    ids = {id(p) for params in kinds.values() for p in params}
+    return {f"model.{n}": p for n, p in model.named_parameters() if id(p) in ids}
+
+
+def compile_layers(model: nn.Module) -> None:
+    """``torch.compile`` each decoder layer in place.
+
+    A step is launch-bound (hundreds of small kernels per layer); compiling per layer fuses them,
+    and since every layer runs the same code on same-shaped tensors, one compilation serves all of
+    them and every student of the same ranks, where compiling the whole model would recompile for
+    each new student. Compilation errors fall back to eager execution instead of failing the run.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    for layer in decoder_layers(model):
+        if getattr(layer, "_compiled_call_impl", None) is None:
+            layer.compile()
 
 
 class Trainer:
@@ -160,9 +184,16 @@ class Trainer:
         return self.sequences[idx]
 
     def setup(self, resume: bool) -> None:
+        t0 = time.perf_counter()
+        self._setup(resume)
+        self.timings = {"setup": time.perf_counter() - t0}
+
+    def _setup(self, resume: bool) -> None:
         state = load_checkpoint(self.work_dir) if resume else None
         if resume and state is None:
             log.warning("no checkpoint in %s: starting from the beginning", self.work_dir)
+        if state is not None:
+            self._check_compatible(state[1])
         calib = None if state is not None else self._calibration()
         self.student = make_student(
             self.teacher, self.lb_config, calib, self.config.act_power, self.config.latent_rms, self.progress
@@ -186,12 +217,23 @@ class Trainer:
         restore_rng(tensors)
         self.log = TrainLog(self.work_dir, (self.phase, self.step, self.next_block), self.config.tensorboard)
 
+    def _data_fingerprint(self) -> list[int]:
+        return [int(self.sequences.shape[0]), int(self.sequences.shape[1]), int(self.sequences.sum())]
+
+    def _check_compatible(self, meta: dict) -> None:
+        if meta["littlebit_config"] != self.lb_config.to_dict():
+            raise LittleBitError(f"the checkpoint in {self.work_dir} was made with another LittleBit config")
+        if meta.get("data") != self._data_fingerprint():
+            raise LittleBitError(f"the checkpoint in {self.work_dir} was made on other training data")
+        if meta["train_config"] != self.config.to_dict():
+            log.warning("resuming with training settings that differ from the checkpoint's")
+
     def _make_optimizer(self) -> None:
         self.kinds = select_trainable(self.student, self.config.train_norms)
         self.optimizer = make_optimizer(param_groups(self.kinds, self.config.lrs))
 
     def save(self) -> None:
-        tensors = {**trainable_state(self.student), **rng_tensors()}
+        tensors = {**trained_state(self.student, self.kinds), **rng_tensors()}
         meta = {
             "phase": self.phase,
             "step": self.step,
@@ -201,6 +243,7 @@ class Trainer:
             "history": self.history,
             "train_config": self.config.to_dict(),
             "littlebit_config": self.lb_config.to_dict(),
+            "data": self._data_fingerprint(),
         }
         if self.optimizer is not None:
             opt_tensors, meta["optimizer"] = optimizer_to_flat(self.optimizer)
@@ -214,11 +257,15 @@ class Trainer:
         self.global_seconds, self._global_tokens = 0.0, 0
         if self.phase == "blocks":
             self._blocks()
+            self.timings["blocks"] = time.perf_counter() - start
         if self.phase == "global":
+            t0 = time.perf_counter()
             self._global()
+            self.timings["global"] = time.perf_counter() - t0
         self.log.close()
         tps = self._global_tokens / self.global_seconds if self.global_seconds else float("nan")
-        return TrainResult(self.student, self.history, self.tokens, tps, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return TrainResult(self.student, self.history, self.tokens, tps, seconds, self.timings)
 
     def _blocks(self) -> None:
         cfg = self.config.blocks
@@ -255,6 +302,7 @@ class Trainer:
         cfg = self.config
         if self.optimizer is None:
             self._make_optimizer()
+        self.optimizer.zero_grad(set_to_none=True)
         teacher = self._teacher_for_distillation()
         student_fwd = self._student_forward()
         batches = Batches(self.sequences, cfg.batch_size, cfg.seed, self.position)
@@ -268,10 +316,13 @@ class Trainer:
             self.step += 1
             self.tokens += cfg.tokens_per_step
             record = {"phase": "global", "step": self.step, "tokens": self.tokens}
-            record.update({k: v.item() for k, v in parts.items()})  # one sync per step
+            names = sorted(parts)
+            values = torch.stack([parts[k].float() for k in names]).tolist()  # one sync per step
+            record.update(zip(names, values, strict=True))
             dt = time.perf_counter() - t0
-            self.global_seconds += dt
-            self._global_tokens += cfg.tokens_per_step
+            if self.step > _WARM_STEPS or cfg.steps <= _WARM_STEPS:
+                self.global_seconds += dt
+                self._global_tokens += cfg.tokens_per_step
             record["tokens_per_s"] = cfg.tokens_per_step / dt
             self.log.write(record)
             bar.update(1)
@@ -312,17 +363,26 @@ class Trainer:
         teacher = self.teacher
         if self.use_amp and next(teacher.parameters()).dtype == torch.float32:
             # A bf16 copy: half the memory traffic; the caller's fp32 teacher stays as it was.
-            teacher = copy.deepcopy(teacher).to(torch.bfloat16)
+            teacher = cast_floating(copy.deepcopy(teacher), torch.bfloat16)
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher.eval()
-        return torch.compile(teacher) if self.use_compile else teacher
+        if self.use_compile:
+            compile_layers(teacher)
+        return teacher
 
     def _student_forward(self):
         self.student.train()
         if self.config.grad_checkpoint:
-            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return torch.compile(self.student) if self.use_compile else self.student
+            kw = {"use_reentrant": False}
+            enable = getattr(self.student, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+            if enable is not None:
+                enable(activation_checkpointing_kwargs=kw)
+            else:
+                self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        if self.use_compile:
+            compile_layers(self.student)
+        return self.student
 
     def _evaluate(self) -> None:
         if self.eval_ids is None:

@@ -135,6 +135,7 @@ def run_train(args: argparse.Namespace) -> int:
     save_compressed(result.student, out, tokenizer=tokenizer)
     summary = {"out": str(out), "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
     if result.history:
-        summary["wikitext2_ppl"] = result.history[-1]["ppl"]
+        windows = f"{cfg.eval_windows or 'all'}x{cfg.eval_seqlen}"
+        summary[f"wikitext2_ppl_{windows}"] = result.history[-1]["ppl"]
     print(json.dumps(summary))
     return 0

@@ -1,0 +1,170 @@
+"""QAT benchmark: WikiText-2 perplexity after distillation on a fixed token budget (issue 4).
+
+One process loads the teacher once and trains one student per (bpw, init, variant), each within
+``--tokens`` training tokens (calibration and block reconstruction counted), then evaluates the
+whole WikiText-2 test split at seqlen 2048. Results are appended to the JSON file after every run,
+so a run cut short keeps what it finished.
+
+    python benchmarks/qat.py --bpw 1.0 0.55 0.3 --init itq dual-svid --out benchmarks/results/qat.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from littlebit.blockwise import BlockConfig  # noqa: E402
+from littlebit.config import LittleBitConfig  # noqa: E402
+from littlebit.convert import budget  # noqa: E402
+from littlebit.evaluation import perplexity, tokenize_eval  # noqa: E402
+from littlebit.models import load_model, load_tokenizer  # noqa: E402
+from littlebit.optim import LearningRates  # noqa: E402
+from littlebit.stream import load_tokens  # noqa: E402
+from littlebit.train import TrainConfig, train  # noqa: E402
+
+# Named variants for ablations; "default" is the recipe TrainConfig() describes.
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "paper": {  # the paper's recipe: plain init, summed-MSE loss, no block stage, frozen norms
+        "act_power": 0.0,
+        "latent_rms": None,
+        "blocks": {"sequences": 0},
+        "loss": {"form": "paper"},
+        "train_norms": False,
+        "lrs": {"latent": 4e-5, "scale": 4e-5, "norm": 4e-5, "relative": False},
+    },
+    "no-blocks": {"blocks": {"sequences": 0}},
+    "big-blocks": {"blocks": {"sequences": 128, "epochs": 4}},
+    "no-act": {"act_power": 0.0},
+    "latent-3x": {"lrs": {"latent": 3e-4}},
+    "latent-0.3x": {"lrs": {"latent": 3e-5}},
+    "hidden-0": {"loss": {"hidden_weight": 0.0}},
+    "blocks-lr1": {"blocks": {"lr_multiplier": 1.0}},
+    "latent-rms-keep": {"latent_rms": None},
+    # Throughput only: 30 steps of global distillation, no block stage, no evaluation curve.
+    "speed": {"blocks": {"sequences": 0}, "act_power": 0.0},
+    "speed-eager": {"blocks": {"sequences": 0}, "act_power": 0.0, "compile": False},
+}
+
+
+def train_config(variant: str, args: argparse.Namespace, lb: LittleBitConfig) -> TrainConfig:
+    base = TrainConfig(
+        seqlen=args.seqlen, batch_size=args.batch_size, eval_seqlen=2048, eval_windows=args.curve_windows
+    )
+    over = dict(VARIANTS[variant])
+    for key, cls in (("lrs", LearningRates), ("blocks", BlockConfig)):
+        if key in over:
+            over[key] = cls(**{**dataclasses.asdict(getattr(base, key)), **over[key]})
+    if "loss" in over:
+        over["loss"] = dataclasses.replace(base.loss, **over["loss"])
+    cfg = dataclasses.replace(base, **over)
+    calib = cfg.calib_sequences * cfg.seqlen if cfg.act_power else 0
+    left = args.tokens - calib - cfg.blocks.tokens(cfg.seqlen)
+    steps = max(0, left // cfg.tokens_per_step)
+    if variant.startswith("speed"):
+        return dataclasses.replace(cfg, steps=30, eval_every=0, eval_windows=1, save_every=0)
+    return dataclasses.replace(cfg, steps=steps, eval_every=max(1, steps // args.curve_points), save_every=0)
+
+
+def run_one(bpw: float, init: str, variant: str, ctx: dict, args: argparse.Namespace) -> dict:
+    """Train and evaluate one student; returns its record (an ``error`` record if it failed)."""
+    lb = LittleBitConfig(bpw=bpw, init=init)
+    cfg = train_config(variant, args, lb)
+    tag = f"{bpw}-{init}-{variant}"
+    print(f"=== {tag}: {cfg.steps} steps", flush=True)
+    t0 = time.perf_counter()
+    device = ctx["device"]
+    try:
+        work = f"{args.work}/{tag}"
+        res = train(
+            ctx["teacher"], ctx["data"], lb, cfg, work, ctx["tokenizer"], ctx["eval_ids"], progress=False
+        )
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            ppl = perplexity(res.student, ctx["eval_ids"], 2048, args.final_windows, progress=False)
+    except Exception:  # keep the other runs going; the record says what failed
+        traceback.print_exc()
+        return {"bpw_target": bpw, "init": init, "variant": variant, "error": traceback.format_exc(-1)}
+    log_file = Path(work) / "train_log.jsonl"
+    if args.logs and log_file.is_file():
+        with open(args.logs, "a", encoding="utf-8") as f:
+            for line in log_file.read_text().splitlines():
+                f.write(json.dumps({"run": tag, **json.loads(line)}) + "\n")
+    return {
+        "bpw_target": bpw,
+        "bpw_linear": round(budget(ctx["teacher"], lb).bpw_linear, 4),
+        "init": init,
+        "variant": variant,
+        "tokens": res.tokens,
+        "wikitext2_ppl": round(ppl, 3),
+        "eval": f"wikitext2 test, seqlen 2048, {args.final_windows or 'all'} windows",
+        "tokens_per_s": round(res.tokens_per_s, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "steps": cfg.steps,
+        "timings_s": {k: round(v, 1) for k, v in res.timings.items()},
+        "device": ctx["name"],
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "command": f"python3 benchmarks/qat.py --runs {bpw}:{init} --variant {variant}",
+        "curve": [
+            {"tokens": h["tokens"], "ppl": round(h["ppl"], 3), "windows": args.curve_windows}
+            for h in res.history
+            if math.isfinite(h["ppl"])
+        ],
+        "train_config": cfg.to_dict(),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bpw", type=float, nargs="+", default=[1.0, 0.55, 0.3])
+    ap.add_argument("--init", nargs="+", default=["itq", "dual-svid"])
+    ap.add_argument("--runs", nargs="+", default=None, help="BPW:INIT pairs, in order (instead of the grid)")
+    ap.add_argument("--variant", nargs="+", default=["default"], choices=sorted(VARIANTS))
+    ap.add_argument("--tokens", type=int, default=1_638_400, help="training token budget per run")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--curve-points", type=int, default=4, help="evaluations along the run")
+    ap.add_argument("--curve-windows", type=int, default=16, help="2048-token windows per curve point")
+    ap.add_argument("--final-windows", type=int, default=None, help="cap the final evaluation (smoke tests)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default="benchmarks/results/qat.json")
+    ap.add_argument("--work", default="/tmp/littlebit-qat")
+    ap.add_argument("--logs", default=None, help="append every run's training log to this JSONL file")
+    args = ap.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ctx = {"device": device, "name": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    ctx["teacher"] = load_model(args.model, device=device)
+    ctx["tokenizer"] = tokenizer = load_tokenizer(args.model)
+    ctx["eval_ids"] = tokenize_eval(tokenizer, "wikitext2", "test")
+    ctx["data"] = load_tokens(None, tokenizer)
+    out = Path(args.out)
+    records = json.loads(out.read_text()) if out.is_file() else []
+    pairs = [(float(r.split(":")[0]), r.split(":")[1]) for r in args.runs or []]
+    pairs = pairs or [(bpw, init) for bpw in args.bpw for init in args.init]
+    for bpw, init in pairs:
+        for variant in args.variant:
+            rec = run_one(bpw, init, variant, ctx, args)
+            records.append(rec)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(records, indent=1))
+            keys = ("bpw_target", "init", "variant", "tokens", "wikitext2_ppl", "tokens_per_s", "seconds")
+            print(json.dumps({k: rec[k] for k in keys if k in rec}), flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
