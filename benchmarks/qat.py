@@ -11,6 +11,7 @@ so a run cut short keeps what it finished.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -71,8 +72,6 @@ _INIT_REUSED = [False]  # whether the latest student came from the cache (its se
 
 
 def cached_make_student(teacher, config, calibration=None, act_power=1.0, latent_rms=None, progress=True):
-    import copy
-
     calib_key = None if calibration is None else (tuple(calibration.shape), int(calibration.sum()))
     key = (config.to_json(), calib_key, act_power, latent_rms)
     _INIT_REUSED[0] = key in _INIT_CACHE

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from littlebit.config import LittleBitError
 from littlebit.distill import DistillConfig, distill_loss, hidden_error, kl_per_token
@@ -134,8 +135,6 @@ def _tiny_run(work: str, resume: bool) -> dict[str, torch.Tensor]:
     One thread, in the test process and in the subprocesses alike: matmul results may depend on
     how the work is split between threads, and the comparison is bitwise.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from littlebit.blockwise import BlockConfig
     from littlebit.config import LittleBitConfig
     from littlebit.train import TrainConfig, train
@@ -143,17 +142,7 @@ def _tiny_run(work: str, resume: bool) -> dict[str, torch.Tensor]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-            max_position_embeddings=128,
-        )
-        model = LlamaForCausalLM(cfg).eval()
+        model = tiny_model("llama", seed=0)
         tokens = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(1))
         blocks = BlockConfig(sequences=8, epochs=2, batch_size=4)
         tc = TrainConfig(steps=9, seqlen=32, batch_size=4, blocks=blocks, calib_sequences=4, save_every=3)
@@ -224,24 +213,12 @@ def test_sigkill_and_resume_end_with_identical_weights(tmp_path):
 
 
 def test_resume_refuses_other_data_or_config(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from littlebit.blockwise import BlockConfig
     from littlebit.config import LittleBitConfig
     from littlebit.train import TrainConfig, train
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=64,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    tokens = torch.randint(0, 64, (1000,), generator=torch.Generator().manual_seed(0))
+    model = tiny_model("llama", seed=0)
+    tokens = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(0))
     tc = TrainConfig(steps=1, seqlen=16, batch_size=2, blocks=BlockConfig(sequences=0), calib_sequences=2)
     lb = LittleBitConfig(bpw=4.0)
     train(model, tokens, lb, tc, tmp_path, progress=False)
