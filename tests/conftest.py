@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import transformers as tf
+
+from littlebit.data import default_data_dirs
 
 VOCAB = 256
 
@@ -42,3 +46,16 @@ def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def tiny_llama() -> torch.nn.Module:
     return tiny_model("llama")
+
+
+def _wikitext2_reachable() -> bool:
+    local = any((d / "wikitext-2-raw" / "wiki.test.raw").is_file() for d in default_data_dirs())
+    return local or importlib.util.find_spec("datasets") is not None
+
+
+# The perplexity tests need WikiText-2: the checkout's neighbour shared/data, $LITTLEBIT_DATA, or the
+# hub through `datasets`. A clone with none of them skips them and says why (pytest -rs).
+needs_wikitext2 = pytest.mark.skipif(
+    not _wikitext2_reachable(),
+    reason="no WikiText-2 here: put the checkout next to shared/data or set LITTLEBIT_DATA",
+)

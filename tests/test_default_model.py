@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+from conftest import needs_wikitext2
 
 from littlebit import LittleBitConfig, convert
 from littlebit.evaluation import perplexity, tokenize_eval
@@ -18,6 +19,7 @@ def default_model():
     return load_model(None), load_tokenizer(None)
 
 
+@needs_wikitext2
 def test_protocol_matches_reference_perplexity(default_model):
     model, tokenizer = default_model
     ids = tokenize_eval(tokenizer, "wikitext2", "test")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import needs_wikitext2, tiny_model
 
 from littlebit.config import LittleBitError
 from littlebit.distill import DistillConfig, distill_loss, hidden_error, kl_per_token
@@ -232,6 +232,7 @@ def test_resume_refuses_other_data_or_config(tmp_path):
 
 
 @pytest.mark.slow
+@needs_wikitext2
 def test_short_cpu_run_lowers_perplexity(tmp_path):
     """Tens of steps of 2 x 128 tokens on SmolLM2-135M at 1 BPW must lower perplexity.
 
