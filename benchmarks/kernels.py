@@ -346,6 +346,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="GPU table (default benchmarks/results/kernels.json); CPU rows")
     ap.add_argument("--sweep-out", type=Path, help="where to write the sweep's rows")
     ap.add_argument("--quick", action="store_true", help="two shapes, two BPWs")
+    ap.add_argument("--acceptance", action="store_true", help="only issue 5's four acceptance cases")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-table", action="store_true")
@@ -417,9 +418,12 @@ def main() -> None:
     shapes, bpws = (SHAPES[:1] + SHAPES[4:5], [0.1, 1.0]) if args.quick else (SHAPES, BPWS)
     deadline = t_start + args.budget_s
     records = []
-    for d_in, d_out in shapes:
+    cases = [((d_in, d_out), bpws, BATCHES) for d_in, d_out in shapes]
+    if args.acceptance:
+        cases = [((8192, 28672), [0.1, 1.0], [1]), ((4096, 4096), [0.55], [1]), ((8192, 28672), [0.55], [16])]
+    for (d_in, d_out), case_bpws, batches in cases:
         records += bench_shape(
-            tk, d_in, d_out, bpws, BATCHES, tk.DEFAULT_CONFIG, gen, copy_gbps, device, deadline
+            tk, d_in, d_out, case_bpws, batches, tk.DEFAULT_CONFIG, gen, copy_gbps, device, deadline
         )
         args.out.write_text(json.dumps(records, indent=1))
     print(f"\n{'shape':>13} {'bpw':>4} {'b':>2} {'rank':>5} {'fp16 us':>8} {'lowrank':>8} {'littlebit':>9} "

@@ -56,11 +56,29 @@ VARIANTS: dict[str, dict] = {
     "latent-3x": {"lrs": {"latent": 3e-4}, "blocks": {"sequences": 32}},
     "latent-0.3x": {"lrs": {"latent": 3e-5}, "blocks": {"sequences": 32}},
     "hidden-0": {"loss": {"hidden_weight": 0.0}},
+    # Sequences as long as the evaluation's (2048), same tokens per step and per block stage.
+    "long-seq": {
+        "seqlen": 2048,
+        "batch_size": 2,
+        "calib_sequences": 4,
+        "blocks": {"sequences": 32, "batch_size": 1},
+    },
+    "scale-2.5x": {"lrs": {"scale": 5e-3}},
+    "freeze-tail": {"freeze_signs_frac": 0.25},
+    "long-seq-combo": {
+        "seqlen": 2048,
+        "batch_size": 2,
+        "calib_sequences": 4,
+        "blocks": {"sequences": 32, "batch_size": 1},
+        "lrs": {"scale": 5e-3},
+        "freeze_signs_frac": 0.25,
+    },
     "blocks-lr1": {"blocks": {"lr_multiplier": 1.0}},
     "latent-rms-keep": {"latent_rms": None},
     # Throughput only: 30 steps of global distillation, no block stage, no evaluation curve.
     "speed": {"blocks": {"sequences": 0}, "act_power": 0.0},
-    "speed-eager": {"blocks": {"sequences": 0}, "act_power": 0.0, "compile": False},
+    "speed-eager": {"blocks": {"sequences": 0}, "act_power": 0.0, "compile": False, "cuda_graphs": False},
+    "speed-compiled": {"blocks": {"sequences": 0}, "act_power": 0.0, "compile": True, "cuda_graphs": False},
 }
 
 

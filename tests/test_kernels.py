@@ -93,6 +93,88 @@ def _check_leading_dims(tk, m):
     return rel_err(y.reshape(-1, 40), x.reshape(-1, 100), u, v, h, l, g, None)
 
 
+def _workspaces_zero(tk) -> bool:
+    return all(not ws.t.any() and not ws.counter.any() for ws in tk._WORKSPACES.values())
+
+
+def _check_repeated_calls(tk, config=None):
+    """Layers called again and again, two shapes in turn, on both paths. Stage 1 adds into a cached
+    workspace, so a result is only right if every call before it left that workspace zero."""
+    cfg = tk.KernelConfig(**config) if config else None
+    layers = [make_layer(576, 40, 300, 2, torch.float16, DEVICE, seed=1)]
+    layers.append(make_layer(100, 120, 40, 1, torch.float16, DEVICE, seed=2))
+    calls = [(0, 1), (0, 1), (1, 1), (0, 1), (1, 5), (0, 5), (0, 5), (1, 1), (1, 1)]  # (layer, tokens)
+    worst = 0.0
+    for step, (which, m) in enumerate(calls):
+        u, v, h, l, g, bias = layers[which]
+        x = torch.randn(m, g.shape[-1], generator=torch.Generator().manual_seed(step)).half().to(DEVICE)
+        y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)
+        worst = max(worst, rel_err(y, x, u, v, h, l, g, bias))
+    if not _workspaces_zero(tk):
+        raise AssertionError("a call left its workspace non-zero")
+    return worst
+
+
+def _check_two_launches(tk):
+    """A call is stage 1 then stage 2 and nothing else: no prep launch, no reallocated workspace."""
+    kernel_cls = type(tk._gemv_v_kernel)
+    run = kernel_cls.run
+    launched = []
+
+    def counting_run(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    u, v, h, l, g, bias = make_layer(576, 40, 300, 2, torch.float16, DEVICE, seed=3)
+    worst = 0.0
+    for m, stages in [(1, ["_gemv_v_kernel", "_gemv_u_kernel"]), (5, ["_tc_v_kernel", "_tc_u_kernel"])]:
+        x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
+        tk.littlebit_linear_triton(x, u, v, h, l, g, bias)  # compiles, sizes the workspace
+        buffers = {key: ws.t.data_ptr() for key, ws in tk._WORKSPACES.items()}
+        launched.clear()
+        kernel_cls.run = counting_run
+        try:
+            y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias)
+        finally:
+            kernel_cls.run = run
+        if launched != stages:
+            raise AssertionError(f"{m} token(s): launched {launched}, expected {stages}")
+        if {key: ws.t.data_ptr() for key, ws in tk._WORKSPACES.items()} != buffers:
+            raise AssertionError(f"{m} token(s): the workspace was reallocated")
+        worst = max(worst, rel_err(y, x, u, v, h, l, g, bias))
+    return worst
+
+
+def _check_zeroed_after_failure(tk):
+    """Stage 2 failing to launch after stage 1 ran must not leave stage 1's sums in the workspace."""
+    u, v, h, l, g, bias = make_layer(100, 24, 100, 2, torch.float16, DEVICE, seed=4)
+    x = torch.randn(1, 100, generator=torch.Generator().manual_seed(5)).half().to(DEVICE)
+    seen = []
+
+    class FailingLaunch:
+        def __getitem__(self, grid):
+            def launch(t, *args, **kwargs):
+                seen.append(bool(t.any()))  # stage 1 has added into t (ordered on the stream)
+                raise RuntimeError("stage 2 failed")
+
+            return launch
+
+    stage2, tk._gemv_u_kernel = tk._gemv_u_kernel, FailingLaunch()
+    try:
+        tk.littlebit_linear_triton(x, u, v, h, l, g, bias)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the failing stage 2 did not raise")
+    finally:
+        tk._gemv_u_kernel = stage2
+    if seen != [True]:
+        raise AssertionError(f"stage 1 did not write the workspace: {seen}")
+    if not _workspaces_zero(tk):
+        raise AssertionError("the workspace kept stage 1's sums")
+    return rel_err(tk.littlebit_linear_triton(x, u, v, h, l, g, bias), x, u, v, h, l, g, bias)
+
+
 CHECKS = {
     f"case-{'-'.join(map(str, c[:5]))}-{str(c[5])[6:]}": (_check_case, c) for c in [*_cases(0), *_cases(3)]
 }
@@ -109,6 +191,10 @@ CHECKS["tc-128-rows"] = (
     _check_case,
     (17, 1000, 120, 300, 2, torch.bfloat16, {"tc_rows": 128, "tc_words": 4}),
 )
+CHECKS["repeated-calls"] = (_check_repeated_calls, ())
+CHECKS["repeated-calls-fp16x2"] = (_check_repeated_calls, (_FP16X2,))
+CHECKS["two-launches"] = (_check_two_launches, ())
+CHECKS["zeroed-after-failure"] = (_check_zeroed_after_failure, ())
 
 
 def run_checks() -> dict[str, float | str]:
@@ -159,6 +245,60 @@ def test_triton_gemv_decodings(asm, m, d_in, r, d_out):
     cfg = tk.KernelConfig(asm=asm, gemv_max_tokens=4)
     y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)
     assert rel_err(y, x, u, v, h, l, g, bias) < TOL
+
+
+@pytest.mark.skipif(not ON_GPU, reason="counts CUDA kernels")
+@pytest.mark.parametrize("m", [1, 16])
+def test_triton_two_kernels_per_call(m):
+    from torch.profiler import ProfilerActivity, profile
+
+    from littlebit.kernels import triton_littlebit as tk
+
+    u, v, h, l, g, bias = make_layer(1000, 120, 576, 2, torch.float16, DEVICE, seed=11)
+    x = torch.randn(m, 1000, device=DEVICE).half()
+    tk.littlebit_linear_triton(x, u, v, h, l, g, bias)  # compiles, sizes the workspace
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert len(kernels) == 6, kernels
+    assert rel_err(y, x, u, v, h, l, g, bias) < TOL
+
+
+@pytest.mark.skipif(not ON_GPU, reason="captures CUDA graphs")
+@pytest.mark.parametrize("warm_up", [True, False])
+@pytest.mark.parametrize("m", [1, 16])
+def test_triton_cuda_graph_replays(m, warm_up):
+    """Replays of a captured call stay right (the workspace is zero again after each), whether the
+    workspace was sized by a warm-up outside capture (as the benchmarks do) or inside the capture."""
+    from littlebit.kernels import triton_littlebit as tk
+
+    layers = [make_layer(1000, 120, 576, 2, torch.float16, DEVICE, seed=s) for s in (12, 13)]
+    x = torch.randn(m, 1000, device=DEVICE).half()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles the kernels
+        for layer in layers:
+            tk.littlebit_linear_triton(x, *layer)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    if not warm_up:
+        tk._WORKSPACES.clear()
+    shared = tk._WORKSPACES.get((x.device, None))  # the workspace of captured calls
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = [tk.littlebit_linear_triton(x, *layer) for layer in layers]
+    assert (tk._WORKSPACES[(x.device, None)] is shared) == warm_up  # allocated in the capture only if cold
+    for step in range(3):
+        x.copy_(torch.randn(m, 1000, device=DEVICE).half())
+        graph.replay()
+        torch.cuda.synchronize()
+        for y, layer in zip(ys, layers, strict=True):
+            assert rel_err(y, x, *layer) < TOL, step
+    y = tk.littlebit_linear_triton(x, *layers[0])  # eager again, after the replays
+    assert rel_err(y, x, *layers[0]) < TOL
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA tensors")

@@ -279,3 +279,77 @@ def test_train_command_arguments():
     args = parser.parse_args(["--bpw", "20", "--out", "x"])
     with pytest.raises(LittleBitError):
         config_from_args(args)
+
+
+def _tiny_global_run(tmp_path: Path, **overrides):
+    """(student before training, the trainer after, its log records): global phase only, tiny Llama."""
+    from littlebit.blockwise import BlockConfig
+    from littlebit.config import LittleBitConfig
+    from littlebit.student import make_student
+    from littlebit.train import TrainConfig, Trainer
+
+    model = tiny_model("llama", seed=0)
+    device = overrides.pop("device", "cpu")
+    model = model.to(device)
+    tokens = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(1))
+    blocks = BlockConfig(sequences=0)
+    tc = TrainConfig(steps=6, seqlen=32, batch_size=4, blocks=blocks, save_every=0, **overrides)
+    trainer = Trainer(model, tokens, LittleBitConfig(bpw=4.0), tc, tmp_path / "w", progress=False)
+    trainer.setup(False)
+    before = make_student(model, LittleBitConfig(bpw=4.0), None, 0.0, tc.latent_rms, False)
+    before.load_state_dict(trainer.student.state_dict())
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
+    return before, trainer, [r for r in records if r.get("phase") == "global"]
+
+
+def test_frozen_signs_train_only_scales(tmp_path):
+    before, after, _ = _tiny_global_run(tmp_path, freeze_signs_frac=1.0, act_power=0.0)
+    b, a = before.state_dict(), after.student.state_dict()
+    latents = [n for n in b if n.endswith((".u", ".v"))]
+    scales = [n for n in b if n.endswith((".h", ".l", ".g"))]
+    assert latents and scales
+    assert all(torch.equal(b[n], a[n]) for n in latents)
+    assert any(not torch.equal(b[n], a[n]) for n in scales)
+    with pytest.raises(LittleBitError, match="freeze-signs"):
+        from littlebit.train import TrainConfig
+
+        TrainConfig(freeze_signs_frac=1.5)
+
+
+def test_failed_graph_recording_falls_back_to_eager(monkeypatch, caplog):
+    from littlebit import step_graph
+
+    class Broken:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(step_graph.torch.cuda, "graph", Broken)
+    monkeypatch.setattr(step_graph.torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(step_graph.torch.cuda, "synchronize", lambda: None)
+    calls = []
+    step = step_graph.GraphedMicroStep(lambda b: calls.append(b) or {"loss": b.float().sum()}, warmup=1)
+    with caplog.at_level("WARNING"):
+        outs = [step(torch.full((2,), i)) for i in range(3)]
+    assert not step.active and step.failed and len(calls) == 3
+    assert [o["loss"].item() for o in outs] == [0.0, 2.0, 4.0]
+    assert "staying eager" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_recorded_steps_match_eager_steps(tmp_path):
+    _, eager, log_e = _tiny_global_run(tmp_path / "e", device="cuda", cuda_graphs=False, compile=False)
+    _, graphed, log_g = _tiny_global_run(tmp_path / "g", device="cuda", cuda_graphs=True, compile=False)
+    assert [r["step"] for r in log_e] == [r["step"] for r in log_g]
+    for re_, rg in zip(log_e, log_g, strict=True):
+        assert math.isclose(re_["loss"], rg["loss"], rel_tol=2e-2), (re_, rg)
+    assert graphed._micro.active and not eager.use_graphs
+    pairs = zip(eager.student.state_dict().items(), graphed.student.state_dict().values(), strict=True)
+    for (n, pe), pg in pairs:
+        assert torch.allclose(pe.float(), pg.float(), rtol=2e-2, atol=1e-3), n

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from .blockwise import BlockConfig, decoder_layers, reconstruct_blocks
 from .config import LittleBitConfig, LittleBitError
 from .distill import DistillConfig, distill_loss
 from .optim import (
+    LATENT,
     LearningRates,
     lr_factor,
     make_optimizer,
@@ -33,6 +35,7 @@ from .optim import (
     select_trainable,
     set_lr,
 )
+from .step_graph import GraphedMicroStep
 from .stream import Batches, load_tokens, pack_sequences
 from .student import cast_floating, make_student
 from .train_log import TrainLog
@@ -66,17 +69,23 @@ class TrainConfig:
     latent_rms: float | None = 0.02
     train_norms: bool = True
     max_grad_norm: float | None = None
+    # The last fraction of the global phase trains the scales and norms only, the signs frozen
+    # (NanoQuant's final phase, LITTLEBIT.md section 7).
+    freeze_signs_frac: float = 0.0
     seed: int = 0
     eval_every: int = 0
     eval_windows: int | None = 8
     eval_seqlen: int = 512
     save_every: int = 50
-    compile: bool | None = None  # None: on CUDA only
+    compile: bool | None = None  # None: on CUDA when the step is not recorded as a CUDA graph
+    cuda_graphs: bool | None = None  # replay each global micro-step as a CUDA graph; None: on CUDA
     amp: bool | None = None  # bf16 autocast; None: on CUDA only
     grad_checkpoint: bool = False
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.freeze_signs_frac <= 1.0:
+            raise LittleBitError(f"freeze-signs fraction must be in [0, 1], got {self.freeze_signs_frac}")
         for name in ("steps", "seqlen", "batch_size", "grad_accum"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise LittleBitError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -108,7 +117,8 @@ class TrainResult:
 def _autocast(device: torch.device, enabled: bool):
     if not enabled:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    # No cast cache: tensors it keeps across a CUDA-graph recording would outlive the recording.
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def trained_state(model: nn.Module, kinds: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]:
@@ -160,7 +170,10 @@ class Trainer:
         self.device = next(teacher.parameters()).device
         cuda = self.device.type == "cuda"
         self.use_amp = cuda if config.amp is None else config.amp
-        self.use_compile = cuda if config.compile is None else config.compile
+        self.use_graphs = cuda and (config.cuda_graphs is None or config.cuda_graphs)
+        # Compiled layers recompiled while the step was being recorded on the H100 (a failed recording);
+        # a recorded eager step needs no compiler and issues its kernels at once anyway.
+        self.use_compile = (cuda and not self.use_graphs) if config.compile is None else config.compile
         self.amp = _autocast(self.device, self.use_amp)
         self.sequences = pack_sequences(load_tokens(data, tokenizer), config.seqlen)
         self.history: list[dict] = []
@@ -303,14 +316,15 @@ class Trainer:
         if self.optimizer is None:
             self._make_optimizer()
         self.optimizer.zero_grad(set_to_none=True)
-        teacher = self._teacher_for_distillation()
-        student_fwd = self._student_forward()
+        teacher, student_fwd = self.prepare_global()
         batches = Batches(self.sequences, cfg.batch_size, cfg.seed, self.position)
         warmup = math.ceil(cfg.warmup_frac * cfg.steps)
+        freeze_from = cfg.steps - round(cfg.freeze_signs_frac * cfg.steps)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="distillation", disable=not self.progress)
         while self.step < cfg.steps:
             t0 = time.perf_counter()
-            set_lr(self.optimizer, lr_factor(self.step, cfg.steps, warmup))
+            frozen = (LATENT,) if self.step >= freeze_from else ()
+            set_lr(self.optimizer, lr_factor(self.step, cfg.steps, warmup), frozen)
             parts = self._train_step(batches, teacher, student_fwd)
             self.position = batches.position
             self.step += 1
@@ -335,28 +349,42 @@ class Trainer:
                 self.save()
         bar.close()
 
-    def _train_step(self, batches: Batches, teacher: nn.Module, student_fwd) -> dict[str, torch.Tensor]:
+    def prepare_global(self) -> tuple[nn.Module, nn.Module]:
+        """The teacher and student as the global phase runs them; sets up the (recorded) micro-step."""
+        teacher = self._teacher_for_distillation()
+        student_fwd = self._student_forward()
+        micro = functools.partial(self._micro_step, teacher=teacher, student_fwd=student_fwd)
+        self._micro = GraphedMicroStep(micro) if self.use_graphs else micro
+        return teacher, student_fwd
+
+    def _micro_step(self, batch: torch.Tensor, teacher: nn.Module, student_fwd) -> dict[str, torch.Tensor]:
+        """Forward passes, loss and backward of one micro-batch; the gradients add up in ``.grad``."""
         cfg = self.config
         want_hidden = cfg.loss.weight > 0
+        with torch.no_grad(), self.amp():
+            t_out = teacher(batch, output_hidden_states=want_hidden, use_cache=False)
+        with self.amp():
+            s_out = student_fwd(batch, output_hidden_states=want_hidden, use_cache=False)
+        s_hid = s_out.hidden_states[1:] if want_hidden else ()
+        t_hid = t_out.hidden_states[1:] if want_hidden else ()
+        loss, parts = distill_loss(s_out.logits, t_out.logits, s_hid, t_hid, cfg.loss)
+        (loss / cfg.grad_accum).backward()
+        parts["loss"] = loss.detach()
+        return parts
+
+    def _train_step(self, batches: Batches, teacher: nn.Module, student_fwd) -> dict[str, torch.Tensor]:
+        cfg = self.config
         totals: dict[str, torch.Tensor] = {}
         for _ in range(cfg.grad_accum):
-            batch = batches.next().to(self.device)
-            with torch.no_grad(), self.amp():
-                t_out = teacher(batch, output_hidden_states=want_hidden, use_cache=False)
-            with self.amp():
-                s_out = student_fwd(batch, output_hidden_states=want_hidden, use_cache=False)
-            s_hid = s_out.hidden_states[1:] if want_hidden else ()
-            t_hid = t_out.hidden_states[1:] if want_hidden else ()
-            loss, parts = distill_loss(s_out.logits, t_out.logits, s_hid, t_hid, cfg.loss)
-            (loss / cfg.grad_accum).backward()
-            parts["loss"] = loss.detach()
+            parts = self._micro(batches.next().to(self.device))
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0) + v / cfg.grad_accum
         if cfg.max_grad_norm:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # A recorded backward adds into the gradients it saw while recording: keep them, zeroed.
+        self.optimizer.zero_grad(set_to_none=not self.use_graphs)
         return totals
 
     def _teacher_for_distillation(self) -> nn.Module:

@@ -62,6 +62,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument(
+        "--no-cuda-graphs", action="store_true", help="launch each kernel of a step from Python (GPU)"
+    )
     parser.add_argument("--no-amp", action="store_true", help="train in fp32 even on GPU")
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward")
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
@@ -101,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         eval_seqlen=args.eval_seqlen,
         save_every=args.save_every,
         compile=False if args.no_compile else None,
+        cuda_graphs=False if args.no_cuda_graphs else None,
         amp=False if args.no_amp else None,
         grad_checkpoint=args.grad_checkpoint,
         tensorboard=args.tensorboard,

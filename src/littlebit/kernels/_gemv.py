@@ -2,19 +2,26 @@
 
 At batch 1 the cost is turning bits into signed sums, not moving them, so the inner loop is what
 matters. A thread owns one word column and several rows of a tile; for each bit position it needs the
-value that meets that bit, the same for all its rows. Those values come from small vectors laid out
-*per block of BKW words, bit-major* (value of bit b of word kk of block n at ``n*NB*BKW + b*BKW + kk``),
-so the 16 or 32 loads of a step are contiguous across lanes and their offsets compile to immediates.
+value that meets that bit, the same for all its rows.
+
+Stage 1 builds those values (g*x) itself, once per step from a contiguous tile of x and g that the
+compiler hands to one word per lane through shared memory. Stage 2 reads them (t, which stage 1 adds up
+with atomics) from a vector laid out *per block of BKW words, bit-major* (value of bit b of word kk of
+block n at ``n*32*BKW + b*BKW + kk``), so the loads of a step are contiguous across lanes and their
+offsets compile to immediates.
 
 Vector modes:
-  0  fp32, one value per bit (NB=32), any dtype: add the values under set bits (a predicated add per
-     bit), then signed sum = 2 * that - total.
-  1  int32 fp16x2 pairs (NB=16), pair i = (value of bit i, value of bit i+16): ``~w << (15 - i)`` puts
+  0  fp32, one value per bit, any dtype: add the values under set bits (a predicated add per bit), then
+     signed sum = 2 * that - total.
+  1  (stage 1) int32 fp16x2 pairs, pair i = (value of bit i, value of bit i+16): ``~w << (15 - i)`` puts
      both bits on the two half-word sign positions, one lop3 flips the pair's signs, one add.f16x2
      accumulates: 1.5 instructions per bit (inline PTX; emulated under the interpreter). Sums of 32
      terms are fp16, so it is meant for fp16 activations.
-  2  as 1, but fp32 pairs stored side by side (what stage 1's fp32 atomics can build), packed to fp16x2
-     in the loop.
+  2  (stage 2) as 1, from fp32 pairs stored side by side (what stage 1's fp32 atomics can build),
+     packed to fp16x2 in the loop.
+
+``t`` is a persistent workspace that is zero whenever no call is running: the last stage-2 program to
+finish zeroes it again (``_release_t``), so no launch is spent on clearing it.
 """
 
 from __future__ import annotations
@@ -91,10 +98,58 @@ def _half2_sum(acc2, PTX: tl.constexpr):
 
 
 @triton.jit
-def _rows_dot(w_ptrs, row_ok, vec_base, tok_ok, k_lo, k_hi, TOK, BR, BKW, MODE, PTX):
+def _pick(t, i: tl.constexpr, LOG: tl.constexpr):
+    """``t[:, :, i]`` of a (A, B, 2**LOG) tile by halving the last axis: splits that cost nothing once
+    that axis lives in one thread, and that the 16 or 32 calls of a step share."""
+    A: tl.constexpr = t.shape[0]
+    B: tl.constexpr = t.shape[1]
+    s = t
+    for lvl in tl.static_range(LOG):
+        even, odd = tl.split(tl.reshape(s, (A, B, 1 << (LOG - 1 - lvl), 2)))
+        s = odd if (i >> lvl) % 2 == 1 else even
+    return tl.reshape(s, (A, B))
+
+
+@triton.jit
+def _gx_tile(x_rows, tok_ok, g_row, d_in, k0, k_hi, BKW: tl.constexpr, MODE: tl.constexpr):
+    """g*x for the BKW words from ``k0``, zero past ``k_hi`` and ``d_in``: (TOK, BKW, 32) fp32 values of
+    bit b (MODE 0) or (TOK, BKW, 16) fp16x2 pairs (bit i, bit i+16) (MODE 1).
+
+    ``x_rows`` (TOK,): each token's row of x; ``g_row``: g_p. Contiguous loads and one trip through
+    shared memory per step cost less than 16-32 strided loads per lane (the same words are needed by
+    every warp of the program).
+    """
+    NB: tl.constexpr = 16 if MODE == 1 else 32
+    cols = k0 + tl.arange(0, BKW)
+    e = (cols * 32)[None, :, None] + tl.arange(0, NB)[None, None, :]
+    col_ok = (cols < k_hi)[None, :, None]
+    # With d_in a multiple of 16 (Triton specialises on it) these masks are constant over 16 entries,
+    # so the loads vectorise.
+    m_lo = col_ok & (e < d_in)
+    xp = x_rows[:, None, None] + e
+    x_lo = tl.load(xp, mask=tok_ok[:, None, None] & m_lo, other=0.0).to(tl.float32)
+    g_lo = tl.load(g_row + e, mask=m_lo, other=0.0).to(tl.float32)
+    if MODE == 1:
+        m_hi = col_ok & (e + 16 < d_in)
+        x_hi = tl.load(xp + 16, mask=tok_ok[:, None, None] & m_hi, other=0.0).to(tl.float32)
+        g_hi = tl.load(g_row + e + 16, mask=m_hi, other=0.0).to(tl.float32)
+        res = _join_halves(x_lo * g_lo, x_hi * g_hi)  # the fp32 product is exact; rounded once to fp16
+    else:
+        res = x_lo * g_lo
+    return res
+
+
+@triton.jit
+def _rows_dot(
+    w_ptrs, row_ok, vec_base, tok_ok, k_lo, k_hi, x_rows, g_row, d_in,
+    TOK: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, MODE: tl.constexpr, PTX: tl.constexpr,
+    GX: tl.constexpr,
+):  # fmt: skip
     """(TOK, BR) fp32: over words [k_lo, k_hi) (k_lo a multiple of BKW), sum of sign(row, i) * vec(tok, i).
 
-    ``w_ptrs`` (BR, 1): each row's word 0. ``vec_base`` (TOK, 1): each token's vector, in ``MODE``.
+    ``w_ptrs`` (BR, 1): each row's word 0. The vector is g*x, built per step from ``x_rows``, ``g_row``
+    and ``d_in`` when ``GX`` (stage 1: modes 0, 1), else read at ``vec_base`` (TOK, 1) (stage 2: modes
+    0, 2).
     """
     kk = tl.arange(0, BKW)
     acc = tl.zeros((TOK, BR, BKW), tl.float32)
@@ -106,10 +161,16 @@ def _rows_dot(w_ptrs, row_ok, vec_base, tok_ok, k_lo, k_hi, TOK, BR, BKW, MODE, 
         # The next tile is requested before this one is decoded, so a load is always in flight.
         nxt = cols + BKW
         w_next = tl.load(w_ptrs + nxt[None, :], mask=row_ok[:, None] & (nxt < k_hi)[None, :], other=0)
+        if GX:
+            gx = _gx_tile(x_rows, tok_ok, g_row, d_in, k0, k_hi, BKW, MODE)
+        else:
+            vp = vec_base + (k0 // BKW) * (32 * BKW) + kk[None, :] * (2 if MODE == 2 else 1)
         if MODE == 0:
-            vp = vec_base + (k0 // BKW) * (32 * BKW) + kk[None, :]
             for b in tl.static_range(32):
-                vb = tl.load(vp + b * BKW, mask=vmask, other=0.0)
+                if GX:
+                    vb = _pick(gx, b, 5)
+                else:
+                    vb = tl.load(vp + b * BKW, mask=vmask, other=0.0)
                 if b == 31:
                     bit = w < 0
                 else:
@@ -119,13 +180,9 @@ def _rows_dot(w_ptrs, row_ok, vec_base, tok_ok, k_lo, k_hi, TOK, BR, BKW, MODE, 
         else:
             nw = ~w
             acc2 = tl.zeros((TOK, BR, BKW), tl.int32)
-            if MODE == 1:
-                vp = vec_base + (k0 // BKW) * (16 * BKW) + kk[None, :]
-            else:
-                vp = vec_base + (k0 // BKW) * (32 * BKW) + 2 * kk[None, :]
             for i in tl.static_range(16):
                 if MODE == 1:
-                    pair = tl.load(vp + i * BKW, mask=vmask, other=0)
+                    pair = _pick(gx, i, 4)
                 else:
                     lo = tl.load(vp + 2 * i * BKW, mask=vmask, other=0.0)
                     hi = tl.load(vp + 2 * i * BKW + 1, mask=vmask, other=0.0)
@@ -148,48 +205,33 @@ def _vec_offsets(j, BKW: tl.constexpr, MODE: tl.constexpr):
     b = j % 32
     if MODE == 0:
         off = (k // BKW) * (32 * BKW) + b * BKW + k % BKW
-    elif MODE == 1:
-        off = (k // BKW) * (16 * BKW) + (b % 16) * BKW + k % BKW
     else:
         off = ((k // BKW) * (16 * BKW) + (b % 16) * BKW + k % BKW) * 2 + b // 16
     return off
 
 
 @triton.jit
-def _prep_kernel(
-    x_ptr, g_ptr, gx_ptr, t_ptr, d_in, stride_xm, vec_len, n_zero,
-    P: tl.constexpr, BW: tl.constexpr, B1: tl.constexpr, MODE: tl.constexpr, ZB: tl.constexpr,
-):  # fmt: skip
-    """g_p * x for every path and token in stage 1's layout; zeroes ``t`` for stage 1's atomics."""
-    m = tl.program_id(1)
-    words = tl.program_id(0) * BW + tl.arange(0, BW)
-    if MODE == 1:
-        i = tl.arange(0, 16)
-        e = words[:, None] * 32 + i[None, :]
-        x_lo = tl.load(x_ptr + m * stride_xm + e, mask=e < d_in, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_ptr + m * stride_xm + e + 16, mask=e + 16 < d_in, other=0.0).to(tl.float32)
-        off = (words[:, None] // B1) * (16 * B1) + i[None, :] * B1 + words[:, None] % B1
-        for p in tl.static_range(P):
-            g_lo = tl.load(g_ptr + p * d_in + e, mask=e < d_in, other=0.0).to(tl.float32)
-            g_hi = tl.load(g_ptr + p * d_in + e + 16, mask=e + 16 < d_in, other=0.0).to(tl.float32)
-            lo = (x_lo * g_lo).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            hi = (x_hi * g_hi).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-            tl.store(gx_ptr + (m * P + p) * vec_len + off, lo | (hi << 16), mask=(off >= 0) & (off < vec_len))
-    else:
-        b = tl.arange(0, 32)
-        e = words[:, None] * 32 + b[None, :]
-        xv = tl.load(x_ptr + m * stride_xm + e, mask=e < d_in, other=0.0).to(tl.float32)
-        off = (words[:, None] // B1) * (32 * B1) + b[None, :] * B1 + words[:, None] % B1
-        for p in tl.static_range(P):
-            gv = tl.load(g_ptr + p * d_in + e, mask=e < d_in, other=0.0).to(tl.float32)
-            tl.store(gx_ptr + (m * P + p) * vec_len + off, xv * gv, mask=(off >= 0) & (off < vec_len))
-    z = (m * tl.num_programs(0) + tl.program_id(0)) * ZB + tl.arange(0, ZB)
-    tl.store(t_ptr + z, tl.zeros((ZB,), tl.float32), mask=z < n_zero)
+def _release_t(t_ptr, cnt_ptr, n_used, n_programs, ZB: tl.constexpr):
+    """Called by every stage-2 program once it has read all of ``t``: the last one zeroes t for the
+    next call and resets the ticket counter."""
+    # Every warp of this program is past its reads of t before the ticket is taken; the ticket's
+    # release (and the last program's acquire) orders them before the zeroing.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    if ticket == n_programs - 1:
+        for z0 in range(0, n_used, ZB):
+            z = z0 + tl.arange(0, ZB)
+            tl.store(t_ptr + z, tl.zeros((ZB,), tl.float32), mask=z < n_used)
+        tl.store(cnt_ptr, 0)
 
 
-@triton.jit
+# Row strides and chunk starts unspecialised: when Triton knows they are multiples of 16 it loads 4
+# words per lane and then moves every shifted copy of them (16 per step) through shared memory to the
+# one-word-per-lane layout of the decoding (sm_90 SASS: ~20 % more instructions per step, 32 barriers);
+# plain 4-byte loads are coalesced across lanes already.
+@triton.jit(do_not_specialize_on_alignment=["W_in", "chunk"])
 def _gemv_v_kernel(
-    gx_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, n_rb, chunk, vec_len, t_len,
+    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, n_rb, chunk, t_len,
     P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
     B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr,
 ):  # fmt: skip
@@ -204,20 +246,23 @@ def _gemv_v_kernel(
     k_lo = tl.program_id(1) * chunk
     k_hi = tl.minimum(k_lo + chunk, W_in)
     w_ptrs = v_ptr + (p * R + rows)[:, None] * W_in
-    vec_base = gx_ptr + ((toks * P + p) * vec_len)[:, None]
-    part = _rows_dot(w_ptrs, row_ok, vec_base, tok_ok, k_lo, k_hi, TOK, BR, B1, MODE1, PTX)
+    x_rows = x_ptr + toks * stride_xm
+    g_row = g_ptr + p * d_in
+    part = _rows_dot(
+        w_ptrs, row_ok, None, tok_ok, k_lo, k_hi, x_rows, g_row, d_in, TOK, BR, B1, MODE1, PTX, True
+    )
     lv = tl.load(l_ptr + p * R + rows, mask=row_ok, other=0.0).to(tl.float32)
     dst = t_ptr + ((toks * P + p) * t_len)[:, None] + _vec_offsets(rows, B2, MODE2)[None, :]
     tl.atomic_add(dst, part * lv[None, :], mask=tok_ok[:, None] & row_ok[None, :], sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["W_r"])  # as stage 1's W_in
 def _gemv_u_kernel(
-    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, stride_ym, t_len,
+    t_ptr, cnt_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, stride_ym, t_len,
     P: tl.constexpr, TOK: tl.constexpr, BO: tl.constexpr, B2: tl.constexpr, MODE2: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PTX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PTX: tl.constexpr, ZB: tl.constexpr,
 ):  # fmt: skip
-    """Stage 2: y = sum_p h_p * S_U,p t_p (+ bias) for one block of output rows."""
+    """Stage 2: y = sum_p h_p * S_U,p t_p (+ bias) for one block of output rows; then ``_release_t``."""
     rows = tl.program_id(0) * BO + tl.arange(0, BO)
     row_ok = rows < d_out
     toks = tl.arange(0, TOK)
@@ -226,10 +271,13 @@ def _gemv_u_kernel(
     for p in tl.static_range(P):
         w_ptrs = u_ptr + (p * d_out + rows)[:, None] * W_r
         vec_base = t_ptr + ((toks * P + p) * t_len)[:, None]
-        s = _rows_dot(w_ptrs, row_ok, vec_base, tok_ok, 0, W_r, TOK, BO, B2, MODE2, PTX)
+        s = _rows_dot(
+            w_ptrs, row_ok, vec_base, tok_ok, 0, W_r, None, None, None, TOK, BO, B2, MODE2, PTX, False
+        )
         hv = tl.load(h_ptr + p * d_out + rows, mask=row_ok, other=0.0).to(tl.float32)
         y += s * hv[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     out = y_ptr + toks[:, None] * stride_ym + rows[None, :]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=tok_ok[:, None] & row_ok[None, :])
+    _release_t(t_ptr, cnt_ptr, M * P * t_len, tl.num_programs(0), ZB)

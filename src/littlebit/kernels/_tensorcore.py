@@ -1,14 +1,17 @@
 """Triton tensor-core kernels (a few to 64 tokens): signs decoded to +-1 in registers feed ``tl.dot``.
 
-Stage 1 reads g*x in the operand dtype, prepared once per call by ``_tc_prep_kernel`` in the column
-order ``_sign_tile`` produces; stage 1 adds into an fp32 ``t`` (split over d_in, atomics) that stage 2
-reads in the same order.
+Stage 1 forms g*x per step from x and g (in natural order, so the loads stay contiguous) and permutes
+it in registers to the column order ``_sign_tile`` produces; it adds into an fp32 ``t`` (split over
+d_in, atomics) that stage 2 reads in the same order. ``t`` is zero between calls: the last stage-2
+program zeroes it (``_release_t``).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ._gemv import _release_t
 
 
 @triton.jit
@@ -17,7 +20,7 @@ def _sign_tile(w, BR: tl.constexpr, BKW: tl.constexpr, DT: tl.constexpr):
 
     That order comes from building fp16 pairs: ~w shifted left by 15 - i has bits i and i+16 at the two
     half-word sign positions, so one and/or turns them into the pair (+-1, +-1). The caller permutes
-    the other operand's rows to match (``_pair_order``).
+    the other operand's rows to match (``_to_pair_order``).
     """
     if DT == tl.float16:
         sh = (~w)[:, :, None] << (15 - tl.arange(0, 16))[None, None, :]
@@ -32,9 +35,11 @@ def _sign_tile(w, BR: tl.constexpr, BKW: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _pair_order(q):
-    """Source offset within a word's 32 entries of column q of ``_sign_tile``."""
-    return (q // 32) * 32 + (q % 32) // 2 + 16 * (q % 2)
+def _to_pair_order(v, BKW: tl.constexpr, BM: tl.constexpr):
+    """(32 * BKW, BM) in natural order -> the row order of ``_sign_tile``'s columns (32k + 2i + j: entry
+    i + 16j of word k). Cheaper than loading in that order: the loads stay contiguous and the permute
+    folds into the trip through shared memory that the MMA operand takes anyway."""
+    return tl.reshape(tl.permute(tl.reshape(v, (BKW, 2, 16, BM)), (0, 2, 1, 3)), (BKW * 32, BM))
 
 
 @triton.jit
@@ -48,49 +53,22 @@ def _dot(a, b, acc, OP_DT: tl.constexpr):
 
 @triton.jit
 def _pair_slot(j):
-    """Inverse of ``_pair_order``: the column of ``_sign_tile`` that entry j of a word row lands in."""
+    """The column of ``_sign_tile`` that entry j of a word row lands in."""
     return (j // 32) * 32 + 2 * (j % 16) + (j % 32) // 16
 
 
 @triton.jit
-def _tc_prep_kernel(
+def _tc_v_kernel(
     x_ptr,
     g_ptr,
-    xg_ptr,
-    t_ptr,
-    M,
-    d_in,
-    Kp,
-    stride_xm,
-    n_zero,
-    P: tl.constexpr,
-    BK: tl.constexpr,
-    ZB: tl.constexpr,
-):
-    # g*x once per call in the operand dtype and in _sign_tile's column order, instead of once per
-    # row block; zero t for the atomics.
-    pk = tl.program_id(0)
-    m = tl.program_id(1)
-    q = pk * BK + tl.arange(0, BK)
-    e = _pair_order(q)
-    ok = e < d_in
-    xv = tl.load(x_ptr + m * stride_xm + e, mask=ok, other=0.0).to(tl.float32)
-    for p in tl.static_range(P):
-        gv = tl.load(g_ptr + p * d_in + e, mask=ok, other=0.0).to(tl.float32)
-        tl.store(xg_ptr + (p * M + m) * Kp + q, (xv * gv).to(xg_ptr.dtype.element_ty), mask=q < Kp)
-    z = (m * tl.num_programs(0) + pk) * ZB + tl.arange(0, ZB)
-    tl.store(t_ptr + z, tl.zeros((ZB,), tl.float32), mask=z < n_zero)
-
-
-@triton.jit
-def _tc_v_kernel(
-    xg_ptr,
     v_ptr,
     l_ptr,
     t_ptr,
     M,
     R,
     W_in,
+    d_in,
+    stride_xm,
     Rp,
     n_rb,
     chunk,
@@ -108,7 +86,6 @@ def _tc_v_kernel(
     tok_ok = toks < M
     k_lo = tl.program_id(1) * chunk
     k_hi = tl.minimum(k_lo + chunk, W_in)
-    Kp = W_in * 32
     acc = tl.zeros((BR, BM), tl.float32)
     for k0 in range(k_lo, k_hi, BKW):
         cols = k0 + tl.arange(0, BKW)
@@ -118,12 +95,14 @@ def _tc_v_kernel(
             other=0,
         )
         e = k0 * 32 + tl.arange(0, BKW * 32)
-        xg = tl.load(
-            xg_ptr + (p * M + toks[None, :]) * Kp + e[:, None],
-            mask=(e < k_hi * 32)[:, None] & tok_ok[None, :],
-            other=0.0,
+        e_ok = (e < k_hi * 32) & (e < d_in)
+        xv = tl.load(
+            x_ptr + toks[None, :] * stride_xm + e[:, None], mask=e_ok[:, None] & tok_ok[None, :], other=0.0
         )
-        acc = _dot(_sign_tile(w, BR, BKW, OP_DT), xg, acc, OP_DT)
+        gv = tl.load(g_ptr + p * d_in + e, mask=e_ok, other=0.0)
+        # rounded once to the operand dtype from the fp32 product, as the prep kernel used to
+        xg = (xv.to(tl.float32) * gv.to(tl.float32)[:, None]).to(OP_DT)
+        acc = _dot(_sign_tile(w, BR, BKW, OP_DT), _to_pair_order(xg, BKW, BM), acc, OP_DT)
     lv = tl.load(l_ptr + p * R + rows, mask=row_ok, other=0.0).to(tl.float32)
     dst = t_ptr + (toks[None, :] * P + p) * Rp + _pair_slot(rows)[:, None]
     tl.atomic_add(dst, acc * lv[:, None], mask=row_ok[:, None] & tok_ok[None, :])
@@ -132,6 +111,7 @@ def _tc_v_kernel(
 @triton.jit
 def _tc_u_kernel(
     t_ptr,
+    cnt_ptr,
     u_ptr,
     h_ptr,
     b_ptr,
@@ -147,6 +127,7 @@ def _tc_u_kernel(
     BM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     OP_DT: tl.constexpr,
+    ZB: tl.constexpr,
 ):
     rows = tl.program_id(0) * BO + tl.arange(0, BO)
     row_ok = rows < d_out
@@ -175,6 +156,4 @@ def _tc_u_kernel(
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     out = y_ptr + toks[None, :] * stride_ym + rows[:, None]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & tok_ok[None, :])
-
-
-# ---- host side --------------------------------------------------------------------------------------
+    _release_t(t_ptr, cnt_ptr, M * P * Rp, tl.num_programs(0) * tl.num_programs(1), ZB)

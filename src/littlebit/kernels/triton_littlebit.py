@@ -2,23 +2,26 @@
 
 Signs are read as packed words and decoded in registers; no unpacked matrix ever reaches memory. Up to
 ``KernelConfig.gemv_max_tokens`` tokens go through the GEMV kernels (``_gemv``), more through the
-tensor-core kernels (``_tensorcore``). Each path is three launches: a prep kernel (g*x in the layout the
-first stage reads; zeroes the stage-1 accumulator), stage 1 (t = l * S_V^T (g*x), split over d_in with
-fp32 atomics so small ranks still fill the GPU) and stage 2 (y = sum_p h_p * S_U,p t_p + bias).
+tensor-core kernels (``_tensorcore``). Each path is two launches, because small layers are bound by
+launches: stage 1 (t = l * S_V^T (g*x), g*x built from x and g in the kernel, split over d_in with fp32
+atomics so small ranks still fill the GPU) and stage 2 (y = sum_p h_p * S_U,p t_p + bias). ``t`` lives
+in a cached workspace that is all zero between calls: the last stage-2 program zeroes it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._gemv import _gemv_u_kernel, _gemv_v_kernel, _prep_kernel
-from ._tensorcore import _tc_prep_kernel, _tc_u_kernel, _tc_v_kernel
+from ._gemv import _gemv_u_kernel, _gemv_v_kernel
+from ._tensorcore import _tc_u_kernel, _tc_v_kernel
 
 MAX_TOKENS = 64
 
@@ -98,6 +101,65 @@ def _check(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor, h, l, 
         raise ValueError(f"u_signs {tuple(u_signs.shape)} does not match d_out={d_out}, r={r}, P={P}")
 
 
+# Stage 1 adds into t with atomics, so t must be zero when a call starts. Instead of a launch that
+# clears it, t is a persistent workspace kept zero between calls: the last stage-2 program to finish
+# zeroes the part it used and resets a ticket counter (``_gemv._release_t``). Calls on one stream run
+# one after the other, so one workspace per (device, stream) is enough.
+_ZERO_BLOCK = 1024  # floats the zeroing program clears per step
+
+
+@dataclass
+class _Workspace:
+    t: torch.Tensor  # fp32, all zero between calls
+    counter: torch.Tensor  # int32 (1,), zero between calls
+
+
+_WORKSPACES: dict[tuple[torch.device, int | None], _Workspace] = {}
+# Buffers replaced by larger ones are kept: a CUDA graph goes on using the addresses it captured.
+_RETIRED: list[torch.Tensor] = []
+
+
+def _workspace(device: torch.device, n: int) -> _Workspace:
+    """A workspace of at least ``n`` floats for the current stream.
+
+    Calls captured into CUDA graphs share one workspace per device (key None): which stream a graph
+    will be replayed on is not known at capture, and graphs are replayed one after the other in
+    practice (two graphs replayed concurrently on different streams would race on it). Calls outside
+    capture grow that workspace as well, so a capture that follows a warm-up of the same calls outside
+    capture (benchmarks/kernels.py, benchmarks/decode.py) allocates nothing. Growing inside a capture
+    still works: the zero fill becomes part of that graph.
+    """
+    if device.type != "cuda":
+        keys = [(device, 0)]
+    elif torch.cuda.is_current_stream_capturing():
+        keys = [(device, None)]
+    else:
+        keys = [(device, torch.cuda.current_stream(device).cuda_stream), (device, None)]
+    for key in keys:
+        ws = _WORKSPACES.get(key)
+        if ws is None or ws.t.numel() < n:
+            size = _pow2_at_least(max(n, 4096))
+            if ws is not None:
+                _RETIRED.append(ws.t)
+            counter = ws.counter if ws is not None else torch.zeros(1, dtype=torch.int32, device=device)
+            _WORKSPACES[key] = _Workspace(torch.zeros(size, dtype=torch.float32, device=device), counter)
+    return _WORKSPACES[keys[0]]
+
+
+@contextlib.contextmanager
+def _zeroed_on_error(ws: _Workspace) -> Iterator[None]:
+    """Keep the workspace zero if a launch fails after stage 1 went out (stage 2 will not clear it)."""
+    try:
+        yield
+    except BaseException:
+        # Ordered after stage 1 on the stream; during a capture it goes into the graph after stage 1.
+        # A broken capture may refuse it: the original error is the one to report.
+        with contextlib.suppress(Exception):
+            ws.t.zero_()
+            ws.counter.zero_()
+        raise
+
+
 def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> None:
     M, d_in = x2.shape
     P, d_out, W_r = u.shape
@@ -111,7 +173,6 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> None:
     br, warps1 = _row_tile(r, b1, cfg.rows_v, cfg.warps)
     n_rb = triton.cdiv(r, br)
     chunk, n_split = _split(W_in, b1, P * n_rb, int(cfg.waves * sms))
-    vec_len = triton.cdiv(W_in, b1) * (16 if asm else 32) * b1
     # stage 2 tiles: lanes along r, then output rows; smaller blocks while the grid is under 2 waves
     # Covering a row in one step beat narrower, less wasteful steps in the sweep: more, shorter programs.
     b2 = cfg.words_u or min(32, _pow2_at_least(W_r))
@@ -120,21 +181,17 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> None:
         bo //= 2
         warps2 = max(1, warps2 // 2) if bo < cfg.rows_u * (32 // b2) * warps2 else warps2
     t_len = triton.cdiv(W_r, b2) * 32 * b2
-    gx = torch.empty((M, P, vec_len), dtype=torch.int32 if asm else torch.float32, device=x2.device)
-    t = torch.empty((M, P, t_len), dtype=torch.float32, device=x2.device)
-    n_pw = triton.cdiv(W_in, 32)
-    zb = _pow2_at_least(triton.cdiv(t.numel(), n_pw * M))
-    _prep_kernel[(n_pw, M)](
-        x2, g, gx, t, d_in, x2.stride(0), vec_len, t.numel(), P=P, BW=32, B1=b1, MODE=mode1, ZB=zb
-    )
-    _gemv_v_kernel[(P * n_rb, n_split)](
-        gx, v, l, t, M, r, W_in, n_rb, chunk, vec_len, t_len,
-        P=P, TOK=tok, BR=br, B1=b1, MODE1=mode1, B2=b2, MODE2=mode2, PTX=ptx, num_warps=warps1,
-    )  # fmt: skip
-    _gemv_u_kernel[(triton.cdiv(d_out, bo),)](
-        t, u, h, y if bias is None else bias, y, M, d_out, W_r, y.stride(0), t_len,
-        P=P, TOK=tok, BO=bo, B2=b2, MODE2=mode2, HAS_BIAS=bias is not None, PTX=ptx, num_warps=warps2,
-    )  # fmt: skip
+    ws = _workspace(x2.device, M * P * t_len)
+    with _zeroed_on_error(ws):
+        _gemv_v_kernel[(P * n_rb, n_split)](
+            x2, g, v, l, ws.t, M, r, W_in, d_in, x2.stride(0), n_rb, chunk, t_len,
+            P=P, TOK=tok, BR=br, B1=b1, MODE1=mode1, B2=b2, MODE2=mode2, PTX=ptx, num_warps=warps1,
+        )  # fmt: skip
+        _gemv_u_kernel[(triton.cdiv(d_out, bo),)](
+            ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r, y.stride(0), t_len,
+            P=P, TOK=tok, BO=bo, B2=b2, MODE2=mode2, HAS_BIAS=bias is not None, PTX=ptx, ZB=_ZERO_BLOCK,
+            num_warps=warps2,
+        )  # fmt: skip
 
 
 def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> None:
@@ -143,33 +200,29 @@ def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> No
     r, W_in = v.shape[1:]
     bm = min(64, max(16, _pow2_at_least(M)))
     n_mb = triton.cdiv(M, bm)
-    Rp, Kp = 32 * W_r, 32 * W_in
+    Rp = 32 * W_r
     # The interpreter rounds to bf16 by truncation, a bias that piles up over a sum; it computes the
     # bf16 products in fp32 instead, which still checks everything but the rounding.
     op_dt = torch.float32 if _interpreting() and x2.dtype == torch.bfloat16 else x2.dtype
-    xg = torch.empty((P, M, Kp), dtype=op_dt, device=x2.device)
-    t = torch.empty((M, P, Rp), dtype=torch.float32, device=x2.device)
-    bk = min(1024, _pow2_at_least(Kp))
-    n_pk = triton.cdiv(Kp, bk)
-    zb = _pow2_at_least(triton.cdiv(t.numel(), n_pk * M))
-    _tc_prep_kernel[(n_pk, M)](x2, g, xg, t, M, d_in, Kp, x2.stride(0), t.numel(), P=P, BK=bk, ZB=zb)
     rows = cfg.tc_rows or (64 if r < 1024 else 128)
     words = cfg.tc_words or (2 if rows <= 64 else 4)
     target = int(cfg.tc_waves * sms)
     n_rb = triton.cdiv(r, rows)
     chunk, n_split = _split(W_in, words, P * n_rb * n_mb, target)
-    _tc_v_kernel[(P * n_rb, n_split, n_mb)](
-        xg, v, l, t, M, r, W_in, Rp, n_rb, chunk,
-        P=P, BR=rows, BKW=words, BM=bm, OP_DT=_TL_DTYPES[op_dt], num_warps=cfg.tc_warps,
-    )  # fmt: skip
     bo = rows
     while bo > 16 and triton.cdiv(d_out, bo) * n_mb < target:
         bo //= 2
-    _tc_u_kernel[(triton.cdiv(d_out, bo), n_mb)](
-        t, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0),
-        P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=_TL_DTYPES[op_dt],
-        num_warps=cfg.tc_warps,
-    )  # fmt: skip
+    ws = _workspace(x2.device, M * P * Rp)
+    with _zeroed_on_error(ws):
+        _tc_v_kernel[(P * n_rb, n_split, n_mb)](
+            x2, g, v, l, ws.t, M, r, W_in, d_in, x2.stride(0), Rp, n_rb, chunk,
+            P=P, BR=rows, BKW=words, BM=bm, OP_DT=_TL_DTYPES[op_dt], num_warps=cfg.tc_warps,
+        )  # fmt: skip
+        _tc_u_kernel[(triton.cdiv(d_out, bo), n_mb)](
+            ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0),
+            P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=_TL_DTYPES[op_dt],
+            ZB=_ZERO_BLOCK, num_warps=cfg.tc_warps,
+        )  # fmt: skip
 
 
 def littlebit_linear_triton(
