@@ -282,10 +282,9 @@ def test_train_command_arguments():
 
 
 def _tiny_global_run(tmp_path: Path, **overrides):
-    """(student before training, the trainer after, its log records): global phase only, tiny Llama."""
+    """(student's state before training, the trainer after, its log records): global phase, tiny Llama."""
     from littlebit.blockwise import BlockConfig
     from littlebit.config import LittleBitConfig
-    from littlebit.student import make_student
     from littlebit.train import TrainConfig, Trainer
 
     model = tiny_model("llama", seed=0)
@@ -296,8 +295,7 @@ def _tiny_global_run(tmp_path: Path, **overrides):
     tc = TrainConfig(steps=6, seqlen=32, batch_size=4, blocks=blocks, save_every=0, **overrides)
     trainer = Trainer(model, tokens, LittleBitConfig(bpw=4.0), tc, tmp_path / "w", progress=False)
     trainer.setup(False)
-    before = make_student(model, LittleBitConfig(bpw=4.0), None, 0.0, tc.latent_rms, False)
-    before.load_state_dict(trainer.student.state_dict())
+    before = {n: t.detach().clone() for n, t in trainer.student.state_dict().items()}
     trainer.run()
     records = [json.loads(line) for line in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
     return before, trainer, [r for r in records if r.get("phase") == "global"]
@@ -305,7 +303,7 @@ def _tiny_global_run(tmp_path: Path, **overrides):
 
 def test_frozen_signs_train_only_scales(tmp_path):
     before, after, _ = _tiny_global_run(tmp_path, freeze_signs_frac=1.0, act_power=0.0)
-    b, a = before.state_dict(), after.student.state_dict()
+    b, a = before, after.student.state_dict()
     latents = [n for n in b if n.endswith((".u", ".v"))]
     scales = [n for n in b if n.endswith((".h", ".l", ".g"))]
     assert latents and scales

@@ -60,7 +60,6 @@ class GraphedMicroStep:
     def _record(self, batch: torch.Tensor) -> None:
         self._batch = batch.clone()
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
         try:
             with torch.cuda.graph(graph):
                 self._out = self.fn(self._batch)
