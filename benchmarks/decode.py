@@ -8,11 +8,13 @@ is applied to every model, so the ratios compare like with like.
     python benchmarks/decode.py --models 7b-fp16,7b-0.1,7b-0.55,7b-1.0 --compile
     python benchmarks/decode.py --models smollm-fp16,smollm-0.55
     python benchmarks/decode.py --device cpu --models smollm-fp32,smollm-0.55   # eager, 2 threads
+    python benchmarks/decode.py --tag decode_two_launch --kernel-config '{"single_launch": false}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -142,8 +144,18 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--tag", help="results file name (default decode or decode_cpu)")
     p.add_argument("--device", default="cuda")
+    p.add_argument(
+        "--kernel-config",
+        help='JSON KernelConfig fields for the Triton kernels, e.g. {"single_launch": false}',
+    )
     args = p.parse_args()
     import littlebit.kernels  # noqa: F401  (registers the fast backends)
+
+    kernel_config = json.loads(args.kernel_config) if args.kernel_config else None
+    if kernel_config:
+        from littlebit.kernels import triton_littlebit
+
+        triton_littlebit.DEFAULT_CONFIG = triton_littlebit.KernelConfig(**kernel_config)
     from littlebit.ops import available_backends
     from littlebit.report import memory_bytes
 
@@ -163,6 +175,7 @@ def main() -> None:
             "compile": args.compile,
             "bytes": memory_bytes(model),
             "backends": available_backends(),
+            "kernel_config": kernel_config or "default",
         }
         if device == "cuda":
             rec.update(bench(model, args.prompt_len, args.new_tokens, args.compile, device))

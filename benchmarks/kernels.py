@@ -145,7 +145,10 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_shape(tk, d_in, d_out, bpws, batches, cfg, gen, copy_gbps, device, deadline) -> list[dict]:
+def bench_shape(
+    tk, d_in, d_out, bpws, batches, cfg, gen, copy_gbps, device, deadline, variants=None
+) -> list[dict]:
+    """``variants``: name -> (config, tokens it applies to): timed as well, into ``rec["variants"]``."""
     records = []
     xs = {m: torch.randn(m, d_in, generator=gen, device="cuda").half() for m in batches}
     ws = [
@@ -193,6 +196,17 @@ def bench_shape(tk, d_in, d_out, bpws, batches, cfg, gen, copy_gbps, device, dea
                 rel_err_lowrank_fp16=float(f"{err_lr:.3g}"), device=device,
                 path="gemv" if m <= cfg.gemv_max_tokens else "tensor-core",
             )  # fmt: skip
+            for name, (vcfg, toks) in (variants or {}).items():
+                if m in toks:
+                    verr = rel_err(tk.littlebit_linear_triton(x, u, v, h, l, g, config=vcfg), ref)
+                    fn = tk.littlebit_linear_triton
+                    calls = [lambda c=c, x=x, k=vcfg, f=fn: f(x, *c, config=k) for c in layers]
+                    vus = time_graph(calls, reps_for(20, len(layers)))
+                    rec.setdefault("variants", {})[name] = {
+                        "us": round(vus, 2), "speedup": round(us_fp16[m] / vus, 2),
+                        "rel_err": float(f"{verr:.3g}"),
+                    }  # fmt: skip
+                    print(f"    variant {name}: {vus:7.2f} us  x{us_fp16[m] / vus:6.2f}", flush=True)
             records.append(rec)
             print(
                 f"{d_in:>6}x{d_out:<6} bpw {bpw:<4} r {r:>5} b {m:>2}  fp16 {us_fp16[m]:8.1f}  "
@@ -347,6 +361,7 @@ def main() -> None:
     ap.add_argument("--sweep-out", type=Path, help="where to write the sweep's rows")
     ap.add_argument("--quick", action="store_true", help="two shapes, two BPWs")
     ap.add_argument("--acceptance", action="store_true", help="only issue 5's four acceptance cases")
+    ap.add_argument("--variants", action="store_true", help="also time the single/two-launch variants")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-table", action="store_true")
@@ -421,9 +436,21 @@ def main() -> None:
     cases = [((d_in, d_out), bpws, BATCHES) for d_in, d_out in shapes]
     if args.acceptance:
         cases = [((8192, 28672), [0.1, 1.0], [1]), ((4096, 4096), [0.55], [1]), ((8192, 28672), [0.55], [16])]
+    variants = None
+    if args.variants:
+        K, gemv, tc = tk.KernelConfig, range(1, tk.DEFAULT_CONFIG.gemv_max_tokens + 1), range(2, 65)
+        one = {"single_launch": True, "tc_single_launch": True}
+        variants = {
+            "two-launch": (K(single_launch=False, tc_single_launch=False), range(1, 65)),
+            "one-launch": (K(**one), range(1, 65)),
+            "one-launch-rows_v4": (K(**one, rows_v=4), gemv),
+            "one-launch-maxnreg64": (K(**one, gemv_maxnreg=64), gemv),
+            "one-launch-rows_v4-maxnreg56": (K(**one, rows_v=4, gemv_maxnreg=56), gemv),
+            "two-launch-rows_v4": (K(rows_v=4), gemv),
+        }
     for (d_in, d_out), case_bpws, batches in cases:
         records += bench_shape(
-            tk, d_in, d_out, case_bpws, batches, tk.DEFAULT_CONFIG, gen, copy_gbps, device, deadline
+            tk, d_in, d_out, case_bpws, batches, tk.DEFAULT_CONFIG, gen, copy_gbps, device, deadline, variants
         )
         args.out.write_text(json.dumps(records, indent=1))
     print(f"\n{'shape':>13} {'bpw':>4} {'b':>2} {'rank':>5} {'fp16 us':>8} {'lowrank':>8} {'littlebit':>9} "

@@ -93,30 +93,64 @@ def _check_leading_dims(tk, m):
     return rel_err(y.reshape(-1, 40), x.reshape(-1, 100), u, v, h, l, g, None)
 
 
-def _workspaces_zero(tk) -> bool:
-    return all(not ws.t.any() and not ws.counter.any() for ws in tk._WORKSPACES.values())
+TWO_LAUNCHES = {"single_launch": False, "tc_single_launch": False}
+ONE_LAUNCH = {"single_launch": True, "tc_single_launch": True}
+
+
+def _workspace_problem(key, ws) -> str | None:
+    """Why ``ws`` is not in the state a call must find it in, or None.
+
+    Two-launch scheme: t and the counter all zero. Single launch: the ticket / done / finished counts
+    zero, parity 0 or 1, the half of that parity all zero, the other half zero past its dirty length.
+    """
+    t, state = ws.t.cpu(), ws.counter.cpu().tolist()
+    if key[-1] == "two":
+        return None if not t.any() and not any(state) else f"{key}: t or counter non-zero"
+    parity, dirty = state[3], state[4]
+    if state[:3] != [0, 0, 0] or parity not in (0, 1) or not 0 <= dirty <= ws.cap or any(state[5:]):
+        return f"{key}: bad state {state}"
+    if t.numel() != 2 * ws.cap or t[parity * ws.cap : (parity + 1) * ws.cap].any():
+        return f"{key}: the half for the next call is not zero"
+    if t[(1 - parity) * ws.cap + dirty : (2 - parity) * ws.cap].any():
+        return f"{key}: the other half is non-zero past its dirty length {dirty}"
+    return None
+
+
+def _assert_workspaces_clean(tk) -> None:
+    problems = [p for key, ws in tk._WORKSPACES.items() if (p := _workspace_problem(key, ws))]
+    if problems:
+        raise AssertionError("; ".join(problems))
 
 
 def _check_repeated_calls(tk, config=None):
     """Layers called again and again, two shapes in turn, on both paths. Stage 1 adds into a cached
-    workspace, so a result is only right if every call before it left that workspace zero."""
+    workspace, so a result is only right if every call before it left (or made) its part zero: in
+    the single-launch scheme a call clears what the call before the previous one used, whose size
+    differs from its own here (a 17-token call followed by a layer with few stage-2 programs)."""
     cfg = tk.KernelConfig(**config) if config else None
     layers = [make_layer(576, 40, 300, 2, torch.float16, DEVICE, seed=1)]
     layers.append(make_layer(100, 120, 40, 1, torch.float16, DEVICE, seed=2))
     calls = [(0, 1), (0, 1), (1, 1), (0, 1), (1, 5), (0, 5), (0, 5), (1, 1), (1, 1)]  # (layer, tokens)
+    calls += [(0, 17), (1, 1), (1, 2), (0, 1), (0, 17), (0, 17), (1, 1)]
     worst = 0.0
     for step, (which, m) in enumerate(calls):
         u, v, h, l, g, bias = layers[which]
         x = torch.randn(m, g.shape[-1], generator=torch.Generator().manual_seed(step)).half().to(DEVICE)
         y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)
         worst = max(worst, rel_err(y, x, u, v, h, l, g, bias))
-    if not _workspaces_zero(tk):
-        raise AssertionError("a call left its workspace non-zero")
+        _assert_workspaces_clean(tk)
     return worst
 
 
-def _check_two_launches(tk):
-    """A call is stage 1 then stage 2 and nothing else: no prep launch, no reallocated workspace."""
+def _check_launches(tk, config=None):
+    """A call is one launch (or stage 1 then stage 2 with ``TWO_LAUNCHES``) and nothing else: no prep
+    launch, no reallocated workspace."""
+    cfg = tk.KernelConfig(**config) if config else None
+    eff = cfg or tk.DEFAULT_CONFIG
+    plan = [
+        (1, ["_gemv_kernel"] if eff.single_launch else ["_gemv_v_kernel", "_gemv_u_kernel"]),
+        (5, ["_tc_kernel"] if eff.tc_single_launch else ["_tc_v_kernel", "_tc_u_kernel"]),
+    ]
     kernel_cls = type(tk._gemv_v_kernel)
     run = kernel_cls.run
     launched = []
@@ -127,14 +161,14 @@ def _check_two_launches(tk):
 
     u, v, h, l, g, bias = make_layer(576, 40, 300, 2, torch.float16, DEVICE, seed=3)
     worst = 0.0
-    for m, stages in [(1, ["_gemv_v_kernel", "_gemv_u_kernel"]), (5, ["_tc_v_kernel", "_tc_u_kernel"])]:
+    for m, stages in plan:
         x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
-        tk.littlebit_linear_triton(x, u, v, h, l, g, bias)  # compiles, sizes the workspace
+        tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)  # compiles, sizes the workspace
         buffers = {key: ws.t.data_ptr() for key, ws in tk._WORKSPACES.items()}
         launched.clear()
         kernel_cls.run = counting_run
         try:
-            y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias)
+            y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)
         finally:
             kernel_cls.run = run
         if launched != stages:
@@ -146,7 +180,9 @@ def _check_two_launches(tk):
 
 
 def _check_zeroed_after_failure(tk):
-    """Stage 2 failing to launch after stage 1 ran must not leave stage 1's sums in the workspace."""
+    """Two-launch path: stage 2 failing to launch after stage 1 ran must not leave stage 1's sums in
+    the workspace."""
+    cfg = tk.KernelConfig(**TWO_LAUNCHES)
     u, v, h, l, g, bias = make_layer(100, 24, 100, 2, torch.float16, DEVICE, seed=4)
     x = torch.randn(1, 100, generator=torch.Generator().manual_seed(5)).half().to(DEVICE)
     seen = []
@@ -161,7 +197,7 @@ def _check_zeroed_after_failure(tk):
 
     stage2, tk._gemv_u_kernel = tk._gemv_u_kernel, FailingLaunch()
     try:
-        tk.littlebit_linear_triton(x, u, v, h, l, g, bias)
+        tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)
     except RuntimeError:
         pass
     else:
@@ -170,14 +206,21 @@ def _check_zeroed_after_failure(tk):
         tk._gemv_u_kernel = stage2
     if seen != [True]:
         raise AssertionError(f"stage 1 did not write the workspace: {seen}")
-    if not _workspaces_zero(tk):
-        raise AssertionError("the workspace kept stage 1's sums")
-    return rel_err(tk.littlebit_linear_triton(x, u, v, h, l, g, bias), x, u, v, h, l, g, bias)
+    _assert_workspaces_clean(tk)
+    y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)
+    return rel_err(y, x, u, v, h, l, g, bias)
 
 
+# every shape / token / dtype case once with the default config, once more with both stages in one launch
 CHECKS = {
     f"case-{'-'.join(map(str, c[:5]))}-{str(c[5])[6:]}": (_check_case, c) for c in [*_cases(0), *_cases(3)]
 }
+CHECKS.update(
+    {
+        f"one-launch-case-{'-'.join(map(str, c[:5]))}-{str(c[5])[6:]}": (_check_case, (*c, ONE_LAUNCH))
+        for c in [*_cases(0), *_cases(3)]
+    }
+)
 CHECKS.update({f"leading-dims-{m}": (_check_leading_dims, (m,)) for m in (2, 9)})
 # The fp16x2 GEMV decoding (emulated under the interpreter) over several tokens, and wider TC tiles.
 _FP16X2 = {"asm": True, "gemv_max_tokens": 4}
@@ -191,9 +234,19 @@ CHECKS["tc-128-rows"] = (
     _check_case,
     (17, 1000, 120, 300, 2, torch.bfloat16, {"tc_rows": 128, "tc_words": 4}),
 )
-CHECKS["repeated-calls"] = (_check_repeated_calls, ())
-CHECKS["repeated-calls-fp16x2"] = (_check_repeated_calls, (_FP16X2,))
-CHECKS["two-launches"] = (_check_two_launches, ())
+# The two-launch path named explicitly, whatever the default, on both token paths.
+CHECKS.update(
+    {
+        f"two-launch-{c[0]}-{c[1]}-{c[2]}-{c[3]}-{str(c[5])[6:]}": (_check_case, (*c, TWO_LAUNCHES))
+        for c in [(1, 1000, 120, 576, 2, torch.float16), (1, 100, 24, 100, 1, torch.bfloat16)]
+        + [(5, 576, 40, 300, 2, torch.float16), (17, 1000, 8, 100, 1, torch.bfloat16)]
+    }
+)
+CHECKS["repeated-calls"] = (_check_repeated_calls, (ONE_LAUNCH,))
+CHECKS["repeated-calls-fp16x2"] = (_check_repeated_calls, ({**_FP16X2, **ONE_LAUNCH},))
+CHECKS["repeated-calls-two-launches"] = (_check_repeated_calls, (TWO_LAUNCHES,))
+CHECKS["one-launch"] = (_check_launches, (ONE_LAUNCH,))
+CHECKS["two-launches"] = (_check_launches, (TWO_LAUNCHES,))
 CHECKS["zeroed-after-failure"] = (_check_zeroed_after_failure, ())
 
 
@@ -248,56 +301,89 @@ def test_triton_gemv_decodings(asm, m, d_in, r, d_out):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="counts CUDA kernels")
+@pytest.mark.parametrize("two", [False, True])
 @pytest.mark.parametrize("m", [1, 16])
-def test_triton_two_kernels_per_call(m):
+def test_triton_kernels_per_call(m, two):
     from torch.profiler import ProfilerActivity, profile
 
     from littlebit.kernels import triton_littlebit as tk
 
+    cfg = tk.KernelConfig(**(TWO_LAUNCHES if two else ONE_LAUNCH))
     u, v, h, l, g, bias = make_layer(1000, 120, 576, 2, torch.float16, DEVICE, seed=11)
     x = torch.randn(m, 1000, device=DEVICE).half()
-    tk.littlebit_linear_triton(x, u, v, h, l, g, bias)  # compiles, sizes the workspace
+    tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)  # compiles, sizes the workspace
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias)
+            y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
-    assert len(kernels) == 6, kernels
+    assert len(kernels) == (6 if two else 3), kernels
     assert rel_err(y, x, u, v, h, l, g, bias) < TOL
 
 
-@pytest.mark.skipif(not ON_GPU, reason="captures CUDA graphs")
-@pytest.mark.parametrize("warm_up", [True, False])
-@pytest.mark.parametrize("m", [1, 16])
-def test_triton_cuda_graph_replays(m, warm_up):
-    """Replays of a captured call stay right (the workspace is zero again after each), whether the
-    workspace was sized by a warm-up outside capture (as the benchmarks do) or inside the capture."""
+@pytest.mark.skipif(not ON_GPU, reason="runs the kernels on real layer shapes")
+@pytest.mark.parametrize(
+    "config", [ONE_LAUNCH, TWO_LAUNCHES, {**ONE_LAUNCH, "t_cg": True, "tc_maxnreg": 168, "gemv_maxnreg": 64}]
+)
+def test_triton_many_calls_large(config):
+    """Real shapes, where stage 2 starts while stage 1 is still running on other SMs (single launch)
+    and hundreds of programs wait on the count: 40 calls in turn over three layers and both paths."""
     from littlebit.kernels import triton_littlebit as tk
 
-    layers = [make_layer(1000, 120, 576, 2, torch.float16, DEVICE, seed=s) for s in (12, 13)]
+    cfg = tk.KernelConfig(**config)
+    layers = [
+        make_layer(d_in, r, d_out, 2, torch.float16, DEVICE, seed=d_in + r)
+        for d_in, r, d_out in [(4096, 544, 4096), (8192, 296, 11008), (4096, 1000, 1024)]
+    ]
+    for step in range(40):
+        layer = layers[step % 3]
+        m = (1, 1, 16, 5)[step % 4]
+        x = torch.randn(m, layer[4].shape[-1], device=DEVICE).half()
+        y = tk.littlebit_linear_triton(x, *layer, config=cfg)
+        assert rel_err(y, x, *layer) < TOL, step
+    torch.cuda.synchronize()
+    _assert_workspaces_clean(tk)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="captures CUDA graphs")
+@pytest.mark.parametrize("two", [False, True])
+@pytest.mark.parametrize("warm_up", [True, False])
+@pytest.mark.parametrize("m", [1, 16])
+def test_triton_cuda_graph_replays(m, warm_up, two):
+    """Replays of captured calls stay right (the workspace is left as a call must find it after
+    each), whether the workspace was sized by a warm-up outside capture (as the benchmarks do) or
+    inside the capture. Three calls per graph: the single-launch parity flips an odd number of times
+    per replay, so replays only stay right if it is kept on the device."""
+    from littlebit.kernels import triton_littlebit as tk
+
+    cfg = tk.KernelConfig(**(TWO_LAUNCHES if two else ONE_LAUNCH))
+    scheme = "two" if two else "one"
+    layers = [make_layer(1000, 120, 576, 2, torch.float16, DEVICE, seed=s) for s in (12, 13, 14)]
     x = torch.randn(m, 1000, device=DEVICE).half()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compiles the kernels
         for layer in layers:
-            tk.littlebit_linear_triton(x, *layer)
+            tk.littlebit_linear_triton(x, *layer, config=cfg)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     if not warm_up:
         tk._WORKSPACES.clear()
-    shared = tk._WORKSPACES.get((x.device, None))  # the workspace of captured calls
+    key = (x.device, None, scheme)
+    shared = tk._WORKSPACES.get(key)  # the workspace of captured calls
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ys = [tk.littlebit_linear_triton(x, *layer) for layer in layers]
-    assert (tk._WORKSPACES[(x.device, None)] is shared) == warm_up  # allocated in the capture only if cold
-    for step in range(3):
+        ys = [tk.littlebit_linear_triton(x, *layer, config=cfg) for layer in layers]
+    assert (tk._WORKSPACES[key] is shared) == warm_up  # allocated in the capture only if cold
+    for step in range(4):
         x.copy_(torch.randn(m, 1000, device=DEVICE).half())
         graph.replay()
         torch.cuda.synchronize()
         for y, layer in zip(ys, layers, strict=True):
             assert rel_err(y, x, *layer) < TOL, step
-    y = tk.littlebit_linear_triton(x, *layers[0])  # eager again, after the replays
+        _assert_workspaces_clean(tk)
+    y = tk.littlebit_linear_triton(x, *layers[0], config=cfg)  # eager again, after the replays
     assert rel_err(y, x, *layers[0]) < TOL
 
 

@@ -276,6 +276,13 @@ def test_train_command_arguments():
     )
     lb, cfg = config_from_args(args)
     assert (lb.bpw, lb.init, cfg.steps, args.resume, args.model) == (0.55, "dual-svid", 7, True, None)
+    from littlebit.train import TrainConfig
+
+    _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x"]))
+    d = TrainConfig()
+    assert (cfg.steps, cfg.batch_size, cfg.blocks) == (d.steps, d.batch_size, d.blocks)
+    _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--block-batch-size", "3"]))
+    assert cfg.blocks.batch_size == 3
     args = parser.parse_args(["--bpw", "20", "--out", "x"])
     with pytest.raises(LittleBitError):
         config_from_args(args)
@@ -291,8 +298,9 @@ def _tiny_global_run(tmp_path: Path, **overrides):
     device = overrides.pop("device", "cpu")
     model = model.to(device)
     tokens = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(1))
-    blocks = BlockConfig(sequences=0)
-    tc = TrainConfig(steps=6, seqlen=32, batch_size=4, blocks=blocks, save_every=0, **overrides)
+    overrides.setdefault("blocks", BlockConfig(sequences=0))
+    overrides.setdefault("steps", 6)
+    tc = TrainConfig(seqlen=32, batch_size=4, save_every=0, **overrides)
     trainer = Trainer(model, tokens, LittleBitConfig(bpw=4.0), tc, tmp_path / "w", progress=False)
     trainer.setup(False)
     before = {n: t.detach().clone() for n, t in trainer.student.state_dict().items()}
@@ -351,3 +359,17 @@ def test_recorded_steps_match_eager_steps(tmp_path):
     pairs = zip(eager.student.state_dict().items(), graphed.student.state_dict().values(), strict=True)
     for (n, pe), pg in pairs:
         assert torch.allclose(pe.float(), pg.float(), rtol=2e-2, atol=1e-3), n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_recorded_block_steps_match_eager_steps(tmp_path):
+    from littlebit.blockwise import BlockConfig
+
+    blocks = BlockConfig(sequences=8, epochs=3, batch_size=2)
+    run = {"device": "cuda", "compile": False, "steps": 0, "blocks": blocks}
+    before, eager, _ = _tiny_global_run(tmp_path / "e", cuda_graphs=False, **run)
+    _, graphed, _ = _tiny_global_run(tmp_path / "g", cuda_graphs=True, **run)
+    after_e, after_g = eager.student.state_dict(), graphed.student.state_dict()
+    assert any(not torch.equal(before[n], after_e[n]) for n in before if n.endswith(".u"))
+    for n, pe in after_e.items():
+        assert torch.allclose(pe.float(), after_g[n].float(), rtol=2e-2, atol=1e-3), n

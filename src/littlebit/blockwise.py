@@ -23,18 +23,20 @@ from tqdm.auto import tqdm
 from .config import LittleBitError
 from .convert import decoder_layer_classes
 from .optim import LearningRates, lr_factor, make_optimizer, param_groups, select_trainable, set_lr
+from .step_graph import GraphedMicroStep
 
 BLOCK_INPUTS = ("student", "teacher")
 
 
 @dataclass
 class BlockConfig:
-    # 128 sequences x 4 epochs (262k token-passes at seqlen 512) out of a 1.6M-token budget: on the
-    # default model this beat 32 sequences at 1.0, 0.55 and 0.3 BPW (WikiText-2 89.5 -> 78.4,
-    # 188 -> 137, 308 -> 251; BENCHMARKS.md), although it leaves fewer global steps.
-    sequences: int = 128
+    # 256 sequences x 4 epochs (524k token-passes at seqlen 512, a third of a 1.6M-token budget) in
+    # batches of 2: on the default model at 1.0 BPW more block sequences (128 -> 256) and smaller
+    # block batches (4 -> 2) each lowered WikiText-2 perplexity by ~3 %, though they leave fewer
+    # global steps (BENCHMARKS.md). Same tokens, more and smaller steps.
+    sequences: int = 256
     epochs: int = 4
-    batch_size: int = 4
+    batch_size: int = 2
     inputs: str = "student"
     warmup_frac: float = 0.05
     # Each layer gets only epochs x sequences / batch_size steps, a tenth of the global phase's
@@ -118,11 +120,14 @@ def reconstruct_blocks(
     start_block: int = 0,
     on_block_done: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    cuda_graphs: bool = False,
 ) -> None:
     """Train student layers ``start_block..`` one at a time (earlier ones are replayed, not trained).
 
     ``amp()`` returns the autocast context to run under; ``on_block_done(index, final_loss)`` is
-    called after each trained layer (the trainer checkpoints there).
+    called after each trained layer (the trainer checkpoints there). ``cuda_graphs`` replays each
+    layer's forward and backward as a CUDA graph (``step_graph``): a one-layer step is a few hundred
+    small kernels, so issuing them from Python, not the GPU, set the pace.
     """
     device = next(student.parameters()).device
     t_layers, s_layers = decoder_layers(teacher), decoder_layers(student)
@@ -151,6 +156,7 @@ def reconstruct_blocks(
                 train_norms,
                 index,
                 total,
+                cuda_graphs=cuda_graphs,
             )
             bar.update(1)
             bar.set_postfix(layer=index, rel_err=f"{loss:.4f}")
@@ -161,7 +167,7 @@ def reconstruct_blocks(
     bar.close()
 
 
-def _fit_layer(layer, x, y, kwargs, config, lrs, amp, train_norms, index, total) -> float:
+def _fit_layer(layer, x, y, kwargs, config, lrs, amp, train_norms, index, total, cuda_graphs) -> float:
     kinds = select_trainable(layer, train_norms)
     m = config.lr_multiplier
     scaled = LearningRates(lrs.latent * m, lrs.scale * m, lrs.norm * m, lrs.relative)
@@ -170,21 +176,30 @@ def _fit_layer(layer, x, y, kwargs, config, lrs, amp, train_norms, index, total)
     n, bs = x.shape[0], config.batch_size
     # A fixed, seeded order per layer keeps the run reproducible and resumable block by block.
     gen = torch.Generator().manual_seed(1_000 + index)
+
+    def forward_backward(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        with amp():
+            out = _as_tensor(layer(x[idx], **kwargs)).float()
+        target = y[idx]
+        loss = (out - target).square().sum() / target.square().sum().clamp_min(1e-12)
+        loss.backward()
+        return {"loss": loss.detach()}
+
+    # A recorded step needs one batch shape, and gradients that stay allocated (zeroed in place).
+    graphed = cuda_graphs and x.device.type == "cuda" and n % bs == 0
+    micro = GraphedMicroStep(forward_backward) if graphed else forward_backward
     step, last = 0, float("nan")
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=gen)
         for i in range(0, n, bs):
             idx = order[i : i + bs].to(x.device)
             set_lr(optimizer, lr_factor(step, total, warmup))
-            with amp():
-                out = _as_tensor(layer(x[idx], **kwargs)).float()
-            target = y[idx]
-            loss = (out - target).square().sum() / target.square().sum().clamp_min(1e-12)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            optimizer.zero_grad(set_to_none=not graphed)
+            loss = micro(idx)["loss"]
             optimizer.step()
             last = loss.item() if step == total - 1 else last
             step += 1
+    del micro  # frees the recorded graph's memory pool before the next layer records its own
     for p in layer.parameters():
         p.grad = None  # a stale gradient would leak into the next phase's first step
         p.requires_grad_(False)

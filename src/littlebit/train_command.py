@@ -26,9 +26,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in the work dir")
     parser.add_argument("--init", choices=INIT_METHODS, default="itq", help="factor initialisation")
     parser.add_argument("--data", default=None, help="wikitext2:valid (default), a text file or a directory")
-    parser.add_argument("--steps", type=int, default=400, help="global distillation steps")
+    parser.add_argument("--steps", type=int, default=None, help="global distillation steps (default: 1080)")
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default: 2)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument(
         "--lr", type=float, default=None, help="scale learning rate, relative to each scale's RMS"
@@ -43,6 +43,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--block-sequences", type=int, default=None, help="sequences for block reconstruction (0: off)"
     )
     parser.add_argument("--block-epochs", type=int, default=None)
+    parser.add_argument("--block-batch-size", type=int, default=None, help="sequences per block-stage step")
     parser.add_argument("--block-inputs", choices=BLOCK_INPUTS, default="student")
     parser.add_argument("--calib-sequences", type=int, default=16, help="sequences for activation statistics")
     parser.add_argument(
@@ -83,12 +84,13 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
     blocks = BlockConfig(
         sequences=d.blocks.sequences if args.block_sequences is None else args.block_sequences,
         epochs=d.blocks.epochs if args.block_epochs is None else args.block_epochs,
+        batch_size=d.blocks.batch_size if args.block_batch_size is None else args.block_batch_size,
         inputs=args.block_inputs,
     )
     cfg = TrainConfig(
-        steps=args.steps,
+        steps=d.steps if args.steps is None else args.steps,
         seqlen=args.seqlen,
-        batch_size=args.batch_size,
+        batch_size=d.batch_size if args.batch_size is None else args.batch_size,
         grad_accum=args.grad_accum,
         lrs=lrs,
         warmup_frac=args.warmup,

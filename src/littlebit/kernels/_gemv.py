@@ -20,14 +20,17 @@ Vector modes:
   2  (stage 2) as 1, from fp32 pairs stored side by side (what stage 1's fp32 atomics can build),
      packed to fp16x2 in the loop.
 
-``t`` is a persistent workspace that is zero whenever no call is running: the last stage-2 program to
-finish zeroes it again (``_release_t``), so no launch is spent on clearing it.
+Stage 1 and stage 2 run in one launch (``_gemv_kernel``; ordering and the double-buffered ``t``:
+``_sync``) or, as before, in two (``_gemv_v_kernel`` then ``_gemv_u_kernel``; ``t`` zero whenever no
+call is running: the last stage-2 program zeroes it again, ``_release_t``). Both share the stage bodies.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ._sync import _begin, _enter_stage2, _finish, _stage1_done
 
 
 @triton.jit
@@ -140,16 +143,25 @@ def _gx_tile(x_rows, tok_ok, g_row, d_in, k0, k_hi, BKW: tl.constexpr, MODE: tl.
 
 
 @triton.jit
+def _load_vec(ptrs, mask, CG: tl.constexpr):
+    if CG:
+        res = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        res = tl.load(ptrs, mask=mask, other=0.0)
+    return res
+
+
+@triton.jit
 def _rows_dot(
     w_ptrs, row_ok, vec_base, tok_ok, k_lo, k_hi, x_rows, g_row, d_in,
     TOK: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, MODE: tl.constexpr, PTX: tl.constexpr,
-    GX: tl.constexpr,
+    GX: tl.constexpr, CG: tl.constexpr = False,
 ):  # fmt: skip
     """(TOK, BR) fp32: over words [k_lo, k_hi) (k_lo a multiple of BKW), sum of sign(row, i) * vec(tok, i).
 
     ``w_ptrs`` (BR, 1): each row's word 0. The vector is g*x, built per step from ``x_rows``, ``g_row``
     and ``d_in`` when ``GX`` (stage 1: modes 0, 1), else read at ``vec_base`` (TOK, 1) (stage 2: modes
-    0, 2).
+    0, 2); with ``CG`` those reads bypass L1 (``.cg``).
     """
     kk = tl.arange(0, BKW)
     acc = tl.zeros((TOK, BR, BKW), tl.float32)
@@ -170,7 +182,7 @@ def _rows_dot(
                 if GX:
                     vb = _pick(gx, b, 5)
                 else:
-                    vb = tl.load(vp + b * BKW, mask=vmask, other=0.0)
+                    vb = _load_vec(vp + b * BKW, vmask, CG)
                 if b == 31:
                     bit = w < 0
                 else:
@@ -184,8 +196,8 @@ def _rows_dot(
                 if MODE == 1:
                     pair = _pick(gx, i, 4)
                 else:
-                    lo = tl.load(vp + 2 * i * BKW, mask=vmask, other=0.0)
-                    hi = tl.load(vp + 2 * i * BKW + 1, mask=vmask, other=0.0)
+                    lo = _load_vec(vp + 2 * i * BKW, vmask, CG)
+                    hi = _load_vec(vp + 2 * i * BKW + 1, vmask, CG)
                     pair = _pack_half2(lo, hi, PTX)
                 acc2 = _signed_add_half2((nw << (15 - i))[None, :, :], pair[:, None, :], acc2, PTX)
             # fp16 sums of 32 terms only; words are added in fp32.
@@ -225,25 +237,21 @@ def _release_t(t_ptr, cnt_ptr, n_used, n_programs, ZB: tl.constexpr):
         tl.store(cnt_ptr, 0)
 
 
-# Row strides and chunk starts unspecialised: when Triton knows they are multiples of 16 it loads 4
-# words per lane and then moves every shifted copy of them (16 per step) through shared memory to the
-# one-word-per-lane layout of the decoding (sm_90 SASS: ~20 % more instructions per step, 32 barriers);
-# plain 4-byte loads are coalesced across lanes already.
-@triton.jit(do_not_specialize_on_alignment=["W_in", "chunk"])
-def _gemv_v_kernel(
-    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, n_rb, chunk, t_len,
+@triton.jit
+def _gemv_v_body(
+    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, pid0, pid1, M, R, W_in, d_in, stride_xm, n_rb, chunk, t_len,
     P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
     B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr,
 ):  # fmt: skip
-    """Stage 1: t (+)= l * S_V^T (g*x) over one block of rows and one chunk of d_in, by fp32 atomics
-    into ``t`` laid out for stage 2 (``B2``, ``MODE2``)."""
-    pid = tl.program_id(0)
-    p = pid // n_rb
-    rows = (pid % n_rb) * BR + tl.arange(0, BR)
+    """Stage 1 for program (pid0, pid1): t (+)= l * S_V^T (g*x) over block ``pid0 % n_rb`` of the rows
+    of path ``pid0 // n_rb`` and chunk ``pid1`` of d_in, by fp32 atomics into ``t`` laid out for stage 2
+    (``B2``, ``MODE2``)."""
+    p = pid0 // n_rb
+    rows = (pid0 % n_rb) * BR + tl.arange(0, BR)
     row_ok = rows < R
     toks = tl.arange(0, TOK)
     tok_ok = toks < M
-    k_lo = tl.program_id(1) * chunk
+    k_lo = pid1 * chunk
     k_hi = tl.minimum(k_lo + chunk, W_in)
     w_ptrs = v_ptr + (p * R + rows)[:, None] * W_in
     x_rows = x_ptr + toks * stride_xm
@@ -256,14 +264,14 @@ def _gemv_v_kernel(
     tl.atomic_add(dst, part * lv[None, :], mask=tok_ok[:, None] & row_ok[None, :], sem="relaxed")
 
 
-@triton.jit(do_not_specialize_on_alignment=["W_r"])  # as stage 1's W_in
-def _gemv_u_kernel(
-    t_ptr, cnt_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, stride_ym, t_len,
+@triton.jit
+def _gemv_u_body(
+    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, pid, M, d_out, W_r, stride_ym, t_len,
     P: tl.constexpr, TOK: tl.constexpr, BO: tl.constexpr, B2: tl.constexpr, MODE2: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PTX: tl.constexpr, ZB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PTX: tl.constexpr, CG: tl.constexpr,
 ):  # fmt: skip
-    """Stage 2: y = sum_p h_p * S_U,p t_p (+ bias) for one block of output rows; then ``_release_t``."""
-    rows = tl.program_id(0) * BO + tl.arange(0, BO)
+    """Stage 2 for program ``pid``: y = sum_p h_p * S_U,p t_p (+ bias) for one block of output rows."""
+    rows = pid * BO + tl.arange(0, BO)
     row_ok = rows < d_out
     toks = tl.arange(0, TOK)
     tok_ok = toks < M
@@ -272,7 +280,7 @@ def _gemv_u_kernel(
         w_ptrs = u_ptr + (p * d_out + rows)[:, None] * W_r
         vec_base = t_ptr + ((toks * P + p) * t_len)[:, None]
         s = _rows_dot(
-            w_ptrs, row_ok, vec_base, tok_ok, 0, W_r, None, None, None, TOK, BO, B2, MODE2, PTX, False
+            w_ptrs, row_ok, vec_base, tok_ok, 0, W_r, None, None, None, TOK, BO, B2, MODE2, PTX, False, CG
         )
         hv = tl.load(h_ptr + p * d_out + rows, mask=row_ok, other=0.0).to(tl.float32)
         y += s * hv[None, :]
@@ -280,4 +288,61 @@ def _gemv_u_kernel(
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     out = y_ptr + toks[:, None] * stride_ym + rows[None, :]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=tok_ok[:, None] & row_ok[None, :])
+
+
+# Row strides and chunk starts unspecialised: when Triton knows they are multiples of 16 it loads 4
+# words per lane and then moves every shifted copy of them (16 per step) through shared memory to the
+# one-word-per-lane layout of the decoding (sm_90 SASS: ~20 % more instructions per step, 32 barriers);
+# plain 4-byte loads are coalesced across lanes already.
+@triton.jit(do_not_specialize_on_alignment=["W_in", "chunk"])
+def _gemv_v_kernel(
+    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, n_rb, chunk, t_len,
+    P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
+    B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr,
+):  # fmt: skip
+    """Stage 1 of the two-launch path, grid (P * n_rb, n_split)."""
+    _gemv_v_body(
+        x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, tl.program_id(0), tl.program_id(1), M, R, W_in, d_in, stride_xm,
+        n_rb, chunk, t_len, P, TOK, BR, B1, MODE1, B2, MODE2, PTX,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize_on_alignment=["W_r"])  # as stage 1's W_in
+def _gemv_u_kernel(
+    t_ptr, cnt_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, stride_ym, t_len,
+    P: tl.constexpr, TOK: tl.constexpr, BO: tl.constexpr, B2: tl.constexpr, MODE2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PTX: tl.constexpr, ZB: tl.constexpr,
+):  # fmt: skip
+    """Stage 2 of the two-launch path, grid (cdiv(d_out, BO),); then ``_release_t``."""
+    _gemv_u_body(
+        t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, tl.program_id(0), M, d_out, W_r, stride_ym, t_len,
+        P, TOK, BO, B2, MODE2, HAS_BIAS, PTX, False,
+    )  # fmt: skip
     _release_t(t_ptr, cnt_ptr, M * P * t_len, tl.num_programs(0), ZB)
+
+
+@triton.jit(do_not_specialize_on_alignment=["W_in", "chunk", "W_r"])
+def _gemv_kernel(
+    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, state_ptr, u_ptr, h_ptr, b_ptr, y_ptr,
+    M, R, W_in, d_in, stride_xm, n_rb, chunk, t_len, d_out, W_r, stride_ym, cap, n1, n2,
+    P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
+    BO: tl.constexpr, B2: tl.constexpr, MODE2: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr,
+    CG: tl.constexpr, ZB: tl.constexpr, NS: tl.constexpr,
+):  # fmt: skip
+    """Both stages in one launch of ``n1 + n2`` programs (``_sync``): tickets below ``n1`` are stage 1's
+    grid (P * n_rb, n_split) in row-major order, the rest stage 2's blocks of output rows."""
+    ticket, parity, t_cur, t_old = _begin(state_ptr, t_ptr, cap)
+    if ticket < n1:
+        _gemv_v_body(
+            x_ptr, g_ptr, v_ptr, l_ptr, t_cur, ticket % (P * n_rb), ticket // (P * n_rb), M, R, W_in, d_in,
+            stride_xm, n_rb, chunk, t_len, P, TOK, BR, B1, MODE1, B2, MODE2, PTX,
+        )  # fmt: skip
+        _stage1_done(state_ptr)
+    else:
+        pid = ticket - n1
+        _enter_stage2(t_old, state_ptr, pid, n2, n1, ZB, NS)
+        _gemv_u_body(
+            t_cur, u_ptr, h_ptr, b_ptr, y_ptr, pid, M, d_out, W_r, stride_ym, t_len,
+            P, TOK, BO, B2, MODE2, HAS_BIAS, PTX, CG,
+        )  # fmt: skip
+        _finish(state_ptr, n2, parity, M * P * t_len)

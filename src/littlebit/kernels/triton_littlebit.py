@@ -2,10 +2,15 @@
 
 Signs are read as packed words and decoded in registers; no unpacked matrix ever reaches memory. Up to
 ``KernelConfig.gemv_max_tokens`` tokens go through the GEMV kernels (``_gemv``), more through the
-tensor-core kernels (``_tensorcore``). Each path is two launches, because small layers are bound by
-launches: stage 1 (t = l * S_V^T (g*x), g*x built from x and g in the kernel, split over d_in with fp32
-atomics so small ranks still fill the GPU) and stage 2 (y = sum_p h_p * S_U,p t_p + bias). ``t`` lives
-in a cached workspace that is all zero between calls: the last stage-2 program zeroes it again.
+tensor-core kernels (``_tensorcore``). A call has two stages: stage 1 (t = l * S_V^T (g*x), g*x built
+from x and g in the kernel, split over d_in with fp32 atomics so small ranks still fill the GPU) and
+stage 2 (y = sum_p h_p * S_U,p t_p + bias). By default they are two launches, with ``t`` in a cached
+workspace that is all zero between calls, zeroed again by the last stage-2 program.
+``KernelConfig(single_launch=True, tc_single_launch=True)`` runs both stages in one launch instead
+(``_sync``: stage-2 programs wait on a grid-wide count of finished stage-1 programs, by ticket order,
+without assuming co-residency; ``t`` double-buffered, its dirty half cleared in slices by the stage-2
+programs). It saves a launch but was slower on the H100 (benchmarks/KERNELS_NOTES.md): one kernel
+holds the registers of the heavier stage, so stage 2 runs at lower occupancy.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemv import _gemv_u_kernel, _gemv_v_kernel
-from ._tensorcore import _tc_u_kernel, _tc_v_kernel
+from ._gemv import _gemv_kernel, _gemv_u_kernel, _gemv_v_kernel
+from ._sync import N_STATE
+from ._tensorcore import _tc_kernel, _tc_u_kernel, _tc_v_kernel
 
 MAX_TOKENS = 64
 
@@ -42,6 +48,12 @@ class KernelConfig:
     tc_waves: float = 2.0
     asm: bool | None = None  # fp16x2 decoding in the GEMV; None: for fp16 on a GPU
     gemv_max_tokens: int = 1  # more tokens take the tensor-core path
+    single_launch: bool = False  # GEMV: both stages in one launch (slower on the H100 so far, see notes)
+    tc_single_launch: bool = False  # tensor cores: the same (slower on the H100 so far: 60 against 51 µs)
+    t_cg: bool = False  # single launch: stage 2 reads t with ld.global.cg (L2 only; slower on the H100)
+    spin_ns: int = 200  # single launch: nanosleep per poll of a waiting program (0: busy polling)
+    tc_maxnreg: int = 0  # single-launch tensor-core kernel: register cap per thread (0: the compiler's)
+    gemv_maxnreg: int = 0  # single-launch GEMV kernel: the same
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -101,26 +113,41 @@ def _check(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor, h, l, 
         raise ValueError(f"u_signs {tuple(u_signs.shape)} does not match d_out={d_out}, r={r}, P={P}")
 
 
-# Stage 1 adds into t with atomics, so t must be zero when a call starts. Instead of a launch that
-# clears it, t is a persistent workspace kept zero between calls: the last stage-2 program to finish
-# zeroes the part it used and resets a ticket counter (``_gemv._release_t``). Calls on one stream run
-# one after the other, so one workspace per (device, stream) is enough.
+# Stage 1 adds into t with atomics, so t must be zero where a call adds. Instead of a launch that
+# clears it, t is a persistent workspace. Two-launch path ("two"): kept all zero between calls, the last
+# stage-2 program to finish zeroes the part it used and resets a ticket counter (``_gemv._release_t``).
+# Single-launch path ("one"): two halves of ``cap`` floats and a state (``_sync``): one half zero, the
+# other cleared in slices during the next call. Calls on one stream run one after the other, so one
+# workspace per (device, stream, scheme) is enough.
 _ZERO_BLOCK = 1024  # floats the zeroing program clears per step
+_SLICE_BLOCK = 256  # floats a stage-2 program clears per step (its slice is small)
 
 
 @dataclass
 class _Workspace:
-    t: torch.Tensor  # fp32, all zero between calls
-    counter: torch.Tensor  # int32 (1,), zero between calls
+    t: torch.Tensor  # fp32; "two": all zero between calls; "one": halves [0, cap) and [cap, 2 cap)
+    counter: torch.Tensor  # int32; "two": (1,) zero between calls; "one": the ``_sync`` state
+    cap: int  # floats per call
 
 
-_WORKSPACES: dict[tuple[torch.device, int | None], _Workspace] = {}
+_WORKSPACES: dict[tuple[torch.device, int | None, str], _Workspace] = {}
 # Buffers replaced by larger ones are kept: a CUDA graph goes on using the addresses it captured.
 _RETIRED: list[torch.Tensor] = []
 
 
-def _workspace(device: torch.device, n: int) -> _Workspace:
-    """A workspace of at least ``n`` floats for the current stream.
+def _new_workspace(device: torch.device, n: int, scheme: str, old: _Workspace | None) -> _Workspace:
+    cap = _pow2_at_least(max(n, 4096))
+    if scheme == "two":
+        # the counter is zero between calls, so graphs captured with the old buffer can share it
+        counter = old.counter if old is not None else torch.zeros(1, dtype=torch.int32, device=device)
+        return _Workspace(torch.zeros(cap, dtype=torch.float32, device=device), counter, cap)
+    # the state (parity, dirty length) belongs to its buffer: a new one starts clean with its own
+    state = torch.zeros(N_STATE, dtype=torch.int32, device=device)
+    return _Workspace(torch.zeros(2 * cap, dtype=torch.float32, device=device), state, cap)
+
+
+def _workspace(device: torch.device, n: int, scheme: str = "two") -> _Workspace:
+    """A workspace of at least ``n`` floats per call for the current stream.
 
     Calls captured into CUDA graphs share one workspace per device (key None): which stream a graph
     will be replayed on is not known at capture, and graphs are replayed one after the other in
@@ -130,19 +157,17 @@ def _workspace(device: torch.device, n: int) -> _Workspace:
     still works: the zero fill becomes part of that graph.
     """
     if device.type != "cuda":
-        keys = [(device, 0)]
+        keys = [(device, 0, scheme)]
     elif torch.cuda.is_current_stream_capturing():
-        keys = [(device, None)]
+        keys = [(device, None, scheme)]
     else:
-        keys = [(device, torch.cuda.current_stream(device).cuda_stream), (device, None)]
+        keys = [(device, torch.cuda.current_stream(device).cuda_stream, scheme), (device, None, scheme)]
     for key in keys:
         ws = _WORKSPACES.get(key)
-        if ws is None or ws.t.numel() < n:
-            size = _pow2_at_least(max(n, 4096))
+        if ws is None or ws.cap < n:
             if ws is not None:
-                _RETIRED.append(ws.t)
-            counter = ws.counter if ws is not None else torch.zeros(1, dtype=torch.int32, device=device)
-            _WORKSPACES[key] = _Workspace(torch.zeros(size, dtype=torch.float32, device=device), counter)
+                _RETIRED.extend([ws.t, ws.counter])
+            _WORKSPACES[key] = _new_workspace(device, n, scheme, ws)
     return _WORKSPACES[keys[0]]
 
 
@@ -158,6 +183,10 @@ def _zeroed_on_error(ws: _Workspace) -> Iterator[None]:
             ws.t.zero_()
             ws.counter.zero_()
         raise
+
+
+def _spin_ns(x2: torch.Tensor, cfg: KernelConfig) -> int:
+    return cfg.spin_ns if x2.is_cuda and not _interpreting() else 0
 
 
 def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> None:
@@ -181,6 +210,20 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> None:
         bo //= 2
         warps2 = max(1, warps2 // 2) if bo < cfg.rows_u * (32 // b2) * warps2 else warps2
     t_len = triton.cdiv(W_r, b2) * 32 * b2
+    if cfg.single_launch:
+        ws = _workspace(x2.device, M * P * t_len, "one")
+        n1, n2 = P * n_rb * n_split, triton.cdiv(d_out, bo)
+        # stage 2 alone needs 48 registers, stage 1 80: one kernel runs stage 2 at 6 CTAs per SM, not 10
+        extra = {"maxnreg": cfg.gemv_maxnreg} if cfg.gemv_maxnreg and not _interpreting() else {}
+        with _zeroed_on_error(ws):
+            _gemv_kernel[(n1 + n2,)](
+                x2, g, v, l, ws.t, ws.counter, u, h, y if bias is None else bias, y,
+                M, r, W_in, d_in, x2.stride(0), n_rb, chunk, t_len, d_out, W_r, y.stride(0), ws.cap, n1, n2,
+                P=P, TOK=tok, BR=br, B1=b1, MODE1=mode1, BO=bo, B2=b2, MODE2=mode2, HAS_BIAS=bias is not None,
+                PTX=ptx, CG=cfg.t_cg, ZB=_SLICE_BLOCK, NS=_spin_ns(x2, cfg), num_warps=max(warps1, warps2),
+                **extra,
+            )  # fmt: skip
+        return
     ws = _workspace(x2.device, M * P * t_len)
     with _zeroed_on_error(ws):
         _gemv_v_kernel[(P * n_rb, n_split)](
@@ -212,6 +255,21 @@ def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> No
     bo = rows
     while bo > 16 and triton.cdiv(d_out, bo) * n_mb < target:
         bo //= 2
+    if cfg.tc_single_launch:
+        ws = _workspace(x2.device, M * P * Rp, "one")
+        n_ob = triton.cdiv(d_out, bo)
+        n1, n2 = P * n_rb * n_split * n_mb, n_ob * n_mb
+        # both stages' code in one kernel: more registers than either alone (sm_90: 203 against 123)
+        extra = {"maxnreg": cfg.tc_maxnreg} if cfg.tc_maxnreg and not _interpreting() else {}
+        with _zeroed_on_error(ws):
+            _tc_kernel[(n1 + n2,)](
+                x2, g, v, l, ws.t, ws.counter, u, h, y if bias is None else bias, y,
+                M, r, W_in, d_in, x2.stride(0), Rp, n_rb, chunk, n_split, d_out, W_r, y.stride(0), n_ob,
+                ws.cap, n1, n2,
+                P=P, BR=rows, BKW=words, BM=bm, BO=bo, HAS_BIAS=bias is not None, OP_DT=_TL_DTYPES[op_dt],
+                CG=cfg.t_cg, ZB=_SLICE_BLOCK, NS=_spin_ns(x2, cfg), num_warps=cfg.tc_warps, **extra,
+            )  # fmt: skip
+        return
     ws = _workspace(x2.device, M * P * Rp)
     with _zeroed_on_error(ws):
         _tc_v_kernel[(P * n_rb, n_split, n_mb)](
