@@ -14,6 +14,7 @@ is applied to every model, so the ratios compare like with like.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -136,6 +137,15 @@ def bench(model: nn.Module, prompt_len: int, new_tokens: int, use_compile: bool,
     return {"ttft_ms": 1e3 * statistics.median(ttft), "tokens_per_s": statistics.median(rates), "mode": mode}
 
 
+def effective_kernel_config() -> dict | None:
+    """The Triton kernels' settings in force (the defaults change between versions), if Triton is here."""
+    try:
+        from littlebit.kernels import triton_littlebit
+    except ImportError:
+        return None
+    return dataclasses.asdict(triton_littlebit.DEFAULT_CONFIG)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="7b-fp16,7b-0.1,7b-0.55,7b-1.0")
@@ -175,7 +185,7 @@ def main() -> None:
             "compile": args.compile,
             "bytes": memory_bytes(model),
             "backends": available_backends(),
-            "kernel_config": kernel_config or "default",
+            "kernel_config": effective_kernel_config(),
         }
         if device == "cuda":
             rec.update(bench(model, args.prompt_len, args.new_tokens, args.compile, device))

@@ -118,9 +118,9 @@ def cached_make_student(teacher, config, calibration=None, act_power=1.0, latent
 
 def train_config(variant: str, args: argparse.Namespace, lb: LittleBitConfig) -> TrainConfig:
     base = TrainConfig(seqlen=args.seqlen, eval_seqlen=2048, eval_windows=args.curve_windows)
-    if args.batch_size:
-        base = dataclasses.replace(base, batch_size=args.batch_size)
     over = dict(VARIANTS[variant])
+    if args.batch_size:  # the command line wins over the variant's pinned batch
+        over["batch_size"] = args.batch_size
     over.pop("littlebit", None)  # compression settings, not training ones (see run_one)
     for key, cls in (("lrs", LearningRates), ("blocks", BlockConfig)):
         if key in over:
@@ -192,7 +192,8 @@ def records_from_logs(folder: Path, like: dict, args: argparse.Namespace) -> lis
     Each ``NAME.log`` (this script's stdout: the summary line) and ``logs_NAME.jsonl`` (``--logs``:
     the evaluations along the run) of a run gives one record; the configs are recomputed from the
     variant, and the machine fields (device, torch, date) come from ``like``, a record of the same
-    session. Per-phase timings are not in the logs and stay out.
+    session. Per-phase timings are not in the logs and stay out. A run whose log disagrees with the
+    recomputed config (steps, tokens) is refused rather than recorded with the wrong settings.
     """
     teacher = load_model(args.model, device="cpu")
     out = []
@@ -207,9 +208,15 @@ def records_from_logs(folder: Path, like: dict, args: argparse.Namespace) -> lis
         )
         cfg = train_config(rec["variant"], args, lb)
         history = [json.loads(x) for x in evals.read_text().splitlines()]
+        steps_run = sum(h.get("phase") == "global" for h in history)
+        if (steps_run, rec["tokens"]) != (cfg.steps, args.tokens):
+            raise SystemExit(
+                f"{log_path}: {steps_run} steps / {rec['tokens']} tokens, but the variant now "
+                f"gives {cfg.steps} / {args.tokens}: pass the run's own options"
+            )
         rec.update(
             bpw_linear=round(budget(teacher, lb).bpw_linear, 4),
-            eval="wikitext2 test, seqlen 2048, all windows",
+            eval=f"wikitext2 test, seqlen 2048, {args.final_windows or 'all'} windows",
             steps=cfg.steps,
             device=like["device"],
             date=like["date"],
@@ -236,7 +243,7 @@ def main() -> int:
     ap.add_argument("--variant", nargs="+", default=["default"], choices=sorted(VARIANTS))
     ap.add_argument("--tokens", type=int, default=1_638_400, help="training token budget per run")
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=None, help="global batch (default: the variant's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="global batch, overriding the variant's")
     ap.add_argument("--curve-points", type=int, default=4, help="evaluations along the run")
     ap.add_argument("--curve-windows", type=int, default=16, help="2048-token windows per curve point")
     ap.add_argument("--final-windows", type=int, default=None, help="cap the final evaluation (smoke tests)")
@@ -261,7 +268,8 @@ def main() -> int:
         )
         out = Path(args.out)
         records = json.loads(out.read_text()) if out.is_file() else []
-        records += records_from_logs(folder, like, args)
+        have = {r.get("rebuilt_from") for r in records}
+        records += [r for r in records_from_logs(folder, like, args) if r["rebuilt_from"] not in have]
         out.write_text(json.dumps(records, indent=1))
         return 0
 

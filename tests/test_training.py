@@ -362,13 +362,24 @@ def test_recorded_steps_match_eager_steps(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_recorded_block_steps_match_eager_steps(tmp_path):
+def test_recorded_block_steps_match_eager_steps(tmp_path, monkeypatch):
+    import littlebit.blockwise as blockwise
     from littlebit.blockwise import BlockConfig
+
+    made = []
+
+    class Recorded(blockwise.GraphedMicroStep):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(blockwise, "GraphedMicroStep", Recorded)
 
     blocks = BlockConfig(sequences=8, epochs=3, batch_size=2)
     run = {"device": "cuda", "compile": False, "steps": 0, "blocks": blocks}
     before, eager, _ = _tiny_global_run(tmp_path / "e", cuda_graphs=False, **run)
     _, graphed, _ = _tiny_global_run(tmp_path / "g", cuda_graphs=True, **run)
+    assert made and all(step.active for step in made)  # every layer's step was recorded and replayed
     after_e, after_g = eager.student.state_dict(), graphed.student.state_dict()
     assert any(not torch.equal(before[n], after_e[n]) for n in before if n.endswith(".u"))
     for n, pe in after_e.items():

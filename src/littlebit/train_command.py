@@ -26,9 +26,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in the work dir")
     parser.add_argument("--init", choices=INIT_METHODS, default="itq", help="factor initialisation")
     parser.add_argument("--data", default=None, help="wikitext2:valid (default), a text file or a directory")
-    parser.add_argument("--steps", type=int, default=None, help="global distillation steps (default: 1080)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"global distillation steps (default: {TrainConfig().steps})"
+    )
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default: 2)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"sequences per micro-batch (default: {TrainConfig().batch_size})",
+    )
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument(
         "--lr", type=float, default=None, help="scale learning rate, relative to each scale's RMS"
