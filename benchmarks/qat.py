@@ -136,9 +136,30 @@ def train_config(variant: str, args: argparse.Namespace, lb: LittleBitConfig) ->
     return dataclasses.replace(cfg, steps=steps, eval_every=max(1, steps // args.curve_points), save_every=0)
 
 
+def littlebit_config(bpw: float, init: str, variant: str) -> LittleBitConfig:
+    return LittleBitConfig(bpw=bpw, init=init, **VARIANTS[variant].get("littlebit", {}))
+
+
+def config_fields(teacher, lb: LittleBitConfig, cfg: TrainConfig, variant: str, history, args) -> dict:
+    """A record's fields that follow from its configs and from the evaluations along the run."""
+    return {
+        "bpw_linear": round(budget(teacher, lb).bpw_linear, 4),
+        "eval": f"wikitext2 test, seqlen 2048, {args.final_windows or 'all'} windows",
+        "steps": cfg.steps,
+        "command": f"python3 benchmarks/qat.py --runs {lb.bpw}:{lb.init} --variant {variant}",
+        "curve": [
+            {"tokens": h["tokens"], "ppl": round(h["ppl"], 3), "windows": args.curve_windows}
+            for h in history
+            if math.isfinite(h["ppl"])
+        ],
+        "train_config": cfg.to_dict(),
+        "littlebit_config": lb.to_dict(),
+    }
+
+
 def run_one(bpw: float, init: str, variant: str, ctx: dict, args: argparse.Namespace) -> dict:
     """Train and evaluate one student; returns its record (an ``error`` record if it failed)."""
-    lb = LittleBitConfig(bpw=bpw, init=init, **VARIANTS[variant].get("littlebit", {}))
+    lb = littlebit_config(bpw, init, variant)
     cfg = train_config(variant, args, lb)
     tag = f"{bpw}-{init}-{variant}"
     print(f"=== {tag}: {cfg.steps} steps", flush=True)
@@ -161,28 +182,18 @@ def run_one(bpw: float, init: str, variant: str, ctx: dict, args: argparse.Names
                 f.write(json.dumps({"run": tag, **json.loads(line)}) + "\n")
     return {
         "bpw_target": bpw,
-        "bpw_linear": round(budget(ctx["teacher"], lb).bpw_linear, 4),
         "init": init,
         "variant": variant,
         "tokens": res.tokens,
         "wikitext2_ppl": round(ppl, 3),
-        "eval": f"wikitext2 test, seqlen 2048, {args.final_windows or 'all'} windows",
         "tokens_per_s": round(res.tokens_per_s, 1),
         "seconds": round(time.perf_counter() - t0, 1),
-        "steps": cfg.steps,
         "timings_s": {k: round(v, 1) for k, v in res.timings.items()},
         "init_reused": _INIT_REUSED[0],
         "device": ctx["name"],
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
-        "command": f"python3 benchmarks/qat.py --runs {bpw}:{init} --variant {variant}",
-        "curve": [
-            {"tokens": h["tokens"], "ppl": round(h["ppl"], 3), "windows": args.curve_windows}
-            for h in res.history
-            if math.isfinite(h["ppl"])
-        ],
-        "train_config": cfg.to_dict(),
-        "littlebit_config": lb.to_dict(),
+        **config_fields(ctx["teacher"], lb, cfg, variant, res.history, args),
     }
 
 
@@ -203,9 +214,7 @@ def records_from_logs(folder: Path, like: dict, args: argparse.Namespace) -> lis
         if not lines or "error" in lines[-1] or not evals.is_file():
             continue
         rec = lines[-1]
-        lb = LittleBitConfig(
-            bpw=rec["bpw_target"], init=rec["init"], **VARIANTS[rec["variant"]].get("littlebit", {})
-        )
+        lb = littlebit_config(rec["bpw_target"], rec["init"], rec["variant"])
         cfg = train_config(rec["variant"], args, lb)
         history = [json.loads(x) for x in evals.read_text().splitlines()]
         steps_run = sum(h.get("phase") == "global" for h in history)
@@ -214,21 +223,12 @@ def records_from_logs(folder: Path, like: dict, args: argparse.Namespace) -> lis
                 f"{log_path}: {steps_run} steps / {rec['tokens']} tokens, but the variant now "
                 f"gives {cfg.steps} / {args.tokens}: pass the run's own options"
             )
+        evals_along = [h for h in history if h.get("phase") == "eval"]
         rec.update(
-            bpw_linear=round(budget(teacher, lb).bpw_linear, 4),
-            eval=f"wikitext2 test, seqlen 2048, {args.final_windows or 'all'} windows",
-            steps=cfg.steps,
+            config_fields(teacher, lb, cfg, rec["variant"], evals_along, args),
             device=like["device"],
             date=like["date"],
             torch=like["torch"],
-            command=f"python3 benchmarks/qat.py --runs {lb.bpw}:{lb.init} --variant {rec['variant']}",
-            curve=[
-                {"tokens": h["tokens"], "ppl": round(h["ppl"], 3), "windows": args.curve_windows}
-                for h in history
-                if h.get("phase") == "eval" and math.isfinite(h["ppl"])
-            ],
-            train_config=cfg.to_dict(),
-            littlebit_config=lb.to_dict(),
             rebuilt_from=f"{log_path.name} and {evals.name} (the run's JSON did not come back from the GPU)",
         )
         out.append(rec)

@@ -190,9 +190,9 @@ def _fit_layer(layer, x, y, kwargs, config, lrs, amp, train_norms, index, total,
     micro = GraphedMicroStep(forward_backward) if graphed else forward_backward
     step, last = 0, float("nan")
     for _ in range(config.epochs):
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(n, generator=gen).to(x.device)  # one copy per epoch, not per step
         for i in range(0, n, bs):
-            idx = order[i : i + bs].to(x.device)
+            idx = order[i : i + bs]
             set_lr(optimizer, lr_factor(step, total, warmup))
             optimizer.zero_grad(set_to_none=not graphed)
             loss = micro(idx)["loss"]

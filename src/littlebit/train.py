@@ -81,9 +81,7 @@ class TrainConfig:
     eval_seqlen: int = 512
     save_every: int = 50
     compile: bool | None = None  # None: on CUDA when the step is not recorded as a CUDA graph
-    cuda_graphs: bool | None = (
-        None  # replay each micro-step (global and block) as a CUDA graph; None: on CUDA
-    )
+    cuda_graphs: bool | None = None  # replay global and block micro-steps as CUDA graphs; None: on CUDA
     amp: bool | None = None  # bf16 autocast; None: on CUDA only
     grad_checkpoint: bool = False
     tensorboard: bool = False

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
     parser.add_argument(
         "model", nargs="?", default=None, help="hub id, local directory or .gguf (default: SmolLM2-135M)"
     )
@@ -27,14 +28,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", choices=INIT_METHODS, default="itq", help="factor initialisation")
     parser.add_argument("--data", default=None, help="wikitext2:valid (default), a text file or a directory")
     parser.add_argument(
-        "--steps", type=int, default=None, help=f"global distillation steps (default: {TrainConfig().steps})"
+        "--steps", type=int, default=None, help=f"global distillation steps (default: {defaults.steps})"
     )
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument(
         "--batch-size",
         type=int,
         default=None,
-        help=f"sequences per micro-batch (default: {TrainConfig().batch_size})",
+        help=f"sequences per micro-batch (default: {defaults.batch_size})",
     )
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument(
