@@ -361,7 +361,7 @@ def main() -> None:
     ap.add_argument("--sweep-out", type=Path, help="where to write the sweep's rows")
     ap.add_argument("--quick", action="store_true", help="two shapes, two BPWs")
     ap.add_argument("--acceptance", action="store_true", help="only issue 5's four acceptance cases")
-    ap.add_argument("--variants", action="store_true", help="also time the single/two-launch variants")
+    ap.add_argument("--variants", action="store_true", help="also time the no-PDL and single-launch variants")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-table", action="store_true")
@@ -438,16 +438,16 @@ def main() -> None:
         cases = [((8192, 28672), [0.1, 1.0], [1]), ((4096, 4096), [0.55], [1]), ((8192, 28672), [0.55], [16])]
     variants = None
     if args.variants:
-        K, gemv, tc = tk.KernelConfig, range(1, tk.DEFAULT_CONFIG.gemv_max_tokens + 1), range(2, 65)
-        one = {"single_launch": True, "tc_single_launch": True}
-        variants = {
-            "two-launch": (K(single_launch=False, tc_single_launch=False), range(1, 65)),
-            "one-launch": (K(**one), range(1, 65)),
-            "one-launch-rows_v4": (K(**one, rows_v=4), gemv),
-            "one-launch-maxnreg64": (K(**one, gemv_maxnreg=64), gemv),
-            "one-launch-rows_v4-maxnreg56": (K(**one, rows_v=4, gemv_maxnreg=56), gemv),
-            "two-launch-rows_v4": (K(rows_v=4), gemv),
+        K = tk.KernelConfig
+        variants = {  # the defaults use programmatic dependent launch on sm_90+; these are the others
+            "two-launch-no-pdl": (K(pdl=False), range(1, 65)),
+            "one-launch": (K(single_launch=True, tc_single_launch=True), range(1, 65)),
         }
+        b1 = range(1, 2)  # GEMV tile choices, re-checked with programmatic dependent launch on
+        for name, kw in [("waves4", {"waves": 4.0}), ("waves16", {"waves": 16.0}), ("rows_u2", {"rows_u": 2}),
+                         ("rows_u8", {"rows_u": 8}), ("rows_v4", {"rows_v": 4}), ("rows_v16", {"rows_v": 16}),
+                         ("warps2", {"warps": 2}), ("warps8", {"warps": 8})]:  # fmt: skip
+            variants[name] = (K(**kw), b1)
     for (d_in, d_out), case_bpws, batches in cases:
         records += bench_shape(
             tk, d_in, d_out, case_bpws, batches, tk.DEFAULT_CONFIG, gen, copy_gbps, device, deadline, variants

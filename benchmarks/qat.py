@@ -98,6 +98,8 @@ VARIANTS["old-default"] = dict(OLD_DEFAULT)
 # default since); with one path of about twice the rank instead of the residual pair.
 VARIANTS["small-steps"] = {"batch_size": 2, "blocks": {"sequences": 256, "batch_size": 2}}
 VARIANTS["small-steps-single-path"] = {**VARIANTS["small-steps"], "littlebit": {"residual": False}}
+# One path with global batch 1 (2160 steps for the same tokens): the next step along "smaller steps".
+VARIANTS["b1-single-path"] = {**VARIANTS["small-steps-single-path"], "batch_size": 1}
 
 # Joint-ITQ initialisation of a 1.0 BPW student takes ~45 s on the H100; variants that differ only in
 # training reuse it (the initial student depends on the teacher, the LittleBit config, the

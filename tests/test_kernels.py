@@ -211,6 +211,25 @@ def _check_zeroed_after_failure(tk):
     return rel_err(y, x, u, v, h, l, g, bias)
 
 
+def _check_grouped(tk, m, d_in, r, d_out, paths, groups, bias, config=None):
+    """Layers of one shape on one input, stacked along the path axis, against each layer alone: the
+    GEMV runs them in one pair of launches, the tensor-core path one after another."""
+    cfg = tk.KernelConfig(**config) if config else None
+    layers = [make_layer(d_in, r, d_out, paths, torch.float16, DEVICE, seed=60 + j) for j in range(groups)]
+    x = torch.randn(m, d_in, generator=torch.Generator().manual_seed(9)).half().to(DEVICE)
+    stacked = [torch.cat([layer[i] for layer in layers]) for i in range(5)]
+    b = torch.cat([layer[5] for layer in layers]) if bias else None
+    y = tk.littlebit_linear_triton(x, *stacked, b, config=cfg, groups=groups)
+    if y.shape != (m, groups * d_out):
+        return float("inf")
+    errs = [
+        rel_err(y[:, j * d_out : (j + 1) * d_out], x, *layer[:5], layer[5] if bias else None)
+        for j, layer in enumerate(layers)
+    ]
+    _assert_workspaces_clean(tk)
+    return max(errs)
+
+
 # every shape / token / dtype case once with the default config, once more with both stages in one launch
 CHECKS = {
     f"case-{'-'.join(map(str, c[:5]))}-{str(c[5])[6:]}": (_check_case, c) for c in [*_cases(0), *_cases(3)]
@@ -240,6 +259,20 @@ CHECKS.update(
         f"two-launch-{c[0]}-{c[1]}-{c[2]}-{c[3]}-{str(c[5])[6:]}": (_check_case, (*c, TWO_LAUNCHES))
         for c in [(1, 1000, 120, 576, 2, torch.float16), (1, 100, 24, 100, 1, torch.bfloat16)]
         + [(5, 576, 40, 300, 2, torch.float16), (17, 1000, 8, 100, 1, torch.bfloat16)]
+    }
+)
+CHECKS.update(
+    {
+        f"grouped-{m}-{d_in}-{r}-{d_out}-{paths}x{groups}": (
+            _check_grouped,
+            (m, d_in, r, d_out, paths, groups, bias, {**TWO_LAUNCHES, "gemv_max_tokens": 4}),
+        )
+        for m, d_in, r, d_out, paths, groups, bias in [
+            (1, 576, 40, 300, 2, 3, False),
+            (3, 100, 120, 40, 1, 2, True),
+            (1, 1000, 8, 576, 2, 2, True),
+            (5, 576, 40, 300, 2, 3, True),
+        ]
     }
 )
 CHECKS["repeated-calls"] = (_check_repeated_calls, (ONE_LAUNCH,))
@@ -324,7 +357,13 @@ def test_triton_kernels_per_call(m, two):
 
 @pytest.mark.skipif(not ON_GPU, reason="runs the kernels on real layer shapes")
 @pytest.mark.parametrize(
-    "config", [ONE_LAUNCH, TWO_LAUNCHES, {**ONE_LAUNCH, "t_cg": True, "tc_maxnreg": 168, "gemv_maxnreg": 64}]
+    "config",
+    [
+        ONE_LAUNCH,
+        TWO_LAUNCHES,
+        {**TWO_LAUNCHES, "pdl": False},
+        {**ONE_LAUNCH, "t_cg": True, "tc_maxnreg": 168, "gemv_maxnreg": 64},
+    ],
 )
 def test_triton_many_calls_large(config):
     """Real shapes, where stage 2 starts while stage 1 is still running on other SMs (single launch)
@@ -385,6 +424,47 @@ def test_triton_cuda_graph_replays(m, warm_up, two):
         _assert_workspaces_clean(tk)
     y = tk.littlebit_linear_triton(x, *layers[0], config=cfg)  # eager again, after the replays
     assert rel_err(y, x, *layers[0]) < TOL
+
+
+@pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("m", [1, 16])
+def test_triton_chained_calls_wait_for_their_input(m, graph):
+    """Each call's input is the previous call's output, as in a model. With programmatic dependent
+    launch a stage may start before the kernel that writes its input ends; it must wait for it, or
+    it reads a stale input (each output is checked against the reference on the input it got)."""
+    from littlebit.kernels import triton_littlebit as tk
+
+    cfg = tk.KernelConfig(**TWO_LAUNCHES)
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert tk._pdl(torch.empty(1, device=DEVICE), cfg), "PDL should be on by default on sm_90+"
+    layers = [make_layer(2048, 200 + 40 * i, 2048, 2, torch.float16, DEVICE, seed=50 + i) for i in range(12)]
+    x0 = torch.randn(m, 2048, device=DEVICE).half()
+
+    def chain():  # [(input, output)] per layer
+        pairs, x = [], x0
+        for layer in layers:
+            y = tk.littlebit_linear_triton(x, *layer, config=cfg)
+            pairs.append((x, y))
+            x = torch.nn.functional.layer_norm(y, (2048,))  # keeps values in range; a kernel in between
+        return pairs
+
+    pairs = chain()  # compiles; sizes the workspace
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            pairs = chain()
+    for step in range(3):
+        x0.copy_(torch.randn(m, 2048, device=DEVICE).half())
+        if graph:
+            g.replay()
+        else:
+            pairs = chain()
+        torch.cuda.synchronize()
+        for i, ((x, y), layer) in enumerate(zip(pairs, layers, strict=True)):
+            assert rel_err(y, x, *layer) < TOL, (step, i)
+    _assert_workspaces_clean(tk)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA tensors")

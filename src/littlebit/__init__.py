@@ -8,6 +8,7 @@ from . import integration as _integration  # noqa: F401  (registers the transfor
 from .budget import LayerBudget, ModelBudget, layer_bpw, rank_for_bpw
 from .config import LayerOverride, LittleBitConfig, LittleBitError
 from .convert import budget, convert
+from .grouping import group_projections
 from .layer import LittleBitLinear
 from .packed import PackedLittleBitLinear, pack_model
 from .serialization import load_compressed, save_compressed
@@ -24,6 +25,7 @@ __all__ = [
     "PackedLittleBitLinear",
     "budget",
     "convert",
+    "group_projections",
     "layer_bpw",
     "load_compressed",
     "pack_model",

@@ -66,15 +66,17 @@ class Backend:
     name: str
     fn: LinearFn
     accepts: Predicate
+    grouped: bool = False  # fn takes ``groups=`` (several layers on one input, one call)
 
 
 _BACKENDS: dict[str, Backend] = {}
 _forced: list[str] = []
 
 
-def register_backend(name: str, fn: LinearFn, accepts: Predicate) -> None:
-    """Add a faster implementation; ``accepts(x, u_signs, v_signs)`` says which calls it can take."""
-    _BACKENDS[name] = Backend(name, fn, accepts)
+def register_backend(name: str, fn: LinearFn, accepts: Predicate, grouped: bool = False) -> None:
+    """Add a faster implementation; ``accepts(x, u_signs, v_signs)`` says which calls it can take;
+    ``grouped``: ``fn`` also takes ``groups=`` (see ``littlebit_linear_grouped``)."""
+    _BACKENDS[name] = Backend(name, fn, accepts, grouped)
 
 
 def available_backends() -> list[str]:
@@ -148,3 +150,56 @@ def littlebit_linear(
 ) -> torch.Tensor:
     """The packed product through the best backend that takes this call."""
     return _linear_op(x, u_signs, v_signs, h, l, g, bias)
+
+
+def _dispatch_grouped(x, u_signs, v_signs, h, l, g, bias, groups: int) -> torch.Tensor:
+    name = select_backend(x, u_signs, v_signs)
+    backend = _BACKENDS.get(name)
+    if backend is not None and backend.grouped:
+        return backend.fn(x, u_signs, v_signs, h, l, g, bias, groups=groups)
+    P, d_out = u_signs.shape[0] // groups, h.shape[-1]
+    outs = []
+    for j in range(groups):
+        layer = [t[j * P : (j + 1) * P] for t in (u_signs, v_signs, h, l, g)]
+        bj = None if bias is None else bias[j * d_out : (j + 1) * d_out]
+        outs.append(_dispatch(x, *layer, bj))
+    return torch.cat(outs, dim=-1)
+
+
+@torch.library.custom_op("littlebit::linear_grouped", mutates_args=())
+def _linear_grouped_op(
+    x: torch.Tensor,
+    u_signs: torch.Tensor,
+    v_signs: torch.Tensor,
+    h: torch.Tensor,
+    l: torch.Tensor,
+    g: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+) -> torch.Tensor:
+    return _dispatch_grouped(x, u_signs, v_signs, h, l, g, bias, groups).contiguous()
+
+
+@_linear_grouped_op.register_fake
+def _(x, u_signs, v_signs, h, l, g, bias, groups):
+    return x.new_empty(*x.shape[:-1], groups * u_signs.shape[1])
+
+
+def littlebit_linear_grouped(
+    x: torch.Tensor,
+    u_signs: torch.Tensor,
+    v_signs: torch.Tensor,
+    h: torch.Tensor,
+    l: torch.Tensor,
+    g: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+) -> torch.Tensor:
+    """``groups`` layers of one shape applied to the same ``x``, outputs side by side (d_out each).
+
+    Their tensors are stacked along the path axis (layer j owns paths ``j*P .. j*P + P - 1``; ``bias``
+    is ``(groups * d_out,)``). Equal to concatenating ``littlebit_linear`` of each layer; a backend that
+    supports it (the Triton GEMV) does them in one pair of launches, which is what batch-1 decoding
+    of q/k/v or gate/up projections is bound by.
+    """
+    return _linear_grouped_op(x, u_signs, v_signs, h, l, g, bias, groups)

@@ -25,7 +25,9 @@ def register() -> list[str]:
     if triton_available():
         from . import triton_littlebit
 
-        register_backend("triton", triton_littlebit.littlebit_linear_triton, triton_littlebit.accepts)
+        register_backend(
+            "triton", triton_littlebit.littlebit_linear_triton, triton_littlebit.accepts, grouped=True
+        )
         names.append("triton")
     register_backend("cpu-lut", cpu_lut.littlebit_linear_cpu_lut, cpu_lut.accepts)
     names.append("cpu-lut")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._sync import _begin, _enter_stage2, _finish, _stage1_done
+from ._sync import _begin, _enter_stage2, _finish, _pdl_launch_next, _pdl_wait, _stage1_done
 
 
 @triton.jit
@@ -155,18 +155,20 @@ def _load_vec(ptrs, mask, CG: tl.constexpr):
 def _rows_dot(
     w_ptrs, row_ok, vec_base, tok_ok, k_lo, k_hi, x_rows, g_row, d_in,
     TOK: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, MODE: tl.constexpr, PTX: tl.constexpr,
-    GX: tl.constexpr, CG: tl.constexpr = False,
+    GX: tl.constexpr, CG: tl.constexpr = False, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """(TOK, BR) fp32: over words [k_lo, k_hi) (k_lo a multiple of BKW), sum of sign(row, i) * vec(tok, i).
 
     ``w_ptrs`` (BR, 1): each row's word 0. The vector is g*x, built per step from ``x_rows``, ``g_row``
     and ``d_in`` when ``GX`` (stage 1: modes 0, 1), else read at ``vec_base`` (TOK, 1) (stage 2: modes
-    0, 2); with ``CG`` those reads bypass L1 (``.cg``).
+    0, 2); with ``CG`` those reads bypass L1 (``.cg``). With ``PDL`` the first words are requested
+    before waiting for the previous grid, which no earlier kernel writes.
     """
     kk = tl.arange(0, BKW)
     acc = tl.zeros((TOK, BR, BKW), tl.float32)
     tot = tl.zeros((TOK, BKW), tl.float32)
     w = tl.load(w_ptrs + (k_lo + kk)[None, :], mask=row_ok[:, None] & ((k_lo + kk) < k_hi)[None, :], other=0)
+    _pdl_wait(PDL)
     for k0 in range(k_lo, k_hi, BKW):
         cols = k0 + kk
         vmask = tok_ok[:, None] & (cols < k_hi)[None, :]
@@ -241,7 +243,7 @@ def _release_t(t_ptr, cnt_ptr, n_used, n_programs, ZB: tl.constexpr):
 def _gemv_v_body(
     x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, pid0, pid1, M, R, W_in, d_in, stride_xm, n_rb, chunk, t_len,
     P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
-    B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr,
+    B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Stage 1 for program (pid0, pid1): t (+)= l * S_V^T (g*x) over block ``pid0 % n_rb`` of the rows
     of path ``pid0 // n_rb`` and chunk ``pid1`` of d_in, by fp32 atomics into ``t`` laid out for stage 2
@@ -257,8 +259,10 @@ def _gemv_v_body(
     x_rows = x_ptr + toks * stride_xm
     g_row = g_ptr + p * d_in
     part = _rows_dot(
-        w_ptrs, row_ok, None, tok_ok, k_lo, k_hi, x_rows, g_row, d_in, TOK, BR, B1, MODE1, PTX, True
-    )
+        w_ptrs, row_ok, None, tok_ok, k_lo, k_hi, x_rows, g_row, d_in, TOK, BR, B1, MODE1, PTX, True, False,
+        PDL,
+    )  # fmt: skip
+    _pdl_launch_next(PDL)
     lv = tl.load(l_ptr + p * R + rows, mask=row_ok, other=0.0).to(tl.float32)
     dst = t_ptr + ((toks * P + p) * t_len)[:, None] + _vec_offsets(rows, B2, MODE2)[None, :]
     tl.atomic_add(dst, part * lv[None, :], mask=tok_ok[:, None] & row_ok[None, :], sem="relaxed")
@@ -268,9 +272,13 @@ def _gemv_v_body(
 def _gemv_u_body(
     t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, pid, M, d_out, W_r, stride_ym, t_len,
     P: tl.constexpr, TOK: tl.constexpr, BO: tl.constexpr, B2: tl.constexpr, MODE2: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PTX: tl.constexpr, CG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PTX: tl.constexpr, CG: tl.constexpr, PDL: tl.constexpr = False,
+    GP: tl.constexpr = 0,
 ):  # fmt: skip
-    """Stage 2 for program ``pid``: y = sum_p h_p * S_U,p t_p (+ bias) for one block of output rows."""
+    """Stage 2 for program ``pid``: y = sum_p h_p * S_U,p t_p (+ bias) for one block of output rows.
+
+    ``GP``: paths per token in ``t`` when it holds several layers' paths (grouped calls; 0: ``P``), the
+    pointers already moved to this program's layer."""
     rows = pid * BO + tl.arange(0, BO)
     row_ok = rows < d_out
     toks = tl.arange(0, TOK)
@@ -278,12 +286,14 @@ def _gemv_u_body(
     y = tl.zeros((TOK, BO), tl.float32)
     for p in tl.static_range(P):
         w_ptrs = u_ptr + (p * d_out + rows)[:, None] * W_r
-        vec_base = t_ptr + ((toks * P + p) * t_len)[:, None]
+        vec_base = t_ptr + ((toks * (GP if GP > 0 else P) + p) * t_len)[:, None]
         s = _rows_dot(
-            w_ptrs, row_ok, vec_base, tok_ok, 0, W_r, None, None, None, TOK, BO, B2, MODE2, PTX, False, CG
-        )
+            w_ptrs, row_ok, vec_base, tok_ok, 0, W_r, None, None, None, TOK, BO, B2, MODE2, PTX, False, CG,
+            PDL and p == 0,
+        )  # fmt: skip
         hv = tl.load(h_ptr + p * d_out + rows, mask=row_ok, other=0.0).to(tl.float32)
         y += s * hv[None, :]
+    _pdl_launch_next(PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     out = y_ptr + toks[:, None] * stride_ym + rows[None, :]
@@ -298,27 +308,32 @@ def _gemv_u_body(
 def _gemv_v_kernel(
     x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, n_rb, chunk, t_len,
     P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
-    B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr,
+    B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Stage 1 of the two-launch path, grid (P * n_rb, n_split)."""
     _gemv_v_body(
         x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, tl.program_id(0), tl.program_id(1), M, R, W_in, d_in, stride_xm,
-        n_rb, chunk, t_len, P, TOK, BR, B1, MODE1, B2, MODE2, PTX,
+        n_rb, chunk, t_len, P, TOK, BR, B1, MODE1, B2, MODE2, PTX, PDL,
     )  # fmt: skip
 
 
 @triton.jit(do_not_specialize_on_alignment=["W_r"])  # as stage 1's W_in
 def _gemv_u_kernel(
-    t_ptr, cnt_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, stride_ym, t_len,
+    t_ptr, cnt_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, stride_ym, t_len, n_ob,
     P: tl.constexpr, TOK: tl.constexpr, BO: tl.constexpr, B2: tl.constexpr, MODE2: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PTX: tl.constexpr, ZB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PTX: tl.constexpr, ZB: tl.constexpr, PDL: tl.constexpr, G: tl.constexpr,
 ):  # fmt: skip
-    """Stage 2 of the two-launch path, grid (cdiv(d_out, BO),); then ``_release_t``."""
+    """Stage 2 of the two-launch path, grid (G * n_ob,): ``n_ob`` blocks of output rows for each of the
+    ``G`` layers of a grouped call (their P paths each, stacked; outputs side by side in y); then
+    ``_release_t``."""
+    pid = tl.program_id(0)
+    grp = pid // n_ob
     _gemv_u_body(
-        t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, tl.program_id(0), M, d_out, W_r, stride_ym, t_len,
-        P, TOK, BO, B2, MODE2, HAS_BIAS, PTX, False,
+        t_ptr + grp * (P * t_len), u_ptr + grp * (P * d_out * W_r), h_ptr + grp * (P * d_out),
+        b_ptr + grp * d_out, y_ptr + grp * d_out, pid - grp * n_ob, M, d_out, W_r, stride_ym, t_len,
+        P, TOK, BO, B2, MODE2, HAS_BIAS, PTX, False, PDL, G * P,
     )  # fmt: skip
-    _release_t(t_ptr, cnt_ptr, M * P * t_len, tl.num_programs(0), ZB)
+    _release_t(t_ptr, cnt_ptr, M * G * P * t_len, tl.num_programs(0), ZB)
 
 
 @triton.jit(do_not_specialize_on_alignment=["W_in", "chunk", "W_r"])

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._gemv import _release_t
-from ._sync import _begin, _enter_stage2, _finish, _stage1_done
+from ._sync import _begin, _enter_stage2, _finish, _pdl_launch_next, _pdl_wait, _stage1_done
 
 
 @triton.jit
@@ -65,6 +65,7 @@ def _pair_slot(j):
 def _tc_v_body(
     x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, pid0, pid1, pid2, M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk,
     P: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, OP_DT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Stage 1 for program (pid0, pid1, pid2) of grid (P * n_rb, n_split, n_mb)."""
     p = pid0 // n_rb
@@ -91,6 +92,7 @@ def _tc_v_body(
         # rounded once to the operand dtype from the fp32 product, as the prep kernel used to
         xg = (xv.to(tl.float32) * gv.to(tl.float32)[:, None]).to(OP_DT)
         acc = _dot(_sign_tile(w, BR, BKW, OP_DT), _to_pair_order(xg, BKW, BM), acc, OP_DT)
+    _pdl_launch_next(PDL)
     lv = tl.load(l_ptr + p * R + rows, mask=row_ok, other=0.0).to(tl.float32)
     dst = t_ptr + (toks[None, :] * P + p) * Rp + _pair_slot(rows)[:, None]
     tl.atomic_add(dst, acc * lv[:, None], mask=row_ok[:, None] & tok_ok[None, :], sem="relaxed")
@@ -100,7 +102,7 @@ def _tc_v_body(
 def _tc_u_body(
     t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, pid0, pid1, M, d_out, W_r, Rp, stride_ym,
     P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    OP_DT: tl.constexpr, CG: tl.constexpr,
+    OP_DT: tl.constexpr, CG: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Stage 2 for program (pid0, pid1) of grid (cdiv(d_out, BO), n_mb)."""
     rows = pid0 * BO + tl.arange(0, BO)
@@ -127,6 +129,7 @@ def _tc_u_body(
             acc = _dot(_sign_tile(w, BO, BKW, OP_DT), tv.to(OP_DT), acc, OP_DT)
         hv = tl.load(h_ptr + p * d_out + rows, mask=row_ok, other=0.0).to(tl.float32)
         y += acc * hv[:, None]
+    _pdl_launch_next(PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     out = y_ptr + toks[None, :] * stride_ym + rows[:, None]
@@ -137,11 +140,13 @@ def _tc_u_body(
 def _tc_v_kernel(
     x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk,
     P: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, OP_DT: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Stage 1 of the two-launch path."""
+    _pdl_wait(PDL)
     _tc_v_body(
         x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), M, R, W_in,
-        d_in, stride_xm, Rp, n_rb, chunk, P, BR, BKW, BM, OP_DT,
+        d_in, stride_xm, Rp, n_rb, chunk, P, BR, BKW, BM, OP_DT, PDL,
     )  # fmt: skip
 
 
@@ -149,12 +154,13 @@ def _tc_v_kernel(
 def _tc_u_kernel(
     t_ptr, cnt_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, Rp, stride_ym,
     P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    OP_DT: tl.constexpr, ZB: tl.constexpr,
+    OP_DT: tl.constexpr, ZB: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Stage 2 of the two-launch path; then ``_release_t``."""
+    _pdl_wait(PDL)
     _tc_u_body(
         t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, tl.program_id(0), tl.program_id(1), M, d_out, W_r, Rp, stride_ym,
-        P, BO, BKW, BM, HAS_BIAS, OP_DT, False,
+        P, BO, BKW, BM, HAS_BIAS, OP_DT, False, PDL,
     )  # fmt: skip
     _release_t(t_ptr, cnt_ptr, M * P * Rp, tl.num_programs(0) * tl.num_programs(1), ZB)
 

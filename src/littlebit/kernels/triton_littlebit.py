@@ -5,7 +5,9 @@ Signs are read as packed words and decoded in registers; no unpacked matrix ever
 tensor-core kernels (``_tensorcore``). A call has two stages: stage 1 (t = l * S_V^T (g*x), g*x built
 from x and g in the kernel, split over d_in with fp32 atomics so small ranks still fill the GPU) and
 stage 2 (y = sum_p h_p * S_U,p t_p + bias). By default they are two launches, with ``t`` in a cached
-workspace that is all zero between calls, zeroed again by the last stage-2 program.
+workspace that is all zero between calls, zeroed again by the last stage-2 program; on sm_90+ both
+use programmatic dependent launch (``KernelConfig.pdl``, ``_sync``), so each is scheduled while the
+kernel before it still runs.
 ``KernelConfig(single_launch=True, tc_single_launch=True)`` runs both stages in one launch instead
 (``_sync``: stage-2 programs wait on a grid-wide count of finished stage-1 programs, by ticket order,
 without assuming co-residency; ``t`` double-buffered, its dirty half cleared in slices by the stage-2
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._gemv import _gemv_kernel, _gemv_u_kernel, _gemv_v_kernel
-from ._sync import N_STATE
+from ._sync import HAS_PDL, N_STATE
 from ._tensorcore import _tc_kernel, _tc_u_kernel, _tc_v_kernel
 
 MAX_TOKENS = 64
@@ -54,6 +56,9 @@ class KernelConfig:
     spin_ns: int = 200  # single launch: nanosleep per poll of a waiting program (0: busy polling)
     tc_maxnreg: int = 0  # single-launch tensor-core kernel: register cap per thread (0: the compiler's)
     gemv_maxnreg: int = 0  # single-launch GEMV kernel: the same
+    # two launches: programmatic dependent launch, so stage 2 (and the next layer's stage 1) is scheduled
+    # while the previous kernel runs (``_sync``); None: on sm_90+ GPUs when Triton has it
+    pdl: bool | None = None
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -185,13 +190,24 @@ def _zeroed_on_error(ws: _Workspace) -> Iterator[None]:
         raise
 
 
+@functools.cache
+def _pdl_capable(device_index: int) -> bool:
+    return HAS_PDL and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _pdl(x2: torch.Tensor, cfg: KernelConfig) -> bool:
+    if not x2.is_cuda or _interpreting():
+        return False
+    return _pdl_capable(x2.device.index or 0) if cfg.pdl is None else cfg.pdl
+
+
 def _spin_ns(x2: torch.Tensor, cfg: KernelConfig) -> int:
     return cfg.spin_ns if x2.is_cuda and not _interpreting() else 0
 
 
-def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> None:
+def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int = 1) -> None:
     M, d_in = x2.shape
-    P, d_out, W_r = u.shape
+    P, d_out, W_r = u.shape  # P: all paths of all ``groups`` layers (two launches only)
     r, W_in = v.shape[1:]
     ptx = x2.is_cuda and not _interpreting()
     asm = (x2.dtype == torch.float16 and ptx) if cfg.asm is None else cfg.asm
@@ -206,11 +222,12 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> None:
     # Covering a row in one step beat narrower, less wasteful steps in the sweep: more, shorter programs.
     b2 = cfg.words_u or min(32, _pow2_at_least(W_r))
     bo, warps2 = _row_tile(d_out, b2, cfg.rows_u, cfg.warps)
-    while bo > 32 // b2 and triton.cdiv(d_out, bo) < 2 * sms:
+    while bo > 32 // b2 and groups * triton.cdiv(d_out, bo) < 2 * sms:
         bo //= 2
         warps2 = max(1, warps2 // 2) if bo < cfg.rows_u * (32 // b2) * warps2 else warps2
     t_len = triton.cdiv(W_r, b2) * 32 * b2
     if cfg.single_launch:
+        assert groups == 1, "grouped calls take two launches"
         ws = _workspace(x2.device, M * P * t_len, "one")
         n1, n2 = P * n_rb * n_split, triton.cdiv(d_out, bo)
         # stage 2 alone needs 48 registers, stage 1 80: one kernel runs stage 2 at 6 CTAs per SM, not 10
@@ -225,15 +242,19 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> None:
             )  # fmt: skip
         return
     ws = _workspace(x2.device, M * P * t_len)
+    pdl = _pdl(x2, cfg)
+    launch = {"launch_pdl": True} if pdl else {}
     with _zeroed_on_error(ws):
         _gemv_v_kernel[(P * n_rb, n_split)](
             x2, g, v, l, ws.t, M, r, W_in, d_in, x2.stride(0), n_rb, chunk, t_len,
-            P=P, TOK=tok, BR=br, B1=b1, MODE1=mode1, B2=b2, MODE2=mode2, PTX=ptx, num_warps=warps1,
+            P=P, TOK=tok, BR=br, B1=b1, MODE1=mode1, B2=b2, MODE2=mode2, PTX=ptx, PDL=pdl, num_warps=warps1,
+            **launch,
         )  # fmt: skip
-        _gemv_u_kernel[(triton.cdiv(d_out, bo),)](
-            ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r, y.stride(0), t_len,
-            P=P, TOK=tok, BO=bo, B2=b2, MODE2=mode2, HAS_BIAS=bias is not None, PTX=ptx, ZB=_ZERO_BLOCK,
-            num_warps=warps2,
+        n_ob = triton.cdiv(d_out, bo)
+        _gemv_u_kernel[(groups * n_ob,)](
+            ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r, y.stride(0), t_len, n_ob,
+            P=P // groups, TOK=tok, BO=bo, B2=b2, MODE2=mode2, HAS_BIAS=bias is not None, PTX=ptx,
+            ZB=_ZERO_BLOCK, PDL=pdl, G=groups, num_warps=warps2, **launch,
         )  # fmt: skip
 
 
@@ -271,15 +292,18 @@ def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> No
             )  # fmt: skip
         return
     ws = _workspace(x2.device, M * P * Rp)
+    pdl = _pdl(x2, cfg)
+    launch = {"launch_pdl": True} if pdl else {}
     with _zeroed_on_error(ws):
         _tc_v_kernel[(P * n_rb, n_split, n_mb)](
             x2, g, v, l, ws.t, M, r, W_in, d_in, x2.stride(0), Rp, n_rb, chunk,
-            P=P, BR=rows, BKW=words, BM=bm, OP_DT=_TL_DTYPES[op_dt], num_warps=cfg.tc_warps,
+            P=P, BR=rows, BKW=words, BM=bm, OP_DT=_TL_DTYPES[op_dt], PDL=pdl, num_warps=cfg.tc_warps,
+            **launch,
         )  # fmt: skip
         _tc_u_kernel[(triton.cdiv(d_out, bo), n_mb)](
             ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0),
             P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=_TL_DTYPES[op_dt],
-            ZB=_ZERO_BLOCK, num_warps=cfg.tc_warps,
+            ZB=_ZERO_BLOCK, PDL=pdl, num_warps=cfg.tc_warps, **launch,
         )  # fmt: skip
 
 
@@ -293,22 +317,37 @@ def littlebit_linear_triton(
     bias: torch.Tensor | None = None,
     *,
     config: KernelConfig | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
-    """The packed product on the GPU (or on CPU tensors under ``TRITON_INTERPRET=1``); any token count."""
+    """The packed product on the GPU (or on CPU tensors under ``TRITON_INTERPRET=1``); any token count.
+
+    ``groups`` > 1: that many layers of one shape on the same input, their tensors stacked along the
+    path axis (``ops.littlebit_linear_grouped``); their outputs come side by side. The batch-1 GEMV
+    runs them all in one pair of launches, the other paths one layer after another.
+    """
     cfg = config or DEFAULT_CONFIG
     _check(x, u_signs, v_signs, h, l, g)
+    if groups < 1 or u_signs.shape[0] % groups:
+        raise ValueError(f"{u_signs.shape[0]} stacked paths do not split into {groups} layers")
     d_in, d_out = g.shape[-1], h.shape[-1]
     x2 = x.reshape(-1, d_in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty((x2.shape[0], d_out), dtype=x.dtype, device=x.device)
+    y = torch.empty((x2.shape[0], groups * d_out), dtype=x.dtype, device=x.device)
     if x2.shape[0] > 0:
         sms = 4 if _interpreting() or not x.is_cuda else _num_sms(x.device.index or 0)
-        run = _gemv if x2.shape[0] <= cfg.gemv_max_tokens else _tensor_cores
+        tensors = [t.contiguous() for t in (u_signs, v_signs, h, l, g)]
         b = bias.contiguous() if bias is not None else None
-        run(x2, u_signs.contiguous(), v_signs.contiguous(), h.contiguous(), l.contiguous(), g.contiguous(), b,
-            y, cfg, sms)  # fmt: skip
-    return y.reshape(*x.shape[:-1], d_out)
+        if x2.shape[0] <= cfg.gemv_max_tokens and not cfg.single_launch:
+            _gemv(x2, *tensors, b, y, cfg, sms, groups)
+        else:
+            run = _gemv if x2.shape[0] <= cfg.gemv_max_tokens else _tensor_cores
+            P = u_signs.shape[0] // groups
+            for j in range(groups):  # the kernels write through y's row stride, so a column slice works
+                layer = [t[j * P : (j + 1) * P] for t in tensors]
+                bj = None if b is None else b[j * d_out : (j + 1) * d_out]
+                run(x2, *layer, bj, y[:, j * d_out : (j + 1) * d_out], cfg, sms)
+    return y.reshape(*x.shape[:-1], groups * d_out)
 
 
 def accepts(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor) -> bool:
