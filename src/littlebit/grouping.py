@@ -86,6 +86,8 @@ class GroupMember(nn.Module):
 
 def _run_groups(parent: nn.Module, args: tuple, kwargs: dict) -> None:
     x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+    if not isinstance(x, torch.Tensor):
+        raise RuntimeError(f"{type(parent).__name__} was called without its input first or as hidden_states=")
     for group_name, member_names in parent._littlebit_groups:
         outs = getattr(parent, group_name)(x)
         for name, out in zip(member_names, outs, strict=True):
@@ -102,7 +104,7 @@ def group_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = DE
         for names in groups:
             by_key: dict[tuple, list[str]] = {}
             for name in names:
-                key = _key(getattr(parent, name, None)) if isinstance(parent, nn.Module) else None
+                key = _key(getattr(parent, name, None))
                 if key is not None:
                     by_key.setdefault(key, []).append(name)
             found += [members for members in by_key.values() if len(members) > 1]
