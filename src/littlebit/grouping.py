@@ -2,7 +2,7 @@
 
 At batch 1 a small packed layer costs about its two kernel launches, not its bytes. The q/k/v
 projections of an attention block, and gate/up of an MLP, read the same input, so one grouped call
-(``ops.littlebit_linear_grouped``) replaces three (or two) pairs of launches with one. Dense
+(``ops.littlebit_linear`` with ``groups``) replaces three (or two) pairs of launches with one. Dense
 ``nn.Linear`` members are grouped too, into one concatenated weight, so an FP16 baseline gets the same
 treatment (as gpt-fast's fused ``wqkv``).
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import littlebit_linear_grouped
+from .ops import littlebit_linear
 from .packed import PackedLittleBitLinear
 
 DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -55,8 +55,8 @@ class GroupedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.packed:
-            y = littlebit_linear_grouped(
-                x, self.u_signs, self.v_signs, self.h, self.l, self.g, self.bias, len(self.splits)
+            y = littlebit_linear(
+                x, self.u_signs, self.v_signs, self.h, self.l, self.g, self.bias, groups=len(self.splits)
             )
         else:
             y = F.linear(x, self.weight, self.bias)

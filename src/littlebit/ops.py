@@ -75,7 +75,7 @@ _forced: list[str] = []
 
 def register_backend(name: str, fn: LinearFn, accepts: Predicate, grouped: bool = False) -> None:
     """Add a faster implementation; ``accepts(x, u_signs, v_signs)`` says which calls it can take;
-    ``grouped``: ``fn`` also takes ``groups=`` (see ``littlebit_linear_grouped``)."""
+    ``grouped``: ``fn`` also takes ``groups=`` (see ``littlebit_linear``)."""
     _BACKENDS[name] = Backend(name, fn, accepts, grouped)
 
 
@@ -105,6 +105,13 @@ def select_backend(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor
     return "reference"
 
 
+def group_layer(tensors: list[torch.Tensor], bias: torch.Tensor | None, groups: int, j: int) -> tuple:
+    """Layer ``j`` of a grouped call: its slices of the stacked (u_signs, v_signs, h, l, g) and of bias."""
+    P, d_out = tensors[0].shape[0] // groups, tensors[2].shape[-1]
+    layer = [t[j * P : (j + 1) * P] for t in tensors]
+    return layer, None if bias is None else bias[j * d_out : (j + 1) * d_out]
+
+
 def _dispatch(
     x: torch.Tensor,
     u_signs: torch.Tensor,
@@ -113,10 +120,18 @@ def _dispatch(
     l: torch.Tensor,
     g: torch.Tensor,
     bias: torch.Tensor | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
     name = select_backend(x, u_signs, v_signs)
-    fn = littlebit_linear_reference if name == "reference" else _BACKENDS[name].fn
-    return fn(x, u_signs, v_signs, h, l, g, bias)
+    backend = None if name == "reference" else _BACKENDS[name]
+    if groups == 1:
+        fn = littlebit_linear_reference if backend is None else backend.fn
+        return fn(x, u_signs, v_signs, h, l, g, bias)
+    if backend is not None and backend.grouped:
+        return backend.fn(x, u_signs, v_signs, h, l, g, bias, groups=groups)
+    tensors = [u_signs, v_signs, h, l, g]
+    layers = [group_layer(tensors, bias, groups, j) for j in range(groups)]
+    return torch.cat([_dispatch(x, *layer, bj) for layer, bj in layers], dim=-1)
 
 
 # Registered as a custom op so torch.compile and CUDA graphs see one opaque node instead of tracing
@@ -130,13 +145,14 @@ def _linear_op(
     l: torch.Tensor,
     g: torch.Tensor,
     bias: torch.Tensor | None,
+    groups: int = 1,
 ) -> torch.Tensor:
-    return _dispatch(x, u_signs, v_signs, h, l, g, bias).contiguous()
+    return _dispatch(x, u_signs, v_signs, h, l, g, bias, groups).contiguous()
 
 
 @_linear_op.register_fake
-def _(x, u_signs, v_signs, h, l, g, bias):
-    return x.new_empty(*x.shape[:-1], u_signs.shape[1])
+def _(x, u_signs, v_signs, h, l, g, bias, groups=1):
+    return x.new_empty(*x.shape[:-1], groups * u_signs.shape[1])
 
 
 def littlebit_linear(
@@ -147,59 +163,14 @@ def littlebit_linear(
     l: torch.Tensor,
     g: torch.Tensor,
     bias: torch.Tensor | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
-    """The packed product through the best backend that takes this call."""
-    return _linear_op(x, u_signs, v_signs, h, l, g, bias)
+    """The packed product through the best backend that takes this call.
 
-
-def _dispatch_grouped(x, u_signs, v_signs, h, l, g, bias, groups: int) -> torch.Tensor:
-    name = select_backend(x, u_signs, v_signs)
-    backend = _BACKENDS.get(name)
-    if backend is not None and backend.grouped:
-        return backend.fn(x, u_signs, v_signs, h, l, g, bias, groups=groups)
-    P, d_out = u_signs.shape[0] // groups, h.shape[-1]
-    outs = []
-    for j in range(groups):
-        layer = [t[j * P : (j + 1) * P] for t in (u_signs, v_signs, h, l, g)]
-        bj = None if bias is None else bias[j * d_out : (j + 1) * d_out]
-        outs.append(_dispatch(x, *layer, bj))
-    return torch.cat(outs, dim=-1)
-
-
-@torch.library.custom_op("littlebit::linear_grouped", mutates_args=())
-def _linear_grouped_op(
-    x: torch.Tensor,
-    u_signs: torch.Tensor,
-    v_signs: torch.Tensor,
-    h: torch.Tensor,
-    l: torch.Tensor,
-    g: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-) -> torch.Tensor:
-    return _dispatch_grouped(x, u_signs, v_signs, h, l, g, bias, groups).contiguous()
-
-
-@_linear_grouped_op.register_fake
-def _(x, u_signs, v_signs, h, l, g, bias, groups):
-    return x.new_empty(*x.shape[:-1], groups * u_signs.shape[1])
-
-
-def littlebit_linear_grouped(
-    x: torch.Tensor,
-    u_signs: torch.Tensor,
-    v_signs: torch.Tensor,
-    h: torch.Tensor,
-    l: torch.Tensor,
-    g: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-) -> torch.Tensor:
-    """``groups`` layers of one shape applied to the same ``x``, outputs side by side (d_out each).
-
-    Their tensors are stacked along the path axis (layer j owns paths ``j*P .. j*P + P - 1``; ``bias``
-    is ``(groups * d_out,)``). Equal to concatenating ``littlebit_linear`` of each layer; a backend that
-    supports it (the Triton GEMV) does them in one pair of launches, which is what batch-1 decoding
-    of q/k/v or gate/up projections is bound by.
+    ``groups`` > 1: that many layers of one shape applied to the same ``x``, outputs side by side
+    (d_out each). Their tensors are stacked along the path axis (layer j owns paths ``j*P .. j*P + P -
+    1``; ``bias`` is ``(groups * d_out,)``). Equal to concatenating each layer's product; a backend that
+    supports it (the Triton GEMV) does them in one pair of launches, which is what batch-1 decoding of
+    q/k/v or gate/up projections is bound by.
     """
-    return _linear_grouped_op(x, u_signs, v_signs, h, l, g, bias, groups)
+    return _linear_op(x, u_signs, v_signs, h, l, g, bias, groups)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import group_layer
 from ._gemv import _gemv_kernel, _gemv_u_kernel, _gemv_v_kernel
 from ._sync import HAS_PDL, N_STATE
 from ._tensorcore import _tc_kernel, _tc_u_kernel, _tc_v_kernel
@@ -201,6 +202,11 @@ def _pdl(x2: torch.Tensor, cfg: KernelConfig) -> bool:
     return _pdl_capable(x2.device.index or 0) if cfg.pdl is None else cfg.pdl
 
 
+def _pdl_args(x2: torch.Tensor, cfg: KernelConfig) -> dict:
+    """The kernels' ``PDL`` flag, and the launch option that goes with it when on."""
+    return {"PDL": True, "launch_pdl": True} if _pdl(x2, cfg) else {"PDL": False}
+
+
 def _spin_ns(x2: torch.Tensor, cfg: KernelConfig) -> int:
     return cfg.spin_ns if x2.is_cuda and not _interpreting() else 0
 
@@ -242,19 +248,17 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
             )  # fmt: skip
         return
     ws = _workspace(x2.device, M * P * t_len)
-    pdl = _pdl(x2, cfg)
-    launch = {"launch_pdl": True} if pdl else {}
+    pdl = _pdl_args(x2, cfg)
     with _zeroed_on_error(ws):
         _gemv_v_kernel[(P * n_rb, n_split)](
             x2, g, v, l, ws.t, M, r, W_in, d_in, x2.stride(0), n_rb, chunk, t_len,
-            P=P, TOK=tok, BR=br, B1=b1, MODE1=mode1, B2=b2, MODE2=mode2, PTX=ptx, PDL=pdl, num_warps=warps1,
-            **launch,
+            P=P, TOK=tok, BR=br, B1=b1, MODE1=mode1, B2=b2, MODE2=mode2, PTX=ptx, num_warps=warps1, **pdl,
         )  # fmt: skip
         n_ob = triton.cdiv(d_out, bo)
         _gemv_u_kernel[(groups * n_ob,)](
             ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r, y.stride(0), t_len, n_ob,
             P=P // groups, TOK=tok, BO=bo, B2=b2, MODE2=mode2, HAS_BIAS=bias is not None, PTX=ptx,
-            ZB=_ZERO_BLOCK, PDL=pdl, G=groups, num_warps=warps2, **launch,
+            ZB=_ZERO_BLOCK, G=groups, num_warps=warps2, **pdl,
         )  # fmt: skip
 
 
@@ -292,18 +296,16 @@ def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> No
             )  # fmt: skip
         return
     ws = _workspace(x2.device, M * P * Rp)
-    pdl = _pdl(x2, cfg)
-    launch = {"launch_pdl": True} if pdl else {}
+    pdl = _pdl_args(x2, cfg)
     with _zeroed_on_error(ws):
         _tc_v_kernel[(P * n_rb, n_split, n_mb)](
             x2, g, v, l, ws.t, M, r, W_in, d_in, x2.stride(0), Rp, n_rb, chunk,
-            P=P, BR=rows, BKW=words, BM=bm, OP_DT=_TL_DTYPES[op_dt], PDL=pdl, num_warps=cfg.tc_warps,
-            **launch,
+            P=P, BR=rows, BKW=words, BM=bm, OP_DT=_TL_DTYPES[op_dt], num_warps=cfg.tc_warps, **pdl,
         )  # fmt: skip
         _tc_u_kernel[(triton.cdiv(d_out, bo), n_mb)](
             ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0),
             P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=_TL_DTYPES[op_dt],
-            ZB=_ZERO_BLOCK, PDL=pdl, num_warps=cfg.tc_warps, **launch,
+            ZB=_ZERO_BLOCK, num_warps=cfg.tc_warps, **pdl,
         )  # fmt: skip
 
 
@@ -322,7 +324,7 @@ def littlebit_linear_triton(
     """The packed product on the GPU (or on CPU tensors under ``TRITON_INTERPRET=1``); any token count.
 
     ``groups`` > 1: that many layers of one shape on the same input, their tensors stacked along the
-    path axis (``ops.littlebit_linear_grouped``); their outputs come side by side. The batch-1 GEMV
+    path axis (``ops.littlebit_linear``); their outputs come side by side. The batch-1 GEMV
     runs them all in one pair of launches, the other paths one layer after another.
     """
     cfg = config or DEFAULT_CONFIG
@@ -342,10 +344,8 @@ def littlebit_linear_triton(
             _gemv(x2, *tensors, b, y, cfg, sms, groups)
         else:
             run = _gemv if x2.shape[0] <= cfg.gemv_max_tokens else _tensor_cores
-            P = u_signs.shape[0] // groups
             for j in range(groups):  # the kernels write through y's row stride, so a column slice works
-                layer = [t[j * P : (j + 1) * P] for t in tensors]
-                bj = None if b is None else b[j * d_out : (j + 1) * d_out]
+                layer, bj = group_layer(tensors, b, groups, j)
                 run(x2, *layer, bj, y[:, j * d_out : (j + 1) * d_out], cfg, sms)
     return y.reshape(*x.shape[:-1], groups * d_out)
 
