@@ -361,7 +361,12 @@ def main() -> None:
     ap.add_argument("--sweep-out", type=Path, help="where to write the sweep's rows")
     ap.add_argument("--quick", action="store_true", help="two shapes, two BPWs")
     ap.add_argument("--acceptance", action="store_true", help="only issue 5's four acceptance cases")
-    ap.add_argument("--variants", action="store_true", help="also time the no-PDL and single-launch variants")
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        help="also time these named KernelConfig variants on the same layers (none named: all)",
+    )
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-table", action="store_true")
@@ -437,7 +442,7 @@ def main() -> None:
     if args.acceptance:
         cases = [((8192, 28672), [0.1, 1.0], [1]), ((4096, 4096), [0.55], [1]), ((8192, 28672), [0.55], [16])]
     variants = None
-    if args.variants:
+    if args.variants is not None:
         K = tk.KernelConfig
         variants = {  # the defaults use programmatic dependent launch on sm_90+; these are the others
             "two-launch-no-pdl": (K(pdl=False), range(1, 65)),
@@ -446,8 +451,14 @@ def main() -> None:
         b1 = range(1, 2)  # GEMV tile choices, re-checked with programmatic dependent launch on
         for name, kw in [("waves4", {"waves": 4.0}), ("waves16", {"waves": 16.0}), ("rows_u2", {"rows_u": 2}),
                          ("rows_u8", {"rows_u": 8}), ("rows_v4", {"rows_v": 4}), ("rows_v16", {"rows_v": 16}),
-                         ("warps2", {"warps": 2}), ("warps8", {"warps": 8})]:  # fmt: skip
+                         ("warps2", {"warps": 2}), ("warps8", {"warps": 8}), ("words_u16", {"words_u": 16}),
+                         ("reduce", {"gemv_reduce": True}), ("atomic", {"gemv_reduce": False}),
+                         ("reduce-rows_u8", {"gemv_reduce": True, "rows_u": 8})]:  # fmt: skip
             variants[name] = (K(**kw), b1)
+        unknown = set(args.variants) - set(variants)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(variants)}")
+        variants = {k: v for k, v in variants.items() if not args.variants or k in args.variants}
     for (d_in, d_out), case_bpws, batches in cases:
         records += bench_shape(
             tk, d_in, d_out, case_bpws, batches, tk.DEFAULT_CONFIG, gen, copy_gbps, device, deadline, variants

@@ -95,15 +95,20 @@ def _check_leading_dims(tk, m):
 
 TWO_LAUNCHES = {"single_launch": False, "tc_single_launch": False}
 ONE_LAUNCH = {"single_launch": True, "tc_single_launch": True}
+# stage 1 of the GEMV writes t from partial sums (no zero t), on up to 4 tokens
+REDUCE = {**TWO_LAUNCHES, "gemv_reduce": True, "gemv_max_tokens": 4}
 
 
 def _workspace_problem(key, ws) -> str | None:
     """Why ``ws`` is not in the state a call must find it in, or None.
 
-    Two-launch scheme: t and the counter all zero. Single launch: the ticket / done / finished counts
-    zero, parity 0 or 1, the half of that parity all zero, the other half zero past its dirty length.
+    Two-launch scheme: t and the counter all zero. Partial sums ("reduce"): every ticket zero, t
+    anything. Single launch: the ticket / done / finished counts zero, parity 0 or 1, the half of that
+    parity all zero, the other half zero past its dirty length.
     """
     t, state = ws.t.cpu(), ws.counter.cpu().tolist()
+    if key[-1] == "reduce":
+        return None if not any(state) else f"{key}: a ticket is non-zero"
     if key[-1] == "two":
         return None if not t.any() and not any(state) else f"{key}: t or counter non-zero"
     parity, dirty = state[3], state[4]
@@ -275,6 +280,40 @@ CHECKS.update(
         ]
     }
 )
+# Partial sums: d_in = 4000 splits stage 1 over several programs per row block (the ticket path).
+CHECKS.update(
+    {
+        f"reduce-{m}-{d_in}-{r}-{d_out}-{paths}-{str(dt)[6:]}": (
+            _check_case,
+            (m, d_in, r, d_out, paths, dt, REDUCE),
+        )
+        for m, d_in, r, d_out, paths, dt in [
+            (1, 4000, 24, 100, 2, torch.float16),
+            (3, 4000, 120, 40, 1, torch.bfloat16),
+            (1, 576, 40, 300, 2, torch.float16),
+            (2, 1000, 8, 576, 1, torch.float16),
+        ]
+    }
+)
+CHECKS.update(
+    {
+        f"reduce-fp16x2-{m}-{d_in}-{r}-{d_out}": (
+            _check_case,
+            (m, d_in, r, d_out, 2, torch.float16, {**REDUCE, "asm": True}),
+        )
+        for m, d_in, r, d_out in [
+            (1, 4000, 72, 100),
+            (3, 1000, 120, 576),
+            (1, 576, 40, 300),
+            (2, 4000, 8, 40),
+        ]
+    }
+)
+CHECKS["reduce-fp16x2-repeated-calls"] = (_check_repeated_calls, ({**REDUCE, "asm": True},))
+CHECKS["reduce-fp16x2-grouped"] = (_check_grouped, (1, 4000, 72, 100, 2, 3, True, {**REDUCE, "asm": True}))
+CHECKS["reduce-grouped"] = (_check_grouped, (1, 4000, 40, 100, 2, 3, True, REDUCE))
+CHECKS["repeated-calls-reduce"] = (_check_repeated_calls, (REDUCE,))
+CHECKS["reduce-launches"] = (_check_launches, (REDUCE,))
 CHECKS["repeated-calls"] = (_check_repeated_calls, (ONE_LAUNCH,))
 CHECKS["repeated-calls-fp16x2"] = (_check_repeated_calls, ({**_FP16X2, **ONE_LAUNCH},))
 CHECKS["repeated-calls-two-launches"] = (_check_repeated_calls, (TWO_LAUNCHES,))
@@ -363,6 +402,7 @@ def test_triton_kernels_per_call(m, two):
         TWO_LAUNCHES,
         {**TWO_LAUNCHES, "pdl": False},
         {**ONE_LAUNCH, "t_cg": True, "tc_maxnreg": 168, "gemv_maxnreg": 64},
+        REDUCE,
     ],
 )
 def test_triton_many_calls_large(config):
@@ -386,18 +426,19 @@ def test_triton_many_calls_large(config):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="captures CUDA graphs")
-@pytest.mark.parametrize("two", [False, True])
+@pytest.mark.parametrize("scheme", ["one", "two", "reduce"])
 @pytest.mark.parametrize("warm_up", [True, False])
 @pytest.mark.parametrize("m", [1, 16])
-def test_triton_cuda_graph_replays(m, warm_up, two):
+def test_triton_cuda_graph_replays(m, warm_up, scheme):
     """Replays of captured calls stay right (the workspace is left as a call must find it after
     each), whether the workspace was sized by a warm-up outside capture (as the benchmarks do) or
     inside the capture. Three calls per graph: the single-launch parity flips an odd number of times
     per replay, so replays only stay right if it is kept on the device."""
     from littlebit.kernels import triton_littlebit as tk
 
-    cfg = tk.KernelConfig(**(TWO_LAUNCHES if two else ONE_LAUNCH))
-    scheme = "two" if two else "one"
+    cfg = tk.KernelConfig(**{"one": ONE_LAUNCH, "two": TWO_LAUNCHES, "reduce": REDUCE}[scheme])
+    if scheme == "reduce" and m > cfg.gemv_max_tokens:
+        scheme = "two"  # the tensor-core path keeps the zero-t workspace
     layers = [make_layer(1000, 120, 576, 2, torch.float16, DEVICE, seed=s) for s in (12, 13, 14)]
     x = torch.randn(m, 1000, device=DEVICE).half()
     side = torch.cuda.Stream()
@@ -427,15 +468,16 @@ def test_triton_cuda_graph_replays(m, warm_up, two):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("reduce", [False, True])
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("m", [1, 16])
-def test_triton_chained_calls_wait_for_their_input(m, graph):
+def test_triton_chained_calls_wait_for_their_input(m, graph, reduce):
     """Each call's input is the previous call's output, as in a model. With programmatic dependent
     launch a stage may start before the kernel that writes its input ends; it must wait for it, or
     it reads a stale input (each output is checked against the reference on the input it got)."""
     from littlebit.kernels import triton_littlebit as tk
 
-    cfg = tk.KernelConfig(**TWO_LAUNCHES)
+    cfg = tk.KernelConfig(**(REDUCE if reduce else TWO_LAUNCHES))
     if torch.cuda.get_device_capability()[0] >= 9:
         assert tk._pdl(torch.empty(1, device=DEVICE), cfg), "PDL should be on by default on sm_90+"
     layers = [make_layer(2048, 200 + 40 * i, 2048, 2, torch.float16, DEVICE, seed=50 + i) for i in range(12)]
@@ -464,6 +506,23 @@ def test_triton_chained_calls_wait_for_their_input(m, graph):
         torch.cuda.synchronize()
         for i, ((x, y), layer) in enumerate(zip(pairs, layers, strict=True)):
             assert rel_err(y, x, *layer) < TOL, (step, i)
+    _assert_workspaces_clean(tk)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="races only show on a GPU")
+@pytest.mark.parametrize("m,d_in,r,d_out", [(1, 8192, 296, 4096), (3, 4096, 552, 1024)])
+def test_triton_gemv_partial_sums_are_deterministic(m, d_in, r, d_out):
+    """Stage 1 split over d_in and summed by the last program of each row block in a fixed order:
+    repeated calls give the same bits, and the last program saw every partial (the result is right)."""
+    from littlebit.kernels import triton_littlebit as tk
+
+    cfg = tk.KernelConfig(**REDUCE)
+    layer = make_layer(d_in, r, d_out, 2, torch.float16, DEVICE, seed=7)
+    x = torch.randn(m, d_in, device=DEVICE).half()
+    first = tk.littlebit_linear_triton(x, *layer, config=cfg)
+    assert rel_err(first, x, *layer) < TOL
+    for _ in range(50):
+        assert torch.equal(tk.littlebit_linear_triton(x, *layer, config=cfg), first)
     _assert_workspaces_clean(tk)
 
 

@@ -19,10 +19,15 @@ Vector modes:
      terms are fp16, so it is meant for fp16 activations.
   2  (stage 2) as 1, from fp32 pairs stored side by side (what stage 1's fp32 atomics can build),
      packed to fp16x2 in the loop.
+  3  (stage 2) as 1, reading fp16x2 pairs that stage 1 wrote whole (``REDUCE``, row blocks of whole
+     words): half the loads of mode 2 and no packing in the loop; the same rounding.
 
 Stage 1 and stage 2 run in one launch (``_gemv_kernel``; ordering and the double-buffered ``t``:
-``_sync``) or, as before, in two (``_gemv_v_kernel`` then ``_gemv_u_kernel``; ``t`` zero whenever no
-call is running: the last stage-2 program zeroes it again, ``_release_t``). Both share the stage bodies.
+``_sync``) or, as before, in two (``_gemv_v_kernel`` then ``_gemv_u_kernel``). In two launches stage 1
+either adds into a ``t`` that is zero whenever no call is running (the last stage-2 program zeroes it
+again, ``_release_t``) or, with ``REDUCE``, writes ``t`` whole from per-split partial sums
+(``_reduce_partials``), so stage 2 ends with no ticket on one address. The launches share the stage
+bodies.
 """
 
 from __future__ import annotations
@@ -197,6 +202,8 @@ def _rows_dot(
             for i in tl.static_range(16):
                 if MODE == 1:
                     pair = _pick(gx, i, 4)
+                elif MODE == 3:
+                    pair = tl.load(vp + i * BKW, mask=vmask, other=0)
                 else:
                     lo = _load_vec(vp + 2 * i * BKW, vmask, CG)
                     hi = _load_vec(vp + 2 * i * BKW + 1, vmask, CG)
@@ -240,14 +247,64 @@ def _release_t(t_ptr, cnt_ptr, n_used, n_programs, ZB: tl.constexpr):
 
 
 @triton.jit
+def _store_t(
+    val, t_row, tp_row, row0, tok_ok, R, W_r, B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr
+):
+    """Write a row block's finished t (TOK, BR), rows from ``row0``, in stage 2's layout: fp32 entries,
+    or with ``MODE2`` 3 fp16x2 pairs (bit i, bit i + 16) through ``tp_row`` (the same memory as int32);
+    the block is then whole words, and its rows past the rank hold zeros (their l is 0), which the
+    padding bits of the last word must meet."""
+    TOK: tl.constexpr = val.shape[0]
+    BR: tl.constexpr = val.shape[1]
+    if MODE2 == 3:
+        NW: tl.constexpr = BR // 32
+        lo, hi = tl.split(tl.permute(tl.reshape(val, (TOK, NW, 2, 16)), (0, 1, 3, 2)))
+        k = row0 // 32 + tl.arange(0, NW)
+        off = ((k // B2) * (32 * B2) + k % B2)[:, None] + (tl.arange(0, 16) * B2)[None, :]
+        mask = tok_ok[:, None, None] & (k < W_r)[None, :, None]
+        tl.store(tp_row[:, :, None] + off[None, :, :], _pack_half2(lo, hi, PTX), mask=mask)
+    else:
+        rows = row0 + tl.arange(0, BR)
+        ok = tok_ok[:, None] & (rows < R)[None, :]
+        tl.store(t_row + _vec_offsets(rows, B2, MODE2)[None, :], val, mask=ok)
+
+
+@triton.jit
+def _reduce_partials(
+    part, lv, t_row, tp_row, row0, tok_ok, R, W_r, part_ptr, cnt_ptr, ticket_idx, split, n_split, slot, offs,
+    B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr,
+):  # fmt: skip
+    """Stage 1 without atomics into ``t`` and without a zero ``t``: each of the ``n_split`` programs of
+    a row block stores its partial sums (at ``split * slot + offs``); the last to finish (a ticket per
+    row block, ``ticket_idx``) adds them in a fixed order, so the result is deterministic, writes
+    ``t`` (``_store_t``) and resets the ticket."""
+    if n_split == 1:
+        _store_t(part * lv[None, :], t_row, tp_row, row0, tok_ok, R, W_r, B2, MODE2, PTX)
+    else:
+        ok = tok_ok[:, None] & ((row0 + tl.arange(0, part.shape[1])) < R)[None, :]
+        tl.store(part_ptr + split * slot + offs, part, mask=ok)
+        # Every warp's partials are written before the ticket; its release (and the last program's
+        # acquire) orders them before that program's reads, which go to L2 (.cg), never a stale L1.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr + ticket_idx, 1, sem="acq_rel")
+        if ticket == n_split - 1:
+            acc = tl.zeros(part.shape, tl.float32)
+            for sp in range(0, n_split):
+                acc += tl.load(part_ptr + sp * slot + offs, mask=ok, other=0.0, cache_modifier=".cg")
+            _store_t(acc * lv[None, :], t_row, tp_row, row0, tok_ok, R, W_r, B2, MODE2, PTX)
+            tl.store(cnt_ptr + ticket_idx, 0)
+
+
+@triton.jit
 def _gemv_v_body(
     x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, pid0, pid1, M, R, W_in, d_in, stride_xm, n_rb, chunk, t_len,
     P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
     B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False,
+    part_ptr=None, cnt_ptr=None, n_split=1, W_r=0, tp_ptr=None, REDUCE: tl.constexpr = False,
 ):  # fmt: skip
     """Stage 1 for program (pid0, pid1): t (+)= l * S_V^T (g*x) over block ``pid0 % n_rb`` of the rows
-    of path ``pid0 // n_rb`` and chunk ``pid1`` of d_in, by fp32 atomics into ``t`` laid out for stage 2
-    (``B2``, ``MODE2``)."""
+    of path ``pid0 // n_rb`` and chunk ``pid1`` of d_in, into ``t`` laid out for stage 2 (``B2``,
+    ``MODE2``): by fp32 atomics into a zero ``t``, or with ``REDUCE`` by ``_reduce_partials``."""
     p = pid0 // n_rb
     rows = (pid0 % n_rb) * BR + tl.arange(0, BR)
     row_ok = rows < R
@@ -264,8 +321,25 @@ def _gemv_v_body(
     )  # fmt: skip
     _pdl_launch_next(PDL)
     lv = tl.load(l_ptr + p * R + rows, mask=row_ok, other=0.0).to(tl.float32)
-    dst = t_ptr + ((toks * P + p) * t_len)[:, None] + _vec_offsets(rows, B2, MODE2)[None, :]
-    tl.atomic_add(dst, part * lv[None, :], mask=tok_ok[:, None] & row_ok[None, :], sem="relaxed")
+    t_row = t_ptr + ((toks * P + p) * t_len)[:, None]
+    if REDUCE:
+        offs = ((toks * P + p) * R)[:, None] + rows[None, :]
+        tp_row = tp_ptr + ((toks * P + p) * t_len)[:, None]
+        _reduce_partials(
+            part, lv, t_row, tp_row, (pid0 % n_rb) * BR, tok_ok, R, W_r, part_ptr, cnt_ptr, pid0, pid1,
+            n_split, M * P * R, offs, B2, MODE2, PTX,
+        )  # fmt: skip
+        if MODE2 != 3 and pid0 % n_rb == n_rb - 1 and pid1 == 0:
+            # Stage 2 reads whole words: the bits of the last one past the rank must meet zeros.
+            pad = R + tl.arange(0, 32)
+            tl.store(
+                t_row + _vec_offsets(pad, B2, MODE2)[None, :],
+                tl.zeros((TOK, 32), tl.float32),
+                mask=tok_ok[:, None] & (pad < 32 * W_r)[None, :],
+            )
+    else:
+        dst = t_row + _vec_offsets(rows, B2, MODE2)[None, :]
+        tl.atomic_add(dst, part * lv[None, :], mask=tok_ok[:, None] & row_ok[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -306,14 +380,15 @@ def _gemv_u_body(
 # plain 4-byte loads are coalesced across lanes already.
 @triton.jit(do_not_specialize_on_alignment=["W_in", "chunk"])
 def _gemv_v_kernel(
-    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, n_rb, chunk, t_len,
-    P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
-    B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, tp_ptr, part_ptr, cnt_ptr, M, R, W_in, d_in, stride_xm, n_rb, chunk,
+    t_len, W_r, P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
+    B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr, REDUCE: tl.constexpr,
 ):  # fmt: skip
     """Stage 1 of the two-launch path, grid (P * n_rb, n_split)."""
     _gemv_v_body(
         x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, tl.program_id(0), tl.program_id(1), M, R, W_in, d_in, stride_xm,
         n_rb, chunk, t_len, P, TOK, BR, B1, MODE1, B2, MODE2, PTX, PDL,
+        part_ptr, cnt_ptr, tl.num_programs(1), W_r, tp_ptr, REDUCE,
     )  # fmt: skip
 
 
@@ -322,10 +397,11 @@ def _gemv_u_kernel(
     t_ptr, cnt_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, stride_ym, t_len, n_ob,
     P: tl.constexpr, TOK: tl.constexpr, BO: tl.constexpr, B2: tl.constexpr, MODE2: tl.constexpr,
     HAS_BIAS: tl.constexpr, PTX: tl.constexpr, ZB: tl.constexpr, PDL: tl.constexpr, G: tl.constexpr,
+    REDUCE: tl.constexpr,
 ):  # fmt: skip
     """Stage 2 of the two-launch path, grid (G * n_ob,): ``n_ob`` blocks of output rows for each of the
     ``G`` layers of a grouped call (their P paths each, stacked; outputs side by side in y); then
-    ``_release_t``."""
+    ``_release_t``, unless stage 1 wrote ``t`` whole (``REDUCE``)."""
     pid = tl.program_id(0)
     grp = pid // n_ob
     _gemv_u_body(
@@ -333,7 +409,8 @@ def _gemv_u_kernel(
         b_ptr + grp * d_out, y_ptr + grp * d_out, pid - grp * n_ob, M, d_out, W_r, stride_ym, t_len,
         P, TOK, BO, B2, MODE2, HAS_BIAS, PTX, False, PDL, G * P,
     )  # fmt: skip
-    _release_t(t_ptr, cnt_ptr, M * G * P * t_len, tl.num_programs(0), ZB)
+    if not REDUCE:
+        _release_t(t_ptr, cnt_ptr, M * G * P * t_len, tl.num_programs(0), ZB)
 
 
 @triton.jit(do_not_specialize_on_alignment=["W_in", "chunk", "W_r"])

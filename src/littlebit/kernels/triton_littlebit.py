@@ -5,7 +5,9 @@ Signs are read as packed words and decoded in registers; no unpacked matrix ever
 tensor-core kernels (``_tensorcore``). A call has two stages: stage 1 (t = l * S_V^T (g*x), g*x built
 from x and g in the kernel, split over d_in with fp32 atomics so small ranks still fill the GPU) and
 stage 2 (y = sum_p h_p * S_U,p t_p + bias). By default they are two launches, with ``t`` in a cached
-workspace that is all zero between calls, zeroed again by the last stage-2 program; on sm_90+ both
+workspace that is all zero between calls, zeroed again by the last stage-2 program; for ranks of 1024
+and more the GEMV's stage 1 instead sums per-split partials in its last program per row block and
+writes ``t`` whole (``KernelConfig.gemv_reduce``), as fp16 pairs when stage 2 decodes fp16; on sm_90+ both
 use programmatic dependent launch (``KernelConfig.pdl``, ``_sync``), so each is scheduled while the
 kernel before it still runs.
 ``KernelConfig(single_launch=True, tc_single_launch=True)`` runs both stages in one launch instead
@@ -60,6 +62,12 @@ class KernelConfig:
     # two launches: programmatic dependent launch, so stage 2 (and the next layer's stage 1) is scheduled
     # while the previous kernel runs (``_sync``); None: on sm_90+ GPUs when Triton has it
     pdl: bool | None = None
+    # two-launch GEMV: stage 1 stores per-split partial sums and the last program of each row block adds
+    # them into t (fixed order: deterministic; fp16x2 pairs for stage 2 when it can), instead of atomics
+    # into a zero t that the last stage-2 program clears after a ticket every stage-2 program takes on
+    # one address. None: for ranks of 1024 and more (32-word rows), where it won on the H100 (8192x28672
+    # at 1.0 BPW 42.5 -> 33.7 µs); on small layers its longer stage-1 tail cost as much as it saved.
+    gemv_reduce: bool | None = None
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -131,8 +139,10 @@ _SLICE_BLOCK = 256  # floats a stage-2 program clears per step (its slice is sma
 
 @dataclass
 class _Workspace:
-    t: torch.Tensor  # fp32; "two": all zero between calls; "one": halves [0, cap) and [cap, 2 cap)
-    counter: torch.Tensor  # int32; "two": (1,) zero between calls; "one": the ``_sync`` state
+    t: torch.Tensor  # fp32; "two": all zero between calls; "one": halves [0, cap) and [cap, 2 cap);
+    # "reduce": t then stage 1's partial sums, any values between calls
+    counter: torch.Tensor  # int32; "two": (1,) zero between calls; "one": the ``_sync`` state;
+    # "reduce": one ticket per stage-1 row block, zero between calls
     cap: int  # floats per call
 
 
@@ -141,8 +151,17 @@ _WORKSPACES: dict[tuple[torch.device, int | None, str], _Workspace] = {}
 _RETIRED: list[torch.Tensor] = []
 
 
-def _new_workspace(device: torch.device, n: int, scheme: str, old: _Workspace | None) -> _Workspace:
+def _new_workspace(
+    device: torch.device, n: int, scheme: str, old: _Workspace | None, tickets: int
+) -> _Workspace:
     cap = _pow2_at_least(max(n, 4096))
+    if scheme == "reduce":
+        # the tickets are zero between calls, so graphs captured with the old buffers can share them
+        if old is not None and old.counter.numel() >= tickets:
+            counter = old.counter
+        else:
+            counter = torch.zeros(_pow2_at_least(max(tickets, 256)), dtype=torch.int32, device=device)
+        return _Workspace(torch.zeros(cap, dtype=torch.float32, device=device), counter, cap)
     if scheme == "two":
         # the counter is zero between calls, so graphs captured with the old buffer can share it
         counter = old.counter if old is not None else torch.zeros(1, dtype=torch.int32, device=device)
@@ -152,7 +171,7 @@ def _new_workspace(device: torch.device, n: int, scheme: str, old: _Workspace | 
     return _Workspace(torch.zeros(2 * cap, dtype=torch.float32, device=device), state, cap)
 
 
-def _workspace(device: torch.device, n: int, scheme: str = "two") -> _Workspace:
+def _workspace(device: torch.device, n: int, scheme: str = "two", tickets: int = 1) -> _Workspace:
     """A workspace of at least ``n`` floats per call for the current stream.
 
     Calls captured into CUDA graphs share one workspace per device (key None): which stream a graph
@@ -170,10 +189,10 @@ def _workspace(device: torch.device, n: int, scheme: str = "two") -> _Workspace:
         keys = [(device, torch.cuda.current_stream(device).cuda_stream, scheme), (device, None, scheme)]
     for key in keys:
         ws = _WORKSPACES.get(key)
-        if ws is None or ws.cap < n:
+        if ws is None or ws.cap < n or ws.counter.numel() < tickets:
             if ws is not None:
                 _RETIRED.extend([ws.t, ws.counter])
-            _WORKSPACES[key] = _new_workspace(device, n, scheme, ws)
+            _WORKSPACES[key] = _new_workspace(device, max(n, ws.cap if ws else 0), scheme, ws, tickets)
     return _WORKSPACES[keys[0]]
 
 
@@ -247,18 +266,31 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
                 **extra,
             )  # fmt: skip
         return
-    ws = _workspace(x2.device, M * P * t_len)
+    n_t = M * P * t_len
+    reduce = cfg.gemv_reduce if cfg.gemv_reduce is not None else W_r >= 32
+    if reduce:
+        ws = _workspace(x2.device, n_t + n_split * M * P * r, "reduce", P * n_rb)
+        part = ws.t[n_t:]
+        if mode2 == 2 and br % 32 == 0:  # stage 1 writes whole fp16x2 pairs: no packing in stage 2
+            mode2 = 3
+    else:
+        ws = _workspace(x2.device, n_t)
+        part = ws.t
+    t_pairs = ws.t.view(torch.int32)
     pdl = _pdl_args(x2, cfg)
     with _zeroed_on_error(ws):
         _gemv_v_kernel[(P * n_rb, n_split)](
-            x2, g, v, l, ws.t, M, r, W_in, d_in, x2.stride(0), n_rb, chunk, t_len,
-            P=P, TOK=tok, BR=br, B1=b1, MODE1=mode1, B2=b2, MODE2=mode2, PTX=ptx, num_warps=warps1, **pdl,
+            x2, g, v, l, ws.t, t_pairs, part, ws.counter, M, r, W_in, d_in, x2.stride(0), n_rb, chunk, t_len,
+            W_r,
+            P=P, TOK=tok, BR=br, B1=b1, MODE1=mode1, B2=b2, MODE2=mode2, PTX=ptx, REDUCE=reduce,
+            num_warps=warps1, **pdl,
         )  # fmt: skip
         n_ob = triton.cdiv(d_out, bo)
         _gemv_u_kernel[(groups * n_ob,)](
-            ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r, y.stride(0), t_len, n_ob,
+            t_pairs if mode2 == 3 else ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r,
+            y.stride(0), t_len, n_ob,
             P=P // groups, TOK=tok, BO=bo, B2=b2, MODE2=mode2, HAS_BIAS=bias is not None, PTX=ptx,
-            ZB=_ZERO_BLOCK, G=groups, num_warps=warps2, **pdl,
+            ZB=_ZERO_BLOCK, G=groups, REDUCE=reduce, num_warps=warps2, **pdl,
         )  # fmt: skip
 
 
