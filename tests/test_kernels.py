@@ -216,6 +216,23 @@ def _check_zeroed_after_failure(tk):
     return rel_err(y, x, u, v, h, l, g, bias)
 
 
+def _check_poisoned_workspace(tk, m, d_in, r, d_out, config):
+    """Partial sums: t may hold anything between calls. With the workspace filled with NaN before the
+    call, the result is only finite and right if stage 1 writes every entry stage 2 reads (the
+    padding of the last word included) and nothing reads a partial slot it did not write."""
+    cfg = tk.KernelConfig(**config)
+    u, v, h, l, g, bias = make_layer(d_in, r, d_out, 2, torch.float16, DEVICE, seed=r + d_in)
+    x = torch.randn(m, d_in, generator=torch.Generator().manual_seed(r)).half().to(DEVICE)
+    tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)  # creates the workspace
+    poisoned = [ws.t.fill_(float("nan")) for key, ws in tk._WORKSPACES.items() if key[-1] == "reduce"]
+    if not poisoned:
+        raise AssertionError("no partial-sums workspace was used")
+    y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)
+    if not torch.isfinite(y.float()).all():
+        return float("inf")
+    return rel_err(y, x, u, v, h, l, g, bias)
+
+
 def _check_grouped(tk, m, d_in, r, d_out, paths, groups, bias, config=None):
     """Layers of one shape on one input, stacked along the path axis, against each layer alone: the
     GEMV runs them in one pair of launches, the tensor-core path one after another."""
@@ -311,6 +328,21 @@ CHECKS.update(
 )
 CHECKS["reduce-fp16x2-repeated-calls"] = (_check_repeated_calls, ({**REDUCE, "asm": True},))
 CHECKS["reduce-fp16x2-grouped"] = (_check_grouped, (1, 4000, 72, 100, 2, 3, True, {**REDUCE, "asm": True}))
+# fp32 t (modes 0 and 2, ranks off the word size) and fp16 pairs (mode 3), split and not split
+CHECKS.update(
+    {
+        f"reduce-poisoned-{m}-{d_in}-{r}-{'fp16x2' if asm else 'plain'}": (
+            _check_poisoned_workspace,
+            (m, d_in, r, 100, {**REDUCE, "asm": asm}),
+        )
+        for m, d_in, r, asm in [
+            (1, 4000, 24, False),
+            (2, 4000, 8, True),
+            (1, 4000, 40, True),
+            (1, 576, 40, True),
+        ]
+    }
+)
 CHECKS["reduce-grouped"] = (_check_grouped, (1, 4000, 40, 100, 2, 3, True, REDUCE))
 CHECKS["repeated-calls-reduce"] = (_check_repeated_calls, (REDUCE,))
 CHECKS["reduce-launches"] = (_check_launches, (REDUCE,))
@@ -437,10 +469,12 @@ def test_triton_cuda_graph_replays(m, warm_up, scheme):
     from littlebit.kernels import triton_littlebit as tk
 
     cfg = tk.KernelConfig(**{"one": ONE_LAUNCH, "two": TWO_LAUNCHES, "reduce": REDUCE}[scheme])
+    # partial sums: d_in wide enough that stage 1 splits (tickets taken and reset in every replay)
+    d_in = 4096 if scheme == "reduce" else 1000
     if scheme == "reduce" and m > cfg.gemv_max_tokens:
         scheme = "two"  # the tensor-core path keeps the zero-t workspace
-    layers = [make_layer(1000, 120, 576, 2, torch.float16, DEVICE, seed=s) for s in (12, 13, 14)]
-    x = torch.randn(m, 1000, device=DEVICE).half()
+    layers = [make_layer(d_in, 120, 576, 2, torch.float16, DEVICE, seed=s) for s in (12, 13, 14)]
+    x = torch.randn(m, d_in, device=DEVICE).half()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compiles the kernels
@@ -457,7 +491,7 @@ def test_triton_cuda_graph_replays(m, warm_up, scheme):
         ys = [tk.littlebit_linear_triton(x, *layer, config=cfg) for layer in layers]
     assert (tk._WORKSPACES[key] is shared) == warm_up  # allocated in the capture only if cold
     for step in range(4):
-        x.copy_(torch.randn(m, 1000, device=DEVICE).half())
+        x.copy_(torch.randn(m, d_in, device=DEVICE).half())
         graph.replay()
         torch.cuda.synchronize()
         for y, layer in zip(ys, layers, strict=True):

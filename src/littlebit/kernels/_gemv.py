@@ -252,10 +252,12 @@ def _store_t(
 ):
     """Write a row block's finished t (TOK, BR), rows from ``row0``, in stage 2's layout: fp32 entries,
     or with ``MODE2`` 3 fp16x2 pairs (bit i, bit i + 16) through ``tp_row`` (the same memory as int32);
-    the block is then whole words, and its rows past the rank hold zeros (their l is 0), which the
-    padding bits of the last word must meet."""
+    the block is then whole words, and its rows past the rank are written as zeros, which the padding
+    bits of the last word must meet."""
     TOK: tl.constexpr = val.shape[0]
     BR: tl.constexpr = val.shape[1]
+    # Rows past the rank decoded zero words: their sums can overflow fp16 (times l = 0: NaN).
+    val = tl.where(((row0 + tl.arange(0, BR)) < R)[None, :], val, 0.0)
     if MODE2 == 3:
         NW: tl.constexpr = BR // 32
         lo, hi = tl.split(tl.permute(tl.reshape(val, (TOK, NW, 2, 16)), (0, 1, 3, 2)))
