@@ -256,9 +256,9 @@ def _store_t(
     bits of the last word must meet."""
     TOK: tl.constexpr = val.shape[0]
     BR: tl.constexpr = val.shape[1]
-    # Rows past the rank decoded zero words: their sums can overflow fp16 (times l = 0: NaN).
-    val = tl.where(((row0 + tl.arange(0, BR)) < R)[None, :], val, 0.0)
     if MODE2 == 3:
+        # Rows past the rank decoded zero words: their sums can overflow fp16 (times l = 0: NaN).
+        val = tl.where(((row0 + tl.arange(0, BR)) < R)[None, :], val, 0.0)
         NW: tl.constexpr = BR // 32
         lo, hi = tl.split(tl.permute(tl.reshape(val, (TOK, NW, 2, 16)), (0, 1, 3, 2)))
         k = row0 // 32 + tl.arange(0, NW)

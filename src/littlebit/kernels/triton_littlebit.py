@@ -276,7 +276,7 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
     else:
         ws = _workspace(x2.device, n_t)
         part = ws.t
-    t_pairs = ws.t.view(torch.int32)
+    t_pairs = ws.t.view(torch.int32) if mode2 == 3 else ws.t  # stage 2's t: fp16x2 words or fp32
     pdl = _pdl_args(x2, cfg)
     with _zeroed_on_error(ws):
         _gemv_v_kernel[(P * n_rb, n_split)](
@@ -287,7 +287,7 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
         )  # fmt: skip
         n_ob = triton.cdiv(d_out, bo)
         _gemv_u_kernel[(groups * n_ob,)](
-            t_pairs if mode2 == 3 else ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r,
+            t_pairs, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r,
             y.stride(0), t_len, n_ob,
             P=P // groups, TOK=tok, BO=bo, B2=b2, MODE2=mode2, HAS_BIAS=bias is not None, PTX=ptx,
             ZB=_ZERO_BLOCK, G=groups, REDUCE=reduce, num_warps=warps2, **pdl,
