@@ -355,6 +355,38 @@ def check_asm(tk, gen):
     return tk.DEFAULT_CONFIG if err < 1e-2 else tk.KernelConfig(asm=False)
 
 
+def named_variants(K) -> dict:
+    """Name -> (KernelConfig, token counts it applies to): configs timed beside the defaults."""
+    variants = {  # the defaults use programmatic dependent launch on sm_90+; these are the others
+        "two-launch-no-pdl": (K(pdl=False), range(1, 65)),
+        "one-launch": (K(single_launch=True, tc_single_launch=True), range(1, 65)),
+    }
+    b1 = range(1, 2)  # GEMV tile choices, re-checked with programmatic dependent launch on
+    for name, kw in [("waves4", {"waves": 4.0}), ("waves16", {"waves": 16.0}), ("rows_u2", {"rows_u": 2}),
+                     ("rows_u8", {"rows_u": 8}), ("rows_v4", {"rows_v": 4}), ("rows_v16", {"rows_v": 16}),
+                     ("warps2", {"warps": 2}), ("warps8", {"warps": 8}), ("words_u16", {"words_u": 16}),
+                     ("reduce", {"gemv_reduce": True}), ("atomic", {"gemv_reduce": False}),
+                     ("reduce-rows_u8", {"gemv_reduce": True, "rows_u": 8}),
+                     # seventh session: stage 1 unsplit over d_in writes t directly (no atomics, no
+                     # ticket, nothing for stage 2 to clear), with fewer rows per program for more of them
+                     ("reduce-nosplit", {"gemv_reduce": True, "waves": 0.1}),
+                     ("reduce-nosplit-rows_v4", {"gemv_reduce": True, "waves": 0.1, "rows_v": 4}),
+                     ("reduce-nosplit-rows_v2", {"gemv_reduce": True, "waves": 0.1, "rows_v": 2}),
+                     ("reduce-waves1", {"gemv_reduce": True, "waves": 1.0}),
+                     ("reduce-waves2", {"gemv_reduce": True, "waves": 2.0}),
+                     ("reduce-words_u16", {"gemv_reduce": True, "words_u": 16}),
+                     ("atomic-waves2", {"gemv_reduce": False, "waves": 2.0}),
+                     ("rows_u16", {"rows_u": 16}), ("reduce-rows_u16", {"gemv_reduce": True, "rows_u": 16}),
+                     ("rows_u_small4", {"rows_u_small": 4}),  # the sixth version's small-layer tile
+                     ("release-tickets", {"release_tickets": True}),
+                     ("reduce-release-tickets", {"gemv_reduce": True, "release_tickets": True}),
+                     ("atomic-release-tickets", {"gemv_reduce": False, "release_tickets": True}),
+                     ("words_u8", {"words_u": 8}),
+                     ("reduce-words_u8", {"gemv_reduce": True, "words_u": 8})]:  # fmt: skip
+        variants[name] = (K(**kw), b1)
+    return variants
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, help="GPU table (default benchmarks/results/kernels.json); CPU rows")
@@ -373,6 +405,7 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="time the cpu-lut backend instead")
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop starting new work after this")
     ap.add_argument("--single", help="d_in,d_out,bpw,batch: a few plain calls and exit (for ncu)")
+    ap.add_argument("--single-variant", help="a named variant's config for --single (default: the defaults)")
     args = ap.parse_args()
     if args.cpu:
         bench_cpu(args.out)
@@ -387,8 +420,9 @@ def main() -> None:
         layer = random_layer(d_in, d_out, rank_for_bpw(d_in, d_out, bpw), "cuda", gen)
         g = (torch.rand(2, d_in, generator=gen, device="cuda") + 0.5).half()
         x = torch.randn(m, d_in, generator=gen, device="cuda").half()
+        cfg = named_variants(tk.KernelConfig)[args.single_variant][0] if args.single_variant else None
         for _ in range(3):
-            tk.littlebit_linear_triton(x, *layer, g)
+            tk.littlebit_linear_triton(x, *layer, g, config=cfg)
         torch.cuda.synchronize()
         return
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -443,18 +477,7 @@ def main() -> None:
         cases = [((8192, 28672), [0.1, 1.0], [1]), ((4096, 4096), [0.55], [1]), ((8192, 28672), [0.55], [16])]
     variants = None
     if args.variants is not None:
-        K = tk.KernelConfig
-        variants = {  # the defaults use programmatic dependent launch on sm_90+; these are the others
-            "two-launch-no-pdl": (K(pdl=False), range(1, 65)),
-            "one-launch": (K(single_launch=True, tc_single_launch=True), range(1, 65)),
-        }
-        b1 = range(1, 2)  # GEMV tile choices, re-checked with programmatic dependent launch on
-        for name, kw in [("waves4", {"waves": 4.0}), ("waves16", {"waves": 16.0}), ("rows_u2", {"rows_u": 2}),
-                         ("rows_u8", {"rows_u": 8}), ("rows_v4", {"rows_v": 4}), ("rows_v16", {"rows_v": 16}),
-                         ("warps2", {"warps": 2}), ("warps8", {"warps": 8}), ("words_u16", {"words_u": 16}),
-                         ("reduce", {"gemv_reduce": True}), ("atomic", {"gemv_reduce": False}),
-                         ("reduce-rows_u8", {"gemv_reduce": True, "rows_u": 8})]:  # fmt: skip
-            variants[name] = (K(**kw), b1)
+        variants = named_variants(tk.KernelConfig)
         unknown = set(args.variants) - set(variants)
         if unknown:
             raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(variants)}")

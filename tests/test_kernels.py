@@ -349,6 +349,10 @@ CHECKS["reduce-launches"] = (_check_launches, (REDUCE,))
 CHECKS["repeated-calls"] = (_check_repeated_calls, (ONE_LAUNCH,))
 CHECKS["repeated-calls-fp16x2"] = (_check_repeated_calls, ({**_FP16X2, **ONE_LAUNCH},))
 CHECKS["repeated-calls-two-launches"] = (_check_repeated_calls, (TWO_LAUNCHES,))
+# tickets that only release, the last program acquiring after (same workspace invariants)
+_RELEASE = {"release_tickets": True}
+CHECKS["repeated-calls-release-tickets"] = (_check_repeated_calls, ({**TWO_LAUNCHES, **_RELEASE},))
+CHECKS["repeated-calls-reduce-release-tickets"] = (_check_repeated_calls, ({**REDUCE, **_RELEASE},))
 CHECKS["one-launch"] = (_check_launches, (ONE_LAUNCH,))
 CHECKS["two-launches"] = (_check_launches, (TWO_LAUNCHES,))
 CHECKS["zeroed-after-failure"] = (_check_zeroed_after_failure, ())
@@ -435,6 +439,8 @@ def test_triton_kernels_per_call(m, two):
         {**TWO_LAUNCHES, "pdl": False},
         {**ONE_LAUNCH, "t_cg": True, "tc_maxnreg": 168, "gemv_maxnreg": 64},
         REDUCE,
+        {**TWO_LAUNCHES, "release_tickets": True},
+        {**REDUCE, "release_tickets": True},
     ],
 )
 def test_triton_many_calls_large(config):
@@ -558,6 +564,29 @@ def test_triton_gemv_partial_sums_are_deterministic(m, d_in, r, d_out):
     for _ in range(50):
         assert torch.equal(tk.littlebit_linear_triton(x, *layer, config=cfg), first)
     _assert_workspaces_clean(tk)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_gemv_stage2_tile_small_layers_take_fewer_warps():
+    tk = importlib.import_module("littlebit.kernels.triton_littlebit")
+    K = tk.KernelConfig
+    # 4096x4096 at 0.55 BPW (17-word rows) on 132 SMs: the same 512 programs, one warp of 8 rows a thread
+    assert tk._stage2_tile(4096, 17, 1, K(), 132) == (32, 8, 1)
+    assert tk._stage2_tile(4096, 17, 1, K(rows_u_small=4), 132) == (32, 8, 2)
+    assert tk._stage2_tile(4096, 17, 1, K(), 132, reduce=True) == (32, 8, 2)  # slower after partial sums
+    for d_out in (24, 300, 576, 4096, 11008, 28672):
+        for w_r in (1, 5, 10, 17, 32, 99):
+            for groups in (1, 3):
+                b2, bo, warps = tk._stage2_tile(d_out, w_r, groups, K(), 132)
+                ob2, obo, owarps = tk._stage2_tile(d_out, w_r, groups, K(rows_u_small=4), 132)
+                assert (b2, bo) == (ob2, obo), "the grid must not change"
+                assert 1 <= warps <= owarps
+                rows_per_thread = bo * b2 // (32 * warps)
+                assert rows_per_thread <= 8 or warps == owarps
+                if w_r <= 16:
+                    assert warps == owarps, "short rows keep their tile"
+                if groups * -(-d_out // bo) >= 2 * 132 and bo == tk._row_tile(d_out, b2, 4, 4)[0]:
+                    assert warps == owarps, "layers that fill the GPU keep their tile"
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA tensors")

@@ -281,6 +281,10 @@ def test_train_command_arguments():
     _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x"]))
     d = TrainConfig()
     assert (cfg.steps, cfg.batch_size, cfg.blocks) == (d.steps, d.batch_size, d.blocks)
+    assert cfg.max_grad_norm == d.max_grad_norm == 1.0
+    for flag, norm in (("0", None), ("0.5", 0.5)):
+        _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--max-grad-norm", flag]))
+        assert cfg.max_grad_norm == norm
     _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--block-batch-size", "3"]))
     assert cfg.blocks.batch_size == 3
     args = parser.parse_args(["--bpw", "20", "--out", "x"])

@@ -48,6 +48,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-weight", type=float, default=None, help="weight of the hidden-state term")
     parser.add_argument("--warmup", type=float, default=0.02, help="warm-up, as a fraction of the steps")
     parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help=f"clip the global gradient norm to this (0: off; default: {defaults.max_grad_norm})",
+    )
+    parser.add_argument(
         "--block-sequences", type=int, default=None, help="sequences for block reconstruction (0: off)"
     )
     parser.add_argument("--block-epochs", type=int, default=None)
@@ -102,6 +108,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         grad_accum=args.grad_accum,
         lrs=lrs,
         warmup_frac=args.warmup,
+        max_grad_norm=d.max_grad_norm if args.max_grad_norm is None else (args.max_grad_norm or None),
         loss=DistillConfig(form=args.loss, hidden_weight=args.hidden_weight),
         blocks=blocks,
         calib_sequences=args.calib_sequences,

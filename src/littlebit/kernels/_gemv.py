@@ -232,14 +232,32 @@ def _vec_offsets(j, BKW: tl.constexpr, MODE: tl.constexpr):
 
 
 @triton.jit
-def _release_t(t_ptr, cnt_ptr, n_used, n_programs, ZB: tl.constexpr):
+def _take_ticket(cnt_ptr, n_programs, RELEASE_ONLY: tl.constexpr):
+    """Count this program in at ``cnt_ptr``; True for the last of ``n_programs``, which then sees
+    every other program's memory operations before the ticket.
+
+    ``RELEASE_ONLY``: the others' tickets only release; the last one acquires afterwards with a second
+    atomic on the counter (it reads from the same chain of read-modify-writes, so it synchronises with
+    every release in it). An acq_rel ticket makes every program acquire, which on sm_90 also
+    invalidates its SM's L1 under programs still reading from it.
+    """
+    if RELEASE_ONLY:
+        last = tl.atomic_add(cnt_ptr, 1, sem="release") == n_programs - 1
+        if last:
+            tl.atomic_add(cnt_ptr, 0, sem="acquire")
+    else:
+        last = tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == n_programs - 1
+    return last
+
+
+@triton.jit
+def _release_t(t_ptr, cnt_ptr, n_used, n_programs, ZB: tl.constexpr, RELEASE_ONLY: tl.constexpr = False):
     """Called by every stage-2 program once it has read all of ``t``: the last one zeroes t for the
     next call and resets the ticket counter."""
     # Every warp of this program is past its reads of t before the ticket is taken; the ticket's
     # release (and the last program's acquire) orders them before the zeroing.
     tl.debug_barrier()
-    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
-    if ticket == n_programs - 1:
+    if _take_ticket(cnt_ptr, n_programs, RELEASE_ONLY):
         for z0 in range(0, n_used, ZB):
             z = z0 + tl.arange(0, ZB)
             tl.store(t_ptr + z, tl.zeros((ZB,), tl.float32), mask=z < n_used)
@@ -274,7 +292,7 @@ def _store_t(
 @triton.jit
 def _reduce_partials(
     part, lv, t_row, tp_row, row0, tok_ok, R, W_r, part_ptr, cnt_ptr, ticket_idx, split, n_split, slot, offs,
-    B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr,
+    B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr, RELEASE_ONLY: tl.constexpr = False,
 ):  # fmt: skip
     """Stage 1 without atomics into ``t`` and without a zero ``t``: each of the ``n_split`` programs of
     a row block stores its partial sums (at ``split * slot + offs``); the last to finish (a ticket per
@@ -288,8 +306,7 @@ def _reduce_partials(
         # Every warp's partials are written before the ticket; its release (and the last program's
         # acquire) orders them before that program's reads, which go to L2 (.cg), never a stale L1.
         tl.debug_barrier()
-        ticket = tl.atomic_add(cnt_ptr + ticket_idx, 1, sem="acq_rel")
-        if ticket == n_split - 1:
+        if _take_ticket(cnt_ptr + ticket_idx, n_split, RELEASE_ONLY):
             acc = tl.zeros(part.shape, tl.float32)
             for sp in range(0, n_split):
                 acc += tl.load(part_ptr + sp * slot + offs, mask=ok, other=0.0, cache_modifier=".cg")
@@ -303,6 +320,7 @@ def _gemv_v_body(
     P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
     B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False,
     part_ptr=None, cnt_ptr=None, n_split=1, W_r=0, tp_ptr=None, REDUCE: tl.constexpr = False,
+    RELEASE_ONLY: tl.constexpr = False,
 ):  # fmt: skip
     """Stage 1 for program (pid0, pid1): t (+)= l * S_V^T (g*x) over block ``pid0 % n_rb`` of the rows
     of path ``pid0 // n_rb`` and chunk ``pid1`` of d_in, into ``t`` laid out for stage 2 (``B2``,
@@ -329,7 +347,7 @@ def _gemv_v_body(
         tp_row = tp_ptr + ((toks * P + p) * t_len)[:, None]
         _reduce_partials(
             part, lv, t_row, tp_row, (pid0 % n_rb) * BR, tok_ok, R, W_r, part_ptr, cnt_ptr, pid0, pid1,
-            n_split, M * P * R, offs, B2, MODE2, PTX,
+            n_split, M * P * R, offs, B2, MODE2, PTX, RELEASE_ONLY,
         )  # fmt: skip
         if MODE2 != 3 and pid0 % n_rb == n_rb - 1 and pid1 == 0:
             # Stage 2 reads whole words: the bits of the last one past the rank must meet zeros.
@@ -385,12 +403,13 @@ def _gemv_v_kernel(
     x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, tp_ptr, part_ptr, cnt_ptr, M, R, W_in, d_in, stride_xm, n_rb, chunk,
     t_len, W_r, P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
     B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr, REDUCE: tl.constexpr,
+    RELEASE_ONLY: tl.constexpr,
 ):  # fmt: skip
     """Stage 1 of the two-launch path, grid (P * n_rb, n_split)."""
     _gemv_v_body(
         x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, tl.program_id(0), tl.program_id(1), M, R, W_in, d_in, stride_xm,
         n_rb, chunk, t_len, P, TOK, BR, B1, MODE1, B2, MODE2, PTX, PDL,
-        part_ptr, cnt_ptr, tl.num_programs(1), W_r, tp_ptr, REDUCE,
+        part_ptr, cnt_ptr, tl.num_programs(1), W_r, tp_ptr, REDUCE, RELEASE_ONLY,
     )  # fmt: skip
 
 
@@ -399,7 +418,7 @@ def _gemv_u_kernel(
     t_ptr, cnt_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, stride_ym, t_len, n_ob,
     P: tl.constexpr, TOK: tl.constexpr, BO: tl.constexpr, B2: tl.constexpr, MODE2: tl.constexpr,
     HAS_BIAS: tl.constexpr, PTX: tl.constexpr, ZB: tl.constexpr, PDL: tl.constexpr, G: tl.constexpr,
-    REDUCE: tl.constexpr,
+    REDUCE: tl.constexpr, RELEASE_ONLY: tl.constexpr,
 ):  # fmt: skip
     """Stage 2 of the two-launch path, grid (G * n_ob,): ``n_ob`` blocks of output rows for each of the
     ``G`` layers of a grouped call (their P paths each, stacked; outputs side by side in y); then
@@ -412,7 +431,7 @@ def _gemv_u_kernel(
         P, TOK, BO, B2, MODE2, HAS_BIAS, PTX, False, PDL, G * P,
     )  # fmt: skip
     if not REDUCE:
-        _release_t(t_ptr, cnt_ptr, M * G * P * t_len, tl.num_programs(0), ZB)
+        _release_t(t_ptr, cnt_ptr, M * G * P * t_len, tl.num_programs(0), ZB, RELEASE_ONLY)
 
 
 @triton.jit(do_not_specialize_on_alignment=["W_in", "chunk", "W_r"])

@@ -44,6 +44,10 @@ class KernelConfig:
     rows_v: int = 8  # GEMV stage 1: rows of S_V^T per thread (a thread owns one word column)
     words_v: int = 32  # GEMV stage 1: widest step over d_in, in words (lanes along the row)
     rows_u: int = 4  # GEMV stage 2: output rows per thread
+    # GEMV stage 2 on layers too small to fill 2 waves (rows over 16 words): rows per thread, with
+    # fewer warps per program rather than fewer programs (4096x4096 at 0.55 BPW on the H100: 8.3 -> 7.7
+    # µs at 8 against 4)
+    rows_u_small: int = 8
     words_u: int = 0  # GEMV stage 2: step over r in words; 0: the whole row up to 32 words
     warps: int = 4
     waves: float = 8.0  # GEMV: programs per SM aimed for when splitting d_in
@@ -68,6 +72,10 @@ class KernelConfig:
     # one address. None: for ranks of 1024 and more (32-word rows), where it won on the H100 (8192x28672
     # at 1.0 BPW 42.5 -> 33.7 µs); on small layers its longer stage-1 tail cost as much as it saved.
     gemv_reduce: bool | None = None
+    # two-launch GEMV: the tickets that find the last program (stage 2's before clearing t, stage 1's
+    # before summing partials) only release, and the last one acquires after, instead of acq_rel in
+    # every program (each acquire invalidates L1 on sm_90); level on the H100 (within 0.1 µs), so off
+    release_tickets: bool = False
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -115,6 +123,31 @@ def _row_tile(rows: int, words: int, per_thread: int, warps: int) -> tuple[int, 
         warps //= 2
         block //= 2
     return block, warps
+
+
+def _stage2_tile(
+    d_out: int, W_r: int, groups: int, cfg: KernelConfig, sms: int, reduce: bool = False
+) -> tuple[int, int, int]:
+    """GEMV stage 2: (words per step, output rows per program, warps).
+
+    Lanes go along r, then output rows. Covering a row in one step beat narrower, less wasteful steps
+    in the sweep (more, shorter programs). Blocks shrink while the grid is under 2 waves; such small
+    layers then take one warp per ``rows_u_small`` rows a thread, so each t value a thread loads serves
+    more rows (those programs wait on their loads, not on arithmetic). Only for rows of more than 16
+    words, where it won on the H100 (4096x4096 at 0.55 and 0.8 BPW: 1.08x, 1.11x; shorter rows were
+    level or up to 2 % slower), and not after a partial-sums stage 1 (``reduce``; 1.4x slower there).
+    """
+    b2 = cfg.words_u or min(32, _pow2_at_least(W_r))
+    lanes_on_rows = 32 // b2
+    bo, warps = _row_tile(d_out, b2, cfg.rows_u, cfg.warps)
+    small = False
+    while bo > lanes_on_rows and groups * triton.cdiv(d_out, bo) < 2 * sms:
+        small = True
+        bo //= 2
+        warps = max(1, warps // 2) if bo < cfg.rows_u * lanes_on_rows * warps else warps
+    if small and not reduce and W_r > 16 and cfg.rows_u_small > cfg.rows_u:
+        warps = max(1, min(warps, bo // (cfg.rows_u_small * lanes_on_rows)))
+    return b2, bo, warps
 
 
 def _check(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor, h, l, g) -> None:
@@ -243,13 +276,8 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
     br, warps1 = _row_tile(r, b1, cfg.rows_v, cfg.warps)
     n_rb = triton.cdiv(r, br)
     chunk, n_split = _split(W_in, b1, P * n_rb, int(cfg.waves * sms))
-    # stage 2 tiles: lanes along r, then output rows; smaller blocks while the grid is under 2 waves
-    # Covering a row in one step beat narrower, less wasteful steps in the sweep: more, shorter programs.
-    b2 = cfg.words_u or min(32, _pow2_at_least(W_r))
-    bo, warps2 = _row_tile(d_out, b2, cfg.rows_u, cfg.warps)
-    while bo > 32 // b2 and groups * triton.cdiv(d_out, bo) < 2 * sms:
-        bo //= 2
-        warps2 = max(1, warps2 // 2) if bo < cfg.rows_u * (32 // b2) * warps2 else warps2
+    reduce = cfg.gemv_reduce if cfg.gemv_reduce is not None else W_r >= 32
+    b2, bo, warps2 = _stage2_tile(d_out, W_r, groups, cfg, sms, reduce and not cfg.single_launch)
     t_len = triton.cdiv(W_r, b2) * 32 * b2
     if cfg.single_launch:
         assert groups == 1, "grouped calls take two launches"
@@ -267,7 +295,6 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
             )  # fmt: skip
         return
     n_t = M * P * t_len
-    reduce = cfg.gemv_reduce if cfg.gemv_reduce is not None else W_r >= 32
     if reduce:
         ws = _workspace(x2.device, n_t + n_split * M * P * r, "reduce", P * n_rb)
         part = ws.t[n_t:]
@@ -283,14 +310,15 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
             x2, g, v, l, ws.t, t_pairs, part, ws.counter, M, r, W_in, d_in, x2.stride(0), n_rb, chunk, t_len,
             W_r,
             P=P, TOK=tok, BR=br, B1=b1, MODE1=mode1, B2=b2, MODE2=mode2, PTX=ptx, REDUCE=reduce,
-            num_warps=warps1, **pdl,
+            RELEASE_ONLY=cfg.release_tickets, num_warps=warps1, **pdl,
         )  # fmt: skip
         n_ob = triton.cdiv(d_out, bo)
         _gemv_u_kernel[(groups * n_ob,)](
             t_pairs, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r,
             y.stride(0), t_len, n_ob,
             P=P // groups, TOK=tok, BO=bo, B2=b2, MODE2=mode2, HAS_BIAS=bias is not None, PTX=ptx,
-            ZB=_ZERO_BLOCK, G=groups, REDUCE=reduce, num_warps=warps2, **pdl,
+            ZB=_ZERO_BLOCK, G=groups, REDUCE=reduce, RELEASE_ONLY=cfg.release_tickets, num_warps=warps2,
+            **pdl,
         )  # fmt: skip
 
 
