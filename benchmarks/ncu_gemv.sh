@@ -2,6 +2,7 @@
 # Nsight Compute profile of the batch-1 GEMV kernels (both stages of the third of three calls) on the
 # lent GPU: where a call's time goes (duration, issue utilisation, stall reasons, occupancy).
 #   bash benchmarks/ncu_gemv.sh OUT_DIR [VARIANT]   (VARIANT: a name from kernels.py's named_variants)
+# Two-launch configurations only: it skips the first two calls' 4 kernels and profiles the next 2.
 set -euo pipefail
 out=${1:?usage: ncu_gemv.sh OUT_DIR [VARIANT]}
 variant=${2:-}

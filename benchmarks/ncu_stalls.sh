@@ -2,6 +2,7 @@
 # Why the batch-1 GEMV stages stall: Nsight Compute's per-reason stall counts for both stages of the
 # third of three calls, one file per case and variant.
 #   bash benchmarks/ncu_stalls.sh OUT_DIR VARIANT... (VARIANT: a kernels.py named variant, or "default")
+# Two-launch configurations only: it skips the first two calls' 4 kernels and profiles the next 2.
 set -euo pipefail
 out=${1:?usage: ncu_stalls.sh OUT_DIR VARIANT...}
 shift

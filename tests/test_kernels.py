@@ -574,8 +574,13 @@ def test_gemv_stage2_tile_small_layers_take_fewer_warps():
     assert tk._stage2_tile(4096, 17, 1, K(), 132) == (32, 8, 1)
     assert tk._stage2_tile(4096, 17, 1, K(rows_u_small=4), 132) == (32, 8, 2)
     assert tk._stage2_tile(4096, 17, 1, K(), 132, reduce=True) == (32, 8, 2)  # slower after partial sums
+    # the row-length boundary, on a tile the rule would change (5000 rows, 16-word steps: 313 programs)
+    assert tk._stage2_tile(5000, 17, 1, K(words_u=16), 132) == (16, 16, 1)
+    assert tk._stage2_tile(5000, 16, 1, K(words_u=16), 132) == (16, 16, 2)
+    assert tk._stage2_tile(5000, 12, 1, K(words_u=16), 132) == (16, 16, 2)
+    assert tk._stage2_tile(4096, 17, 1, K(rows_u_small=6), 132)[2] == 1  # warps stay a power of two
     for d_out in (24, 300, 576, 4096, 11008, 28672):
-        for w_r in (1, 5, 10, 17, 32, 99):
+        for w_r in (1, 5, 10, 16, 17, 32, 99):
             for groups in (1, 3):
                 b2, bo, warps = tk._stage2_tile(d_out, w_r, groups, K(), 132)
                 ob2, obo, owarps = tk._stage2_tile(d_out, w_r, groups, K(rows_u_small=4), 132)

@@ -285,6 +285,8 @@ def test_train_command_arguments():
     for flag, norm in (("0", None), ("0.5", 0.5)):
         _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--max-grad-norm", flag]))
         assert cfg.max_grad_norm == norm
+    with pytest.raises(LittleBitError):
+        config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--max-grad-norm", "-1"]))
     _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--block-batch-size", "3"]))
     assert cfg.blocks.batch_size == 3
     args = parser.parse_args(["--bpw", "20", "--out", "x"])

@@ -91,6 +91,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.freeze_signs_frac <= 1.0:
             raise LittleBitError(f"freeze-signs fraction must be in [0, 1], got {self.freeze_signs_frac}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise LittleBitError(f"max-grad-norm must be positive (or None: off), got {self.max_grad_norm}")
         for name in ("steps", "seqlen", "batch_size", "grad_accum"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise LittleBitError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -243,8 +245,10 @@ class Trainer:
             raise LittleBitError(f"the checkpoint in {self.work_dir} was made with another LittleBit config")
         if meta.get("data") != self._data_fingerprint():
             raise LittleBitError(f"the checkpoint in {self.work_dir} was made on other training data")
-        if meta["train_config"] != self.config.to_dict():
-            log.warning("resuming with training settings that differ from the checkpoint's")
+        now, then = self.config.to_dict(), meta["train_config"]
+        changed = sorted(k for k in set(now) | set(then) if then.get(k) != now.get(k))
+        if changed:
+            log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
 
     def _make_optimizer(self) -> None:
         self.kinds = select_trainable(self.student, self.config.train_norms)

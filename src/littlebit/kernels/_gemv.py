@@ -236,15 +236,17 @@ def _take_ticket(cnt_ptr, n_programs, RELEASE_ONLY: tl.constexpr):
     """Count this program in at ``cnt_ptr``; True for the last of ``n_programs``, which then sees
     every other program's memory operations before the ticket.
 
-    ``RELEASE_ONLY``: the others' tickets only release; the last one acquires afterwards with a second
-    atomic on the counter (it reads from the same chain of read-modify-writes, so it synchronises with
-    every release in it). An acq_rel ticket makes every program acquire, which on sm_90 also
+    ``RELEASE_ONLY``: the others' tickets only release; the last one then reads the counter with
+    acquire semantics (Triton lowers the add of 0 to an acquire load); it reads from the same chain of
+    read-modify-writes, so it synchronises with every release in it, and a CTA barrier hands that to
+    the program's other warps. An acq_rel ticket makes every program acquire, which on sm_90 also
     invalidates its SM's L1 under programs still reading from it.
     """
     if RELEASE_ONLY:
         last = tl.atomic_add(cnt_ptr, 1, sem="release") == n_programs - 1
         if last:
             tl.atomic_add(cnt_ptr, 0, sem="acquire")
+            tl.debug_barrier()
     else:
         last = tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == n_programs - 1
     return last

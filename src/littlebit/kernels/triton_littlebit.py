@@ -146,7 +146,8 @@ def _stage2_tile(
         bo //= 2
         warps = max(1, warps // 2) if bo < cfg.rows_u * lanes_on_rows * warps else warps
     if small and not reduce and W_r > 16 and cfg.rows_u_small > cfg.rows_u:
-        warps = max(1, min(warps, bo // (cfg.rows_u_small * lanes_on_rows)))
+        fewer = max(1, min(warps, bo // (cfg.rows_u_small * lanes_on_rows)))
+        warps = 1 << (fewer.bit_length() - 1)  # a power of two, whatever rows_u_small is
     return b2, bo, warps
 
 
