@@ -92,7 +92,8 @@ class TrainConfig:
         if not 0.0 <= self.freeze_signs_frac <= 1.0:
             raise LittleBitError(f"freeze-signs fraction must be in [0, 1], got {self.freeze_signs_frac}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise LittleBitError(f"max-grad-norm must be positive (or None: off), got {self.max_grad_norm}")
+            norm = self.max_grad_norm
+            raise LittleBitError(f"max-grad-norm must be > 0 (0 on the command line: off), got {norm}")
         for name in ("steps", "seqlen", "batch_size", "grad_accum"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise LittleBitError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
