@@ -384,6 +384,15 @@ def named_variants(K) -> dict:
                      ("words_u8", {"words_u": 8}),
                      ("reduce-words_u8", {"gemv_reduce": True, "words_u": 8})]:  # fmt: skip
         variants[name] = (K(**kw), b1)
+    # eighth session: stage 2 on tensor cores (cuda_mma), tiles as mma-<16-row tiles>-<words>-<warps>
+    variants["mma"] = (K(stage2_mma=True), b1)
+    variants["no-mma"] = (K(stage2_mma=False), b1)  # the seventh version's CUDA-core stage 2
+    for mt in (1, 2, 4):
+        for wpt in (1, 2, 4):
+            for warps in (2, 4, 8):
+                kw = {"stage2_mma": True, "mma_rows": mt, "mma_words": wpt, "mma_warps": warps}
+                variants[f"mma-{mt}-{wpt}-{warps}"] = (K(**kw, mma_stage=False), b1)
+                variants[f"mma-{mt}-{wpt}-{warps}-s"] = (K(**kw, mma_stage=True), b1)
     return variants
 
 

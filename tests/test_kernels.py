@@ -508,7 +508,7 @@ def test_triton_cuda_graph_replays(m, warm_up, scheme):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch needs a GPU")
-@pytest.mark.parametrize("reduce", [False, True])
+@pytest.mark.parametrize("reduce", [False, True, "mma"])
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("m", [1, 16])
 def test_triton_chained_calls_wait_for_their_input(m, graph, reduce):
@@ -517,7 +517,8 @@ def test_triton_chained_calls_wait_for_their_input(m, graph, reduce):
     it reads a stale input (each output is checked against the reference on the input it got)."""
     from littlebit.kernels import triton_littlebit as tk
 
-    cfg = tk.KernelConfig(**(REDUCE if reduce else TWO_LAUNCHES))
+    # "mma": stage 2 on tensor cores (cuda_mma) for the one-token calls, a PDL dependent of stage 1
+    cfg = tk.KernelConfig(**(REDUCE if reduce else TWO_LAUNCHES), stage2_mma=reduce == "mma")
     if torch.cuda.get_device_capability()[0] >= 9:
         assert tk._pdl(torch.empty(1, device=DEVICE), cfg), "PDL should be on by default on sm_90+"
     layers = [make_layer(2048, 200 + 40 * i, 2048, 2, torch.float16, DEVICE, seed=50 + i) for i in range(12)]

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..ops import group_layer
+from . import cuda_mma
 from ._gemv import _gemv_kernel, _gemv_u_kernel, _gemv_v_kernel
 from ._sync import HAS_PDL, N_STATE
 from ._tensorcore import _tc_kernel, _tc_u_kernel, _tc_v_kernel
@@ -76,6 +77,14 @@ class KernelConfig:
     # before summing partials) only release, and the last one acquires after, instead of acq_rel in
     # every program (each acquire invalidates L1 on sm_90); level on the H100 (within 0.1 µs), so off
     release_tickets: bool = False
+    # batch-1 GEMV: stage 2 on tensor cores (``cuda_mma``, CUDA C++ through NVRTC; fp16, sm_80+), stage 1
+    # then writes t as fp16 pairs, a word's 16 contiguous. None: where NVRTC and the GPU allow it, for
+    # S_U sizes where it won on the H100 (``_MMA_WORDS``; 4096x4096 at 0.55 BPW 7.7 -> 6.3 µs)
+    stage2_mma: bool | None = None
+    mma_rows: int = 0  # 16-row tiles per program; 0: chosen by shape (``_mma_tile``)
+    mma_words: int = 0  # words a thread per unit (unit = 4 * mma_words words of one path's rows); 0: by shape
+    mma_warps: int = 0  # warps per program sharing its units; 0: by shape
+    mma_stage: bool | None = None  # copy a program's sign words to shared memory first; None: by shape
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -149,6 +158,44 @@ def _stage2_tile(
         fewer = max(1, min(warps, bo // (cfg.rows_u_small * lanes_on_rows)))
         warps = 1 << (fewer.bit_length() - 1)  # a power of two, whatever rows_u_small is
     return b2, bo, warps
+
+
+_MAX_STAGED_BYTES = 200 * 1024  # shared memory a staged stage-2 program may take (H100: 227 KB a block)
+
+
+def _mma_tile(d_out: int, W_r: int, P: int, groups: int, cfg: KernelConfig, sms: int) -> cuda_mma.MmaTile:
+    # H100 sweep (benchmarks/mma_stage2.py): 2 words a thread everywhere; 16-row programs of 8 warps
+    # while 32-row ones would not fill two waves, else 32 rows and 4 warps; staging was slower
+    small = groups * triton.cdiv(d_out, 32) < 2 * sms
+    wpt = cfg.mma_words or 2
+    mt = cfg.mma_rows or (1 if small else 2)
+    warps = cfg.mma_warps or (8 if mt == 1 else 4)
+    stage = bool(cfg.mma_stage)
+    tile = cuda_mma.MmaTile(mt, wpt, warps, stage)
+    if stage and cuda_mma.staged_bytes(tile, P, W_r) > _MAX_STAGED_BYTES:
+        tile = cuda_mma.MmaTile(mt, wpt, warps, False)
+    return tile
+
+
+# Stage 2 on tensor cores by default for S_U of this many words (all paths of a layer). Below, the
+# partial-sums stage 1 it needs costs more than it saves (11008x4096 at 0.1 BPW: 5.2 -> 6.5 µs on the
+# H100); above, it was level or slower (8192x28672 from 0.55 BPW: 20.8 -> 23.0 µs, not understood).
+_MMA_WORDS = (64 * 1024, 1200 * 1024)
+
+
+def _use_mma(
+    x2: torch.Tensor, h: torch.Tensor, bias, cfg: KernelConfig, asm: bool, br: int, words: int = _MMA_WORDS[0]
+) -> bool:
+    """Stage 2 on tensor cores: one token, fp16 throughout, whole-word stage-1 row blocks, a GPU that
+    has it; by default only for S_U of ``_MMA_WORDS`` words per path."""
+    want = cfg.stage2_mma
+    if want is False or x2.shape[0] != 1 or not asm or br % 32 or cfg.single_launch:
+        return False
+    if want is None and not _MMA_WORDS[0] <= words <= _MMA_WORDS[1]:
+        return False
+    if h.dtype != torch.float16 or (bias is not None and bias.dtype != torch.float16):
+        return False
+    return cuda_mma.available(x2.device.index or 0)
 
 
 def _check(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor, h, l, g) -> None:
@@ -279,6 +326,9 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
     chunk, n_split = _split(W_in, b1, P * n_rb, int(cfg.waves * sms))
     reduce = cfg.gemv_reduce if cfg.gemv_reduce is not None else W_r >= 32
     b2, bo, warps2 = _stage2_tile(d_out, W_r, groups, cfg, sms, reduce and not cfg.single_launch)
+    mma = ptx and _use_mma(x2, h, bias, cfg, asm, br, d_out * W_r)
+    if mma:  # stage 1 writes t as the fp16 pairs the tensor-core stage 2 reads, a word's 16 contiguous
+        b2, reduce = 1, True
     t_len = triton.cdiv(W_r, b2) * 32 * b2
     if cfg.single_launch:
         assert groups == 1, "grouped calls take two launches"
@@ -313,6 +363,10 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
             P=P, TOK=tok, BR=br, B1=b1, MODE1=mode1, B2=b2, MODE2=mode2, PTX=ptx, REDUCE=reduce,
             RELEASE_ONLY=cfg.release_tickets, num_warps=warps1, **pdl,
         )  # fmt: skip
+        if mma:
+            tile = _mma_tile(d_out, W_r, P // groups, groups, cfg, sms)
+            cuda_mma.stage2(t_pairs, u, h, bias, y, W_r, t_len, P // groups, groups, tile, pdl["PDL"])
+            return
         n_ob = triton.cdiv(d_out, bo)
         _gemv_u_kernel[(groups * n_ob,)](
             t_pairs, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r,
