@@ -37,8 +37,14 @@ def tk():
     from littlebit.kernels import cuda_mma
     from littlebit.kernels import triton_littlebit as tk
 
-    if not cuda_mma.available(0):
-        pytest.skip("NVRTC or mma.sync unavailable")
+    if torch.cuda.get_device_capability(0)[0] < 8:
+        pytest.skip("mma.sync for fp16 needs sm_80+")
+    try:
+        cuda_mma._nvrtc()
+    except cuda_mma.NvrtcUnavailable:
+        pytest.skip("NVRTC unavailable")
+    cuda_mma._function(cuda_mma.MmaTile(), 0)  # a kernel that fails to compile or load fails here
+    assert cuda_mma.available(0)
     return tk
 
 

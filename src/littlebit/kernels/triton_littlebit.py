@@ -84,7 +84,7 @@ class KernelConfig:
     mma_rows: int = 0  # 16-row tiles per program; 0: chosen by shape (``_mma_tile``)
     mma_words: int = 0  # words a thread per unit (unit = 4 * mma_words words of one path's rows); 0: by shape
     mma_warps: int = 0  # warps per program sharing its units; 0: by shape
-    mma_stage: bool | None = None  # copy a program's sign words to shared memory first; None: by shape
+    mma_stage: bool | None = None  # copy a program's sign words to shared memory first; None: no (slower)
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -177,7 +177,7 @@ def _mma_tile(d_out: int, W_r: int, P: int, groups: int, cfg: KernelConfig, sms:
     return tile
 
 
-# Stage 2 on tensor cores by default for S_U of this many words (all paths of a layer). Below, the
+# Stage 2 on tensor cores by default for S_U of this many words per path (d_out * W_r). Below, the
 # partial-sums stage 1 it needs costs more than it saves (11008x4096 at 0.1 BPW: 5.2 -> 6.5 µs on the
 # H100); above, it was level or slower (8192x28672 from 0.55 BPW: 20.8 -> 23.0 µs, not understood).
 _MMA_WORDS = (64 * 1024, 1200 * 1024)
