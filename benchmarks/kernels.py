@@ -393,6 +393,12 @@ def named_variants(K) -> dict:
                 kw = {"stage2_mma": True, "mma_rows": mt, "mma_words": wpt, "mma_warps": warps}
                 variants[f"mma-{mt}-{wpt}-{warps}"] = (K(**kw, mma_stage=False), b1)
                 variants[f"mma-{mt}-{wpt}-{warps}-s"] = (K(**kw, mma_stage=True), b1)
+    # ninth session: how far stage 1 splits d_in (its partial sums and ticket are on the critical path
+    # of small layers) with the tensor-core stage 2, at the default tile and at 4 x 16 rows, 1 word
+    for waves in (0.1, 0.25, 0.5, 1.0, 2.0, 4.0):
+        variants[f"mma-waves{waves:g}"] = (K(stage2_mma=True, waves=waves), b1)
+        kw = {"stage2_mma": True, "mma_rows": 4, "mma_words": 1, "mma_warps": 4, "waves": waves}
+        variants[f"mma-4-1-4-waves{waves:g}"] = (K(**kw), b1)
     return variants
 
 
@@ -402,6 +408,7 @@ def main() -> None:
     ap.add_argument("--sweep-out", type=Path, help="where to write the sweep's rows")
     ap.add_argument("--quick", action="store_true", help="two shapes, two BPWs")
     ap.add_argument("--acceptance", action="store_true", help="only issue 5's four acceptance cases")
+    ap.add_argument("--batches", type=int, nargs="+", default=BATCHES, help="token counts of the grid")
     ap.add_argument(
         "--variants",
         nargs="*",
@@ -481,7 +488,7 @@ def main() -> None:
     shapes, bpws = (SHAPES[:1] + SHAPES[4:5], [0.1, 1.0]) if args.quick else (SHAPES, BPWS)
     deadline = t_start + args.budget_s
     records = []
-    cases = [((d_in, d_out), bpws, BATCHES) for d_in, d_out in shapes]
+    cases = [((d_in, d_out), bpws, args.batches) for d_in, d_out in shapes]
     if args.acceptance:
         cases = [((8192, 28672), [0.1, 1.0], [1]), ((4096, 4096), [0.55], [1]), ((8192, 28672), [0.55], [16])]
     variants = None

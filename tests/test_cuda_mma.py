@@ -22,8 +22,10 @@ SHAPES = [
     (4096, 544, 1000),
     (2048, 3168, 520),
 ]
-# (16-row tiles, words a thread, warps, sign words staged in shared memory)
+# (16-row tiles, words a thread, warps, sign words staged in shared memory); the rule's own tiles
+# (4, 1, 4), (2, 1, 8), (4, 1, 8), (1, 2, 8) and whatever it picks for the shape (zeros)
 TILES = [(1, 1, 1, False), (2, 4, 4, False), (1, 2, 8, True), (2, 1, 2, True), (4, 2, 4, True)]
+TILES += [(4, 1, 4, False), (2, 1, 8, False), (4, 1, 8, False), (1, 2, 8, False), (0, 0, 0, None)]
 
 
 def _mma_config(tk, tile=(0, 0, 0, None), **kw):
@@ -93,10 +95,10 @@ def test_mma_stage2_not_used_where_it_cannot_run(tk):
     assert not tk._use_mma(x1, h16, None, cfg, True, 48)  # stage-1 blocks not whole words
     assert not tk._use_mma(x1, h16.bfloat16(), None, cfg, True, 32)
     assert not tk._use_mma(x1, h16, None, tk.KernelConfig(stage2_mma=False), True, 32)
-    lo, hi = tk._MMA_WORDS  # by default only for S_U sizes where it won
+    lo = tk._MMA_WORDS  # by default only for S_U sizes where it won
     assert tk._use_mma(x1, h16, None, tk.KernelConfig(), True, 32, lo)
+    assert tk._use_mma(x1, h16, None, tk.KernelConfig(), True, 32, 100 * lo)
     assert not tk._use_mma(x1, h16, None, tk.KernelConfig(), True, 32, lo - 1)
-    assert not tk._use_mma(x1, h16, None, tk.KernelConfig(), True, 32, hi + 1)
 
 
 def test_mma_stage2_deterministic(tk):

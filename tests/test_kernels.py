@@ -595,6 +595,36 @@ def test_gemv_stage2_tile_small_layers_take_fewer_warps():
                     assert warps == owarps, "layers that fill the GPU keep their tile"
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_mma_stage2_tile_rule():
+    tk = importlib.import_module("littlebit.kernels.triton_littlebit")
+    K = tk.KernelConfig
+
+    def tile(d_out, w_r, groups=1, cfg=None):
+        return tk._mma_tile(d_out, w_r, 2, groups, cfg or K(), 132)
+
+    def as_tuple(t):
+        return (t.mt, t.wpt, t.warps, t.stage)
+
+    # the winners of the H100 grid (benchmarks/results/grid_s9_tiles.json)
+    assert as_tuple(tile(28672, 10)) == (4, 1, 4, False)  # 8192x28672 at 0.1 BPW
+    assert as_tuple(tile(28672, 99)) == (2, 1, 8, False)  # 8192x28672 at 1.0 BPW
+    assert as_tuple(tile(4096, 17)) == (1, 2, 8, False)  # 4096x4096 at 0.55 BPW
+    assert as_tuple(tile(11008, 25)) == (2, 1, 8, False)
+    assert as_tuple(tile(4096, 14)) == (4, 1, 8, False)  # 11008x4096 at 0.3 BPW
+    assert as_tuple(tile(4096, 17, groups=3)) == (2, 1, 8, False)  # grouped q, k, v: many rows
+    # each setting overrides its own part only; staging is dropped when the rows do not fit
+    assert as_tuple(tile(28672, 99, cfg=K(mma_rows=1, mma_warps=2))) == (1, 1, 2, False)
+    assert as_tuple(tile(4096, 17, cfg=K(mma_stage=True))) == (1, 2, 8, True)
+    assert not tile(4096, 99_000, cfg=K(mma_stage=True)).stage
+    for d_out in (24, 576, 4096, 11008, 28672):
+        for w_r in (1, 4, 12, 13, 16, 17, 99):
+            t = tile(d_out, w_r)
+            assert t.mt * t.wpt * t.warps in (16, 32)
+            if w_r <= 12:  # 2 paths of at most 3 units of 4 words: 4 warps, not 8 with idle ones
+                assert t.warps == 4, (d_out, w_r, t)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA tensors")
 def test_triton_accepts():
     from littlebit.kernels import triton_littlebit as tk

@@ -164,34 +164,42 @@ _MAX_STAGED_BYTES = 200 * 1024  # shared memory a staged stage-2 program may tak
 
 
 def _mma_tile(d_out: int, W_r: int, P: int, groups: int, cfg: KernelConfig, sms: int) -> cuda_mma.MmaTile:
-    # H100 sweep (benchmarks/mma_stage2.py): 2 words a thread everywhere; 16-row programs of 8 warps
-    # while 32-row ones would not fill two waves, else 32 rows and 4 warps; staging was slower
-    small = groups * triton.cdiv(d_out, 32) < 2 * sms
-    wpt = cfg.mma_words or 2
-    mt = cfg.mma_rows or (1 if small else 2)
-    warps = cfg.mma_warps or (8 if mt == 1 else 4)
-    stage = bool(cfg.mma_stage)
-    tile = cuda_mma.MmaTile(mt, wpt, warps, stage)
-    if stage and cuda_mma.staged_bytes(tile, P, W_r) > _MAX_STAGED_BYTES:
-        tile = cuda_mma.MmaTile(mt, wpt, warps, False)
+    # H100 grid of tiles (benchmarks/results/grid_s9_tiles.json; within 2 % of the best tile on the 30
+    # batch-1 layers, against 5 % for the eighth session's rule): one word a thread per unit, except
+    # where d_out is small and rows long, where a 16-row program of 8 warps taking 2 words a thread
+    # keeps enough programs; programs of 4 warps when a program has few units (short rows), so that no
+    # warp sits idle, with 4 tiles a program to keep the rows per warp up; staging was slower
+    many_rows = groups * triton.cdiv(d_out, 16) > 4 * sms
+    units = P * triton.cdiv(W_r, 4)
+    if not many_rows and W_r >= 17:
+        mt, wpt, warps = 1, 2, 8
+    elif units <= 6:
+        mt, wpt, warps = 4, 1, 4
+    else:
+        mt, wpt, warps = (2 if many_rows else 4), 1, 8
+    mt, wpt, warps = cfg.mma_rows or mt, cfg.mma_words or wpt, cfg.mma_warps or warps
+    tile = cuda_mma.MmaTile(mt, wpt, warps, bool(cfg.mma_stage))
+    if tile.stage and cuda_mma.staged_bytes(tile, P, W_r) > _MAX_STAGED_BYTES:
+        tile = cuda_mma.MmaTile(tile.mt, tile.wpt, tile.warps, False)
     return tile
 
 
-# Stage 2 on tensor cores by default for S_U of this many words per path (d_out * W_r). Below, the
-# partial-sums stage 1 it needs costs more than it saves (11008x4096 at 0.1 BPW: 5.2 -> 6.5 µs on the
-# H100); above, it was level or slower (8192x28672 from 0.55 BPW: 20.8 -> 23.0 µs, not understood).
-_MMA_WORDS = (64 * 1024, 1200 * 1024)
+# Stage 2 on tensor cores by default for S_U of at least this many words per path (d_out * W_r).
+# Below, the partial-sums stage 1 it needs costs more than it saves (11008x4096 at 0.1 BPW: 5.2 ->
+# 5.6 µs on the H100). The eighth session's upper bound went with the tile rule: with one word a
+# thread per unit the largest layers gain too (8192x28672 at 1.0 BPW 33.1 -> 30.9 µs).
+_MMA_WORDS = 64 * 1024
 
 
 def _use_mma(
-    x2: torch.Tensor, h: torch.Tensor, bias, cfg: KernelConfig, asm: bool, br: int, words: int = _MMA_WORDS[0]
+    x2: torch.Tensor, h: torch.Tensor, bias, cfg: KernelConfig, asm: bool, br: int, words: int = _MMA_WORDS
 ) -> bool:
     """Stage 2 on tensor cores: one token, fp16 throughout, whole-word stage-1 row blocks, a GPU that
-    has it; by default only for S_U of ``_MMA_WORDS`` words per path."""
+    has it; by default only for S_U of at least ``_MMA_WORDS`` words per path."""
     want = cfg.stage2_mma
     if want is False or x2.shape[0] != 1 or not asm or br % 32 or cfg.single_launch:
         return False
-    if want is None and not _MMA_WORDS[0] <= words <= _MMA_WORDS[1]:
+    if want is None and words < _MMA_WORDS:
         return False
     if h.dtype != torch.float16 or (bias is not None and bias.dtype != torch.float16):
         return False
