@@ -280,12 +280,13 @@ def _nvrtc() -> ctypes.CDLL:
     return lib
 
 
-def compile_cubin(tile: MmaTile, arch: int) -> bytes:
-    """The stage-2 kernel for ``tile`` as a cubin for ``sm_<arch>`` (no GPU needed)."""
+def compile_cubin(tile: MmaTile, arch: int, source: str = SOURCE) -> bytes:
+    """The stage-2 kernel for ``tile`` as a cubin for ``sm_<arch>`` (no GPU needed); ``source``: a
+    variant of ``SOURCE`` with the same kernel signature (benchmarks try decodings with it)."""
     lib = _nvrtc()
     prog = ctypes.c_void_p()
     defs = {"MT": tile.mt, "WPT": tile.wpt, "WARPS": tile.warps, "STAGE": int(tile.stage)}
-    src = "".join(f"#define {k} {v}\n" for k, v in defs.items()) + SOURCE
+    src = "".join(f"#define {k} {v}\n" for k, v in defs.items()) + source
     if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"littlebit_stage2.cu", 0, None, None):
         raise RuntimeError("nvrtcCreateProgram failed")
     try:
@@ -347,9 +348,9 @@ def _check(res: int, what: str) -> None:
 
 
 @functools.cache
-def _function(tile: MmaTile, device_index: int) -> ctypes.c_void_p:
+def _function(tile: MmaTile, device_index: int, source: str = SOURCE) -> ctypes.c_void_p:
     major, minor = torch.cuda.get_device_capability(device_index)
-    cubin = compile_cubin(tile, 10 * major + minor)
+    cubin = compile_cubin(tile, 10 * major + minor, source)
     with torch.cuda.device(device_index):
         torch.cuda.current_stream().synchronize()  # the primary context is current on this thread
         module = ctypes.c_void_p()
@@ -385,16 +386,17 @@ def available(device_index: int = 0) -> bool:
 
 def stage2(
     t_pairs: torch.Tensor, u: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-    W_r: int, t_len: int, paths: int, groups: int, tile: MmaTile, pdl: bool,
+    W_r: int, t_len: int, paths: int, groups: int, tile: MmaTile, pdl: bool, source: str = SOURCE,
 ) -> None:  # fmt: skip
     """y[:, grp * d_out:(grp + 1) * d_out] = sum_p h_p * S_U,p t_p (+ bias) for one token.
 
     ``t_pairs``: int32 view of t, word k of path p at ``p * t_len + 32 k`` (16 fp16 pairs); ``u``
     (groups * paths, d_out, W_r) int32; ``h`` fp16; ``y`` fp16 (1, groups * d_out), contiguous.
+    ``source``: a variant of the kernel (``compile_cubin``).
     """
     d_out = u.shape[1]
     n_chunks = -(-W_r // (4 * tile.wpt))
-    func = _function(tile, y.device.index or 0)
+    func = _function(tile, y.device.index or 0, source)
     keep = [
         ctypes.c_void_p(t_pairs.data_ptr()), ctypes.c_void_p(u.data_ptr()), ctypes.c_void_p(h.data_ptr()),
         ctypes.c_void_p(bias.data_ptr() if bias is not None else y.data_ptr()), ctypes.c_void_p(y.data_ptr()),
