@@ -69,19 +69,19 @@ def mask_source(mma) -> str:
     return mma.SOURCE.replace(SHIPPED_LOOP, MASK_LOOP).replace(BIAS_LINE, SCALE_LINE + BIAS_LINE)
 
 
-def pairs(t: torch.Tensor, W_r: int, scaled: bool) -> torch.Tensor:
-    """(P, 32 W_r) fp32 -> int32 words: pair i of word k of path p at p * 32 W_r + 32 k + i; halves
-    (t[32k + i], t[32k + i + 16]) times 2^-(i mod 8) when ``scaled``."""
+def pairs(t: torch.Tensor, W_r: int, scaled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, 32 W_r) fp32 -> (int32 words: pair i of word k of path p at p * 32 W_r + 32 k + i, halves
+    (t[32k + i], t[32k + i + 16]) times 2^-(i mod 8) when ``scaled``; those halves as fp32)."""
     P = t.shape[0]
     tw = t.view(P, W_r, 2, 16)
     if scaled:
         tw = tw * (2.0 ** -(torch.arange(16, device=t.device) % 8)).view(1, 1, 1, 16)
-    h = tw.half()
-    lo = h[:, :, 0].view(torch.int16).to(torch.int32) & 0xFFFF
-    hi = h[:, :, 1].view(torch.int16).to(torch.int32) << 16
+    halves = tw.half()
+    lo = halves[:, :, 0].view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = halves[:, :, 1].view(torch.int16).to(torch.int32) << 16
     out = torch.zeros(P, W_r, 32, dtype=torch.int32, device=t.device)
     out[:, :, :16] = lo | hi
-    return out.reshape(-1), h.float()
+    return out.reshape(-1), halves.float()
 
 
 def check(mma, tile, d_out: int, r: int, gen: torch.Generator) -> float:

@@ -606,13 +606,19 @@ def test_mma_stage2_tile_rule():
     def as_tuple(t):
         return (t.mt, t.wpt, t.warps, t.stage)
 
-    # the winners of the H100 grid (benchmarks/results/grid_s9_tiles.json)
+    # the rule's picks on the H100 grid's layers (benchmarks/results/grid_s9_tiles.json)
     assert as_tuple(tile(28672, 10)) == (4, 1, 4, False)  # 8192x28672 at 0.1 BPW
     assert as_tuple(tile(28672, 99)) == (2, 1, 8, False)  # 8192x28672 at 1.0 BPW
     assert as_tuple(tile(4096, 17)) == (1, 2, 8, False)  # 4096x4096 at 0.55 BPW
     assert as_tuple(tile(11008, 25)) == (2, 1, 8, False)
     assert as_tuple(tile(4096, 14)) == (4, 1, 8, False)  # 11008x4096 at 0.3 BPW
     assert as_tuple(tile(4096, 17, groups=3)) == (2, 1, 8, False)  # grouped q, k, v: many rows
+    # the boundaries: 17-word rows, 4 * SMs 16-row tiles (8448 rows), 6 units (12-word rows, 2 paths)
+    assert as_tuple(tile(4096, 16)) == (4, 1, 8, False)
+    assert as_tuple(tile(8448, 20)) == (1, 2, 8, False)
+    assert as_tuple(tile(8464, 20)) == (2, 1, 8, False)
+    assert as_tuple(tile(28672, 12)) == (4, 1, 4, False)
+    assert as_tuple(tile(28672, 13)) == (2, 1, 8, False)
     # each setting overrides its own part only; staging is dropped when the rows do not fit
     assert as_tuple(tile(28672, 99, cfg=K(mma_rows=1, mma_warps=2))) == (1, 1, 2, False)
     assert as_tuple(tile(4096, 17, cfg=K(mma_stage=True))) == (1, 2, 8, True)

@@ -280,13 +280,13 @@ def _nvrtc() -> ctypes.CDLL:
     return lib
 
 
-def compile_cubin(tile: MmaTile, arch: int, source: str = SOURCE) -> bytes:
+def compile_cubin(tile: MmaTile, arch: int, source: str | None = None) -> bytes:
     """The stage-2 kernel for ``tile`` as a cubin for ``sm_<arch>`` (no GPU needed); ``source``: a
     variant of ``SOURCE`` with the same kernel signature (benchmarks try decodings with it)."""
     lib = _nvrtc()
     prog = ctypes.c_void_p()
     defs = {"MT": tile.mt, "WPT": tile.wpt, "WARPS": tile.warps, "STAGE": int(tile.stage)}
-    src = "".join(f"#define {k} {v}\n" for k, v in defs.items()) + source
+    src = "".join(f"#define {k} {v}\n" for k, v in defs.items()) + (source or SOURCE)
     if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"littlebit_stage2.cu", 0, None, None):
         raise RuntimeError("nvrtcCreateProgram failed")
     try:
@@ -348,7 +348,7 @@ def _check(res: int, what: str) -> None:
 
 
 @functools.cache
-def _function(tile: MmaTile, device_index: int, source: str = SOURCE) -> ctypes.c_void_p:
+def _function(tile: MmaTile, device_index: int, source: str | None = None) -> ctypes.c_void_p:
     major, minor = torch.cuda.get_device_capability(device_index)
     cubin = compile_cubin(tile, 10 * major + minor, source)
     with torch.cuda.device(device_index):
@@ -386,7 +386,7 @@ def available(device_index: int = 0) -> bool:
 
 def stage2(
     t_pairs: torch.Tensor, u: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-    W_r: int, t_len: int, paths: int, groups: int, tile: MmaTile, pdl: bool, source: str = SOURCE,
+    W_r: int, t_len: int, paths: int, groups: int, tile: MmaTile, pdl: bool, source: str | None = None,
 ) -> None:  # fmt: skip
     """y[:, grp * d_out:(grp + 1) * d_out] = sum_p h_p * S_U,p t_p (+ bias) for one token.
 

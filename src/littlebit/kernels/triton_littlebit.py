@@ -164,11 +164,13 @@ _MAX_STAGED_BYTES = 200 * 1024  # shared memory a staged stage-2 program may tak
 
 
 def _mma_tile(d_out: int, W_r: int, P: int, groups: int, cfg: KernelConfig, sms: int) -> cuda_mma.MmaTile:
-    # H100 grid of tiles (benchmarks/results/grid_s9_tiles.json; within 2 % of the best tile on the 30
-    # batch-1 layers, against 5 % for the eighth session's rule): one word a thread per unit, except
-    # where d_out is small and rows long, where a 16-row program of 8 warps taking 2 words a thread
-    # keeps enough programs; programs of 4 warps when a program has few units (short rows), so that no
-    # warp sits idle, with 4 tiles a program to keep the rows per warp up; staging was slower
+    # Thresholds are empirical, from an H100 grid of tiles on the 30 batch-1 layers of
+    # benchmarks/kernels.py (benchmarks/results/grid_s9_tiles.json; geometric mean 1.7 % over the best
+    # of 9 configurations, worst 8192x8192 at 0.3 BPW, 8.43 against 7.62 µs). One word a thread per
+    # unit won on most layers. Rows of at most 12 words (6 units of 4 words over 2 paths) did best with
+    # 4 warps on 4 tiles (8192x28672 at 0.1 BPW: 8.7 -> 7.8 µs); 16-row programs taking 2 words a
+    # thread won where d_out is small and rows long (the 4096x4096 and 28672x8192 layers from 0.55 BPW).
+    # Staging the words in shared memory was slower.
     many_rows = groups * triton.cdiv(d_out, 16) > 4 * sms
     units = P * triton.cdiv(W_r, 4)
     if not many_rows and W_r >= 17:
@@ -185,9 +187,11 @@ def _mma_tile(d_out: int, W_r: int, P: int, groups: int, cfg: KernelConfig, sms:
 
 
 # Stage 2 on tensor cores by default for S_U of at least this many words per path (d_out * W_r).
-# Below, the partial-sums stage 1 it needs costs more than it saves (11008x4096 at 0.1 BPW: 5.2 ->
-# 5.6 µs on the H100). The eighth session's upper bound went with the tile rule: with one word a
-# thread per unit the largest layers gain too (8192x28672 at 1.0 BPW 33.1 -> 30.9 µs).
+# The eighth session set it where the partial-sums stage 1 the tensor-core stage 2 needs cost more
+# than it saved; with the ninth session's tiles it wins below too on 5 of the 6 grid layers there
+# (8192x8192 at 0.1 BPW 6.7 -> 5.4 µs; it loses on 11008x4096 at 0.1, 5.2 -> 5.6 µs), which is not yet
+# acted on. The upper bound went with the tile rule: with one word a thread per unit the largest
+# layers gain too (8192x28672 at 1.0 BPW 33.0 -> 30.9 µs in one process, grid_s9_tiles.json).
 _MMA_WORDS = 64 * 1024
 
 
