@@ -32,16 +32,10 @@ from kernels import copy_bandwidth, import_kernel, n_copies, random_layer, rank_
 CASES = [(8192, 28672, 1.0), (8192, 28672, 0.55), (28672, 8192, 1.0), (4096, 4096, 0.55), (8192, 28672, 0.1)]
 TILES = [(2, 1, 8), (4, 1, 4), (4, 1, 8), (1, 2, 8), (2, 2, 4)]
 
-# Replaces the shipped decoding loop of ``decode_unit`` (the MMAs of one word step j).
-SHIPPED_LOOP = """        #pragma unroll
-        for (int s = 0; s < 8; ++s)
-            #pragma unroll
-            for (int m = 0; m < MT; ++m)
-                mma(d[m], sign_pair(a[j][m][0], 2 * s, sign_bits, one),
-                    sign_pair(a[j][m][1], 2 * s, sign_bits, one),
-                    sign_pair(a[j][m][0], 2 * s + 1, sign_bits, one),
-                    sign_pair(a[j][m][1], 2 * s + 1, sign_bits, one), bb[2 * s], bb[2 * s + 1]);
-"""
+# The shipped decoding loop of ``decode_unit`` (the MMAs of one word step j): from its first line to
+# the end of its MMA call, found in the kernel's source rather than restated here.
+LOOP_START = "        #pragma unroll\n        for (int s = 0; s < 8; ++s)\n"
+LOOP_END = "bb[2 * s], bb[2 * s + 1]);\n"
 MASK_LOOP = """        u32 src[2][MT][2];  // pairs 0-7 from w, pairs 8-15 from w >> 8
         #pragma unroll
         for (int m = 0; m < MT; ++m)
@@ -65,8 +59,12 @@ SCALE_LINE = "        s *= 33554432.f;  // 2^25: back from the subnormal A value
 
 
 def mask_source(mma) -> str:
-    assert SHIPPED_LOOP in mma.SOURCE and BIAS_LINE in mma.SOURCE, "the shipped kernel changed"
-    return mma.SOURCE.replace(SHIPPED_LOOP, MASK_LOOP).replace(BIAS_LINE, SCALE_LINE + BIAS_LINE)
+    src = mma.SOURCE
+    assert src.count(LOOP_START) == 1 and BIAS_LINE in src, "the shipped kernel changed"
+    start = src.index(LOOP_START)
+    end = src.index(LOOP_END, start) + len(LOOP_END)
+    assert "sign_pair(" in src[start:end], "the shipped kernel changed"
+    return (src[:start] + MASK_LOOP + src[end:]).replace(BIAS_LINE, SCALE_LINE + BIAS_LINE)
 
 
 def pairs(t: torch.Tensor, W_r: int, scaled: bool) -> tuple[torch.Tensor, torch.Tensor]:
