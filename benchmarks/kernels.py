@@ -122,6 +122,24 @@ def reps_for(us_estimate: float, n_calls: int) -> int:
     return int(min(50, max(7, 0.25e6 / max(1.0, us_estimate * n_calls))))
 
 
+def stage2_inputs(d_in: int, d_out: int, bpw: float, gen: torch.Generator) -> tuple:
+    """A stage-2-alone case: (r, W_r, bytes of S_U and h, weight copies larger than L2, t (2, 32 W_r)
+    zero past the rank)."""
+    r = rank_for_bpw(d_in, d_out, bpw)
+    W_r = math.ceil(r / 32)
+    u_bytes = 2 * d_out * W_r * 4 + 2 * d_out * 2
+    layers = [random_layer(d_in, d_out, r, "cuda", gen) for _ in range(n_copies(u_bytes))]
+    t = torch.randn(2, 32 * W_r, generator=gen, device="cuda")
+    t[:, r:] = 0
+    return r, W_r, u_bytes, layers, t
+
+
+def write_records(records: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def copy_bandwidth() -> float:
     """GB/s of a 1 GiB device-to-device copy, bytes read plus bytes written."""
     src = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
@@ -399,6 +417,39 @@ def named_variants(K) -> dict:
         variants[f"mma-waves{waves:g}"] = (K(stage2_mma=True, waves=waves), b1)
         kw = {"stage2_mma": True, "mma_rows": 4, "mma_words": 1, "mma_warps": 4, "waves": waves}
         variants[f"mma-4-1-4-waves{waves:g}"] = (K(**kw), b1)
+    # tenth session: stage 2 as bit-serial binary MMAs (cuda_bitserial), tiles as
+    # bits-<16-row tiles a warp>-<warps splitting a row group's units>-<row groups>-<units in flight>
+    variants["bitserial"] = (K(stage2_bitserial=True), b1)
+    variants["no-bitserial"] = (K(stage2_bitserial=False), b1)  # the ninth version's stage 2
+    bit_tiles = [(1, 1, 4, 4), (2, 1, 4, 4), (1, 4, 2, 2), (2, 2, 2, 4), (1, 1, 8, 4), (2, 2, 4, 4),
+                 (2, 2, 2, 6), (2, 4, 1, 4), (2, 4, 2, 4), (4, 2, 2, 4), (1, 2, 4, 4), (2, 2, 2, 2),
+                 (1, 4, 1, 4), (1, 8, 1, 2), (2, 2, 2, 8)]  # fmt: skip
+
+    def bits(mt, ks, rg, depth) -> dict:
+        return {
+            "stage2_bitserial": True,
+            "bits_rows": mt,
+            "bits_split": ks,
+            "bits_groups": rg,
+            "bits_depth": depth,
+        }
+
+    for tile in bit_tiles:
+        variants["bits-{}-{}-{}-{}".format(*tile)] = (K(**bits(*tile)), b1)
+    staged = [(2, 2, 2, 4), (2, 2, 1, 4), (2, 1, 1, 4), (1, 2, 2, 4), (2, 4, 1, 4), (4, 2, 1, 4),
+              (1, 4, 1, 4), (2, 2, 2, 2), (1, 1, 2, 4), (2, 1, 2, 4)]  # fmt: skip
+    for tile in staged:  # sign rows staged in shared memory; "-t1": with the Triton stage 1
+        variants["bits-{}-{}-{}-{}-s".format(*tile)] = (K(**bits(*tile), bits_stage=True), b1)
+        variants["bits-{}-{}-{}-{}-s-t1".format(*tile)] = (
+            K(**bits(*tile), bits_stage=True, stage1_bitserial=False),
+            b1,
+        )
+    variants["bits-stage2-only"] = (K(stage2_bitserial=True, stage1_bitserial=False), b1)  # Triton stage 1
+    bit1_tiles = [(1, 4, 1, 4), (1, 8, 1, 4), (1, 2, 2, 4), (2, 4, 1, 4), (1, 8, 1, 2), (1, 4, 2, 4),
+                  (1, 1, 4, 4), (2, 2, 2, 4), (1, 4, 1, 8)]  # fmt: skip
+    for mt, ks, rg, depth in bit1_tiles:
+        kw = {"stage2_bitserial": True, "bits1_rows": mt, "bits1_split": ks, "bits1_groups": rg}
+        variants[f"bits1-{mt}-{ks}-{rg}-{depth}"] = (K(**kw, bits1_depth=depth), b1)
     return variants
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import copy_bandwidth, import_kernel, n_copies, random_layer, rank_for_bpw, time_graph  # noqa: E402
+from kernels import copy_bandwidth, import_kernel, random_layer, stage2_inputs, time_graph  # noqa: E402
 
 CASES = [(8192, 28672, 1.0), (8192, 28672, 0.55), (28672, 8192, 1.0), (4096, 4096, 0.55), (8192, 28672, 0.1)]
 TILES = [(2, 1, 8), (4, 1, 4), (4, 1, 8), (1, 2, 8), (2, 2, 4)]
@@ -112,12 +112,8 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     records = []
     for d_in, d_out, bpw in CASES:
-        r = rank_for_bpw(d_in, d_out, bpw)
-        W_r, t_len = math.ceil(r / 32), 32 * math.ceil(r / 32)
-        u_bytes = 2 * d_out * W_r * 4 + 2 * d_out * 2
-        layers = [random_layer(d_in, d_out, r, "cuda", gen) for _ in range(n_copies(u_bytes))]
-        t = torch.randn(2, t_len, generator=gen, device="cuda")
-        t[:, r:] = 0
+        r, W_r, u_bytes, layers, t = stage2_inputs(d_in, d_out, bpw, gen)
+        t_len = 32 * W_r
         t_plain, _ = pairs(t, W_r, scaled=False)
         t_mask, _ = pairs(t, W_r, scaled=True)
         y = torch.empty(1, d_out, dtype=torch.float16, device="cuda")

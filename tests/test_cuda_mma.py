@@ -31,7 +31,7 @@ TILES += [(4, 1, 4, False), (2, 1, 8, False), (4, 1, 8, False), (1, 2, 8, False)
 def _mma_config(tk, tile=(0, 0, 0, None), **kw):
     mt, wpt, warps, stage = tile
     kw |= {"mma_rows": mt, "mma_words": wpt, "mma_warps": warps, "mma_stage": stage}
-    return tk.KernelConfig(stage2_mma=True, **kw)
+    return tk.KernelConfig(stage2_mma=True, stage2_bitserial=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def tk():
     if torch.cuda.get_device_capability(0)[0] < 8:
         pytest.skip("mma.sync for fp16 needs sm_80+")
     try:
-        cuda_mma._nvrtc()
+        cuda_mma._nvrtc.nvrtc()
     except cuda_mma.NvrtcUnavailable:
         pytest.skip("NVRTC unavailable")
     cuda_mma._function(cuda_mma.MmaTile(), 0)  # a kernel that fails to compile or load fails here

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
+
+from . import _nvrtc
+from ._nvrtc import NvrtcUnavailable
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -249,120 +251,18 @@ class MmaTile:
     stage: bool = False  # copy the program's sign words to shared memory first (coalesced)
 
 
-class NvrtcUnavailable(RuntimeError):
-    pass
-
-
-def _load_first(names: list[str]) -> ctypes.CDLL | None:
-    for name in names:
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
-@functools.cache
-def _nvrtc() -> ctypes.CDLL:
-    names = [os.environ["LITTLEBIT_NVRTC"]] if os.environ.get("LITTLEBIT_NVRTC") else []
-    major = (torch.version.cuda or "12").split(".")[0]
-    names += [f"libnvrtc.so.{major}", "libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
-    try:  # the pip package torch's CUDA wheels depend on
-        import nvidia.cuda_nvrtc as pkg  # type: ignore[import-not-found]
-
-        lib_dir = os.path.join(list(pkg.__path__)[0], "lib")
-        names += [os.path.join(lib_dir, f) for f in sorted(os.listdir(lib_dir)) if f.startswith("libnvrtc.")]
-    except (ImportError, OSError, IndexError):
-        pass
-    lib = _load_first(names)
-    if lib is None:
-        raise NvrtcUnavailable("NVRTC (libnvrtc.so) was not found; set LITTLEBIT_NVRTC to its path")
-    return lib
-
-
 def compile_cubin(tile: MmaTile, arch: int, source: str | None = None) -> bytes:
     """The stage-2 kernel for ``tile`` as a cubin for ``sm_<arch>`` (no GPU needed); ``source``: a
     variant of ``SOURCE`` with the same kernel signature (benchmarks try decodings with it)."""
-    lib = _nvrtc()
-    prog = ctypes.c_void_p()
     defs = {"MT": tile.mt, "WPT": tile.wpt, "WARPS": tile.warps, "STAGE": int(tile.stage)}
-    src = "".join(f"#define {k} {v}\n" for k, v in defs.items()) + (source or SOURCE)
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"littlebit_stage2.cu", 0, None, None):
-        raise RuntimeError("nvrtcCreateProgram failed")
-    try:
-        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"--std=c++17"]
-        arr = (ctypes.c_char_p * len(opts))(*opts)
-        if lib.nvrtcCompileProgram(prog, len(opts), arr):
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC failed to compile the stage-2 kernel:\n{log.value.decode()}")
-        size = ctypes.c_size_t()
-        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-        cubin = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetCUBIN(prog, cubin)
-        return cubin.raw
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
-
-
-# --- launching through the driver API (cuLaunchKernelEx, so stage 2 can be a PDL dependent) -------
-
-
-class _LaunchAttr(ctypes.Structure):
-    # CUlaunchAttribute: an id, padding to 8 bytes, a 64-byte value union (here: one int)
-    _fields_ = [
-        ("id", ctypes.c_int),
-        ("pad", ctypes.c_int),
-        ("value", ctypes.c_int),
-        ("rest", ctypes.c_char * 60),
-    ]
-
-
-class _LaunchConfig(ctypes.Structure):
-    _fields_ = [
-        ("grid", ctypes.c_uint * 3),
-        ("block", ctypes.c_uint * 3),
-        ("shared", ctypes.c_uint),
-        ("stream", ctypes.c_void_p),
-        ("attrs", ctypes.POINTER(_LaunchAttr)),
-        ("n_attrs", ctypes.c_uint),
-    ]
-
-
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-_PDL_ATTR = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)  # the same for every launch
-
-
-@functools.cache
-def _libcuda() -> ctypes.CDLL:
-    return ctypes.CDLL("libcuda.so.1")
-
-
-def _check(res: int, what: str) -> None:
-    if res:
-        msg = ctypes.c_char_p()
-        _libcuda().cuGetErrorString(res, ctypes.byref(msg))
-        raise RuntimeError(f"{what} failed: {(msg.value or b'CUDA error').decode()}")
+    return _nvrtc.compile_cubin(source or SOURCE, defs, arch, "littlebit_stage2.cu")
 
 
 @functools.cache
 def _function(tile: MmaTile, device_index: int, source: str | None = None) -> ctypes.c_void_p:
     major, minor = torch.cuda.get_device_capability(device_index)
     cubin = compile_cubin(tile, 10 * major + minor, source)
-    with torch.cuda.device(device_index):
-        torch.cuda.current_stream().synchronize()  # the primary context is current on this thread
-        module = ctypes.c_void_p()
-        _check(_libcuda().cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
-        func = ctypes.c_void_p()
-        name = b"littlebit_stage2_mma"
-        _check(_libcuda().cuModuleGetFunction(ctypes.byref(func), module, name), "cuModuleGetFunction")
-    return func
-
-
-_SMEM_SET: dict[int, int] = {}  # function handle -> dynamic shared memory it was opened up to
-_MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    return _nvrtc.load_function(cubin, "littlebit_stage2_mma", device_index)
 
 
 def staged_bytes(tile: MmaTile, paths: int, W_r: int) -> int:
@@ -397,22 +297,11 @@ def stage2(
     d_out = u.shape[1]
     n_chunks = -(-W_r // (4 * tile.wpt))
     func = _function(tile, y.device.index or 0, source)
-    keep = [
-        ctypes.c_void_p(t_pairs.data_ptr()), ctypes.c_void_p(u.data_ptr()), ctypes.c_void_p(h.data_ptr()),
-        ctypes.c_void_p(bias.data_ptr() if bias is not None else y.data_ptr()), ctypes.c_void_p(y.data_ptr()),
-        ctypes.c_int(d_out), ctypes.c_int(W_r), ctypes.c_int(t_len), ctypes.c_int(n_chunks),
+    args = [
+        _nvrtc.ptr(t_pairs), _nvrtc.ptr(u), _nvrtc.ptr(h), _nvrtc.ptr(bias if bias is not None else y),
+        _nvrtc.ptr(y), ctypes.c_int(d_out), ctypes.c_int(W_r), ctypes.c_int(t_len), ctypes.c_int(n_chunks),
         ctypes.c_int(paths), ctypes.c_int(bias is not None), ctypes.c_int(pdl),
         ctypes.c_uint(0x80008000), ctypes.c_uint(0x3C003C00),
     ]  # fmt: skip
-    args = (ctypes.c_void_p * len(keep))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in keep])
-    cfg = _LaunchConfig()
-    cfg.grid[:] = [-(-d_out // (16 * tile.mt)), groups, 1]
-    cfg.block[:] = [32 * tile.warps, 1, 1]
-    cfg.shared = staged_bytes(tile, paths, W_r)
-    if cfg.shared > 48 * 1024 and _SMEM_SET.get(func.value or 0, 0) < cfg.shared:
-        _check(_libcuda().cuFuncSetAttribute(func, _MAX_DYNAMIC_SHARED, cfg.shared), "cuFuncSetAttribute")
-        _SMEM_SET[func.value or 0] = cfg.shared
-    cfg.stream = ctypes.c_void_p(torch.cuda.current_stream(y.device).cuda_stream)
-    cfg.attrs = ctypes.pointer(_PDL_ATTR) if pdl else None
-    cfg.n_attrs = 1 if pdl else 0
-    _check(_libcuda().cuLaunchKernelEx(ctypes.byref(cfg), func, args, None), "cuLaunchKernelEx")
+    grid = (-(-d_out // (16 * tile.mt)), groups)
+    _nvrtc.launch(func, grid, 32 * tile.warps, staged_bytes(tile, paths, W_r), args, y.device, pdl)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..ops import group_layer
-from . import cuda_mma
+from . import cuda_bitserial, cuda_mma
 from ._gemv import _gemv_kernel, _gemv_u_kernel, _gemv_v_kernel
 from ._sync import HAS_PDL, N_STATE
 from ._tensorcore import _tc_kernel, _tc_u_kernel, _tc_v_kernel
@@ -85,6 +85,24 @@ class KernelConfig:
     mma_words: int = 0  # words a thread per unit (unit = 4 * mma_words words of one path's rows); 0: by shape
     mma_warps: int = 0  # warps per program sharing its units; 0: by shape
     mma_stage: bool | None = None  # copy a program's sign words to shared memory first; None: no (slower)
+    # batch-1 GEMV: stage 2 as bit-serial binary MMAs (``cuda_bitserial``: t quantized per 256 entries
+    # to 16 bit planes by a small kernel between the stages, sign words used as they are). None: where
+    # NVRTC and the GPU allow it, for S_U of at least ``_BITSERIAL_WORDS`` words per path. Takes
+    # precedence over ``stage2_mma``.
+    stage2_bitserial: bool | None = None
+    bits_rows: int = 0  # 16-row tiles per warp; 0: by shape (``_bit_tile``)
+    bits_split: int = 0  # warps splitting the units of the same rows; 0: by shape
+    bits_groups: int = 0  # such row groups per program; 0: by shape
+    bits_depth: int = 0  # units a warp has in flight; 0: by shape
+    bits_stage: bool | None = None  # copy a program's sign rows to shared memory first; None: by shape
+    # with the bit-serial stage 2: stage 1 bit-serial as well (x * g quantized to bit planes per path,
+    # S_V^T rows as the MMA rows, every path a group), four launches with no Triton kernel. None: for
+    # inputs of at least ``_BITSERIAL_STAGE1_WORDS`` words.
+    stage1_bitserial: bool | None = None
+    bits1_rows: int = 0  # the bit-serial stage 1's tile (``_bit_tile1``); 0: by shape
+    bits1_split: int = 0
+    bits1_groups: int = 0
+    bits1_depth: int = 0
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -195,6 +213,77 @@ def _mma_tile(d_out: int, W_r: int, P: int, groups: int, cfg: KernelConfig, sms:
 _MMA_WORDS = 64 * 1024
 
 
+def _bit_tile(
+    d_out: int, W_r: int, groups: int, cfg: KernelConfig, sms: int, P: int = 2
+) -> cuda_bitserial.BitTile:
+    many_rows = groups * triton.cdiv(d_out, 16) > 4 * sms
+    mt, ks, rg, depth = (2, 2, 2, 4) if many_rows else (1, 4, 2, 2)
+    stage = bool(cfg.bits_stage)
+    tile = cuda_bitserial.BitTile(
+        cfg.bits_rows or mt, cfg.bits_split or ks, cfg.bits_groups or rg, cfg.bits_depth or depth, stage
+    )
+    if tile.stage and cuda_bitserial.staged_bytes(tile, P, W_r) > _MAX_STAGED_BYTES:
+        tile = cuda_bitserial.BitTile(tile.mt, tile.ks, tile.rg, tile.depth, False)
+    return tile
+
+
+def _bit_tile1(r: int, P: int, cfg: KernelConfig, sms: int) -> cuda_bitserial.BitTile:
+    mt, ks, rg, depth = 1, 8, 1, 4  # best of 9 on 8192x28672 at 1.0 BPW (kernels_acceptance_s10a.json)
+    return cuda_bitserial.BitTile(
+        cfg.bits1_rows or mt, cfg.bits1_split or ks, cfg.bits1_groups or rg, cfg.bits1_depth or depth
+    )
+
+
+def _align4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+def _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int) -> None:
+    """Batch 1, both stages bit-serial (``cuda_bitserial``): planes of x * g, t = l * S_V^T (x * g),
+    planes of t, y = sum_p h_p * S_U,p t_p. Four launches, each a PDL dependent of the one before."""
+    d_in = x2.shape[1]
+    P, d_out, W_r = u.shape
+    r, W_in = v.shape[1:]
+    t_len = 32 * W_r
+    n_t = _align4(P * t_len)
+    n_x = _align4(cuda_bitserial.workspace_floats(P, W_in))
+    ws = _workspace(x2.device, n_t + n_x + cuda_bitserial.workspace_floats(P, W_r), "bits").t
+    t, x_planes, t_planes = ws[:n_t], ws[n_t : n_t + n_x], ws[n_t + n_x :]
+    pdl = _pdl(x2, cfg)
+    cuda_bitserial.quantize(x2, x_planes, d_in, W_in, P, pdl, 0, g)
+    cuda_bitserial.gemv(x_planes, v, l, None, t, W_in, 1, P, _bit_tile1(r, P, cfg, sms), pdl, t_len)
+    cuda_bitserial.quantize(t, t_planes, r, W_r, P, pdl, t_len)
+    tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups)
+    cuda_bitserial.gemv(t_planes, u, h, bias, y, W_r, P // groups, groups, tile, pdl)
+
+
+# Stage 2 as bit-serial MMAs by default for ranks of at least ``_BITSERIAL_RANK_WORDS`` words and S_U
+# of at least ``_BITSERIAL_WORDS`` words per path (d_out * W_r). From the H100 runs of the tenth session
+# (benchmarks/results/kernels_acceptance_s10.json, bitserial_chain.json): 8192x28672 at 1.0 BPW 31.4 ->
+# 21.5 µs, at 0.55 20.3 -> 15.6, 28672x8192 at 1.0 30.5 -> 25.1; shorter rows lost (8192x28672 at
+# 0.1 BPW, 10 words: 7.9 -> 8.3; 4096x4096 at 0.55, 17 words: 6.4 -> 6.5).
+_BITSERIAL_WORDS = 64 * 1024
+_BITSERIAL_RANK_WORDS = 32
+# ... and stage 1 bit-serial too for inputs of at least this many words (28672x8192 at 1.0 BPW: 26.4 ->
+# 25.1 µs); with d_in 8192 the fourth launch cost more than the bit-serial stage 1 saved (21.5 -> 22.2)
+_BITSERIAL_STAGE1_WORDS = 512
+
+
+def _use_bitserial(
+    x2: torch.Tensor, h: torch.Tensor, bias, cfg: KernelConfig, words: int, W_r: int = _BITSERIAL_RANK_WORDS
+) -> bool:
+    """One token, fp16 or bf16, a GPU that has binary MMAs; by default only for S_U of at least
+    ``_BITSERIAL_WORDS`` words per path and rows of at least ``_BITSERIAL_RANK_WORDS`` words."""
+    want = cfg.stage2_bitserial
+    if want is False or x2.shape[0] != 1 or cfg.single_launch:
+        return False
+    if want is None and (words < _BITSERIAL_WORDS or W_r < _BITSERIAL_RANK_WORDS):
+        return False
+    if h.dtype not in (torch.float16, torch.bfloat16) or (bias is not None and bias.dtype != h.dtype):
+        return False
+    return cuda_bitserial.available(x2.device.index or 0)
+
+
 def _use_mma(
     x2: torch.Tensor, h: torch.Tensor, bias, cfg: KernelConfig, asm: bool, br: int, words: int = _MMA_WORDS
 ) -> bool:
@@ -255,6 +344,8 @@ def _new_workspace(
         else:
             counter = torch.zeros(_pow2_at_least(max(tickets, 256)), dtype=torch.int32, device=device)
         return _Workspace(torch.zeros(cap, dtype=torch.float32, device=device), counter, cap)
+    if scheme == "bits":  # bit-serial calls: t and bit planes, rewritten whole by every call
+        return _Workspace(torch.zeros(cap, dtype=torch.float32, device=device), torch.zeros(1), cap)
     if scheme == "two":
         # the counter is zero between calls, so graphs captured with the old buffer can share it
         counter = old.counter if old is not None else torch.zeros(1, dtype=torch.int32, device=device)
@@ -338,9 +429,16 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
     chunk, n_split = _split(W_in, b1, P * n_rb, int(cfg.waves * sms))
     reduce = cfg.gemv_reduce if cfg.gemv_reduce is not None else W_r >= 32
     b2, bo, warps2 = _stage2_tile(d_out, W_r, groups, cfg, sms, reduce and not cfg.single_launch)
-    mma = ptx and _use_mma(x2, h, bias, cfg, asm, br, d_out * W_r)
+    bits = ptx and _use_bitserial(x2, h, bias, cfg, d_out * W_r, W_r)
+    stage1 = cfg.stage1_bitserial if cfg.stage1_bitserial is not None else W_in >= _BITSERIAL_STAGE1_WORDS
+    if bits and stage1 and g.dtype == h.dtype == l.dtype == x2.dtype:
+        _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg, sms, groups)
+        return
+    mma = not bits and ptx and _use_mma(x2, h, bias, cfg, asm, br, d_out * W_r)
     if mma:  # stage 1 writes t as the fp16 pairs the tensor-core stage 2 reads, a word's 16 contiguous
         b2, reduce = 1, True
+    if bits:  # stage 1 writes t whole in fp32, one entry per bit, for the kernel that quantizes it
+        b2, mode2, reduce = 1, 0, True
     t_len = triton.cdiv(W_r, b2) * 32 * b2
     if cfg.single_launch:
         assert groups == 1, "grouped calls take two launches"
@@ -359,7 +457,9 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
         return
     n_t = M * P * t_len
     if reduce:
-        ws = _workspace(x2.device, n_t + n_split * M * P * r, "reduce", P * n_rb)
+        n_part = -(-n_split * M * P * r // 4) * 4  # the bit planes after it stay 16-byte aligned
+        n_bits = cuda_bitserial.workspace_floats(P, W_r) if bits else 0
+        ws = _workspace(x2.device, n_t + n_part + n_bits, "reduce", P * n_rb)
         part = ws.t[n_t:]
         if mode2 == 2 and br % 32 == 0:  # stage 1 writes whole fp16x2 pairs: no packing in stage 2
             mode2 = 3
@@ -375,6 +475,12 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
             P=P, TOK=tok, BR=br, B1=b1, MODE1=mode1, B2=b2, MODE2=mode2, PTX=ptx, REDUCE=reduce,
             RELEASE_ONLY=cfg.release_tickets, num_warps=warps1, **pdl,
         )  # fmt: skip
+        if bits:
+            planes = ws.t[n_t + n_part :]
+            cuda_bitserial.quantize(ws.t, planes, r, W_r, P, pdl["PDL"], t_len)
+            tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups)
+            cuda_bitserial.gemv(planes, u, h, bias, y, W_r, P // groups, groups, tile, pdl["PDL"])
+            return
         if mma:
             tile = _mma_tile(d_out, W_r, P // groups, groups, cfg, sms)
             cuda_mma.stage2(t_pairs, u, h, bias, y, W_r, t_len, P // groups, groups, tile, pdl["PDL"])
