@@ -35,7 +35,7 @@ def chain(bs, tk, x, layer, ws, t, steps: str, pdl: bool = True) -> None:
     if "q" in steps:
         bs.quantize(x, x_planes, x.shape[1], W_in, P, pdl, 0, g)
     if "1" in steps:
-        bs.gemv(x_planes, v, l, None, t, W_in, 1, P, tk._bit_tile1(r, P, cfg, 132), pdl, t_len)
+        bs.gemv(x_planes, v, l, None, t, W_in, 1, P, tk._bit_tile1(cfg), pdl, t_len)
     if "t" in steps:
         bs.quantize(t, t_planes, r, W_r, P, pdl, t_len)
     if "2" in steps:

@@ -402,20 +402,23 @@ def named_variants(K) -> dict:
                      ("words_u8", {"words_u": 8}),
                      ("reduce-words_u8", {"gemv_reduce": True, "words_u": 8})]:  # fmt: skip
         variants[name] = (K(**kw), b1)
-    # eighth session: stage 2 on tensor cores (cuda_mma), tiles as mma-<16-row tiles>-<words>-<warps>
-    variants["mma"] = (K(stage2_mma=True), b1)
-    variants["no-mma"] = (K(stage2_mma=False), b1)  # the seventh version's CUDA-core stage 2
+    # eighth session: stage 2 on tensor cores (cuda_mma), tiles as mma-<16-row tiles>-<words>-<warps>;
+    # these (and the ninth session's) turn the tenth session's bit-serial stage 2 off, which would
+    # otherwise take the layers with rows of 32+ words
+    mma = {"stage2_mma": True, "stage2_bitserial": False}
+    variants["mma"] = (K(**mma), b1)
+    variants["no-mma"] = (K(stage2_mma=False, stage2_bitserial=False), b1)  # the seventh version's stage 2
     for mt in (1, 2, 4):
         for wpt in (1, 2, 4):
             for warps in (2, 4, 8):
-                kw = {"stage2_mma": True, "mma_rows": mt, "mma_words": wpt, "mma_warps": warps}
+                kw = {**mma, "mma_rows": mt, "mma_words": wpt, "mma_warps": warps}
                 variants[f"mma-{mt}-{wpt}-{warps}"] = (K(**kw, mma_stage=False), b1)
                 variants[f"mma-{mt}-{wpt}-{warps}-s"] = (K(**kw, mma_stage=True), b1)
     # ninth session: how far stage 1 splits d_in (its partial sums and ticket are on the critical path
     # of small layers) with the tensor-core stage 2, at the default tile and at 4 x 16 rows, 1 word
     for waves in (0.1, 0.25, 0.5, 1.0, 2.0, 4.0):
-        variants[f"mma-waves{waves:g}"] = (K(stage2_mma=True, waves=waves), b1)
-        kw = {"stage2_mma": True, "mma_rows": 4, "mma_words": 1, "mma_warps": 4, "waves": waves}
+        variants[f"mma-waves{waves:g}"] = (K(**mma, waves=waves), b1)
+        kw = {**mma, "mma_rows": 4, "mma_words": 1, "mma_warps": 4, "waves": waves}
         variants[f"mma-4-1-4-waves{waves:g}"] = (K(**kw), b1)
     # tenth session: stage 2 as bit-serial binary MMAs (cuda_bitserial), tiles as
     # bits-<16-row tiles a warp>-<warps splitting a row group's units>-<row groups>-<units in flight>

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import copy_bandwidth, import_kernel, random_layer, stage2_inputs, time_graph  # noqa: E402
+from kernels import copy_bandwidth, import_kernel, random_layer, stage2_inputs, time_graph, write_records  # noqa: E402
 
 CASES = [(8192, 28672, 1.0), (8192, 28672, 0.55), (28672, 8192, 1.0), (4096, 4096, 0.55), (8192, 28672, 0.1)]
 TILES = [(2, 1, 8), (4, 1, 4), (4, 1, 8), (1, 2, 8), (2, 2, 4)]
@@ -140,9 +139,7 @@ def main() -> None:
             )
         del layers
         torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(records, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_records(records, args.out)
 
 
 if __name__ == "__main__":

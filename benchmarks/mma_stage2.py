@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import math
 import sys
 from pathlib import Path
@@ -21,7 +20,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import copy_bandwidth, import_kernel, n_copies, random_layer, rank_for_bpw, time_graph  # noqa: E402
+from kernels import (
+    copy_bandwidth,
+    import_kernel,
+    n_copies,
+    random_layer,
+    rank_for_bpw,
+    time_graph,
+    write_records,
+)  # noqa: E402
 
 CASES = [(8192, 28672, 1.0), (8192, 28672, 0.1), (4096, 4096, 0.55)]
 TILES = list(itertools.product((1, 2, 4), (1, 2, 4), (2, 4, 8), (0, 1)))
@@ -71,8 +78,12 @@ def main() -> None:
         t_pairs = (torch.randn(2 * t_len, generator=gen, device="cuda") * 0.01).half().view(torch.int32)
         t_pairs = torch.cat([t_pairs, t_pairs])  # int32 view of 2 * t_len halves: 2 paths of t_len words
         y = torch.empty(1, d_out, dtype=torch.float16, device="cuda")
+        call, triton_only = (
+            tk.littlebit_linear_triton,
+            tk.KernelConfig(stage2_mma=False, stage2_bitserial=False),
+        )
         whole = {
-            "triton": time_graph([functools.partial(tk.littlebit_linear_triton, x, *c) for c in layers], 20),
+            "triton": time_graph([functools.partial(call, x, *c, config=triton_only) for c in layers], 20),
         }
         base = dict(d_in=d_in, d_out=d_out, bpw=bpw, rank=r, W_r=W_r, device=device, copy_gbps=round(copy, 1))
         print(
@@ -81,7 +92,12 @@ def main() -> None:
         for mt, wpt, warps, stage in tiles:
             tile = mma.MmaTile(mt, wpt, warps, bool(stage))
             cfg = tk.KernelConfig(
-                stage2_mma=True, mma_rows=mt, mma_words=wpt, mma_warps=warps, mma_stage=bool(stage)
+                stage2_mma=True,
+                mma_rows=mt,
+                mma_words=wpt,
+                mma_warps=warps,
+                mma_stage=bool(stage),
+                stage2_bitserial=False,
             )
             calls = [
                 functools.partial(mma.stage2, t_pairs, c[0], c[2], None, y, W_r, t_len, 2, 1, tile, False)
@@ -101,9 +117,7 @@ def main() -> None:
             print(f"  tile {name}: stage 2 {us2:6.2f} us ({gbps:5.0f} GB/s)  call {us:6.2f} us", flush=True)
         del layers
         torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(records, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_records(records, args.out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_kernels import DEVICE, ON_GPU, TOL, make_layer, rel_err
+from test_kernels import DEVICE, ON_GPU, TOL, cuda_cpp_kernels, make_layer, rel_err
 
 from littlebit.kernels import cuda_bitserial as bs
 
@@ -17,6 +17,7 @@ SHAPES = [(64, 8, 24), (100, 70, 100), (576, 150, 300), (1000, 296, 576), (4096,
 # (16-row tiles a warp, warps splitting a row group's units, row groups, units in flight); zeros: the
 # rules' own tiles
 TILES = [(1, 1, 1, 1), (2, 2, 2, 4), (1, 4, 2, 2), (4, 2, 1, 3), (1, 8, 1, 2), (0, 0, 0, 0)]
+STAGED = (2, 2, 2, 4, True)  # sign rows copied to shared memory first (``bits_stage``)
 
 
 def _signs(paths: int, rows: int, W: int, gen: torch.Generator) -> torch.Tensor:
@@ -53,22 +54,12 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="CUDA C++ kernels: need a GPU")
 
 @pytest.fixture(scope="module")
 def tk():
-    from littlebit.kernels import triton_littlebit as tk
-
-    if torch.cuda.get_device_capability(0)[0] < 8:
-        pytest.skip("binary mma.sync needs sm_80+")
-    try:
-        bs._nvrtc.nvrtc()
-    except bs.NvrtcUnavailable:
-        pytest.skip("NVRTC unavailable")
-    bs._functions(bs.BitTile(), 2, False, 0)  # a kernel that fails to compile or load fails here
-    assert bs.available(0)
-    return tk
+    return cuda_cpp_kernels(bs, lambda: bs._functions(bs.BitTile(), 2, False, 0))
 
 
 def _config(tk, tile=(0, 0, 0, 0), stage1=True):
-    mt, ks, rg, depth = tile
-    kw = {"bits_rows": mt, "bits_split": ks, "bits_groups": rg, "bits_depth": depth}
+    mt, ks, rg, depth, *stage = tile
+    kw = {"bits_rows": mt, "bits_split": ks, "bits_groups": rg, "bits_depth": depth, "bits_stage": any(stage)}
     kw |= {"bits1_rows": mt, "bits1_split": ks, "bits1_groups": rg, "bits1_depth": depth}
     return tk.KernelConfig(stage2_bitserial=True, stage1_bitserial=stage1, **kw)
 
@@ -103,7 +94,7 @@ def test_quantize_kernel_matches_reference_bit_for_bit(tk, n, dtype):
 
 @gpu
 @pytest.mark.parametrize("paths,groups", [(1, 1), (2, 1), (2, 3)])
-@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("tile", [*TILES, STAGED])
 def test_gemv_kernel_matches_reference(tk, tile, paths, groups):
     gen = torch.Generator().manual_seed(paths + 7 * groups)
     for rows, n in [(24, 8), (100, 70), (300, 520), (90, 3200), (520, 3168)]:
@@ -127,7 +118,7 @@ def test_gemv_kernel_matches_reference(tk, tile, paths, groups):
 
 @gpu
 @pytest.mark.parametrize("stage1", [True, False])
-@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("tile", [*TILES, STAGED])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d_in,r,d_out", SHAPES)
 @pytest.mark.parametrize("paths", [1, 2])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels import DEVICE, ON_GPU, TOL, make_layer, rel_err
+from test_kernels import DEVICE, ON_GPU, TOL, cuda_cpp_kernels, make_layer, rel_err
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="CUDA C++ kernel: needs a GPU")
 
@@ -37,17 +37,8 @@ def _mma_config(tk, tile=(0, 0, 0, None), **kw):
 @pytest.fixture(scope="module")
 def tk():
     from littlebit.kernels import cuda_mma
-    from littlebit.kernels import triton_littlebit as tk
 
-    if torch.cuda.get_device_capability(0)[0] < 8:
-        pytest.skip("mma.sync for fp16 needs sm_80+")
-    try:
-        cuda_mma._nvrtc.nvrtc()
-    except cuda_mma.NvrtcUnavailable:
-        pytest.skip("NVRTC unavailable")
-    cuda_mma._function(cuda_mma.MmaTile(), 0)  # a kernel that fails to compile or load fails here
-    assert cuda_mma.available(0)
-    return tk
+    return cuda_cpp_kernels(cuda_mma, lambda: cuda_mma._function(cuda_mma.MmaTile(), 0))
 
 
 @pytest.mark.parametrize("tile", TILES)
@@ -69,7 +60,8 @@ def test_mma_stage2_is_more_accurate_than_fp16_sums(tk):
     layer = make_layer(4096, 3168, 1024, 2, torch.float16, DEVICE, seed=3)
     x = torch.randn(1, 4096, device=DEVICE).half()
     e_mma = rel_err(tk.littlebit_linear_triton(x, *layer, config=_mma_config(tk)), x, *layer)
-    e_cc = rel_err(tk.littlebit_linear_triton(x, *layer, config=tk.KernelConfig(stage2_mma=False)), x, *layer)
+    cuda_cores = tk.KernelConfig(stage2_mma=False, stage2_bitserial=False)
+    e_cc = rel_err(tk.littlebit_linear_triton(x, *layer, config=cuda_cores), x, *layer)
     assert e_mma < 2e-3 and e_mma <= e_cc * 1.05
 
 

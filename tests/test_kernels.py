@@ -55,6 +55,22 @@ def make_layer(d_in, r, d_out, paths, dtype, device, seed):
     return [t.to(device) for t in (u, v, h, l, g, bias)]
 
 
+def cuda_cpp_kernels(module, compile_one):
+    """``triton_littlebit`` for tests of a CUDA C++ kernel module (``cuda_mma``, ``cuda_bitserial``):
+    skipped without sm_80+ or NVRTC; a kernel that fails to compile or load (``compile_one``) fails."""
+    from littlebit.kernels import triton_littlebit as tk
+
+    if torch.cuda.get_device_capability(0)[0] < 8:
+        pytest.skip("mma.sync for fp16 and b1 needs sm_80+")
+    try:
+        module._nvrtc.nvrtc()
+    except module.NvrtcUnavailable:
+        pytest.skip("NVRTC unavailable")
+    compile_one()
+    assert module.available(0)
+    return tk
+
+
 def rel_err(y, x, u, v, h, l, g, bias):
     f = [t.float().cpu() for t in (x, h, l, g)]
     ref = littlebit_linear_reference(

@@ -94,12 +94,12 @@ class KernelConfig:
     bits_split: int = 0  # warps splitting the units of the same rows; 0: by shape
     bits_groups: int = 0  # such row groups per program; 0: by shape
     bits_depth: int = 0  # units a warp has in flight; 0: by shape
-    bits_stage: bool | None = None  # copy a program's sign rows to shared memory first; None: by shape
+    bits_stage: bool | None = None  # copy a program's sign rows to shared memory first; None: no (slower)
     # with the bit-serial stage 2: stage 1 bit-serial as well (x * g quantized to bit planes per path,
     # S_V^T rows as the MMA rows, every path a group), four launches with no Triton kernel. None: for
     # inputs of at least ``_BITSERIAL_STAGE1_WORDS`` words.
     stage1_bitserial: bool | None = None
-    bits1_rows: int = 0  # the bit-serial stage 1's tile (``_bit_tile1``); 0: by shape
+    bits1_rows: int = 0  # the bit-serial stage 1's tile (``_bit_tile1``); 0: its default
     bits1_split: int = 0
     bits1_groups: int = 0
     bits1_depth: int = 0
@@ -227,7 +227,7 @@ def _bit_tile(
     return tile
 
 
-def _bit_tile1(r: int, P: int, cfg: KernelConfig, sms: int) -> cuda_bitserial.BitTile:
+def _bit_tile1(cfg: KernelConfig) -> cuda_bitserial.BitTile:
     mt, ks, rg, depth = 1, 8, 1, 4  # best of 9 on 8192x28672 at 1.0 BPW (kernels_acceptance_s10a.json)
     return cuda_bitserial.BitTile(
         cfg.bits1_rows or mt, cfg.bits1_split or ks, cfg.bits1_groups or rg, cfg.bits1_depth or depth
@@ -251,7 +251,7 @@ def _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, gro
     t, x_planes, t_planes = ws[:n_t], ws[n_t : n_t + n_x], ws[n_t + n_x :]
     pdl = _pdl(x2, cfg)
     cuda_bitserial.quantize(x2, x_planes, d_in, W_in, P, pdl, 0, g)
-    cuda_bitserial.gemv(x_planes, v, l, None, t, W_in, 1, P, _bit_tile1(r, P, cfg, sms), pdl, t_len)
+    cuda_bitserial.gemv(x_planes, v, l, None, t, W_in, 1, P, _bit_tile1(cfg), pdl, t_len)
     cuda_bitserial.quantize(t, t_planes, r, W_r, P, pdl, t_len)
     tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups)
     cuda_bitserial.gemv(t_planes, u, h, bias, y, W_r, P // groups, groups, tile, pdl)
@@ -261,7 +261,7 @@ def _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, gro
 # of at least ``_BITSERIAL_WORDS`` words per path (d_out * W_r). From the H100 runs of the tenth session
 # (benchmarks/results/kernels_acceptance_s10.json, bitserial_chain.json): 8192x28672 at 1.0 BPW 31.4 ->
 # 21.5 µs, at 0.55 20.3 -> 15.6, 28672x8192 at 1.0 30.5 -> 25.1; shorter rows lost (8192x28672 at
-# 0.1 BPW, 10 words: 7.9 -> 8.3; 4096x4096 at 0.55, 17 words: 6.4 -> 6.5).
+# 0.1 BPW, 10 words: 7.9 -> 8.3; 4096x4096 at 0.55, 17 words: 6.3 -> 6.9).
 _BITSERIAL_WORDS = 64 * 1024
 _BITSERIAL_RANK_WORDS = 32
 # ... and stage 1 bit-serial too for inputs of at least this many words (28672x8192 at 1.0 BPW: 26.4 ->
@@ -421,6 +421,11 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
     ptx = x2.is_cuda and not _interpreting()
     asm = (x2.dtype == torch.float16 and ptx) if cfg.asm is None else cfg.asm
     mode1, mode2 = (1, 2) if asm else (0, 0)
+    bits = ptx and _use_bitserial(x2, h, bias, cfg, d_out * W_r, W_r)
+    stage1 = cfg.stage1_bitserial if cfg.stage1_bitserial is not None else W_in >= _BITSERIAL_STAGE1_WORDS
+    if bits and stage1 and g.dtype == h.dtype == l.dtype == x2.dtype:
+        _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg, sms, groups)
+        return
     tok = _pow2_at_least(M)
     # stage 1 tiles: lanes along d_in, rows_v rows per thread
     b1 = _words_per_step(W_in, cfg.words_v)
@@ -429,11 +434,6 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
     chunk, n_split = _split(W_in, b1, P * n_rb, int(cfg.waves * sms))
     reduce = cfg.gemv_reduce if cfg.gemv_reduce is not None else W_r >= 32
     b2, bo, warps2 = _stage2_tile(d_out, W_r, groups, cfg, sms, reduce and not cfg.single_launch)
-    bits = ptx and _use_bitserial(x2, h, bias, cfg, d_out * W_r, W_r)
-    stage1 = cfg.stage1_bitserial if cfg.stage1_bitserial is not None else W_in >= _BITSERIAL_STAGE1_WORDS
-    if bits and stage1 and g.dtype == h.dtype == l.dtype == x2.dtype:
-        _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg, sms, groups)
-        return
     mma = not bits and ptx and _use_mma(x2, h, bias, cfg, asm, br, d_out * W_r)
     if mma:  # stage 1 writes t as the fp16 pairs the tensor-core stage 2 reads, a word's 16 contiguous
         b2, reduce = 1, True
@@ -457,7 +457,7 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
         return
     n_t = M * P * t_len
     if reduce:
-        n_part = -(-n_split * M * P * r // 4) * 4  # the bit planes after it stay 16-byte aligned
+        n_part = _align4(n_split * M * P * r)  # the bit planes after it stay 16-byte aligned
         n_bits = cuda_bitserial.workspace_floats(P, W_r) if bits else 0
         ws = _workspace(x2.device, n_t + n_part + n_bits, "reduce", P * n_rb)
         part = ws.t[n_t:]
