@@ -1,5 +1,7 @@
 """Where the time of a bit-serial batch-1 call goes: its four kernels alone and chained (PDL), next to
-whole calls of the default, the Triton stage 1 + bit-serial stage 2, and the fp16 tensor-core stage 2.
+whole calls of the default, the bit-serial stage 1 (quantizing x and t itself, or in launches of
+their own), the Triton stage 1 (ending in the planes of t, or writing t for the quantize kernel) +
+bit-serial stage 2, and the fp16 tensor-core stage 2.
 
     python3 benchmarks/bitserial_chain.py [--cases 8192-28672-1.0,8192-28672-0.55]
 
@@ -22,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kernels import import_kernel, n_copies, packed_bytes, random_layer, rank_for_bpw, time_graph  # noqa: E402
 
 
-def chain(bs, tk, x, layer, ws, t, steps: str, pdl: bool = True) -> None:
+def chain(bs, tk, x, layer, ws, t, steps: str, pdl: bool = True, cnt=None) -> None:
     """The bit-serial call's kernels named in ``steps`` (q: planes of x * g, 1: stage 1, t: planes of t,
-    2: stage 2), on the call's own buffers."""
+    2: stage 2; p: the Triton stage 1 ending in the planes of t; f: the bit-serial stage 1 making the
+    planes of t itself, F: of x * g too, with counters ``cnt``; stage 2 reads what they wrote), on the
+    call's own buffers."""
     u, v, h, l, g = layer
     P, d_out, W_r = u.shape
     r, W_in = v.shape[1:]
@@ -38,6 +42,11 @@ def chain(bs, tk, x, layer, ws, t, steps: str, pdl: bool = True) -> None:
         bs.gemv(x_planes, v, l, None, t, W_in, 1, P, tk._bit_tile1(cfg), pdl, t_len)
     if "t" in steps:
         bs.quantize(t, t_planes, r, W_r, P, pdl, t_len)
+    if "f" in steps or "F" in steps:
+        fused = bs.SelfQuantizing(cnt, *((x, g) if "F" in steps else (None, None)), t_planes)
+        bs.gemv(x_planes, v, l, None, t, W_in, 1, P, tk._bit_tile1(cfg), pdl, t_len, fused)
+    if "p" in steps:
+        t_planes = tk._stage1_to_planes(x, v, l, g, tk.KernelConfig(pdl=pdl), tk._num_sms(0))
     if "2" in steps:
         y = torch.empty(1, d_out, dtype=x.dtype, device=x.device)
         bs.gemv(t_planes, u, h, None, y, W_r, P, 1, tk._bit_tile(d_out, W_r, 1, cfg, 132), pdl)
@@ -65,14 +74,20 @@ def main() -> None:
         t = torch.zeros(2 * 32 * W_r, device="cuda")
         chain(bs, tk, x, layers[0], ws, t, "q1t")  # real planes and t for the pieces timed alone
         rec = dict(d_in=d_in, d_out=d_out, bpw=bpw, rank=r, device=torch.cuda.get_device_name())
-        configs = {"default": tk.KernelConfig(), "triton-stage1": tk.KernelConfig(stage1_bitserial=False),
-                   "fp16-mma": tk.KernelConfig(stage2_bitserial=False)}  # fmt: skip
+        K = tk.KernelConfig
+        configs = {"default": K(), "triton-stage1": K(stage1_bitserial=False),
+                   "bitserial-stage1": K(stage1_bitserial=True),
+                   "bitserial-stage1-x": K(stage1_bitserial=True, stage1_quantizes_x=True),
+                   "bitserial-stage1-launches": K(stage1_bitserial=True, quantize_in_stage1=False),
+                   "triton-stage1-t": K(stage1_bitserial=False, quantize_in_stage1=False),
+                   "fp16-mma": K(stage2_bitserial=False)}  # fmt: skip
         for name, cfg in configs.items():
             fn = functools.partial(tk.littlebit_linear_triton, config=cfg)
             rec[f"us_call_{name}"] = round(time_graph([functools.partial(fn, x, *c) for c in layers], 20), 2)
-        for steps in ["q", "1", "t", "2", "q1", "q1t", "1t2", "t2", "q1t2"]:
+        cnt = torch.zeros(bs.counters_needed(2, r), dtype=torch.int32, device="cuda")
+        for steps in "q 1 t 2 q1 q1t 1t2 t2 q1t2 p p2 qf qf2 F F2".split():
             for pdl in (True, False):
-                calls = [functools.partial(chain, bs, tk, x, c, ws, t, steps, pdl) for c in layers]
+                calls = [functools.partial(chain, bs, tk, x, c, ws, t, steps, pdl, cnt) for c in layers]
                 rec[f"us_{steps}{'' if pdl else '_nopdl'}"] = round(time_graph(calls, 20), 2)
         records.append(rec)
         print(json.dumps(rec), flush=True)

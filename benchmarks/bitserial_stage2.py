@@ -1,7 +1,7 @@
 """Stage 2 alone: bit-serial binary MMAs (``kernels.cuda_bitserial``) against the fp16 tensor-core
 stage 2 (``kernels.cuda_mma``, the shipped tile rule), on the same sign words.
 
-    python3 benchmarks/bitserial_stage2.py [--tiles 1-1-4-4,2-1-4-4] [--cases 8192-28672-1.0]
+    python3 benchmarks/bitserial_stage2.py [--tiles 1-1-4-4,2-1-4-4] [--cases 8192-28672-1.0[-rank]]
 
 First checks the bit-serial kernels against ``sum_p h_p * (S_p @ t_p)`` in fp32 (unquantized t) on
 small and odd shapes, then times per case (CUDA graphs, weight copies larger than L2, median):
@@ -63,7 +63,7 @@ def quantize_then_stage2(bs, t, ws, layer, y, W_r, tile) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiles", default=TILES, help="mt-ks-rg-depth,...")
-    ap.add_argument("--cases", default="", help="d_in-d_out-bpw,... (default: all)")
+    ap.add_argument("--cases", default="", help="d_in-d_out-bpw[-rank],... (default: all)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bitserial_stage2.json"))
     args = ap.parse_args()
     bs, mma = import_kernel("cuda_bitserial"), import_kernel("cuda_mma")
@@ -81,13 +81,14 @@ def main() -> None:
     print(f"bit-serial stage 2 matches sum_p h_p (S_p t_p): worst relative error {worst:.2e}", flush=True)
     cases = CASES
     if args.cases:
-        cases = [(int(a), int(b), float(c)) for a, b, c in (s.split("-") for s in args.cases.split(","))]
+        specs = (s.split("-") for s in args.cases.split(","))
+        cases = [(int(a), int(b), float(c), *map(int, rk)) for a, b, c, *rk in specs]
     copy = copy_bandwidth()
     device = torch.cuda.get_device_name()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     records = []
-    for d_in, d_out, bpw in cases:
-        r, W_r, u_bytes, layers, t = stage2_inputs(d_in, d_out, bpw, gen)
+    for d_in, d_out, bpw, *rank in cases:
+        r, W_r, u_bytes, layers, t = stage2_inputs(d_in, d_out, bpw, gen, *rank)
         t_len = 32 * W_r
         pairs = fp16_pairs(t, W_r, scaled=False)[0]
         y = torch.empty(1, d_out, dtype=torch.float16, device="cuda")

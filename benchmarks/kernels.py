@@ -122,10 +122,10 @@ def reps_for(us_estimate: float, n_calls: int) -> int:
     return int(min(50, max(7, 0.25e6 / max(1.0, us_estimate * n_calls))))
 
 
-def stage2_inputs(d_in: int, d_out: int, bpw: float, gen: torch.Generator) -> tuple:
+def stage2_inputs(d_in: int, d_out: int, bpw: float, gen: torch.Generator, rank: int = 0) -> tuple:
     """A stage-2-alone case: (r, W_r, bytes of S_U and h, weight copies larger than L2, t (2, 32 W_r)
-    zero past the rank)."""
-    r = rank_for_bpw(d_in, d_out, bpw)
+    zero past the rank); ``rank`` instead of the BPW's when given."""
+    r = rank or rank_for_bpw(d_in, d_out, bpw)
     W_r = math.ceil(r / 32)
     u_bytes = 2 * d_out * W_r * 4 + 2 * d_out * 2
     layers = [random_layer(d_in, d_out, r, "cuda", gen) for _ in range(n_copies(u_bytes))]
@@ -426,7 +426,8 @@ def named_variants(K) -> dict:
     variants["no-bitserial"] = (K(stage2_bitserial=False), b1)  # the ninth version's stage 2
     bit_tiles = [(1, 1, 4, 4), (2, 1, 4, 4), (1, 4, 2, 2), (2, 2, 2, 4), (1, 1, 8, 4), (2, 2, 4, 4),
                  (2, 2, 2, 6), (2, 4, 1, 4), (2, 4, 2, 4), (4, 2, 2, 4), (1, 2, 4, 4), (2, 2, 2, 2),
-                 (1, 4, 1, 4), (1, 8, 1, 2), (2, 2, 2, 8)]  # fmt: skip
+                 (1, 4, 1, 4), (1, 8, 1, 2), (2, 2, 2, 8), (2, 2, 1, 4), (1, 2, 2, 4), (2, 1, 2, 4),
+                 (1, 2, 2, 6), (2, 2, 1, 6), (1, 4, 2, 4)]  # fmt: skip
 
     def bits(mt, ks, rg, depth) -> dict:
         return {
@@ -448,6 +449,19 @@ def named_variants(K) -> dict:
             b1,
         )
     variants["bits-stage2-only"] = (K(stage2_bitserial=True, stage1_bitserial=False), b1)  # Triton stage 1
+    # eleventh session: stage 1 quantizes for the bit-serial stage 2 itself (default); "quantize-kernel"
+    # and "-t" / "-launches" quantize in launches of their own, as the tenth session did
+    variants["quantize-kernel"] = (K(quantize_in_stage1=False), b1)
+    bits1 = {"stage2_bitserial": True, "stage1_bitserial": True}
+    variants["bits-stage1"] = (K(**bits1), b1)  # quantizing t itself
+    variants["bits-stage1-launches"] = (K(**bits1, quantize_in_stage1=False), b1)
+    variants["bits-stage1-x"] = (K(**bits1, stage1_quantizes_x=True), b1)  # x * g too, no launch before
+    for waves in (4, 12, 16, 32):  # the Triton stage 1's split of d_in
+        variants[f"bits-waves{waves}"] = (K(stage2_bitserial=True, waves=float(waves)), b1)
+    for rows in (4, 16):  # and its rows per thread
+        variants[f"bits-rows_v{rows}"] = (K(stage2_bitserial=True, rows_v=rows), b1)
+    t_planes = {"stage1_bitserial": False, "quantize_in_stage1": False}
+    variants["bits-stage2-only-t"] = (K(stage2_bitserial=True, **t_planes), b1)
     bit1_tiles = [(1, 4, 1, 4), (1, 8, 1, 4), (1, 2, 2, 4), (2, 4, 1, 4), (1, 8, 1, 2), (1, 4, 2, 4),
                   (1, 1, 4, 4), (2, 2, 2, 4), (1, 4, 1, 8)]  # fmt: skip
     for mt, ks, rg, depth in bit1_tiles:

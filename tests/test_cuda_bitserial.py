@@ -15,9 +15,11 @@ from littlebit.kernels import cuda_bitserial as bs
 SHAPES = [(64, 8, 24), (100, 70, 100), (576, 150, 300), (1000, 296, 576), (4096, 544, 1000),
           (2048, 3168, 520), (520, 3200, 90)]  # fmt: skip
 # (16-row tiles a warp, warps splitting a row group's units, row groups, units in flight); zeros: the
-# rules' own tiles
-TILES = [(1, 1, 1, 1), (2, 2, 2, 4), (1, 4, 2, 2), (4, 2, 1, 3), (1, 8, 1, 2), (0, 0, 0, 0)]
+# rules' own tiles; (3, 2, 1, 2): a bit-serial stage 1 of 48 rows a program, which cannot quantize t
+TILES = [(1, 1, 1, 1), (2, 2, 2, 4), (1, 4, 2, 2), (4, 2, 1, 3), (1, 8, 1, 2), (3, 2, 1, 2), (0, 0, 0, 0)]
 STAGED = (2, 2, 2, 4, True)  # sign rows copied to shared memory first (``bits_stage``)
+# shapes whose Triton stage-1 row blocks tile the 256-row quantization blocks
+FUSED_SHAPES = [(1000, 296, 576), (4096, 544, 900), (8192, 3168, 520), (2048, 900, 64)]
 
 
 def _signs(paths: int, rows: int, W: int, gen: torch.Generator) -> torch.Tensor:
@@ -57,11 +59,22 @@ def tk():
     return cuda_cpp_kernels(bs, lambda: bs._functions(bs.BitTile(), 2, False, 0))
 
 
-def _config(tk, tile=(0, 0, 0, 0), stage1=True):
+# stage 1: bit-serial too (quantizing in the kernel, or in launches of their own); Triton ending in
+# the planes of t; Triton writing t, then the quantize kernel
+STAGE1 = {
+    "bits": {"stage1_bitserial": True, "quantize_in_stage1": True},  # quantizing t itself
+    "bits-x": {"stage1_bitserial": True, "stage1_quantizes_x": True},  # x * g and t
+    "bits-launches": {"stage1_bitserial": True, "quantize_in_stage1": False},  # the quantize kernel, twice
+    "planes": {"stage1_bitserial": False, "quantize_in_stage1": True},
+    "t": {"stage1_bitserial": False, "quantize_in_stage1": False},
+}
+
+
+def _config(tk, tile=(0, 0, 0, 0), stage1="bits"):
     mt, ks, rg, depth, *stage = tile
     kw = {"bits_rows": mt, "bits_split": ks, "bits_groups": rg, "bits_depth": depth, "bits_stage": any(stage)}
     kw |= {"bits1_rows": mt, "bits1_split": ks, "bits1_groups": rg, "bits1_depth": depth}
-    return tk.KernelConfig(stage2_bitserial=True, stage1_bitserial=stage1, **kw)
+    return tk.KernelConfig(stage2_bitserial=True, **STAGE1[stage1], **kw)
 
 
 @gpu
@@ -117,7 +130,7 @@ def test_gemv_kernel_matches_reference(tk, tile, paths, groups):
 
 
 @gpu
-@pytest.mark.parametrize("stage1", [True, False])
+@pytest.mark.parametrize("stage1", list(STAGE1))
 @pytest.mark.parametrize("tile", [*TILES, STAGED])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d_in,r,d_out", SHAPES)
@@ -141,21 +154,37 @@ def test_bitserial_grouped(tk, groups):
     x = torch.randn(1, d_in, device=DEVICE).half()
     stacked = [torch.cat([layer[i] for layer in layers]) for i in range(5)]
     b = torch.cat([layer[5] for layer in layers])
-    for stage1 in (True, False):
+    for stage1 in STAGE1:
         y = tk.littlebit_linear_triton(x, *stacked, b, config=_config(tk, stage1=stage1), groups=groups)
         for j, layer in enumerate(layers):
             assert rel_err(y[:, j * d_out : (j + 1) * d_out], x, *layer) < TOL, j
 
 
 @gpu
-def test_bitserial_deterministic_and_accurate(tk):
+@pytest.mark.parametrize("stage1", list(STAGE1))
+def test_bitserial_deterministic_and_accurate(tk, stage1):
     layer = make_layer(8192, 3168, 4096, 2, torch.float16, DEVICE, seed=7)
     x = torch.randn(1, 8192, device=DEVICE).half()
-    cfg = _config(tk)
+    cfg = _config(tk, stage1=stage1)
     first = tk.littlebit_linear_triton(x, *layer, config=cfg)
     assert rel_err(first, x, *layer) < 2e-3
     for _ in range(20):
         assert torch.equal(tk.littlebit_linear_triton(x, *layer, config=cfg), first)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d_in,r,d_out", FUSED_SHAPES)
+def test_stage1_planes_equal_the_quantize_kernels(tk, d_in, r, d_out, dtype):
+    """Stage 1 quantizing for itself (``quantize_in_stage1``) writes the planes the quantize kernel
+    makes of x * g and of the t it would have written: the same outputs, bit for bit."""
+    layer = make_layer(d_in, r, d_out, 2, dtype, DEVICE, seed=d_in + 3 * r)
+    x = torch.randn(1, d_in, device=DEVICE).to(dtype)
+    for pair in (("planes", "t"), ("bits", "bits-launches"), ("bits-x", "bits-launches")):
+        ys = [tk.littlebit_linear_triton(x, *layer, config=_config(tk, stage1=s)) for s in pair]
+        assert torch.equal(*ys), pair
+    br = tk._stage1_geometry((d_in + 31) // 32, r, 2, tk.KernelConfig(), tk._num_sms(0))[1]
+    assert 256 % br == 0  # these shapes take the fused path
 
 
 @gpu
@@ -176,7 +205,7 @@ def test_bitserial_not_used_where_it_cannot_run(tk):
 
 
 @gpu
-@pytest.mark.parametrize("stage1", [True, False])
+@pytest.mark.parametrize("stage1", list(STAGE1))
 def test_bitserial_reads_only_what_it_wrote(tk, stage1):
     """Workspaces filled with NaN between calls: the result is finite and right only if every plane,
     scale and t entry a call reads was written by that call."""
@@ -189,3 +218,6 @@ def test_bitserial_reads_only_what_it_wrote(tk, stage1):
             ws.t.fill_(float("nan"))
     y = tk.littlebit_linear_triton(x, *layer, config=cfg)
     assert torch.isfinite(y).all() and rel_err(y, x, *layer) < TOL
+    for key, ws in tk._WORKSPACES.items():  # tickets back to zero for the next call
+        if key[-1] == "reduce":
+            assert not ws.counter.any(), key

@@ -109,6 +109,38 @@ def _check_leading_dims(tk, m):
     return rel_err(y.reshape(-1, 40), x.reshape(-1, 100), u, v, h, l, g, None)
 
 
+def _check_stage1_planes(tk, d_in, r, paths, dtype):
+    """The Triton stage 1 that ends in the bit-serial stage 2's planes (``_stage1_to_planes``): they
+    hold t = l * S_V^T (g * x) quantized per block of 256 (each block's largest entry at 32767, the
+    constant term matching, nothing past the rank), and every ticket is zero after. Called twice, so
+    the second call meets the first's workspace. inf when a property fails, else t's relative error."""
+    from littlebit.kernels import cuda_bitserial as bs
+
+    u, v, h, l, g, _ = make_layer(d_in, r, 8, paths, dtype, DEVICE, seed=d_in + r)
+    x = torch.randn(1, d_in, generator=torch.Generator().manual_seed(r)).to(dtype).to(DEVICE)
+    signs = ((v.cpu().long().unsqueeze(-1) >> torch.arange(32)) & 1).flatten(-2)[..., :d_in].double() * 2 - 1
+    gx = g.cpu().double() * x.cpu().double()
+    t = l.cpu().double() * torch.einsum("prd,pd->pr", signs, gx)
+    W_r = (r + 31) // 32
+    sms = tk._num_sms(0) if ON_GPU else 4
+    err = float("inf")
+    for _ in range(2):
+        region = tk._stage1_to_planes(x, v, l, g, tk.KernelConfig(), sms)
+        planes, scales = (a.cpu() for a in bs.split_workspace(region, paths, W_r))
+        q, got = bs.reference_dequantize(planes, scales, W_r)
+        qb = q.view(paths, -1, 256)
+        pair = scales.view(paths, -1, 2)
+        if not (qb.abs().amax(-1) == 32767).all() or q[:, r:].any():
+            return float("inf")
+        if not torch.allclose(pair[..., 1], 0.5 * pair[..., 0] * qb.sum(-1).float(), rtol=1e-6):
+            return float("inf")
+        key = [k for k in tk._WORKSPACES if k[-1] == "reduce"]
+        if any(tk._WORKSPACES[k].counter.any() for k in key):
+            return float("inf")
+        err = ((got[:, :r] - t).norm() / t.norm()).item()
+    return err
+
+
 TWO_LAUNCHES = {"single_launch": False, "tc_single_launch": False}
 ONE_LAUNCH = {"single_launch": True, "tc_single_launch": True}
 # stage 1 of the GEMV writes t from partial sums (no zero t), on up to 4 tokens
@@ -358,6 +390,17 @@ CHECKS.update(
             (2, 4000, 8, True),
             (1, 4000, 40, True),
             (1, 576, 40, True),
+        ]
+    }
+)
+# stage 1 ending in bit planes: one split and two, a last block of 2 row blocks of 8, one block
+CHECKS.update(
+    {
+        f"stage1-planes-{d_in}-{r}-{paths}-{str(dtype)[6:]}": (_check_stage1_planes, (d_in, r, paths, dtype))
+        for d_in, r, paths, dtype in [
+            (1000, 296, 2, torch.float16),
+            (4000, 296, 2, torch.bfloat16),
+            (4000, 40, 1, torch.float16),
         ]
     }
 )

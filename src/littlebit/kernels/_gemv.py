@@ -27,7 +27,8 @@ Stage 1 and stage 2 run in one launch (``_gemv_kernel``; ordering and the double
 either adds into a ``t`` that is zero whenever no call is running (the last stage-2 program zeroes it
 again, ``_release_t``) or, with ``REDUCE``, writes ``t`` whole from per-split partial sums
 (``_reduce_partials``), so stage 2 ends with no ticket on one address. The launches share the stage
-bodies.
+bodies. With ``QUANT`` (one token) stage 1 ends in the bit planes that the bit-serial stage 2 reads
+instead of ``t`` (``_reduce_to_planes``), so that call needs no quantizing launch in between.
 """
 
 from __future__ import annotations
@@ -317,16 +318,84 @@ def _reduce_partials(
 
 
 @triton.jit
+def _round_even(x, PTX: tl.constexpr):
+    """fp32 to the nearest integer, ties to even (|x| < 2^22 for the plain form)."""
+    if PTX:
+        res = tl.inline_asm_elementwise(
+            "cvt.rni.f32.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        res = (x + 12582912.0) - 12582912.0  # 1.5 * 2^23: the sum's ulp is 1
+    return res
+
+
+@triton.jit
+def _block_planes(v, planes_ptr, scales_ptr, PTX: tl.constexpr):
+    """One block of 256 fp32 entries of t to what ``cuda_bitserial.quantize`` writes for it, bit for bit
+    (layout: that module's doc): scale s = max|v| / 32767, q = round(v / s) (ties to even), the 16
+    two's-complement planes of q in the binary MMA's B order, and (s, s * sum q / 2)."""
+    amax = tl.max(tl.abs(v), axis=0)
+    qmax = tl.full((), 32767.0, tl.float32)
+    # true divisions, as in the CUDA kernel and the reference (Triton's ``/`` is approximate)
+    inv = tl.where(amax > 0, tl.math.div_rn(qmax, amax), 0.0)
+    q = tl.minimum(tl.maximum(_round_even(v * inv, PTX), -32767.0), 32767.0).to(tl.int32)
+    s = tl.math.div_rn(amax, qmax)
+    const = 0.5 * s * tl.sum(q, axis=0).to(tl.float32)
+    k = tl.arange(0, 16)
+    w = tl.arange(0, 8)
+    bits = (tl.reshape(q, (8, 32))[:, :, None] >> k[None, None, :]) & 1  # word w, bit j, plane k
+    words = tl.sum(bits << tl.arange(0, 32)[None, :, None], axis=1).to(tl.int32)  # disjoint bits: an OR
+    # thread (g, q) of the MMA holds planes g and 8 + g of words 2q and 2q + 1, 16 contiguous bytes
+    off = ((k[None, :] & 7) * 4 + (w[:, None] >> 1)) * 4 + (k[None, :] >> 3) * 2 + (w[:, None] & 1)
+    tl.store(planes_ptr + off, words)
+    two = tl.arange(0, 2)
+    tl.store(scales_ptr + two, tl.where(two == 0, s, const))
+
+
+@triton.jit
+def _reduce_to_planes(
+    part, row0, p, R, n_rb, l_ptr, part_ptr, cnt_ptr, planes_ptr, scales_ptr, split, n_split, slot,
+    PTX: tl.constexpr, RELEASE_ONLY: tl.constexpr = False,
+):  # fmt: skip
+    """``_reduce_partials`` for the bit-serial stage 2 (one token): the ticket is per block of 256 rows
+    (a quantization block; a row block lies in one), and its last program adds the partials of all
+    256 rows in a fixed order, scales them by l and writes the block's planes and scales
+    (``_block_planes``) instead of t. The same sums as ``_reduce_partials``, so the same planes as
+    quantizing its t."""
+    BR: tl.constexpr = part.shape[1]
+    PER: tl.constexpr = 256 // BR
+    tl.static_assert(PER * BR == 256, "row blocks must tile the 256-row quantization blocks")
+    rows = row0 + tl.arange(0, BR)
+    tl.store(part_ptr + split * slot + p * R + rows, tl.reshape(part, (BR,)), mask=rows < R)
+    # Every warp's partials are written before the ticket (see ``_reduce_partials``).
+    tl.debug_barrier()
+    kb = row0 // 256
+    n_kb = tl.cdiv(R, 256)
+    n_here = tl.minimum(n_rb - kb * PER, PER)  # the last block of a path may hold fewer row blocks
+    if _take_ticket(cnt_ptr + p * n_kb + kb, n_split * n_here, RELEASE_ONLY):
+        r2 = kb * 256 + tl.arange(0, 256)
+        ok = r2 < R
+        acc = tl.zeros((256,), tl.float32)
+        for sp in range(0, n_split):
+            acc += tl.load(part_ptr + sp * slot + p * R + r2, mask=ok, other=0.0, cache_modifier=".cg")
+        lv = tl.load(l_ptr + p * R + r2, mask=ok, other=0.0).to(tl.float32)
+        blk = p * n_kb + kb
+        _block_planes(acc * lv, planes_ptr + blk * 128, scales_ptr + 2 * blk, PTX)
+        tl.store(cnt_ptr + p * n_kb + kb, 0)
+
+
+@triton.jit
 def _gemv_v_body(
     x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, pid0, pid1, M, R, W_in, d_in, stride_xm, n_rb, chunk, t_len,
     P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
     B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False,
     part_ptr=None, cnt_ptr=None, n_split=1, W_r=0, tp_ptr=None, REDUCE: tl.constexpr = False,
-    RELEASE_ONLY: tl.constexpr = False,
+    RELEASE_ONLY: tl.constexpr = False, planes_ptr=None, scales_ptr=None, QUANT: tl.constexpr = False,
 ):  # fmt: skip
     """Stage 1 for program (pid0, pid1): t (+)= l * S_V^T (g*x) over block ``pid0 % n_rb`` of the rows
     of path ``pid0 // n_rb`` and chunk ``pid1`` of d_in, into ``t`` laid out for stage 2 (``B2``,
-    ``MODE2``): by fp32 atomics into a zero ``t``, or with ``REDUCE`` by ``_reduce_partials``."""
+    ``MODE2``): by fp32 atomics into a zero ``t``, or with ``REDUCE`` by ``_reduce_partials``; with
+    ``QUANT`` as bit planes of t by ``_reduce_to_planes``."""
     p = pid0 // n_rb
     rows = (pid0 % n_rb) * BR + tl.arange(0, BR)
     row_ok = rows < R
@@ -342,26 +411,33 @@ def _gemv_v_body(
         PDL,
     )  # fmt: skip
     _pdl_launch_next(PDL)
-    lv = tl.load(l_ptr + p * R + rows, mask=row_ok, other=0.0).to(tl.float32)
-    t_row = t_ptr + ((toks * P + p) * t_len)[:, None]
-    if REDUCE:
-        offs = ((toks * P + p) * R)[:, None] + rows[None, :]
-        tp_row = tp_ptr + ((toks * P + p) * t_len)[:, None]
-        _reduce_partials(
-            part, lv, t_row, tp_row, (pid0 % n_rb) * BR, tok_ok, R, W_r, part_ptr, cnt_ptr, pid0, pid1,
-            n_split, M * P * R, offs, B2, MODE2, PTX, RELEASE_ONLY,
+    if QUANT:
+        tl.static_assert(TOK == 1)
+        _reduce_to_planes(
+            part, (pid0 % n_rb) * BR, p, R, n_rb, l_ptr, part_ptr, cnt_ptr, planes_ptr, scales_ptr, pid1,
+            n_split, P * R, PTX, RELEASE_ONLY,
         )  # fmt: skip
-        if MODE2 != 3 and pid0 % n_rb == n_rb - 1 and pid1 == 0:
-            # Stage 2 reads whole words: the bits of the last one past the rank must meet zeros.
-            pad = R + tl.arange(0, 32)
-            tl.store(
-                t_row + _vec_offsets(pad, B2, MODE2)[None, :],
-                tl.zeros((TOK, 32), tl.float32),
-                mask=tok_ok[:, None] & (pad < 32 * W_r)[None, :],
-            )
     else:
-        dst = t_row + _vec_offsets(rows, B2, MODE2)[None, :]
-        tl.atomic_add(dst, part * lv[None, :], mask=tok_ok[:, None] & row_ok[None, :], sem="relaxed")
+        lv = tl.load(l_ptr + p * R + rows, mask=row_ok, other=0.0).to(tl.float32)
+        t_row = t_ptr + ((toks * P + p) * t_len)[:, None]
+        if REDUCE:
+            offs = ((toks * P + p) * R)[:, None] + rows[None, :]
+            tp_row = tp_ptr + ((toks * P + p) * t_len)[:, None]
+            _reduce_partials(
+                part, lv, t_row, tp_row, (pid0 % n_rb) * BR, tok_ok, R, W_r, part_ptr, cnt_ptr, pid0, pid1,
+                n_split, M * P * R, offs, B2, MODE2, PTX, RELEASE_ONLY,
+            )  # fmt: skip
+            if MODE2 != 3 and pid0 % n_rb == n_rb - 1 and pid1 == 0:
+                # Stage 2 reads whole words: the bits of the last one past the rank must meet zeros.
+                pad = R + tl.arange(0, 32)
+                tl.store(
+                    t_row + _vec_offsets(pad, B2, MODE2)[None, :],
+                    tl.zeros((TOK, 32), tl.float32),
+                    mask=tok_ok[:, None] & (pad < 32 * W_r)[None, :],
+                )
+        else:
+            dst = t_row + _vec_offsets(rows, B2, MODE2)[None, :]
+            tl.atomic_add(dst, part * lv[None, :], mask=tok_ok[:, None] & row_ok[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -405,13 +481,14 @@ def _gemv_v_kernel(
     x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, tp_ptr, part_ptr, cnt_ptr, M, R, W_in, d_in, stride_xm, n_rb, chunk,
     t_len, W_r, P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
     B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr, REDUCE: tl.constexpr,
-    RELEASE_ONLY: tl.constexpr,
+    RELEASE_ONLY: tl.constexpr, planes_ptr=None, scales_ptr=None, QUANT: tl.constexpr = False,
 ):  # fmt: skip
     """Stage 1 of the two-launch path, grid (P * n_rb, n_split)."""
     _gemv_v_body(
         x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, tl.program_id(0), tl.program_id(1), M, R, W_in, d_in, stride_xm,
         n_rb, chunk, t_len, P, TOK, BR, B1, MODE1, B2, MODE2, PTX, PDL,
-        part_ptr, cnt_ptr, tl.num_programs(1), W_r, tp_ptr, REDUCE, RELEASE_ONLY,
+        part_ptr, cnt_ptr, tl.num_programs(1), W_r, tp_ptr, REDUCE, RELEASE_ONLY, planes_ptr, scales_ptr,
+        QUANT,
     )  # fmt: skip
 
 

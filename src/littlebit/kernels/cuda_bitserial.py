@@ -67,18 +67,18 @@ __device__ __forceinline__ u16 f2h(float f) {
     return v;
 }
 
-// The vector of each path (t, or x times the path's g), in blocks of 256, to a scale and 16 bit planes
-// in the MMA's B order (module doc). One program per block; its 4 warps each read the whole block (8
-// coalesced loads, so each finds the scale itself, no barrier) and make the planes of 2 of its 8
-// words (32 ballots). t is read at L2: with PDL the kernel that writes it may have run after this
-// one began.
-extern "C" __global__ void __launch_bounds__(128) littlebit_quantize(
+// Block kb of path p's vector (t, or x times the path's g) to a scale and 16 bit planes in the MMA's
+// B order (module doc), by warps 0 .. nw - 1 of the calling program (nw <= 4). Each warp reads the
+// whole block (8 coalesced loads, so each finds the scale itself, no barrier) and makes the planes of
+// word pairs warp, warp + nw, ... of its 4 (32 ballots a pair). t is read at L2: another program or
+// kernel wrote it. With ``pdl``, g (a weight) is read before waiting on the kernel that writes the
+// vector.
+__device__ __forceinline__ void quantize_block(
     const void* src, const u16* __restrict__ gsc, u32* __restrict__ planes, float2* __restrict__ scales,
-    long src_stride, int n_valid, int n_kb, int src_half, int pdl)
+    long src_stride, int n_valid, int n_kb, int src_half, int p, int kb, int warp, int nw, int pdl)
 {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int p = blockIdx.x / n_kb, kb = blockIdx.x % n_kb;
-    float gv[8];  // g is a weight: read before waiting on the kernel that writes the vector
+    const int lane = threadIdx.x & 31;
+    float gv[8];
     #pragma unroll
     for (int w = 0; w < 8; ++w) {
         const int j = 256 * kb + 32 * w + lane;
@@ -109,23 +109,40 @@ extern "C" __global__ void __launch_bounds__(128) littlebit_quantize(
     #pragma unroll
     for (int o = 16; o; o >>= 1) qsum += __shfl_xor_sync(FULL, qsum, o);
     u32* dst = planes + ((long)p * n_kb + kb) * 128;
-    #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const int w = 2 * warp + j;  // this warp's words: 2 warp, 2 warp + 1 (as thread q = warp reads them)
-        int qw = qv[0];
+    for (int pr = warp; pr < 4; pr += nw) {  // words 2 pr, 2 pr + 1 (as thread q = pr reads them)
         #pragma unroll
-        for (int i = 1; i < 8; ++i) qw = w == i ? qv[i] : qw;
-        u32 mine = 0u;  // lane k < 16: plane k of word w
-        #pragma unroll
-        for (int k = 0; k < 16; ++k) {
-            const u32 b = __ballot_sync(FULL, (qw >> k) & 1);
-            mine = lane == k ? b : mine;
+        for (int j = 0; j < 2; ++j) {
+            const int w = 2 * pr + j;
+            int qw = qv[0];
+            #pragma unroll
+            for (int i = 1; i < 8; ++i) qw = w == i ? qv[i] : qw;
+            u32 mine = 0u;  // lane k < 16: plane k of word w
+            #pragma unroll
+            for (int k = 0; k < 16; ++k) {
+                const u32 b = __ballot_sync(FULL, (qw >> k) & 1);
+                mine = lane == k ? b : mine;
+            }
+            if (lane < 16) dst[((lane & 7) * 4 + pr) * 4 + (lane >> 3) * 2 + j] = mine;
         }
-        if (lane < 16) dst[((lane & 7) * 4 + warp) * 4 + (lane >> 3) * 2 + j] = mine;
     }
     // (s, s * sum q / 2): stage 2 doubles its sums when it applies h, so the constant goes in halved
     const float s = amax / 32767.f;
-    if (threadIdx.x == 0) scales[(long)p * n_kb + kb] = make_float2(s, 0.5f * s * qsum);
+    if (warp == 0 && lane == 0) scales[(long)p * n_kb + kb] = make_float2(s, 0.5f * s * qsum);
+}
+
+// One program per block of 256 (grid: paths x blocks), 4 warps.
+extern "C" __global__ void __launch_bounds__(128) littlebit_quantize(
+    const void* src, const u16* __restrict__ gsc, u32* __restrict__ planes, float2* __restrict__ scales,
+    long src_stride, int n_valid, int n_kb, int src_half, int pdl)
+{
+    quantize_block(src, gsc, planes, scales, src_stride, n_valid, n_kb, src_half, blockIdx.x / n_kb,
+                   blockIdx.x % n_kb, threadIdx.x >> 5, 4, pdl);
+}
+
+__device__ __forceinline__ int ld_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
 }
 
 __device__ __forceinline__ void bmma(int (&d)[4], const u32 (&a)[4], u32 b0, u32 b1, int zero) {
@@ -220,16 +237,28 @@ __device__ __forceinline__ void fold(
                 }
 }
 
+// Stage 1 only (every path its own group) may quantize its own input and output instead of a launch
+// each: with ``x_n`` > 0 the first programs to start (by ticket ``cnt[0]``) each make one block of the
+// planes of x * g that all programs then wait for (``cnt[1]`` counts blocks done; a program only waits
+// after its own block, so no wait depends on a program that has not started); with ``t_n`` > 0 the
+// last program of each 256 rows of t (a ticket each, ``cnt[3 + ...]``) makes that block's planes for
+// stage 2. The counters are zero between calls: the last program out (``cnt[2]``) clears the first three.
 extern "C" __global__ void __launch_bounds__(RG * KS * 32) littlebit_bitserial_gemv(
-    const u32* planes, const float2* scales, const u32* __restrict__ u,
+    u32* planes, float2* scales, const u32* __restrict__ u,
     const u16* __restrict__ h, const u16* __restrict__ bias, void* __restrict__ out,
-    int d_out, int W_r, int n_kb, int has_bias, int pdl, long out_stride, int out_f32)
+    int d_out, int W_r, int n_kb, int has_bias, int pdl, long out_stride, int out_f32,
+    const u16* __restrict__ x, const u16* __restrict__ xg, int x_n, u32* __restrict__ t_planes,
+    float2* __restrict__ t_scales, int t_n, int* cnt)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, q = lane & 3;
     const int rg = warp / KS, ks = warp % KS;
     const int row0 = blockIdx.x * (16 * MT * RG) + rg * 16 * MT;
     const long grp = blockIdx.y;  // grouped call: layer grp's tensors follow the ones before it
+    constexpr int NW = RG * KS;
+    __shared__ int s_flag;
+    u32* const planes0 = planes;
+    float2* const scales0 = scales;
     u += grp * PATHS * d_out * (long)W_r;
     h += grp * PATHS * d_out;
     planes += grp * PATHS * n_kb * 128;
@@ -297,6 +326,26 @@ extern "C" __global__ void __launch_bounds__(RG * KS * 32) littlebit_bitserial_g
         }
     }
     if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");  // planes are the kernel before's output
+    if (x_n > 0) {
+        const int n_xblk = gridDim.y * n_kb, n_prog = gridDim.x * gridDim.y;
+        if (threadIdx.x == 0) s_flag = atomicAdd(cnt, 1);
+        __syncthreads();
+        const int tk = s_flag;
+        if (tk < n_xblk) {  // blocks tk, tk + n_prog, ...: small grids have fewer programs than blocks
+            if (warp < 4)
+                for (int b = tk; b < n_xblk; b += n_prog)
+                    quantize_block(
+                        x, xg, planes0, scales0, 0, x_n, n_kb, 1, b / n_kb, b % n_kb, warp, min(NW, 4), 0);
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                __threadfence();
+                atomicAdd(cnt + 1, (n_xblk - 1 - tk) / n_prog + 1);
+            }
+        }
+        if (threadIdx.x == 0)  // its acquire makes the other programs' planes visible to this one
+            while (ld_acquire(cnt + 1) < n_xblk) __nanosleep(32);
+        __syncthreads();
+    }
     #pragma unroll
     for (int d = 0; d < DEPTH; ++d)
         if (ks + d * KS < n_units) load_b(S[d], planes, scales, ks + d * KS, lane);
@@ -361,6 +410,34 @@ extern "C" __global__ void __launch_bounds__(RG * KS * 32) littlebit_bitserial_g
                 ((float*)out)[grp * out_stride + row] = s;
             else
                 ((u16*)out)[grp * out_stride + row] = f2h(s);
+        }
+    }
+    if (t_n > 0) {  // this program's rows of t are written: the last of a block of 256 makes its planes
+        constexpr int PER = 256 / (16 * MT * RG);  // programs per block (the host checks it divides)
+        const int kb = blockIdx.x / PER, n_tkb = (t_n + 255) / 256;
+        const int n_here = min((int)gridDim.x - kb * PER, PER);
+        int* tk = cnt + 3 + grp * n_tkb + kb;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            s_flag = atomicAdd(tk, 1) == n_here - 1;
+        }
+        __syncthreads();
+        if (s_flag) {
+            __threadfence();
+            if (warp < 4)
+                quantize_block(
+                    out, nullptr, t_planes, t_scales, out_stride, t_n, n_tkb, 0, grp, kb, warp, min(NW, 4),
+                    0);
+            if (threadIdx.x == 0) *tk = 0;
+        }
+    }
+    if (x_n > 0) {  // every program is past its wait on cnt[1] once all are out: clear for the next call
+        __syncthreads();
+        if (threadIdx.x == 0 && atomicAdd(cnt + 2, 1) == gridDim.x * gridDim.y - 1) {
+            cnt[0] = 0;
+            cnt[1] = 0;
+            cnt[2] = 0;
         }
     }
 }
@@ -444,23 +521,61 @@ def quantize(
     _nvrtc.launch(func, (paths_total * nkb, 1), 128, 0, args, src.device, pdl)
 
 
+@dataclass(frozen=True)
+class SelfQuantizing:
+    """A stage-1 ``gemv`` that quantizes its own input or output instead of a ``quantize`` launch:
+    when given, ``x`` (1, d_in) times each path's ``g`` (paths, d_in) into the input planes, and its
+    output t (``out``, fp32) into the planes of ``t_ws`` (``workspace_floats`` of the paths and the
+    rank's words). ``counters``: int32, at least ``counters_needed``, all zero (as the call leaves
+    them)."""
+
+    counters: torch.Tensor
+    x: torch.Tensor | None = None
+    g: torch.Tensor | None = None
+    t_ws: torch.Tensor | None = None
+
+
+def counters_needed(paths: int, rows: int) -> int:
+    return 3 + paths * -(-rows // BLOCK)
+
+
+def quantizes_output(tile: BitTile) -> bool:
+    """A stage 1 of this tile can quantize t itself: its programs' rows tile the blocks of 256."""
+    return BLOCK % (16 * tile.mt * tile.rg) == 0
+
+
 def gemv(
     ws: torch.Tensor, signs: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
     W: int, paths: int, groups: int, tile: BitTile, pdl: bool, out_stride: int | None = None,
+    fused: SelfQuantizing | None = None,
 ) -> None:  # fmt: skip
     """out[grp * out_stride + i] = sum_p h_p[i] * (S_p v_p)[i] (+ bias[i]) for every row i of every
-    group, v_p as ``quantize`` left it in ``ws``. ``signs`` (groups * paths, rows, W) int32; ``h`` and
-    ``bias`` (groups * paths, rows) fp16 or bf16; ``out`` contiguous, fp32 or the dtype of ``h``.
-    Stage 2 is one call with ``paths`` 1-2 and ``groups`` layers; stage 1 one with ``paths`` 1 and
-    every path its own group (h = l, out = t)."""
+    group, v_p as ``quantize`` left it in ``ws`` (or as ``fused`` makes it). ``signs`` (groups * paths,
+    rows, W) int32; ``h`` and ``bias`` (groups * paths, rows) fp16 or bf16; ``out`` contiguous, fp32 or
+    the dtype of ``h``. Stage 2 is one call with ``paths`` 1-2 and ``groups`` layers; stage 1 one with
+    ``paths`` 1 and every path its own group (h = l, out = t)."""
     planes, scales = split_workspace(ws, groups * paths, W)
     rows = signs.shape[1]
     func = _functions(tile, paths, h.dtype == torch.bfloat16, out.device.index or 0)[1]
+    x_n = t_n = 0
+    x = xg = cnt = t_planes = t_scales = None
+    if fused is not None:
+        if paths != 1 or out.dtype != torch.float32 or fused.counters.numel() < counters_needed(groups, rows):
+            raise ValueError("a self-quantizing gemv is a stage 1: one path a group, fp32 t, enough counters")
+        x, xg, cnt = fused.x, fused.g, fused.counters
+        x_n = 0 if x is None else x.shape[-1]
+        if fused.t_ws is not None:
+            if not quantizes_output(tile):
+                raise ValueError(f"{tile}: programs of {16 * tile.mt * tile.rg} rows do not tile blocks")
+            t_planes, t_scales = split_workspace(fused.t_ws, groups, -(-rows // 32))
+            t_n = rows
     args = [
         _nvrtc.ptr(planes), _nvrtc.ptr(scales), _nvrtc.ptr(signs), _nvrtc.ptr(h),
         _nvrtc.ptr(bias if bias is not None else h), _nvrtc.ptr(out), ctypes.c_int(rows), ctypes.c_int(W),
         ctypes.c_int(n_blocks(W)), ctypes.c_int(bias is not None), ctypes.c_int(pdl),
         ctypes.c_long(rows if out_stride is None else out_stride), ctypes.c_int(out.dtype == torch.float32),
+        _nvrtc.ptr(x), _nvrtc.ptr(xg), ctypes.c_int(x_n), _nvrtc.ptr(t_planes), _nvrtc.ptr(t_scales),
+        ctypes.c_int(t_n), _nvrtc.ptr(cnt),
     ]  # fmt: skip
     grid = (-(-rows // (16 * tile.mt * tile.rg)), groups)
     _nvrtc.launch(func, grid, 32 * tile.rg * tile.ks, staged_bytes(tile, paths, W), args, out.device, pdl)
@@ -493,6 +608,27 @@ def reference_quantize(v: torch.Tensor, W: int) -> tuple[torch.Tensor, torch.Ten
     return planes.to(torch.int64).bitwise_and(0xFFFFFFFF).to(torch.int32), scales
 
 
+def _plane_bits(planes: torch.Tensor, nkb: int) -> torch.Tensor:
+    """From the kernel's order back to the bit of each plane per entry: int64 (P, nkb, 256, 16)."""
+    order = planes.reshape(-1, nkb, 8, 4, 4).to(torch.int64) & 0xFFFFFFFF  # (P, nkb, g, q, j)
+    lo = torch.stack([order[..., 0], order[..., 1]], -1).flatten(-2)  # (P, nkb, g, word 0..7)
+    hi = torch.stack([order[..., 2], order[..., 3]], -1).flatten(-2)
+    words = torch.cat([lo, hi], 2)  # (P, nkb, plane k, word w)
+    bits = (words.unsqueeze(-1) >> torch.arange(32, device=planes.device)) & 1  # (P, nkb, k, w, bit)
+    return bits.permute(0, 1, 3, 4, 2).reshape(-1, nkb, BLOCK, 16)
+
+
+def reference_dequantize(
+    planes: torch.Tensor, scales: torch.Tensor, W: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What planes and scales in the kernel's order hold: (q int64 (P, blocks * 256), s * q fp64)."""
+    nkb = n_blocks(W)
+    weights = torch.tensor([int(w) for w in _PLANE_WEIGHTS], dtype=torch.int64, device=planes.device)
+    q = (_plane_bits(planes, nkb) * weights).sum(-1)  # (P, nkb, 256)
+    s = scales.reshape(-1, nkb, 2)[..., 0].double()
+    return q.flatten(1), (q.double() * s[..., None]).flatten(1)
+
+
 def reference_gemv(
     v: torch.Tensor, signs: torch.Tensor, h: torch.Tensor, paths: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -502,13 +638,7 @@ def reference_gemv(
     W = signs.shape[2]
     nkb = n_blocks(W)
     planes, scales = reference_quantize(v, W)
-    # back from the kernel's order to plane bits per entry: (P, nkb * 256, 16)
-    order = planes.view(-1, nkb, 8, 4, 4).to(torch.int64) & 0xFFFFFFFF  # (P, nkb, g, q, j)
-    lo = torch.stack([order[..., 0], order[..., 1]], -1).flatten(-2)  # (P, nkb, g, word 0..7)
-    hi = torch.stack([order[..., 2], order[..., 3]], -1).flatten(-2)
-    words = torch.cat([lo, hi], 2)  # (P, nkb, plane k, word w)
-    pbits = (words.unsqueeze(-1) >> torch.arange(32, device=v.device)) & 1  # (P, nkb, k, w, bit)
-    pbits = pbits.permute(0, 1, 3, 4, 2).reshape(-1, nkb, BLOCK, 16).double()
+    pbits = _plane_bits(planes, nkb).double()
     sbits = (signs.to(torch.int64).unsqueeze(-1) >> torch.arange(32, device=v.device)) & 1
     sbits = sbits.flatten(-2).double()  # (P, rows, 32 W)
     sbits = torch.nn.functional.pad(sbits, (0, nkb * BLOCK - sbits.shape[-1])).view(

@@ -99,6 +99,13 @@ class KernelConfig:
     # S_V^T rows as the MMA rows, every path a group), four launches with no Triton kernel. None: for
     # inputs of at least ``_BITSERIAL_STAGE1_WORDS`` words.
     stage1_bitserial: bool | None = None
+    # with the bit-serial stage 2: stage 1 quantizes t for it (the last program per block of 256 rows
+    # makes that block's planes) instead of a launch in between. None: where the programs' rows tile
+    # those blocks (``_stage1_to_planes``, ``cuda_bitserial.quantizes_output``).
+    quantize_in_stage1: bool | None = None
+    # the bit-serial stage 1 quantizes x * g too (its first programs, the others waiting for them)
+    # instead of a launch before it: slower on the H100 (8192x28672 at 1.0 BPW 20.7 -> 21.8 µs)
+    stage1_quantizes_x: bool = False
     bits1_rows: int = 0  # the bit-serial stage 1's tile (``_bit_tile1``); 0: its default
     bits1_split: int = 0
     bits1_groups: int = 0
@@ -238,21 +245,69 @@ def _align4(n: int) -> int:
     return -(-n // 4) * 4
 
 
+def _stage1_geometry(W_in: int, r: int, P: int, cfg: KernelConfig, sms: int) -> tuple[int, ...]:
+    """GEMV stage 1's tiles: (words per step, rows per program, warps, row blocks, words per split,
+    splits); lanes along d_in, ``rows_v`` rows per thread, d_in split until the grid fills ``waves``."""
+    b1 = _words_per_step(W_in, cfg.words_v)
+    br, warps1 = _row_tile(r, b1, cfg.rows_v, cfg.warps)
+    n_rb = triton.cdiv(r, br)
+    chunk, n_split = _split(W_in, b1, P * n_rb, int(cfg.waves * sms))
+    return b1, br, warps1, n_rb, chunk, n_split
+
+
+def _stage1_to_planes(x2, v, l, g, cfg: KernelConfig, sms: int) -> torch.Tensor:
+    """One token: the Triton stage 1 ending in the bit planes of t that the bit-serial stage 2 reads
+    (``_gemv._reduce_to_planes``), with no t in between. Returns the workspace slice that holds them
+    (``cuda_bitserial.split_workspace``). Its row blocks must tile blocks of 256 rows."""
+    P, r, W_in = v.shape
+    W_r = triton.cdiv(r, 32)
+    b1, br, warps1, n_rb, chunk, n_split = _stage1_geometry(W_in, r, P, cfg, sms)
+    assert 256 % br == 0, br
+    n_part = _align4(n_split * P * r)  # the bit planes after it stay 16-byte aligned
+    ws = _workspace(x2.device, n_part + cuda_bitserial.workspace_floats(P, W_r), "reduce", P * n_rb)
+    region = ws.t[n_part:]
+    planes, scales = cuda_bitserial.split_workspace(region, P, W_r)
+    ptx = x2.is_cuda and not _interpreting()
+    _gemv_v_kernel[(P * n_rb, n_split)](
+        x2, g, v, l, ws.t, ws.t, ws.t, ws.counter, 1, r, W_in, x2.shape[1], x2.stride(0), n_rb, chunk,
+        32 * W_r, W_r,
+        P=P, TOK=1, BR=br, B1=b1, MODE1=int(_asm(x2, cfg)), B2=1, MODE2=0, PTX=ptx,
+        REDUCE=True, RELEASE_ONLY=cfg.release_tickets, planes_ptr=planes, scales_ptr=scales, QUANT=True,
+        num_warps=warps1, **_pdl_args(x2, cfg),
+    )  # fmt: skip
+    return region
+
+
 def _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int) -> None:
     """Batch 1, both stages bit-serial (``cuda_bitserial``): planes of x * g, t = l * S_V^T (x * g),
-    planes of t, y = sum_p h_p * S_U,p t_p. Four launches, each a PDL dependent of the one before."""
+    planes of t, y = sum_p h_p * S_U,p t_p. By default stage 1 makes the planes of t itself
+    (``cuda_bitserial.SelfQuantizing``): three launches, each a PDL dependent of the one before."""
     d_in = x2.shape[1]
     P, d_out, W_r = u.shape
     r, W_in = v.shape[1:]
     t_len = 32 * W_r
     n_t = _align4(P * t_len)
     n_x = _align4(cuda_bitserial.workspace_floats(P, W_in))
-    ws = _workspace(x2.device, n_t + n_x + cuda_bitserial.workspace_floats(P, W_r), "bits").t
-    t, x_planes, t_planes = ws[:n_t], ws[n_t : n_t + n_x], ws[n_t + n_x :]
+    n_floats = n_t + n_x + cuda_bitserial.workspace_floats(P, W_r)
+    fuse = cfg.quantize_in_stage1 is not False
+    if fuse or cfg.stage1_quantizes_x:  # its tickets must be zero between calls
+        ws = _workspace(x2.device, n_floats, "reduce", cuda_bitserial.counters_needed(P, r))
+    else:
+        ws = _workspace(x2.device, n_floats, "bits")
+    t, x_planes, t_planes = ws.t[:n_t], ws.t[n_t : n_t + n_x], ws.t[n_t + n_x :]
     pdl = _pdl(x2, cfg)
-    cuda_bitserial.quantize(x2, x_planes, d_in, W_in, P, pdl, 0, g)
-    cuda_bitserial.gemv(x_planes, v, l, None, t, W_in, 1, P, _bit_tile1(cfg), pdl, t_len)
-    cuda_bitserial.quantize(t, t_planes, r, W_r, P, pdl, t_len)
+    tile1 = _bit_tile1(cfg)
+    t_ws = t_planes if fuse and cuda_bitserial.quantizes_output(tile1) else None
+    if not cfg.stage1_quantizes_x:
+        cuda_bitserial.quantize(x2, x_planes, d_in, W_in, P, pdl, 0, g)
+    if t_ws is not None or cfg.stage1_quantizes_x:
+        xg = (x2, g) if cfg.stage1_quantizes_x else (None, None)
+        fused = cuda_bitserial.SelfQuantizing(ws.counter, *xg, t_ws)
+        cuda_bitserial.gemv(x_planes, v, l, None, t, W_in, 1, P, tile1, pdl, t_len, fused)
+    else:
+        cuda_bitserial.gemv(x_planes, v, l, None, t, W_in, 1, P, tile1, pdl, t_len)
+    if t_ws is None:
+        cuda_bitserial.quantize(t, t_planes, r, W_r, P, pdl, t_len)
     tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups)
     cuda_bitserial.gemv(t_planes, u, h, bias, y, W_r, P // groups, groups, tile, pdl)
 
@@ -414,12 +469,17 @@ def _spin_ns(x2: torch.Tensor, cfg: KernelConfig) -> int:
     return cfg.spin_ns if x2.is_cuda and not _interpreting() else 0
 
 
+def _asm(x2: torch.Tensor, cfg: KernelConfig) -> bool:
+    """The GEMV decodes with fp16x2 PTX (modes 1-3)."""
+    return (x2.dtype == torch.float16 and x2.is_cuda and not _interpreting()) if cfg.asm is None else cfg.asm
+
+
 def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int = 1) -> None:
     M, d_in = x2.shape
     P, d_out, W_r = u.shape  # P: all paths of all ``groups`` layers (two launches only)
     r, W_in = v.shape[1:]
     ptx = x2.is_cuda and not _interpreting()
-    asm = (x2.dtype == torch.float16 and ptx) if cfg.asm is None else cfg.asm
+    asm = _asm(x2, cfg)
     mode1, mode2 = (1, 2) if asm else (0, 0)
     bits = ptx and _use_bitserial(x2, h, bias, cfg, d_out * W_r, W_r)
     stage1 = cfg.stage1_bitserial if cfg.stage1_bitserial is not None else W_in >= _BITSERIAL_STAGE1_WORDS
@@ -427,11 +487,12 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
         _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg, sms, groups)
         return
     tok = _pow2_at_least(M)
-    # stage 1 tiles: lanes along d_in, rows_v rows per thread
-    b1 = _words_per_step(W_in, cfg.words_v)
-    br, warps1 = _row_tile(r, b1, cfg.rows_v, cfg.warps)
-    n_rb = triton.cdiv(r, br)
-    chunk, n_split = _split(W_in, b1, P * n_rb, int(cfg.waves * sms))
+    b1, br, warps1, n_rb, chunk, n_split = _stage1_geometry(W_in, r, P, cfg, sms)
+    if bits and cfg.quantize_in_stage1 is not False and 256 % br == 0:
+        planes = _stage1_to_planes(x2, v, l, g, cfg, sms)
+        tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups)
+        cuda_bitserial.gemv(planes, u, h, bias, y, W_r, P // groups, groups, tile, _pdl(x2, cfg))
+        return
     reduce = cfg.gemv_reduce if cfg.gemv_reduce is not None else W_r >= 32
     b2, bo, warps2 = _stage2_tile(d_out, W_r, groups, cfg, sms, reduce and not cfg.single_launch)
     mma = not bits and ptx and _use_mma(x2, h, bias, cfg, asm, br, d_out * W_r)
