@@ -7,7 +7,16 @@ import math
 
 import pytest
 import torch
-from test_kernels import DEVICE, ON_GPU, TOL, cuda_cpp_kernels, make_layer, rel_err
+from test_kernels import (
+    DEVICE,
+    ON_GPU,
+    TOL,
+    assert_workspaces_clean,
+    cuda_cpp_kernels,
+    grouped_layers,
+    make_layer,
+    rel_err,
+)
 
 from littlebit.kernels import cuda_bitserial as bs
 
@@ -149,11 +158,9 @@ def test_bitserial_layer_matches_reference(tk, d_in, r, d_out, paths, dtype, til
 @gpu
 @pytest.mark.parametrize("groups", [2, 3])
 def test_bitserial_grouped(tk, groups):
-    d_in, r, d_out, paths = 1000, 296, 300, 2
-    layers = [make_layer(d_in, r, d_out, paths, torch.float16, DEVICE, seed=60 + j) for j in range(groups)]
+    d_in, d_out = 1000, 300
+    layers, stacked, b = grouped_layers(d_in, 296, d_out, 2, groups)
     x = torch.randn(1, d_in, device=DEVICE).half()
-    stacked = [torch.cat([layer[i] for layer in layers]) for i in range(5)]
-    b = torch.cat([layer[5] for layer in layers])
     for stage1 in STAGE1:
         y = tk.littlebit_linear_triton(x, *stacked, b, config=_config(tk, stage1=stage1), groups=groups)
         for j, layer in enumerate(layers):
@@ -218,6 +225,4 @@ def test_bitserial_reads_only_what_it_wrote(tk, stage1):
             ws.t.fill_(float("nan"))
     y = tk.littlebit_linear_triton(x, *layer, config=cfg)
     assert torch.isfinite(y).all() and rel_err(y, x, *layer) < TOL
-    for key, ws in tk._WORKSPACES.items():  # tickets back to zero for the next call
-        if key[-1] == "reduce":
-            assert not ws.counter.any(), key
+    assert_workspaces_clean(tk)  # tickets back to zero for the next call

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels import DEVICE, ON_GPU, TOL, cuda_cpp_kernels, make_layer, rel_err
+from test_kernels import DEVICE, ON_GPU, TOL, cuda_cpp_kernels, grouped_layers, make_layer, rel_err
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="CUDA C++ kernel: needs a GPU")
 
@@ -67,11 +67,9 @@ def test_mma_stage2_is_more_accurate_than_fp16_sums(tk):
 
 @pytest.mark.parametrize("groups", [2, 3])
 def test_mma_stage2_grouped(tk, groups):
-    d_in, r, d_out, paths = 1000, 296, 300, 2
-    layers = [make_layer(d_in, r, d_out, paths, torch.float16, DEVICE, seed=60 + j) for j in range(groups)]
+    d_in, d_out = 1000, 300
+    layers, stacked, b = grouped_layers(d_in, 296, d_out, 2, groups)
     x = torch.randn(1, d_in, device=DEVICE).half()
-    stacked = [torch.cat([layer[i] for layer in layers]) for i in range(5)]
-    b = torch.cat([layer[5] for layer in layers])
     y = tk.littlebit_linear_triton(x, *stacked, b, config=_mma_config(tk), groups=groups)
     for j, layer in enumerate(layers):
         assert rel_err(y[:, j * d_out : (j + 1) * d_out], x, *layer) < TOL, j

@@ -134,9 +134,7 @@ def _check_stage1_planes(tk, d_in, r, paths, dtype):
             return float("inf")
         if not torch.allclose(pair[..., 1], 0.5 * pair[..., 0] * qb.sum(-1).float(), rtol=1e-6):
             return float("inf")
-        key = [k for k in tk._WORKSPACES if k[-1] == "reduce"]
-        if any(tk._WORKSPACES[k].counter.any() for k in key):
-            return float("inf")
+        assert_workspaces_clean(tk)
         err = ((got[:, :r] - t).norm() / t.norm()).item()
     return err
 
@@ -171,7 +169,7 @@ def _workspace_problem(key, ws) -> str | None:
     return None
 
 
-def _assert_workspaces_clean(tk) -> None:
+def assert_workspaces_clean(tk) -> None:
     problems = [p for key, ws in tk._WORKSPACES.items() if (p := _workspace_problem(key, ws))]
     if problems:
         raise AssertionError("; ".join(problems))
@@ -193,7 +191,7 @@ def _check_repeated_calls(tk, config=None):
         x = torch.randn(m, g.shape[-1], generator=torch.Generator().manual_seed(step)).half().to(DEVICE)
         y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)
         worst = max(worst, rel_err(y, x, u, v, h, l, g, bias))
-        _assert_workspaces_clean(tk)
+        assert_workspaces_clean(tk)
     return worst
 
 
@@ -261,7 +259,7 @@ def _check_zeroed_after_failure(tk):
         tk._gemv_u_kernel = stage2
     if seen != [True]:
         raise AssertionError(f"stage 1 did not write the workspace: {seen}")
-    _assert_workspaces_clean(tk)
+    assert_workspaces_clean(tk)
     y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)
     return rel_err(y, x, u, v, h, l, g, bias)
 
@@ -283,14 +281,21 @@ def _check_poisoned_workspace(tk, m, d_in, r, d_out, config):
     return rel_err(y, x, u, v, h, l, g, bias)
 
 
+def grouped_layers(d_in, r, d_out, paths, groups):
+    """``groups`` random fp16 layers of one shape: (the layers, their tensors stacked along the path
+    axis as a grouped call takes them, their biases side by side)."""
+    layers = [make_layer(d_in, r, d_out, paths, torch.float16, DEVICE, seed=60 + j) for j in range(groups)]
+    stacked = [torch.cat([layer[i] for layer in layers]) for i in range(5)]
+    return layers, stacked, torch.cat([layer[5] for layer in layers])
+
+
 def _check_grouped(tk, m, d_in, r, d_out, paths, groups, bias, config=None):
     """Layers of one shape on one input, stacked along the path axis, against each layer alone: the
     GEMV runs them in one pair of launches, the tensor-core path one after another."""
     cfg = tk.KernelConfig(**config) if config else None
-    layers = [make_layer(d_in, r, d_out, paths, torch.float16, DEVICE, seed=60 + j) for j in range(groups)]
+    layers, stacked, b = grouped_layers(d_in, r, d_out, paths, groups)
     x = torch.randn(m, d_in, generator=torch.Generator().manual_seed(9)).half().to(DEVICE)
-    stacked = [torch.cat([layer[i] for layer in layers]) for i in range(5)]
-    b = torch.cat([layer[5] for layer in layers]) if bias else None
+    b = b if bias else None
     y = tk.littlebit_linear_triton(x, *stacked, b, config=cfg, groups=groups)
     if y.shape != (m, groups * d_out):
         return float("inf")
@@ -298,7 +303,7 @@ def _check_grouped(tk, m, d_in, r, d_out, paths, groups, bias, config=None):
         rel_err(y[:, j * d_out : (j + 1) * d_out], x, *layer[:5], layer[5] if bias else None)
         for j, layer in enumerate(layers)
     ]
-    _assert_workspaces_clean(tk)
+    assert_workspaces_clean(tk)
     return max(errs)
 
 
@@ -521,7 +526,7 @@ def test_triton_many_calls_large(config):
         y = tk.littlebit_linear_triton(x, *layer, config=cfg)
         assert rel_err(y, x, *layer) < TOL, step
     torch.cuda.synchronize()
-    _assert_workspaces_clean(tk)
+    assert_workspaces_clean(tk)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="captures CUDA graphs")
@@ -563,7 +568,7 @@ def test_triton_cuda_graph_replays(m, warm_up, scheme):
         torch.cuda.synchronize()
         for y, layer in zip(ys, layers, strict=True):
             assert rel_err(y, x, *layer) < TOL, step
-        _assert_workspaces_clean(tk)
+        assert_workspaces_clean(tk)
     y = tk.littlebit_linear_triton(x, *layers[0], config=cfg)  # eager again, after the replays
     assert rel_err(y, x, *layers[0]) < TOL
 
@@ -608,7 +613,7 @@ def test_triton_chained_calls_wait_for_their_input(m, graph, reduce):
         torch.cuda.synchronize()
         for i, ((x, y), layer) in enumerate(zip(pairs, layers, strict=True)):
             assert rel_err(y, x, *layer) < TOL, (step, i)
-    _assert_workspaces_clean(tk)
+    assert_workspaces_clean(tk)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="races only show on a GPU")
@@ -625,7 +630,7 @@ def test_triton_gemv_partial_sums_are_deterministic(m, d_in, r, d_out):
     assert rel_err(first, x, *layer) < TOL
     for _ in range(50):
         assert torch.equal(tk.littlebit_linear_triton(x, *layer, config=cfg), first)
-    _assert_workspaces_clean(tk)
+    assert_workspaces_clean(tk)
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")

@@ -255,14 +255,16 @@ def _stage1_geometry(W_in: int, r: int, P: int, cfg: KernelConfig, sms: int) -> 
     return b1, br, warps1, n_rb, chunk, n_split
 
 
-def _stage1_to_planes(x2, v, l, g, cfg: KernelConfig, sms: int) -> torch.Tensor:
+def _stage1_to_planes(x2, v, l, g, cfg: KernelConfig, sms: int) -> torch.Tensor | None:
     """One token: the Triton stage 1 ending in the bit planes of t that the bit-serial stage 2 reads
     (``_gemv._reduce_to_planes``), with no t in between. Returns the workspace slice that holds them
-    (``cuda_bitserial.split_workspace``). Its row blocks must tile blocks of 256 rows."""
+    (``cuda_bitserial.split_workspace``), or None, launching nothing, where its row blocks do not
+    tile blocks of 256 rows."""
     P, r, W_in = v.shape
     W_r = triton.cdiv(r, 32)
     b1, br, warps1, n_rb, chunk, n_split = _stage1_geometry(W_in, r, P, cfg, sms)
-    assert 256 % br == 0, br
+    if 256 % br:
+        return None
     n_part = _align4(n_split * P * r)  # the bit planes after it stay 16-byte aligned
     ws = _workspace(x2.device, n_part + cuda_bitserial.workspace_floats(P, W_r), "reduce", P * n_rb)
     region = ws.t[n_part:]
@@ -298,14 +300,13 @@ def _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, gro
     pdl = _pdl(x2, cfg)
     tile1 = _bit_tile1(cfg)
     t_ws = t_planes if fuse and cuda_bitserial.quantizes_output(tile1) else None
-    if not cfg.stage1_quantizes_x:
+    x_in = cfg.stage1_quantizes_x
+    fused = None
+    if t_ws is not None or x_in:
+        fused = cuda_bitserial.SelfQuantizing(ws.counter, *((x2, g) if x_in else (None, None)), t_ws)
+    if not x_in:
         cuda_bitserial.quantize(x2, x_planes, d_in, W_in, P, pdl, 0, g)
-    if t_ws is not None or cfg.stage1_quantizes_x:
-        xg = (x2, g) if cfg.stage1_quantizes_x else (None, None)
-        fused = cuda_bitserial.SelfQuantizing(ws.counter, *xg, t_ws)
-        cuda_bitserial.gemv(x_planes, v, l, None, t, W_in, 1, P, tile1, pdl, t_len, fused)
-    else:
-        cuda_bitserial.gemv(x_planes, v, l, None, t, W_in, 1, P, tile1, pdl, t_len)
+    cuda_bitserial.gemv(x_planes, v, l, None, t, W_in, 1, P, tile1, pdl, t_len, fused)
     if t_ws is None:
         cuda_bitserial.quantize(t, t_planes, r, W_r, P, pdl, t_len)
     tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups)
@@ -486,13 +487,14 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
     if bits and stage1 and g.dtype == h.dtype == l.dtype == x2.dtype:
         _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg, sms, groups)
         return
-    tok = _pow2_at_least(M)
-    b1, br, warps1, n_rb, chunk, n_split = _stage1_geometry(W_in, r, P, cfg, sms)
-    if bits and cfg.quantize_in_stage1 is not False and 256 % br == 0:
-        planes = _stage1_to_planes(x2, v, l, g, cfg, sms)
+    fuse = bits and cfg.quantize_in_stage1 is not False
+    planes = _stage1_to_planes(x2, v, l, g, cfg, sms) if fuse else None
+    if planes is not None:
         tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups)
         cuda_bitserial.gemv(planes, u, h, bias, y, W_r, P // groups, groups, tile, _pdl(x2, cfg))
         return
+    tok = _pow2_at_least(M)
+    b1, br, warps1, n_rb, chunk, n_split = _stage1_geometry(W_in, r, P, cfg, sms)
     reduce = cfg.gemv_reduce if cfg.gemv_reduce is not None else W_r >= 32
     b2, bo, warps2 = _stage2_tile(d_out, W_r, groups, cfg, sms, reduce and not cfg.single_launch)
     mma = not bits and ptx and _use_mma(x2, h, bias, cfg, asm, br, d_out * W_r)
