@@ -23,14 +23,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kernels import copy_bandwidth, import_kernel, random_layer, stage2_inputs, time_graph, write_records  # noqa: E402
 from mask_decode_probe import pairs as fp16_pairs  # noqa: E402
 
+from littlebit.packing import tile_order, untile_order  # noqa: E402  (kernels put src on the path)
+
 CASES = [(8192, 28672, 1.0), (8192, 28672, 0.55), (28672, 8192, 1.0), (4096, 4096, 0.55), (8192, 28672, 0.1),
          (4096, 11008, 1.0)]  # fmt: skip
 TILES = "1-1-4-4,2-1-4-4,1-1-8-4,1-2-4-4,1-4-2-2,2-2-2-4,1-1-4-8,1-4-1-4"
 
 
 def tile_of(spec: str, bs):
-    mt, ks, rg, depth = (int(v) for v in spec.split("-"))
-    return bs.BitTile(mt, ks, rg, depth)
+    """mt-ks-rg-depth, then ``-f`` for sign words in tile order (``packing.tile_order``)."""
+    mt, ks, rg, depth = (int(v) for v in spec.split("-")[:4])
+    return bs.BitTile(mt, ks, rg, depth, tiled=spec.endswith("-f"))
+
+
+def signs_for(tile, u: torch.Tensor) -> torch.Tensor:
+    return tile_order(u) if tile.tiled else u
 
 
 def ref_stage2(u, h, t, r) -> torch.Tensor:
@@ -50,7 +57,7 @@ def check(bs, tile, d_out: int, r: int, dtype, gen: torch.Generator, scale_sprea
     ws = torch.empty(bs.workspace_floats(2, W_r), device="cuda")
     y = torch.empty(1, d_out, dtype=dtype, device="cuda")
     bs.quantize(t, ws, r, W_r, 2, False, 32 * W_r)
-    bs.gemv(ws, u, h, None, y, W_r, 2, 1, tile, False)
+    bs.gemv(ws, signs_for(tile, u), h, None, y, W_r, 2, 1, tile, False)
     ref = ref_stage2(u, h, t, r)
     return ((y.double()[0] - ref).norm() / ref.norm()).item()
 
@@ -77,7 +84,15 @@ def main() -> None:
                 for spread in (False, True):
                     err = check(bs, tile_of(spec, bs), d_out, r, dtype, gen, spread)
                     worst = max(worst, err)
-                    assert err < 2e-3, (spec, d_out, r, dtype, spread, err)
+                    # bf16 outputs alone are rounded to 2^-9 relative (rms ~1e-3 over few rows)
+                    assert err < (2e-3 if dtype == torch.float16 else 4e-3), (
+                        spec,
+                        d_out,
+                        r,
+                        dtype,
+                        spread,
+                        err,
+                    )
     print(f"bit-serial stage 2 matches sum_p h_p (S_p t_p): worst relative error {worst:.2e}", flush=True)
     cases = CASES
     if args.cases:
@@ -92,6 +107,7 @@ def main() -> None:
         t_len = 32 * W_r
         pairs = fp16_pairs(t, W_r, scaled=False)[0]
         y = torch.empty(1, d_out, dtype=torch.float16, device="cuda")
+        tiled_now = False
         mtile = tl._mma_tile(d_out, W_r, 2, 1, tl.KernelConfig(), sms)
         shipped = functools.partial(
             mma.stage2, pairs, W_r=W_r, t_len=t_len, paths=2, groups=1, tile=mtile, pdl=False
@@ -107,6 +123,10 @@ def main() -> None:
         print(f"{d_in}x{d_out} {bpw} BPW: fp16-MMA stage 2 {us_mma:6.2f} us, quantize {us_q:5.2f} us")
         for spec in tiles:
             tile = tile_of(spec, bs)
+            if tile.tiled != tiled_now:  # -f tiles: the same layers' S_U in tile order
+                order = functools.partial(signs_for, tile) if tile.tiled else untile_order
+                layers = [(order(c[0]), *c[1:]) for c in layers]
+                tiled_now = tile.tiled
             alone = [
                 functools.partial(bs.gemv, ws, c[0], c[2], None, y, W_r, 2, 1, tile, False) for c in layers
             ]

@@ -16,6 +16,7 @@ the SmolLM2-135M shapes.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -193,16 +194,24 @@ def bench_shape(
             (torch.randn_like(a0).sign(), torch.randn_like(b0).sign())
             for _ in range(n_copies(a0.numel() * 2 + b0.numel() * 2) - 1)
         ]
+        # S_U as a prepared model holds it (``packed.prepare_for_decoding``): in tile order where the
+        # batch-1 calls take the bit-serial stage 2; row order is timed too ("us_littlebit_row_order")
+        tiled = tk.tile_order_pays(u, torch.float16, cfg)
+        tile_order = importlib.import_module("littlebit.packing").tile_order
+        run = functools.partial(tk.littlebit_linear_triton, config=cfg, u_tiled=tiled)
+        deployed = [(tile_order(c[0]), *c[1:]) for c in layers] if tiled else layers
         for m in batches:
             x = xs[m]
             ref = x.float() @ w_ref.T
-            y = tk.littlebit_linear_triton(x, u, v, h, l, g, config=cfg)
+            y = run(x, *deployed[0])
             err = rel_err(y, ref)
             err_lr = rel_err((x @ a0) @ b0, ref)
-            us_lb = time_graph(
-                [lambda c=c, x=x: tk.littlebit_linear_triton(x, *c, config=cfg) for c in layers],
-                reps_for(20, len(layers)),
-            )
+            us_lb = time_graph([functools.partial(run, x, *c) for c in deployed], reps_for(20, len(layers)))
+            us_rows = us_lb
+            if tiled:
+                rows_call = functools.partial(tk.littlebit_linear_triton, config=cfg)
+                calls = [functools.partial(rows_call, x, *c) for c in layers]
+                us_rows = time_graph(calls, reps_for(20, len(layers)))
             us_lr = time_graph([lambda a=a, b=b, x=x: (x @ a) @ b for a, b in lr], reps_for(50, len(lr)))
             gbps = nbytes / (us_lb * 1e-6) / 1e9
             rec = dict(
@@ -213,6 +222,7 @@ def bench_shape(
                 floor_us=round(nbytes / (copy_gbps * 1e9) * 1e6, 2), rel_err=float(f"{err:.3g}"),
                 rel_err_lowrank_fp16=float(f"{err_lr:.3g}"), device=device,
                 path="gemv" if m <= cfg.gemv_max_tokens else "tensor-core",
+                u_tile_order=tiled, us_littlebit_row_order=round(us_rows, 2),
             )  # fmt: skip
             for name, (vcfg, toks) in (variants or {}).items():
                 if m in toks:
@@ -467,6 +477,30 @@ def named_variants(K) -> dict:
     for mt, ks, rg, depth in bit1_tiles:
         kw = {"stage2_bitserial": True, "bits1_rows": mt, "bits1_split": ks, "bits1_groups": rg}
         variants[f"bits1-{mt}-{ks}-{rg}-{depth}"] = (K(**kw, bits1_depth=depth), b1)
+    # twelfth session: stage 1 lets the bit-serial stage 2 be scheduled from its start ("early"), so
+    # that stage 2's programs where they fit beside stage 1's load their sign rows meanwhile (staged in
+    # shared memory: "-s"); "-x": the bit-serial stage 1 quantizing x * g itself (no launch before it)
+    early = {"stage2_bitserial": True, "stage2_early": True}
+    variants["early"] = (K(**early), b1)
+    variants["early-s"] = (K(**early, bits_stage=True), b1)
+    variants["staged"] = (K(stage2_bitserial=True, bits_stage=True), b1)
+    for waves in (1, 2, 4):
+        variants[f"early-s-waves{waves}"] = (K(**early, bits_stage=True, waves=float(waves)), b1)
+    for x in (False, True):
+        sx = "-x" if x else ""
+        variants[f"bits-stage1{sx}-s"] = (K(**bits1, stage1_quantizes_x=x, bits_stage=True), b1)
+        variants[f"bits-stage1{sx}-early"] = (K(**{**early, **bits1}, stage1_quantizes_x=x), b1)
+        variants[f"bits-stage1{sx}-early-s"] = (
+            K(**{**early, **bits1}, stage1_quantizes_x=x, bits_stage=True),
+            b1,
+        )
+        for mt, ks, rg in ((1, 4, 1), (1, 2, 1), (2, 4, 1), (1, 4, 4)):
+            kw = {**early, **bits1, "stage1_quantizes_x": x, "bits_stage": True}
+            kw |= {"bits1_rows": mt, "bits1_split": ks, "bits1_groups": rg}
+            variants[f"bits-stage1{sx}-early-s-{mt}-{ks}-{rg}"] = (K(**kw), b1)
+        for tile in ((2, 2, 1, 4), (1, 1, 4, 4), (1, 2, 2, 4), (2, 1, 2, 4)):
+            kw = {**early, **bits1, **bits(*tile), "stage1_quantizes_x": x, "bits_stage": True}
+            variants[f"bits-stage1{sx}-early-s-2t-{'-'.join(map(str, tile))}"] = (K(**kw), b1)
     return variants
 
 

@@ -19,6 +19,7 @@ from test_kernels import (
 )
 
 from littlebit.kernels import cuda_bitserial as bs
+from littlebit.packing import tile_order
 
 # (d_in, r, d_out): words of 1, 3, 5, 10, 17, 99 (odd: 4-byte loads) and 100 (even: 8-byte loads)
 SHAPES = [(64, 8, 24), (100, 70, 100), (576, 150, 300), (1000, 296, 576), (4096, 544, 1000),
@@ -27,6 +28,7 @@ SHAPES = [(64, 8, 24), (100, 70, 100), (576, 150, 300), (1000, 296, 576), (4096,
 # rules' own tiles; (3, 2, 1, 2): a bit-serial stage 1 of 48 rows a program, which cannot quantize t
 TILES = [(1, 1, 1, 1), (2, 2, 2, 4), (1, 4, 2, 2), (4, 2, 1, 3), (1, 8, 1, 2), (3, 2, 1, 2), (0, 0, 0, 0)]
 STAGED = (2, 2, 2, 4, True)  # sign rows copied to shared memory first (``bits_stage``)
+TILED = [(2, 2, 2, 4, False, True), (1, 4, 2, 2, False, True)]  # signs in tile order (``packing.tile_order``)
 # shapes whose Triton stage-1 row blocks tile the 256-row quantization blocks
 FUSED_SHAPES = [(1000, 296, 576), (4096, 544, 900), (8192, 3168, 520), (2048, 900, 64)]
 
@@ -116,10 +118,12 @@ def test_quantize_kernel_matches_reference_bit_for_bit(tk, n, dtype):
 
 @gpu
 @pytest.mark.parametrize("paths,groups", [(1, 1), (2, 1), (2, 3)])
-@pytest.mark.parametrize("tile", [*TILES, STAGED])
+@pytest.mark.parametrize("tile", [*TILES, STAGED, *TILED])
 def test_gemv_kernel_matches_reference(tk, tile, paths, groups):
     gen = torch.Generator().manual_seed(paths + 7 * groups)
     for rows, n in [(24, 8), (100, 70), (300, 520), (90, 3200), (520, 3168)]:
+        if len(tile) > 5 and tile[5]:
+            rows = -(-rows // 16) * 16  # tile order: whole 16-row tiles
         W, P = math.ceil(n / 32), paths * groups
         v = torch.randn(P, n, generator=gen)
         signs = _signs(P, rows, W, gen)
@@ -133,7 +137,8 @@ def test_gemv_kernel_matches_reference(tk, tile, paths, groups):
             if tile == (0, 0, 0, 0)
             else bs.BitTile(*tile)
         )
-        bs.gemv(ws, signs.to(DEVICE), h.to(DEVICE), bias.to(DEVICE), out, W, paths, groups, tl, False)
+        words = tile_order(signs) if tl.tiled else signs
+        bs.gemv(ws, words.to(DEVICE), h.to(DEVICE), bias.to(DEVICE), out, W, paths, groups, tl, False)
         ref = bs.reference_gemv(v, signs, h.float(), paths, bias.float())
         assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < 1e-5, (rows, n)
 
@@ -152,6 +157,24 @@ def test_bitserial_layer_matches_reference(tk, d_in, r, d_out, paths, dtype, til
     for b in (bias, None):
         y = tk.littlebit_linear_triton(x, u, v, h, l, g, b, config=cfg)
         assert y.shape == (1, d_out) and y.dtype == dtype and torch.isfinite(y).all()
+        assert rel_err(y, x, u, v, h, l, g, b) < TOL
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d_in,r,d_out", [(2048, 3168, 1024), (8192, 1100, 4096), (520, 3200, 656)])
+def test_tiled_signs_give_the_same_outputs(tk, d_in, r, d_out, dtype, m):
+    """S_U in tile order: the bit-serial stage 2 (one token) reads it as it is and gives what row order
+    gives, bit for bit; the tensor-core path (more tokens; its stage 1 adds with atomics, so not bit for
+    bit) matches the reference."""
+    u, v, h, l, g, bias = make_layer(d_in, r, d_out, 2, dtype, DEVICE, seed=d_in + r + m)
+    x = torch.randn(m, d_in, generator=torch.Generator().manual_seed(m)).to(dtype).to(DEVICE)
+    assert m > 1 or tk._takes_tiled(x, u, v, h, bias, tk.KernelConfig())
+    for b in (bias, None):
+        y = tk.littlebit_linear_triton(x, tile_order(u), v, h, l, g, b, u_tiled=True)
+        if m == 1:
+            assert torch.equal(y, tk.littlebit_linear_triton(x, u, v, h, l, g, b))
         assert rel_err(y, x, u, v, h, l, g, b) < TOL
 
 

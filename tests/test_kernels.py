@@ -139,6 +139,19 @@ def _check_stage1_planes(tk, d_in, r, paths, dtype):
     return err
 
 
+def _check_tiled(tk, m, d_in, r, d_out, dtype, config=None):
+    """S_U in tile order (``packing.tile_order``) gives what row order gives, bit for bit (inf if not),
+    on the tensor-core path (which reads it as it is) and the GEMV (a row-ordered copy); else the error."""
+    from littlebit.packing import tile_order
+
+    u, v, h, l, g, bias = make_layer(d_in, r, d_out, 2, dtype, DEVICE, seed=d_in + r + m)
+    x = torch.randn(m, d_in, generator=torch.Generator().manual_seed(m)).to(dtype).to(DEVICE)
+    cfg = tk.KernelConfig(**config) if config else None
+    y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)
+    y_tiled = tk.littlebit_linear_triton(x, tile_order(u), v, h, l, g, bias, config=cfg, u_tiled=True)
+    return rel_err(y, x, u, v, h, l, g, bias) if torch.equal(y, y_tiled) else float("inf")
+
+
 TWO_LAUNCHES = {"single_launch": False, "tc_single_launch": False}
 ONE_LAUNCH = {"single_launch": True, "tc_single_launch": True}
 # stage 1 of the GEMV writes t from partial sums (no zero t), on up to 4 tokens
@@ -378,6 +391,18 @@ CHECKS.update(
             (3, 1000, 120, 576),
             (1, 576, 40, 300),
             (2, 4000, 8, 40),
+        ]
+    }
+)
+# words per row 4 (no whole block), 10 (one and a tail), 16 (no tail)
+CHECKS.update(
+    {
+        f"tiled-{m}-{r}-{str(dt)[6:]}{'-one' if cfg else ''}": (_check_tiled, (m, 96, r, 48, dt, cfg))
+        for m, r, dt, cfg in [
+            (4, 100, torch.float16, None),
+            (3, 300, torch.bfloat16, None),
+            (1, 300, torch.float16, None),
+            (5, 512, torch.float16, ONE_LAUNCH),
         ]
     }
 )

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from littlebit.packing import n_words, pack_signs, unpack_bits, unpack_signs
+from littlebit.packing import n_words, pack_signs, tile_order, unpack_bits, unpack_signs, untile_order
 
 SHAPES = [(1, 1), (3, 31), (2, 32), (5, 33), (7, 64), (4, 100), (1, 1000), (2, 3, 65), (16, 4096 + 7)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -63,3 +63,42 @@ def test_device_cuda_if_available():
         pytest.skip("no GPU")
     x = torch.randn(3, 77, device="cuda")
     assert torch.equal(unpack_signs(pack_signs(x), 77).cpu(), torch.where(x.cpu() >= 0, 1.0, -1.0))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    paths=st.integers(1, 3),
+    tiles=st.integers(1, 4),
+    W=st.integers(1, 40),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_tile_order_is_a_permutation_with_an_inverse(paths, tiles, W, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (paths, 16 * tiles, W)
+    words = torch.randint(-(2**31), 2**31, shape, generator=g, dtype=torch.int64).to(torch.int32)
+    tiled = tile_order(words)
+    assert tiled.shape == words.shape and tiled.dtype == torch.int32
+    assert torch.equal(untile_order(tiled), words)
+    # each 16-row tile keeps its own words (a permutation inside the tile)
+    for p in range(paths):
+        for t in range(tiles):
+            mine = words[p, 16 * t : 16 * t + 16].flatten().sort().values
+            assert torch.equal(tiled[p, 16 * t : 16 * t + 16].flatten().sort().values, mine)
+
+
+def test_tile_order_layout():
+    """Block kb of a tile: lane 4 g + q holds word 8 kb + 2q of rows g and g + 8, then word 8 kb + 2q + 1
+    of both; the last W % 8 words of the tile's rows follow, row by row."""
+    W = 19
+    words = torch.arange(16 * W, dtype=torch.int32).view(1, 16, W)
+    flat = tile_order(words).flatten()
+    for kb in range(2):
+        for g in range(8):
+            for q in range(4):
+                at = 128 * kb + 4 * (4 * g + q)
+                w = 8 * kb + 2 * q
+                lo, hi = g * W + w, (g + 8) * W + w  # rows g and g + 8
+                assert flat[at : at + 4].tolist() == [lo, hi, lo + 1, hi + 1]
+    assert flat[256:].tolist() == [row * W + w for row in range(16) for w in range(16, 19)]
+    with pytest.raises(ValueError, match="multiples of 16"):
+        tile_order(torch.zeros(1, 20, 4, dtype=torch.int32))

@@ -30,7 +30,8 @@ def _key(m: nn.Module) -> tuple | None:
     """Members group when their keys are equal; None: not groupable."""
     if isinstance(m, PackedLittleBitLinear):
         has_bias = m.bias is not None
-        return ("packed", m.in_features, m.out_features, m.rank, m.n_paths, has_bias, m.h.dtype, m.h.device)
+        shape = (m.in_features, m.out_features, m.rank, m.n_paths, has_bias)
+        return ("packed", *shape, m.h.dtype, m.h.device, m.u_tiled)
     if type(m) is nn.Linear:
         return ("dense", m.in_features, m.bias is not None, m.weight.dtype, m.weight.device)
     return None
@@ -45,6 +46,7 @@ class GroupedProjection(nn.Module):
             raise ValueError("grouped layers must all be packed LittleBit layers of one shape, or nn.Linear")
         self.splits = [m.out_features for m in members]
         self.packed = isinstance(members[0], PackedLittleBitLinear)
+        self.u_tiled = self.packed and members[0].u_tiled  # stacked per path: still tile order
         self.in_features = members[0].in_features
         with torch.no_grad():
             names = _PACKED if self.packed else ("weight",)
@@ -56,7 +58,15 @@ class GroupedProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.packed:
             y = littlebit_linear(
-                x, self.u_signs, self.v_signs, self.h, self.l, self.g, self.bias, groups=len(self.splits)
+                x,
+                self.u_signs,
+                self.v_signs,
+                self.h,
+                self.l,
+                self.g,
+                self.bias,
+                groups=len(self.splits),
+                u_tiled=self.u_tiled,
             )
         else:
             y = F.linear(x, self.weight, self.bias)

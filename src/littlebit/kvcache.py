@@ -46,7 +46,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .config import LittleBitError
 from .layer import LittleBitLinear
 from .packed import PackedLittleBitLinear
-from .packing import unpack_signs
+from .packing import unpack_signs, untile_order
 
 SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 _LITTLEBIT = (PackedLittleBitLinear, LittleBitLinear)
@@ -62,7 +62,7 @@ def _folded_factors(proj: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, 
         p, r = proj.n_paths, proj.rank
         sv = unpack_signs(proj.v_signs, proj.in_features)  # (P, r, d_in)
         at = sv * proj.l.float()[:, :, None] * proj.g.float()[:, None, :]
-        su = unpack_signs(proj.u_signs, r)  # (P, d_out, r)
+        su = unpack_signs(untile_order(proj.u_signs) if proj.u_tiled else proj.u_signs, r)  # (P, d_out, r)
         b = (su * proj.h.float()[:, :, None]).transpose(0, 1).reshape(proj.out_features, p * r)
         return at.reshape(p * r, proj.in_features).to(dtype), b.to(dtype)
 

@@ -5,6 +5,8 @@
 ``u_signs``: int32 ``(P, d_out, ceil(r/32))``, rows of S_U packed along r.
 ``v_signs``: int32 ``(P, r, ceil(d_in/32))``, rows of S_V^T packed along d_in.
 ``h``: ``(P, d_out)``, ``l``: ``(P, r)``, ``g``: ``(P, d_in)``. P is 2 with the residual path.
+With ``u_tiled`` the words of ``u_signs`` are in tile order (``packing.tile_order``), which backends
+registered with ``tiled=True`` read as they are; the others get them back in row order.
 
 A backend is a function with the reference's signature plus a predicate saying which calls it
 takes; the first registered backend that accepts a call runs it, the reference takes the rest.
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import unpack_signs
+from .packing import unpack_signs, untile_order
 
 # Unpack at most this many sign entries at once, so the reference never holds a large +-1 matrix.
 _UNPACK_CHUNK = 1 << 22
@@ -67,16 +69,19 @@ class Backend:
     fn: LinearFn
     accepts: Predicate
     grouped: bool = False  # fn takes ``groups=`` (several layers on one input, one call)
+    tiled: bool = False  # fn takes ``u_tiled=`` (u_signs in tile order)
 
 
 _BACKENDS: dict[str, Backend] = {}
 _forced: list[str] = []
 
 
-def register_backend(name: str, fn: LinearFn, accepts: Predicate, grouped: bool = False) -> None:
+def register_backend(
+    name: str, fn: LinearFn, accepts: Predicate, grouped: bool = False, tiled: bool = False
+) -> None:
     """Add a faster implementation; ``accepts(x, u_signs, v_signs)`` says which calls it can take;
-    ``grouped``: ``fn`` also takes ``groups=`` (see ``littlebit_linear``)."""
-    _BACKENDS[name] = Backend(name, fn, accepts, grouped)
+    ``grouped``: ``fn`` also takes ``groups=``, ``tiled``: ``u_tiled=`` (see ``littlebit_linear``)."""
+    _BACKENDS[name] = Backend(name, fn, accepts, grouped, tiled)
 
 
 def available_backends() -> list[str]:
@@ -121,9 +126,16 @@ def _dispatch(
     g: torch.Tensor,
     bias: torch.Tensor | None = None,
     groups: int = 1,
+    u_tiled: bool = False,
 ) -> torch.Tensor:
     name = select_backend(x, u_signs, v_signs)
     backend = None if name == "reference" else _BACKENDS[name]
+    if u_tiled and backend is not None and backend.tiled:
+        kw = {"groups": groups} if groups > 1 else {}
+        if groups == 1 or backend.grouped:
+            return backend.fn(x, u_signs, v_signs, h, l, g, bias, u_tiled=True, **kw)
+    if u_tiled:  # a transient row-ordered copy for a backend that reads rows
+        u_signs = untile_order(u_signs)
     if groups == 1:
         fn = littlebit_linear_reference if backend is None else backend.fn
         return fn(x, u_signs, v_signs, h, l, g, bias)
@@ -146,12 +158,13 @@ def _linear_op(
     g: torch.Tensor,
     bias: torch.Tensor | None,
     groups: int = 1,
+    u_tiled: bool = False,
 ) -> torch.Tensor:
-    return _dispatch(x, u_signs, v_signs, h, l, g, bias, groups).contiguous()
+    return _dispatch(x, u_signs, v_signs, h, l, g, bias, groups, u_tiled).contiguous()
 
 
 @_linear_op.register_fake
-def _(x, u_signs, v_signs, h, l, g, bias, groups=1):
+def _(x, u_signs, v_signs, h, l, g, bias, groups=1, u_tiled=False):
     return x.new_empty(*x.shape[:-1], groups * u_signs.shape[1])
 
 
@@ -164,8 +177,12 @@ def littlebit_linear(
     g: torch.Tensor,
     bias: torch.Tensor | None = None,
     groups: int = 1,
+    u_tiled: bool = False,
 ) -> torch.Tensor:
     """The packed product through the best backend that takes this call.
+
+    ``u_tiled``: ``u_signs`` holds its words in tile order (``packing.tile_order``, what
+    ``packed.prepare_for_decoding`` leaves on the GPU for the bit-serial kernel).
 
     ``groups`` > 1: that many layers of one shape applied to the same ``x``, outputs side by side
     (d_out each). Their tensors are stacked along the path axis (layer j owns paths ``j*P .. j*P + P -
@@ -173,4 +190,4 @@ def littlebit_linear(
     supports it (the Triton GEMV) does them in one pair of launches, which is what batch-1 decoding of
     q/k/v or gate/up projections is bound by.
     """
-    return _linear_op(x, u_signs, v_signs, h, l, g, bias, groups)
+    return _linear_op(x, u_signs, v_signs, h, l, g, bias, groups, u_tiled)

@@ -48,3 +48,44 @@ def unpack_signs(words: torch.Tensor, n: int, dtype: torch.dtype = torch.float32
     bits = unpack_bits(words, n)
     one = torch.ones((), dtype=dtype, device=words.device)
     return torch.where(bits, one, -one)
+
+
+# --- tile order: a GPU-friendly permutation of the words of one matrix, same shape -----------------
+
+
+def _tile_view(signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whole blocks (P, tiles, 2, 8, blocks, 4, 2): tile, hf, g, block, word pair q, j; the partial
+    blocks' words (P, tiles, 16, W % 8)) of row-ordered signs."""
+    P, rows, W = signs.shape
+    full = W // 8 * 8
+    v = signs.reshape(P, rows // 16, 16, W)
+    return v[..., :full].reshape(P, rows // 16, 2, 8, W // 8, 4, 2), v[..., full:]
+
+
+def tile_order(signs: torch.Tensor) -> torch.Tensor:
+    """Row-ordered sign words (paths, rows, W) int32, rows a multiple of 16, in *tile order*: the same
+    shape and words, each 16-row tile's words together (16 W words), first its whole blocks of 8 words
+    as the MMA's A fragments take them (lane (g, q): word 2q of rows g and g + 8, then word 2q + 1 of
+    both, 16 bytes a lane, 512 contiguous bytes a block), then the last W % 8 words of its 16 rows, row
+    by row. The bit-serial GPU kernel (``kernels.cuda_bitserial``) then loads a block with one
+    coalesced 16-byte load a lane instead of 8 scattered 4-byte loads (its stage 2 alone on 8192x28672
+    at 1.0 BPW: 13.6 -> 11.7 µs on the H100)."""
+    P, rows, W = signs.shape
+    if rows % 16:
+        raise ValueError(f"tile order needs rows in multiples of 16, not {rows}")
+    blocks, tail = _tile_view(signs)
+    # (P, tile, block, g, q, j, hf): lane 4 g + q, register 2 j + hf
+    head = blocks.permute(0, 1, 4, 3, 5, 6, 2).reshape(P, rows // 16, -1)
+    return torch.cat([head, tail.reshape(P, rows // 16, -1)], -1).reshape(P, rows, W)
+
+
+def untile_order(tiled: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``tile_order``: row-ordered sign words."""
+    P, rows, W = tiled.shape
+    full = W // 8 * 8
+    flat = tiled.reshape(P, rows // 16, 16 * W)
+    head = flat[..., : 16 * full].reshape(P, rows // 16, W // 8, 8, 4, 2, 2)  # block, g, q, j, hf
+    out = torch.empty_like(tiled).view(P, rows // 16, 16, W)
+    out[..., :full] = head.permute(0, 1, 6, 3, 2, 4, 5).reshape(P, rows // 16, 16, full)
+    out[..., full:] = flat[..., 16 * full :].reshape(P, rows // 16, 16, W - full)
+    return out.view(P, rows, W)

@@ -19,6 +19,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
 
+def tile_order_pays(u_signs: torch.Tensor, dtype: torch.dtype) -> bool:
+    """The GPU kernels read these S_U words faster in tile order (``packing.tile_order``) at batch 1."""
+    if not (u_signs.is_cuda and triton_available()):
+        return False
+    from . import triton_littlebit
+
+    return triton_littlebit.tile_order_pays(u_signs, dtype)
+
+
 def register() -> list[str]:
     """Register every backend usable here; returns their names. Safe to call again."""
     names = []
@@ -26,7 +35,11 @@ def register() -> list[str]:
         from . import triton_littlebit
 
         register_backend(
-            "triton", triton_littlebit.littlebit_linear_triton, triton_littlebit.accepts, grouped=True
+            "triton",
+            triton_littlebit.littlebit_linear_triton,
+            triton_littlebit.accepts,
+            grouped=True,
+            tiled=True,
         )
         names.append("triton")
     register_backend("cpu-lut", cpu_lut.littlebit_linear_cpu_lut, cpu_lut.accepts)

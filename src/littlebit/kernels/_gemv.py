@@ -391,11 +391,14 @@ def _gemv_v_body(
     B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False,
     part_ptr=None, cnt_ptr=None, n_split=1, W_r=0, tp_ptr=None, REDUCE: tl.constexpr = False,
     RELEASE_ONLY: tl.constexpr = False, planes_ptr=None, scales_ptr=None, QUANT: tl.constexpr = False,
+    EARLY: tl.constexpr = False,
 ):  # fmt: skip
     """Stage 1 for program (pid0, pid1): t (+)= l * S_V^T (g*x) over block ``pid0 % n_rb`` of the rows
     of path ``pid0 // n_rb`` and chunk ``pid1`` of d_in, into ``t`` laid out for stage 2 (``B2``,
     ``MODE2``): by fp32 atomics into a zero ``t``, or with ``REDUCE`` by ``_reduce_partials``; with
-    ``QUANT`` as bit planes of t by ``_reduce_to_planes``."""
+    ``QUANT`` as bit planes of t by ``_reduce_to_planes``. ``EARLY``: the next launch may be scheduled
+    from the start (a stage 2 that stages its signs while this runs), not after the main loop."""
+    _pdl_launch_next(PDL and EARLY)
     p = pid0 // n_rb
     rows = (pid0 % n_rb) * BR + tl.arange(0, BR)
     row_ok = rows < R
@@ -410,7 +413,7 @@ def _gemv_v_body(
         w_ptrs, row_ok, None, tok_ok, k_lo, k_hi, x_rows, g_row, d_in, TOK, BR, B1, MODE1, PTX, True, False,
         PDL,
     )  # fmt: skip
-    _pdl_launch_next(PDL)
+    _pdl_launch_next(PDL and not EARLY)
     if QUANT:
         tl.static_assert(TOK == 1)
         _reduce_to_planes(
@@ -482,13 +485,14 @@ def _gemv_v_kernel(
     t_len, W_r, P: tl.constexpr, TOK: tl.constexpr, BR: tl.constexpr, B1: tl.constexpr, MODE1: tl.constexpr,
     B2: tl.constexpr, MODE2: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr, REDUCE: tl.constexpr,
     RELEASE_ONLY: tl.constexpr, planes_ptr=None, scales_ptr=None, QUANT: tl.constexpr = False,
+    EARLY: tl.constexpr = False,
 ):  # fmt: skip
     """Stage 1 of the two-launch path, grid (P * n_rb, n_split)."""
     _gemv_v_body(
         x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, tl.program_id(0), tl.program_id(1), M, R, W_in, d_in, stride_xm,
         n_rb, chunk, t_len, P, TOK, BR, B1, MODE1, B2, MODE2, PTX, PDL,
         part_ptr, cnt_ptr, tl.num_programs(1), W_r, tp_ptr, REDUCE, RELEASE_ONLY, planes_ptr, scales_ptr,
-        QUANT,
+        QUANT, EARLY,
     )  # fmt: skip
 
 

@@ -99,12 +99,32 @@ def _tc_v_body(
 
 
 @triton.jit
+def _u_offsets(p, rows, cols, d_out, W_r, TILED: tl.constexpr):
+    """(rows, cols) offsets of words of path p's S_U: row order, or with ``TILED`` tile order
+    (``packing.tile_order``: per 16-row tile, whole blocks of 8 words at lane 4 g + q, register
+    2 j + hf, then the partial block row by row)."""
+    if TILED:
+        n_full = W_r // 8
+        r16 = rows % 16
+        base = ((p * d_out + rows - r16) * W_r)[:, None]
+        w8 = cols % 8
+        lane = (r16 % 8)[:, None] * 4 + (w8 // 2)[None, :]
+        whole = base + (cols // 8 * 128)[None, :] + lane * 4 + (w8 % 2)[None, :] * 2 + (r16 // 8)[:, None]
+        tail = base + n_full * 128 + r16[:, None] * (W_r - 8 * n_full) + (cols - 8 * n_full)[None, :]
+        off = tl.where((cols < 8 * n_full)[None, :], whole, tail)
+    else:
+        off = (p * d_out + rows)[:, None] * W_r + cols[None, :]
+    return off
+
+
+@triton.jit
 def _tc_u_body(
     t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, pid0, pid1, M, d_out, W_r, Rp, stride_ym,
     P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    OP_DT: tl.constexpr, CG: tl.constexpr, PDL: tl.constexpr = False,
+    OP_DT: tl.constexpr, CG: tl.constexpr, PDL: tl.constexpr = False, TILED: tl.constexpr = False,
 ):  # fmt: skip
-    """Stage 2 for program (pid0, pid1) of grid (cdiv(d_out, BO), n_mb)."""
+    """Stage 2 for program (pid0, pid1) of grid (cdiv(d_out, BO), n_mb); S_U in tile order with
+    ``TILED``."""
     rows = pid0 * BO + tl.arange(0, BO)
     row_ok = rows < d_out
     toks = pid1 * BM + tl.arange(0, BM)
@@ -115,7 +135,7 @@ def _tc_u_body(
         for k0 in range(0, W_r, BKW):
             cols = k0 + tl.arange(0, BKW)
             w = tl.load(
-                u_ptr + (p * d_out + rows)[:, None] * W_r + cols[None, :],
+                u_ptr + _u_offsets(p, rows, cols, d_out, W_r, TILED),
                 mask=row_ok[:, None] & (cols < W_r)[None, :],
                 other=0,
             )
@@ -154,13 +174,13 @@ def _tc_v_kernel(
 def _tc_u_kernel(
     t_ptr, cnt_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, Rp, stride_ym,
     P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    OP_DT: tl.constexpr, ZB: tl.constexpr, PDL: tl.constexpr,
+    OP_DT: tl.constexpr, ZB: tl.constexpr, PDL: tl.constexpr, TILED: tl.constexpr = False,
 ):  # fmt: skip
     """Stage 2 of the two-launch path; then ``_release_t``."""
     _pdl_wait(PDL)
     _tc_u_body(
         t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, tl.program_id(0), tl.program_id(1), M, d_out, W_r, Rp, stride_ym,
-        P, BO, BKW, BM, HAS_BIAS, OP_DT, False, PDL,
+        P, BO, BKW, BM, HAS_BIAS, OP_DT, False, PDL, TILED,
     )  # fmt: skip
     _release_t(t_ptr, cnt_ptr, M * P * Rp, tl.num_programs(0) * tl.num_programs(1), ZB)
 
@@ -171,6 +191,7 @@ def _tc_kernel(
     M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk, n_split, d_out, W_r, stride_ym, n_ob, cap, n1, n2,
     P: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr,
     HAS_BIAS: tl.constexpr, OP_DT: tl.constexpr, CG: tl.constexpr, ZB: tl.constexpr, NS: tl.constexpr,
+    TILED: tl.constexpr = False,
 ):  # fmt: skip
     """Both stages in one launch of ``n1 + n2`` programs (``_sync``): tickets below ``n1`` walk stage 1's
     grid (P * n_rb, n_split, n_mb) first axis fastest, the rest stage 2's (n_ob, n_mb)."""
@@ -187,6 +208,6 @@ def _tc_kernel(
         _enter_stage2(t_old, state_ptr, pid, n2, n1, ZB, NS)
         _tc_u_body(
             t_cur, u_ptr, h_ptr, b_ptr, y_ptr, pid % n_ob, pid // n_ob, M, d_out, W_r, Rp, stride_ym,
-            P, BO, BKW, BM, HAS_BIAS, OP_DT, CG,
+            P, BO, BKW, BM, HAS_BIAS, OP_DT, CG, False, TILED,
         )  # fmt: skip
         _finish(state_ptr, n2, parity, M * P * Rp)

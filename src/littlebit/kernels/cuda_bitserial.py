@@ -175,6 +175,35 @@ __device__ __forceinline__ void load_a(
     Slot& S, const u32* __restrict__ src, int p, int kb, long path_stride, int W_r, int q, bool even,
     const int (&row_off)[MT][2])
 {
+#if TILED
+    // tile order (``tile_order``): a whole unit's 16 rows x 8 words are 512 contiguous bytes, 16 a lane;
+    // the tile's last, partial block follows row by row (row_off[m][0]: the tile's first word)
+    const int n_full = W_r >> 3;
+    if (kb < n_full) {
+        #pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            const u32* ptr = src + p * path_stride + row_off[m][0] + 128 * kb + 4 * (threadIdx.x & 31);
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(ptr));
+            S.a[m][0] = v.x;
+            S.a[m][1] = v.y;
+            S.a[m][2] = v.z;
+            S.a[m][3] = v.w;
+        }
+    } else {
+        const int rem = W_r & 7, w0 = 2 * q;
+        #pragma unroll
+        for (int m = 0; m < MT; ++m)
+            #pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int row = 8 * hf + (threadIdx.x >> 2 & 7);  // of the tile
+                const u32* ptr = src + p * path_stride + row_off[m][0] + 128 * n_full + row * rem + w0;
+                S.a[m][hf] = w0 < rem ? __ldg(ptr) : 0u;
+                S.a[m][2 + hf] = w0 + 1 < rem ? __ldg(ptr + 1) : 0u;
+            }
+    }
+    S.p = p;
+    return;
+#endif
     const u32* base = src + p * path_stride + 8 * kb + 2 * q;
     const int w0 = 8 * kb + 2 * q;
     if (8 * kb + 8 <= W_r) {
@@ -248,8 +277,11 @@ extern "C" __global__ void __launch_bounds__(RG * KS * 32) littlebit_bitserial_g
     const u16* __restrict__ h, const u16* __restrict__ bias, void* __restrict__ out,
     int d_out, int W_r, int n_kb, int has_bias, int pdl, long out_stride, int out_f32,
     const u16* __restrict__ x, const u16* __restrict__ xg, int x_n, u32* __restrict__ t_planes,
-    float2* __restrict__ t_scales, int t_n, int* cnt)
+    float2* __restrict__ t_scales, int t_n, int* cnt, int early)
 {
+    // ``early``: the next kernel may be scheduled at once, to stage what it does not wait for while
+    // this one runs (its programs take SM room this grid does not need)
+    if (pdl && early) asm volatile("griddepcontrol.launch_dependents;");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, q = lane & 3;
     const int rg = warp / KS, ks = warp % KS;
@@ -274,6 +306,7 @@ extern "C" __global__ void __launch_bounds__(RG * KS * 32) littlebit_bitserial_g
         for (int hf = 0; hf < 2; ++hf) {
             const int row = min(row0 + m * 16 + hf * 8 + g, d_out - 1);  // rows past d_out: read, not written
             row_off[m][hf] = (STAGE ? rg * 16 * MT + m * 16 + hf * 8 + g : row) * W_r;
+            if (TILED) row_off[m][hf] = min(row0 + m * 16, d_out - 16) * W_r;  // d_out: a multiple of 16
             #pragma unroll
             for (int pp = 0; pp < PATHS; ++pp) hv[pp][m][hf] = h2f(__ldg(h + pp * d_out + row));
         }
@@ -385,7 +418,7 @@ extern "C" __global__ void __launch_bounds__(RG * KS * 32) littlebit_bitserial_g
         }
     }
     fold(tot, acc, hv, cur);
-    if (pdl) asm volatile("griddepcontrol.launch_dependents;");
+    if (pdl && !early) asm volatile("griddepcontrol.launch_dependents;");
 
     __shared__ float part[RG * KS][16 * MT];
     #pragma unroll
@@ -454,6 +487,7 @@ class BitTile:
     rg: int = 4
     depth: int = 4
     stage: bool = False  # copy the program's sign rows to shared memory first (coalesced)
+    tiled: bool = False  # the signs are in tile order (``packing.tile_order``)
 
 
 def staged_bytes(tile: BitTile, paths: int, W: int) -> int:
@@ -477,7 +511,7 @@ def split_workspace(ws: torch.Tensor, paths_total: int, W_r: int) -> tuple[torch
 
 def compile_cubin(tile: BitTile, paths: int, bf16: bool, arch: int) -> bytes:
     defs = {"MT": tile.mt, "KS": tile.ks, "RG": tile.rg, "DEPTH": tile.depth, "PATHS": paths}
-    defs |= {"BF16": int(bf16), "STAGE": int(tile.stage)}
+    defs |= {"BF16": int(bf16), "STAGE": int(tile.stage), "TILED": int(tile.tiled)}
     return _nvrtc.compile_cubin(SOURCE, defs, arch, "littlebit_bitserial.cu")
 
 
@@ -547,7 +581,7 @@ def quantizes_output(tile: BitTile) -> bool:
 def gemv(
     ws: torch.Tensor, signs: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
     W: int, paths: int, groups: int, tile: BitTile, pdl: bool, out_stride: int | None = None,
-    fused: SelfQuantizing | None = None,
+    fused: SelfQuantizing | None = None, early_dependents: bool = False,
 ) -> None:  # fmt: skip
     """out[grp * out_stride + i] = sum_p h_p[i] * (S_p v_p)[i] (+ bias[i]) for every row i of every
     group, v_p as ``quantize`` left it in ``ws`` (or as ``fused`` makes it). ``signs`` (groups * paths,
@@ -555,7 +589,9 @@ def gemv(
     the dtype of ``h``. Stage 2 is one call with ``paths`` 1-2 and ``groups`` layers; stage 1 one with
     ``paths`` 1 and every path its own group (h = l, out = t)."""
     planes, scales = split_workspace(ws, groups * paths, W)
-    rows = signs.shape[1]
+    rows = h.shape[-1]
+    if tile.tiled and (rows % 16 or tile.stage):
+        raise ValueError(f"{tile}: tile order needs rows in multiples of 16 and no staging")
     func = _functions(tile, paths, h.dtype == torch.bfloat16, out.device.index or 0)[1]
     x_n = t_n = 0
     x = xg = cnt = t_planes = t_scales = None
@@ -575,7 +611,7 @@ def gemv(
         ctypes.c_int(n_blocks(W)), ctypes.c_int(bias is not None), ctypes.c_int(pdl),
         ctypes.c_long(rows if out_stride is None else out_stride), ctypes.c_int(out.dtype == torch.float32),
         _nvrtc.ptr(x), _nvrtc.ptr(xg), ctypes.c_int(x_n), _nvrtc.ptr(t_planes), _nvrtc.ptr(t_scales),
-        ctypes.c_int(t_n), _nvrtc.ptr(cnt),
+        ctypes.c_int(t_n), _nvrtc.ptr(cnt), ctypes.c_int(early_dependents),
     ]  # fmt: skip
     grid = (-(-rows // (16 * tile.mt * tile.rg)), groups)
     _nvrtc.launch(func, grid, 32 * tile.rg * tile.ks, staged_bytes(tile, paths, W), args, out.device, pdl)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..ops import group_layer
+from ..packing import untile_order
 from . import cuda_bitserial, cuda_mma
 from ._gemv import _gemv_kernel, _gemv_u_kernel, _gemv_v_kernel
 from ._sync import HAS_PDL, N_STATE
@@ -106,6 +107,9 @@ class KernelConfig:
     # the bit-serial stage 1 quantizes x * g too (its first programs, the others waiting for them)
     # instead of a launch before it: slower on the H100 (8192x28672 at 1.0 BPW 20.7 -> 21.8 µs)
     stage1_quantizes_x: bool = False
+    # batch 1, bit-serial stage 2: the stage 1 before it lets it be scheduled from its start (PDL), so
+    # that stage 2's programs, where they fit beside stage 1's, load their sign rows during stage 1
+    stage2_early: bool = False
     bits1_rows: int = 0  # the bit-serial stage 1's tile (``_bit_tile1``); 0: its default
     bits1_split: int = 0
     bits1_groups: int = 0
@@ -221,16 +225,23 @@ _MMA_WORDS = 64 * 1024
 
 
 def _bit_tile(
-    d_out: int, W_r: int, groups: int, cfg: KernelConfig, sms: int, P: int = 2
+    d_out: int, W_r: int, groups: int, cfg: KernelConfig, sms: int, P: int = 2, u_tiled: bool = False
 ) -> cuda_bitserial.BitTile:
     many_rows = groups * triton.cdiv(d_out, 16) > 4 * sms
     mt, ks, rg, depth = (2, 2, 2, 4) if many_rows else (1, 4, 2, 2)
-    stage = bool(cfg.bits_stage)
+    # tile order reads whole blocks in one load: nothing to stage (best tiles of
+    # bitserial_stage2_frag.json for both row counts)
+    stage = bool(cfg.bits_stage) and not u_tiled
     tile = cuda_bitserial.BitTile(
-        cfg.bits_rows or mt, cfg.bits_split or ks, cfg.bits_groups or rg, cfg.bits_depth or depth, stage
+        cfg.bits_rows or mt,
+        cfg.bits_split or ks,
+        cfg.bits_groups or rg,
+        cfg.bits_depth or depth,
+        stage,
+        u_tiled,
     )
     if tile.stage and cuda_bitserial.staged_bytes(tile, P, W_r) > _MAX_STAGED_BYTES:
-        tile = cuda_bitserial.BitTile(tile.mt, tile.ks, tile.rg, tile.depth, False)
+        tile = cuda_bitserial.BitTile(tile.mt, tile.ks, tile.rg, tile.depth, False, u_tiled)
     return tile
 
 
@@ -275,12 +286,14 @@ def _stage1_to_planes(x2, v, l, g, cfg: KernelConfig, sms: int) -> torch.Tensor 
         32 * W_r, W_r,
         P=P, TOK=1, BR=br, B1=b1, MODE1=int(_asm(x2, cfg)), B2=1, MODE2=0, PTX=ptx,
         REDUCE=True, RELEASE_ONLY=cfg.release_tickets, planes_ptr=planes, scales_ptr=scales, QUANT=True,
-        num_warps=warps1, **_pdl_args(x2, cfg),
+        EARLY=cfg.stage2_early, num_warps=warps1, **_pdl_args(x2, cfg),
     )  # fmt: skip
     return region
 
 
-def _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int) -> None:
+def _gemv_bitserial(
+    x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int, u_tiled: bool = False
+) -> None:
     """Batch 1, both stages bit-serial (``cuda_bitserial``): planes of x * g, t = l * S_V^T (x * g),
     planes of t, y = sum_p h_p * S_U,p t_p. By default stage 1 makes the planes of t itself
     (``cuda_bitserial.SelfQuantizing``): three launches, each a PDL dependent of the one before."""
@@ -306,10 +319,11 @@ def _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, gro
         fused = cuda_bitserial.SelfQuantizing(ws.counter, *((x2, g) if x_in else (None, None)), t_ws)
     if not x_in:
         cuda_bitserial.quantize(x2, x_planes, d_in, W_in, P, pdl, 0, g)
-    cuda_bitserial.gemv(x_planes, v, l, None, t, W_in, 1, P, tile1, pdl, t_len, fused)
+    early = cfg.stage2_early and t_ws is not None
+    cuda_bitserial.gemv(x_planes, v, l, None, t, W_in, 1, P, tile1, pdl, t_len, fused, early)
     if t_ws is None:
         cuda_bitserial.quantize(t, t_planes, r, W_r, P, pdl, t_len)
-    tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups)
+    tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups, u_tiled)
     cuda_bitserial.gemv(t_planes, u, h, bias, y, W_r, P // groups, groups, tile, pdl)
 
 
@@ -338,6 +352,21 @@ def _use_bitserial(
     if h.dtype not in (torch.float16, torch.bfloat16) or (bias is not None and bias.dtype != h.dtype):
         return False
     return cuda_bitserial.available(x2.device.index or 0)
+
+
+def _takes_tiled(x2: torch.Tensor, u: torch.Tensor, v: torch.Tensor, h, bias, cfg: KernelConfig) -> bool:
+    """This one-token call's stage 2 is the bit-serial kernel, which reads tile-ordered signs."""
+    P, d_out, W_r = u.shape
+    ptx = x2.is_cuda and not _interpreting()
+    return ptx and d_out % 16 == 0 and _use_bitserial(x2, h, bias, cfg, d_out * W_r, W_r)
+
+
+def tile_order_pays(u_signs: torch.Tensor, dtype: torch.dtype, config: KernelConfig | None = None) -> bool:
+    """Batch-1 calls of a layer with these S_U words (on their GPU, activations of ``dtype``) take the
+    bit-serial stage 2, which reads them faster in tile order (``packing.tile_order``)."""
+    x = torch.empty(1, 1, dtype=dtype, device=u_signs.device)
+    h = torch.empty(1, u_signs.shape[1], dtype=dtype, device=u_signs.device)
+    return _takes_tiled(x, u_signs, u_signs, h, None, config or DEFAULT_CONFIG)
 
 
 def _use_mma(
@@ -475,7 +504,9 @@ def _asm(x2: torch.Tensor, cfg: KernelConfig) -> bool:
     return (x2.dtype == torch.float16 and x2.is_cuda and not _interpreting()) if cfg.asm is None else cfg.asm
 
 
-def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int = 1) -> None:
+def _gemv(
+    x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int = 1, u_tiled: bool = False
+) -> None:
     M, d_in = x2.shape
     P, d_out, W_r = u.shape  # P: all paths of all ``groups`` layers (two launches only)
     r, W_in = v.shape[1:]
@@ -484,13 +515,14 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
     mode1, mode2 = (1, 2) if asm else (0, 0)
     bits = ptx and _use_bitserial(x2, h, bias, cfg, d_out * W_r, W_r)
     stage1 = cfg.stage1_bitserial if cfg.stage1_bitserial is not None else W_in >= _BITSERIAL_STAGE1_WORDS
+    assert bits or not u_tiled, "tile-ordered signs go to the bit-serial stage 2 only"
     if bits and stage1 and g.dtype == h.dtype == l.dtype == x2.dtype:
-        _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg, sms, groups)
+        _gemv_bitserial(x2, u, v, h, l, g, bias, y, cfg, sms, groups, u_tiled)
         return
     fuse = bits and cfg.quantize_in_stage1 is not False
     planes = _stage1_to_planes(x2, v, l, g, cfg, sms) if fuse else None
     if planes is not None:
-        tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups)
+        tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups, u_tiled)
         cuda_bitserial.gemv(planes, u, h, bias, y, W_r, P // groups, groups, tile, _pdl(x2, cfg))
         return
     tok = _pow2_at_least(M)
@@ -541,7 +573,7 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
         if bits:
             planes = ws.t[n_t + n_part :]
             cuda_bitserial.quantize(ws.t, planes, r, W_r, P, pdl["PDL"], t_len)
-            tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups)
+            tile = _bit_tile(d_out, W_r, groups, cfg, sms, P // groups, u_tiled)
             cuda_bitserial.gemv(planes, u, h, bias, y, W_r, P // groups, groups, tile, pdl["PDL"])
             return
         if mma:
@@ -558,7 +590,7 @@ def _gemv(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, groups: int =
         )  # fmt: skip
 
 
-def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> None:
+def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, u_tiled: bool = False) -> None:
     M, d_in = x2.shape
     P, d_out, W_r = u.shape
     r, W_in = v.shape[1:]
@@ -588,7 +620,8 @@ def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> No
                 M, r, W_in, d_in, x2.stride(0), Rp, n_rb, chunk, n_split, d_out, W_r, y.stride(0), n_ob,
                 ws.cap, n1, n2,
                 P=P, BR=rows, BKW=words, BM=bm, BO=bo, HAS_BIAS=bias is not None, OP_DT=_TL_DTYPES[op_dt],
-                CG=cfg.t_cg, ZB=_SLICE_BLOCK, NS=_spin_ns(x2, cfg), num_warps=cfg.tc_warps, **extra,
+                CG=cfg.t_cg, ZB=_SLICE_BLOCK, NS=_spin_ns(x2, cfg), TILED=u_tiled, num_warps=cfg.tc_warps,
+                **extra,
             )  # fmt: skip
         return
     ws = _workspace(x2.device, M * P * Rp)
@@ -601,7 +634,7 @@ def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int) -> No
         _tc_u_kernel[(triton.cdiv(d_out, bo), n_mb)](
             ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0),
             P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=_TL_DTYPES[op_dt],
-            ZB=_ZERO_BLOCK, num_warps=cfg.tc_warps, **pdl,
+            ZB=_ZERO_BLOCK, TILED=u_tiled, num_warps=cfg.tc_warps, **pdl,
         )  # fmt: skip
 
 
@@ -616,8 +649,12 @@ def littlebit_linear_triton(
     *,
     config: KernelConfig | None = None,
     groups: int = 1,
+    u_tiled: bool = False,
 ) -> torch.Tensor:
     """The packed product on the GPU (or on CPU tensors under ``TRITON_INTERPRET=1``); any token count.
+
+    ``u_tiled``: ``u_signs`` in tile order (``packing.tile_order``), which the bit-serial stage 2 and
+    the tensor-core path read as it is; the other one-token stage 2s take a transient row-ordered copy.
 
     ``groups`` > 1: that many layers of one shape on the same input, their tensors stacked along the
     path axis (``ops.littlebit_linear``); their outputs come side by side. The batch-1 GEMV
@@ -636,13 +673,19 @@ def littlebit_linear_triton(
         sms = 4 if _interpreting() or not x.is_cuda else _num_sms(x.device.index or 0)
         tensors = [t.contiguous() for t in (u_signs, v_signs, h, l, g)]
         b = bias.contiguous() if bias is not None else None
-        if x2.shape[0] <= cfg.gemv_max_tokens and not cfg.single_launch:
-            _gemv(x2, *tensors, b, y, cfg, sms, groups)
+        gemv = x2.shape[0] <= cfg.gemv_max_tokens
+        if u_tiled and gemv and not (x2.shape[0] == 1 and _takes_tiled(x2, *tensors[:3], b, cfg)):
+            tensors[0], u_tiled = untile_order(tensors[0]), False
+        if gemv and not cfg.single_launch:
+            _gemv(x2, *tensors, b, y, cfg, sms, groups, u_tiled)
         else:
-            run = _gemv if x2.shape[0] <= cfg.gemv_max_tokens else _tensor_cores
             for j in range(groups):  # the kernels write through y's row stride, so a column slice works
                 layer, bj = group_layer(tensors, b, groups, j)
-                run(x2, *layer, bj, y[:, j * d_out : (j + 1) * d_out], cfg, sms)
+                yj = y[:, j * d_out : (j + 1) * d_out]
+                if gemv:
+                    _gemv(x2, *layer, bj, yj, cfg, sms)
+                else:
+                    _tensor_cores(x2, *layer, bj, yj, cfg, sms, u_tiled)
     return y.reshape(*x.shape[:-1], groups * d_out)
 
 
