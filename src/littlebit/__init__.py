@@ -10,7 +10,7 @@ from .config import LayerOverride, LittleBitConfig, LittleBitError
 from .convert import budget, convert
 from .grouping import group_projections
 from .layer import LittleBitLinear
-from .packed import PackedLittleBitLinear, pack_model
+from .packed import PackedLittleBitLinear, pack_model, prepare_for_decoding
 from .serialization import load_compressed, save_compressed
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "budget",
     "convert",
     "group_projections",
+    "prepare_for_decoding",
     "layer_bpw",
     "load_compressed",
     "pack_model",
