@@ -170,7 +170,7 @@ def test_tiled_signs_give_the_same_outputs(tk, d_in, r, d_out, dtype, m):
     bit) matches the reference."""
     u, v, h, l, g, bias = make_layer(d_in, r, d_out, 2, dtype, DEVICE, seed=d_in + r + m)
     x = torch.randn(m, d_in, generator=torch.Generator().manual_seed(m)).to(dtype).to(DEVICE)
-    assert m > 1 or tk._takes_tiled(x, u, v, h, bias, tk.KernelConfig())
+    assert m > 1 or tk._takes_tiled(x, u, h, bias, tk.KernelConfig())
     for b in (bias, None):
         y = tk.littlebit_linear_triton(x, tile_order(u), v, h, l, g, b, u_tiled=True)
         if m == 1:

@@ -53,15 +53,6 @@ def unpack_signs(words: torch.Tensor, n: int, dtype: torch.dtype = torch.float32
 # --- tile order: a GPU-friendly permutation of the words of one matrix, same shape -----------------
 
 
-def _tile_view(signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(whole blocks (P, tiles, 2, 8, blocks, 4, 2): tile, hf, g, block, word pair q, j; the partial
-    blocks' words (P, tiles, 16, W % 8)) of row-ordered signs."""
-    P, rows, W = signs.shape
-    full = W // 8 * 8
-    v = signs.reshape(P, rows // 16, 16, W)
-    return v[..., :full].reshape(P, rows // 16, 2, 8, W // 8, 4, 2), v[..., full:]
-
-
 def tile_order(signs: torch.Tensor) -> torch.Tensor:
     """Row-ordered sign words (paths, rows, W) int32, rows a multiple of 16, in *tile order*: the same
     shape and words, each 16-row tile's words together (16 W words), first its whole blocks of 8 words
@@ -73,7 +64,10 @@ def tile_order(signs: torch.Tensor) -> torch.Tensor:
     P, rows, W = signs.shape
     if rows % 16:
         raise ValueError(f"tile order needs rows in multiples of 16, not {rows}")
-    blocks, tail = _tile_view(signs)
+    full = W // 8 * 8
+    v = signs.reshape(P, rows // 16, 16, W)
+    blocks = v[..., :full].reshape(P, rows // 16, 2, 8, W // 8, 4, 2)  # tile, hf, g, block, q, j
+    tail = v[..., full:]
     # (P, tile, block, g, q, j, hf): lane 4 g + q, register 2 j + hf
     head = blocks.permute(0, 1, 4, 3, 5, 6, 2).reshape(P, rows // 16, -1)
     return torch.cat([head, tail.reshape(P, rows // 16, -1)], -1).reshape(P, rows, W)

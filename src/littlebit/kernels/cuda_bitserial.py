@@ -305,8 +305,9 @@ extern "C" __global__ void __launch_bounds__(RG * KS * 32) littlebit_bitserial_g
         #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
             const int row = min(row0 + m * 16 + hf * 8 + g, d_out - 1);  // rows past d_out: read, not written
-            row_off[m][hf] = (STAGE ? rg * 16 * MT + m * 16 + hf * 8 + g : row) * W_r;
-            if (TILED) row_off[m][hf] = min(row0 + m * 16, d_out - 16) * W_r;  // d_out: a multiple of 16
+            // tile order: the tile's first word (d_out is a multiple of 16)
+            const int staged = rg * 16 * MT + m * 16 + hf * 8 + g;
+            row_off[m][hf] = (TILED ? min(row0 + m * 16, d_out - 16) : STAGE ? staged : row) * W_r;
             #pragma unroll
             for (int pp = 0; pp < PATHS; ++pp) hv[pp][m][hf] = h2f(__ldg(h + pp * d_out + row));
         }

@@ -354,7 +354,7 @@ def _use_bitserial(
     return cuda_bitserial.available(x2.device.index or 0)
 
 
-def _takes_tiled(x2: torch.Tensor, u: torch.Tensor, v: torch.Tensor, h, bias, cfg: KernelConfig) -> bool:
+def _takes_tiled(x2: torch.Tensor, u: torch.Tensor, h, bias, cfg: KernelConfig) -> bool:
     """This one-token call's stage 2 is the bit-serial kernel, which reads tile-ordered signs."""
     P, d_out, W_r = u.shape
     ptx = x2.is_cuda and not _interpreting()
@@ -366,7 +366,7 @@ def tile_order_pays(u_signs: torch.Tensor, dtype: torch.dtype, config: KernelCon
     bit-serial stage 2, which reads them faster in tile order (``packing.tile_order``)."""
     x = torch.empty(1, 1, dtype=dtype, device=u_signs.device)
     h = torch.empty(1, u_signs.shape[1], dtype=dtype, device=u_signs.device)
-    return _takes_tiled(x, u_signs, u_signs, h, None, config or DEFAULT_CONFIG)
+    return _takes_tiled(x, u_signs, h, None, config or DEFAULT_CONFIG)
 
 
 def _use_mma(
@@ -674,7 +674,7 @@ def littlebit_linear_triton(
         tensors = [t.contiguous() for t in (u_signs, v_signs, h, l, g)]
         b = bias.contiguous() if bias is not None else None
         gemv = x2.shape[0] <= cfg.gemv_max_tokens
-        if u_tiled and gemv and not (x2.shape[0] == 1 and _takes_tiled(x2, *tensors[:3], b, cfg)):
+        if u_tiled and gemv and not (x2.shape[0] == 1 and _takes_tiled(x2, tensors[0], tensors[2], b, cfg)):
             tensors[0], u_tiled = untile_order(tensors[0]), False
         if gemv and not cfg.single_launch:
             _gemv(x2, *tensors, b, y, cfg, sms, groups, u_tiled)
