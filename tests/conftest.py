@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers as tf
 
+from littlebit.cli import main as cli_main
 from littlebit.data import default_data_dirs
 
 VOCAB = 256
@@ -59,3 +60,41 @@ needs_wikitext2 = pytest.mark.skipif(
     not _wikitext2_reachable(),
     reason="no WikiText-2 here: put the checkout next to shared/data or set LITTLEBIT_DATA",
 )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with the default model's tokenizer, saved like a hub checkpoint."""
+    from littlebit.models import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("c") / "out"
+    assert cli_main(["compress", str(tiny_dir), "--bpw", "2.0", "--out", str(out), "--dtype", "float32"]) == 0
+    return out
+
+
+def run_cli(capsys, *argv):
+    """Exit code, stdout and stderr of the command; usage errors exit through SystemExit."""
+    try:
+        code = cli_main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -3,32 +3,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
-import transformers as tf
-
-from littlebit.cli import main
-from littlebit.models import load_tokenizer
+from conftest import run_cli
 
 DATA = "wikitext-2-raw"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama with the default model's tokenizer, saved like a hub checkpoint."""
-    tokenizer = load_tokenizer(None)
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tf.LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -41,23 +18,6 @@ def data_dir(tmp_path_factory):
     (root / DATA / "wiki.test.raw").write_text(text)
     (root / "ptb" / "ptb.test.txt").write_text(" the cat sat on the mat \n" * 300)
     return root
-
-
-@pytest.fixture(scope="module")
-def compressed(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("c") / "out"
-    assert main(["compress", str(tiny_dir), "--bpw", "2.0", "--out", str(out), "--dtype", "float32"]) == 0
-    return out
-
-
-def run_cli(capsys, *argv):
-    """Exit code, stdout and stderr of the command; usage errors exit through SystemExit."""
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_compress_info_eval_generate(compressed, data_dir, capsys):

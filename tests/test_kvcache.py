@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import logging
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from transformers import DynamicCache
 
 from littlebit import LittleBitConfig, LittleBitError, convert, load_compressed, pack_model, save_compressed
 from littlebit.cli import main
-from littlebit.kvcache import LatentKVCache
+from littlebit.kvcache import LatentKVCache, cache_argument
 from littlebit.packed import PackedLittleBitLinear
 
 
@@ -41,7 +42,7 @@ def generate(model, ids, cache, new_tokens=16, **kw):
             ids,
             max_new_tokens=new_tokens,
             do_sample=False,
-            past_key_values=cache,
+            **{cache_argument(model): cache},
             output_logits=True,
             return_dict_in_generate=True,
             **kw,
@@ -69,13 +70,26 @@ def test_rebuilt_states_equal_standard_cache_and_hooks_stay_inert():
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     cache = LatentKVCache.for_model(model)
     standard = DynamicCache()
+    name = cache_argument(model)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-        model(ids, past_key_values=standard, use_cache=True)  # hooks installed: must change nothing
+        model(ids, use_cache=True, **{name: cache})
+        model(ids, use_cache=True, **{name: standard})  # hooks installed: must change nothing
     for i, layer in enumerate(cache.layers):
         k, v = layer.states()
         torch.testing.assert_close(k, standard.layers[i].keys, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(v, standard.layers[i].values, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_is_found_under_the_older_keyword_too():
+    # Newer transformers rename ``past_key_values`` to ``cache`` (with a warning) before attention sees it.
+    model = packed("llama")
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(7))
+    cache = LatentKVCache.for_model(model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model(ids, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 5
+    assert cache.bytes_per_token_report()["cache_compression"] > 1
 
 
 def test_left_padded_batch_keeps_each_rows_positions():
@@ -89,10 +103,11 @@ def test_left_padded_batch_keeps_each_rows_positions():
 def test_beam_search_and_factors_rebuilt_per_call():
     model = packed("llama")
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    name = cache_argument(model)
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=8, num_beams=3, past_key_values=DynamicCache())
+        ref = model.generate(ids, max_new_tokens=8, num_beams=3, **{name: DynamicCache()})
         cache = LatentKVCache.for_model(model, keep_factors=False)
-        out = model.generate(ids, max_new_tokens=8, num_beams=3, past_key_values=cache)
+        out = model.generate(ids, max_new_tokens=8, num_beams=3, **{name: cache})
     assert torch.equal(out, ref)
     assert cache.workspace_bytes() < 4 * 2 * 64 * 2  # no factors kept, only the cos/sin memo
 
@@ -185,9 +200,10 @@ def test_default_model_055_bpw_greedy_128_tokens(cpu_decoding_backend):
     prompts = ["The capital of France is", "Once upon a time, a little robot", "def fibonacci(n):"]
     # One left-padded batch: the packed CPU op costs about the same per step for 1 or 3 rows.
     tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if tokenizer.pad_token is None:  # some transformers versions build the GGUF tokenizer without one
+        tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    kw = dict(attention_mask=batch.attention_mask, pad_token_id=pad, min_new_tokens=128)
+    kw = dict(attention_mask=batch.attention_mask, pad_token_id=tokenizer.pad_token_id, min_new_tokens=128)
     # fp32 through 30 layers and 128 steps, the standard K from the lookup-table backend and the latent
     # one from dense factors: the logits were seen to differ by up to 6e-5.
     cache = assert_same_generation(model, batch.input_ids, new_tokens=128, tol=2e-4, **kw)

@@ -19,7 +19,13 @@ from littlebit.config import LittleBitError
 from littlebit.distill import DistillConfig, distill_loss, hidden_error, kl_per_token
 from littlebit.optim import lr_factor
 from littlebit.stream import Batches, SequenceOrder, load_tokens, pack_sequences
-from littlebit.train_state import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from littlebit.train_state import (
+    list_checkpoints,
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+)
 
 # ----- loss -------------------------------------------------------------------------------------
 
@@ -108,21 +114,37 @@ def test_load_tokens_accepts_ids_and_rejects_floats():
 
 
 def test_checkpoint_roundtrip_with_optimizer(tmp_path):
-    p = torch.nn.Parameter(torch.randn(3, 4))
-    opt = torch.optim.AdamW([{"params": [p], "lr": 0.1, "base_lr": 0.1}])
-    p.grad = torch.randn_like(p)
+    p, r = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))
+    groups = [
+        {"params": [p], "lr": 0.1, "base_lr": 0.1, "kind": "a"},
+        {"params": [r], "lr": 0.2, "kind": "b"},
+    ]
+    opt = torch.optim.AdamW(groups, foreach=False)
+    p.grad, r.grad = torch.randn_like(p), torch.randn_like(r)
     opt.step()
-    tensors, meta = optimizer_to_flat(opt)
-    save_checkpoint(tmp_path, "a", {"w": p.detach(), **tensors}, {"optimizer": meta, "step": 1})
-    save_checkpoint(tmp_path, "b", {"w": p.detach() + 1, **tensors}, {"optimizer": meta, "step": 2})
-    assert [f.name for f in tmp_path.glob("state-*")] == ["state-b.safetensors"]
-    loaded, meta2 = load_checkpoint(tmp_path)
-    assert meta2["step"] == 2 and torch.equal(loaded["w"], p.detach() + 1)
-    q = torch.nn.Parameter(p.detach().clone())
-    opt2 = torch.optim.AdamW([{"params": [q], "lr": 0.5, "base_lr": 0.5}])
-    optimizer_from_flat(opt2, loaded, meta2["optimizer"])
-    assert opt2.param_groups[0]["lr"] == 0.1
+    tensors, meta = optimizer_to_flat(opt, {id(p): "p", id(r): "r"})
+    assert meta["param_groups"][1]["params"] == ["r"] and "optim.p.exp_avg" in tensors
+    for i, tag in enumerate(("global-000001", "global-000002", "global-000003")):
+        save_checkpoint(tmp_path, tag, {"w": p.detach() + i, **tensors}, {"optimizer": meta, "step": i})
+    assert [f.name for f in list_checkpoints(tmp_path)] == [
+        "state-global-000002.json",
+        "state-global-000003.json",
+    ]
+    assert len(list(tmp_path.glob("state-*.safetensors"))) == 2
+    loaded, meta2, path = load_checkpoint(tmp_path)
+    assert meta2["step"] == 2 and torch.equal(loaded["w"], p.detach() + 2) and path.name.endswith("3.json")
+    q, s = torch.nn.Parameter(p.detach().clone()), torch.nn.Parameter(r.detach().clone())
+    # Named, not positional: the parameters are handed over in another order.
+    opt2 = optimizer_from_flat(loaded, meta2["optimizer"], {"r": s, "p": q}, {"p": "a", "r": "b"})
+    assert [g["lr"] for g in opt2.param_groups] == [0.1, 0.2]
     assert torch.equal(opt2.state[q]["exp_avg"], opt.state[p]["exp_avg"])
+    assert torch.equal(opt2.state[s]["exp_avg_sq"], opt.state[r]["exp_avg_sq"])
+    with pytest.raises(LittleBitError, match="shape"):
+        optimizer_from_flat(loaded, meta2["optimizer"], {"p": s, "r": q}, {"p": "a", "r": "b"})
+    with pytest.raises(LittleBitError, match="does not cover"):
+        optimizer_from_flat(loaded, meta2["optimizer"], {"p": q}, {"p": "a"})
+    with pytest.raises(LittleBitError, match="group"):
+        optimizer_from_flat(loaded, meta2["optimizer"], {"r": s, "p": q}, {"p": "b", "r": "b"})
     assert load_checkpoint(tmp_path / "none") is None
 
 
@@ -196,10 +218,10 @@ def test_sigkill_and_resume_end_with_identical_weights(tmp_path):
     # Killed twice in subprocesses: while fitting the second decoder layer, then between two
     # checkpoints of the global phase; resumed to the end here, and compared with a clean run.
     assert _run_killed(tmp_path, "killed", "block:1", False) == -signal.SIGKILL
-    meta = json.loads((tmp_path / "killed" / "train_state.json").read_text())
+    meta = json.loads(list_checkpoints(tmp_path / "killed")[-1].read_text())
     assert meta["phase"] == "blocks" and meta["next_block"] == 1
     assert _run_killed(tmp_path, "killed", "global:5", True) == -signal.SIGKILL
-    meta = json.loads((tmp_path / "killed" / "train_state.json").read_text())
+    meta = json.loads(list_checkpoints(tmp_path / "killed")[-1].read_text())
     assert meta["phase"] == "global" and meta["step"] == 3
     resumed = _tiny_run(str(tmp_path / "killed"), resume=True)
     plain = _tiny_run(str(tmp_path / "plain"), resume=False)

@@ -17,6 +17,12 @@ class LittleBitError(ValueError):
     """Bad user input: the CLI prints it as one line and exits with code 2."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type where it has no message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 @dataclass
 class LayerOverride:
     """Settings for the modules whose qualified name matches a glob ``pattern``.

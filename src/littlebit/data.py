@@ -68,7 +68,7 @@ def _hf_rows(name: str, split: str) -> list[str]:
     except ImportError as e:
         raise LittleBitError(
             f"no local {name} data found: pass --data-dir or set LITTLEBIT_DATA "
-            "(or pip install datasets to fetch it from the Hugging Face hub)"
+            "(or pip install 'littlebit[eval]' to fetch it from the Hugging Face hub)"
         ) from e
     repo, subset, column = _HF[name]
     hf_split = "validation" if split == "valid" else split

@@ -28,10 +28,10 @@ def generate_command(args: argparse.Namespace) -> int:
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
     cache = None
     if args.latent_kv:
-        from .kvcache import LatentKVCache
+        from .kvcache import LatentKVCache, cache_argument
 
         cache = LatentKVCache.for_model(model)
-        kwargs["past_key_values"] = cache
+        kwargs[cache_argument(model)] = cache
     if not args.json:
         kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=False)
     with torch.no_grad():

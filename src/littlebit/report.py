@@ -10,6 +10,7 @@ from torch import nn
 
 from .budget import SCALE_BITS, LayerBudget, ModelBudget, packed_bytes
 from .config import LittleBitError
+from .serialization import scale_dtype_from_name
 
 _DTYPE_BYTES = {
     "F64": 8,
@@ -25,17 +26,20 @@ _DTYPE_BYTES = {
 }
 
 
-def read_quant_config(path: Path) -> dict:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise LittleBitError(f"{path} is not a model directory (no config.json)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise LittleBitError(f"{cfg_file} is not valid JSON: {e}") from e
-    q = cfg.get("quantization_config") or {}
-    if q.get("quant_method") != "littlebit":
+def read_quant_config(path: Path, allow_unverified: bool = False) -> dict:
+    """The checkpoint's ``quantization_config``, checked against its digest and for well-formed specs."""
+    from .integration import LittleBitQuantConfig
+    from .serialization import checkpoint_kind
+    from .verification import unverified_loading, verify_config_file
+
+    if checkpoint_kind(path) != "littlebit":
         raise LittleBitError(f"{path} is not a LittleBit checkpoint (no littlebit quantization_config)")
+    with unverified_loading(allow_unverified):
+        q = verify_config_file(path)["quantization_config"]
+    try:
+        LittleBitQuantConfig(**q).specs()
+    except TypeError as e:
+        raise LittleBitError(f"malformed quantization_config in {path}: {e}") from e
     return q
 
 
@@ -76,7 +80,7 @@ def checkpoint_budget(path: Path, q: dict) -> tuple[ModelBudget, int, int]:
                 other_numel += numel
                 other_bytes += numel * _DTYPE_BYTES.get(info["dtype"], 4)
     target = (q.get("littlebit") or {}).get("bpw", 0.0)
-    scale_bytes = torch.empty(0, dtype=getattr(torch, q.get("scale_dtype", "float16"))).element_size()
+    scale_bytes = torch.empty(0, dtype=scale_dtype_from_name(q.get("scale_dtype", "float16"))).element_size()
     layers, expected = [], other_bytes
     for name, spec in q["layers"].items():
         residual = spec.get("paths", 2) == 2
@@ -103,9 +107,11 @@ def memory_bytes(model: nn.Module) -> int:
     return total
 
 
-def checkpoint_info(path: str | Path, measure_memory: bool = True, device: str = "cpu") -> dict:
+def checkpoint_info(
+    path: str | Path, measure_memory: bool = True, device: str = "cpu", allow_unverified: bool = False
+) -> dict:
     path = Path(path)
-    q = read_quant_config(path)
+    q = read_quant_config(path, allow_unverified)
     budget, expected, on_disk = checkpoint_budget(path, q)
     info = budget.to_dict()
     info["layers"] = [
@@ -116,6 +122,7 @@ def checkpoint_info(path: str | Path, measure_memory: bool = True, device: str =
     if measure_memory:
         from .serialization import load_compressed
 
-        info["bytes_in_memory"] = memory_bytes(load_compressed(path, device=device))
+        model = load_compressed(path, device=device, allow_unverified=allow_unverified)
+        info["bytes_in_memory"] = memory_bytes(model)
     info["fp16_bytes"] = SCALE_BITS // 8 * budget.n_params
     return info

@@ -2,9 +2,10 @@
 
 Phases, each resumable: ``blocks`` (one decoder layer at a time against the teacher's layer
 outputs, see ``blockwise``), then ``global`` (the whole student against the teacher's logits and
-hidden states, see ``distill``). A checkpoint holds the trained tensors, the optimizer, the RNG
-states and the data position; ``resume=True`` continues from it and, on CPU, ends with the same
-weights bit for bit as a run that was never stopped.
+hidden states, see ``distill``). A checkpoint holds the trained tensors, the optimizer (its groups
+by parameter name), the RNG states and the data position; ``resume=True`` continues from the newest
+(``resume_from`` from a given one) and, on CPU, ends with the same weights bit for bit as a run that
+was never stopped.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from .train_state import (
     load_checkpoint,
     optimizer_from_flat,
     optimizer_to_flat,
+    remove_checkpoints,
+    remove_stale,
     restore_rng,
     rng_tensors,
     save_checkpoint,
@@ -82,6 +85,7 @@ class TrainConfig:
     eval_windows: int | None = 8
     eval_seqlen: int = 512
     save_every: int = 50
+    keep_checkpoints: int = 2  # the newest N stay on disk (0: all), so a damaged one has a fallback
     compile: bool | None = None  # None: on CUDA when the step is not recorded as a CUDA graph
     cuda_graphs: bool | None = None  # replay global and block micro-steps as CUDA graphs; None: on CUDA
     amp: bool | None = None  # bf16 autocast; None: on CUDA only
@@ -89,14 +93,27 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
+        # Comparisons are written so that NaN, which compares false with everything, fails them.
         if not 0.0 <= self.freeze_signs_frac <= 1.0:
             raise LittleBitError(f"freeze-signs fraction must be in [0, 1], got {self.freeze_signs_frac}")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise LittleBitError(f"warmup must be a fraction in [0, 1), got {self.warmup_frac}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             norm = self.max_grad_norm
             raise LittleBitError(f"max-grad-norm must be > 0 (0 on the command line: off), got {norm}")
-        for name in ("steps", "seqlen", "batch_size", "grad_accum"):
-            if getattr(self, name) < (0 if name == "steps" else 1):
-                raise LittleBitError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.latent_rms is not None and not (self.latent_rms > 0 and math.isfinite(self.latent_rms)):
+            rms = self.latent_rms
+            raise LittleBitError(f"latent-rms must be > 0 (0 on the command line: keep), got {rms}")
+        if not (self.act_power >= 0 and math.isfinite(self.act_power)):
+            raise LittleBitError(f"act-power must be >= 0, got {self.act_power}")
+        if self.eval_windows is not None and self.eval_windows < 1:
+            windows = self.eval_windows
+            raise LittleBitError(f"eval-windows must be >= 1 (None: the whole split), got {windows}")
+        minimum = {"steps": 0, "seqlen": 2, "batch_size": 1, "grad_accum": 1, "calib_sequences": 0}
+        minimum.update(eval_every=0, eval_seqlen=2, save_every=0, keep_checkpoints=0)
+        for name, low in minimum.items():
+            if getattr(self, name) < low:
+                raise LittleBitError(f"{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if isinstance(self.lrs, dict):
             self.lrs = LearningRates(**self.lrs)
         if isinstance(self.loss, dict):
@@ -204,17 +221,26 @@ class Trainer:
         idx = [(start + i) % self.sequences.shape[0] for i in range(self.config.blocks.sequences)]
         return self.sequences[idx]
 
-    def setup(self, resume: bool) -> None:
+    def setup(self, resume: bool, resume_from: str | Path | None = None) -> None:
+        """Start afresh, or continue from the newest checkpoint (``resume``) or from ``resume_from``."""
         t0 = time.perf_counter()
-        self._setup(resume)
+        self._setup(resume or resume_from is not None, resume_from)
         self.timings = {"setup": time.perf_counter() - t0}
 
-    def _setup(self, resume: bool) -> None:
-        state = load_checkpoint(self.work_dir) if resume else None
+    def _setup(self, resume: bool, resume_from: str | Path | None) -> None:
+        stale = remove_stale(self.work_dir)
+        if stale:
+            log.info("removed what an interrupted checkpoint write left: %s", ", ".join(stale))
+        state = load_checkpoint(self.work_dir, resume_from) if resume else None
         if resume and state is None:
             log.warning("no checkpoint in %s: starting from the beginning", self.work_dir)
         if state is not None:
-            self._check_compatible(state[1])
+            self._check_compatible(state.meta)
+        # Checkpoints past the starting point belong to a run that is being abandoned; left in place,
+        # they would pass for the newest and be resumed from, or be kept in place of this run's own.
+        dropped = remove_checkpoints(self.work_dir, state.path if state is not None else None)
+        if dropped:
+            log.warning("deleted checkpoints past the starting point: %s", ", ".join(dropped))
         calib = None if state is not None else self._calibration()
         self.student = make_student(
             self.teacher, self.lb_config, calib, self.config.act_power, self.config.latent_rms, self.progress
@@ -224,7 +250,7 @@ class Trainer:
             self.tokens = calib.numel() if self.config.act_power != 0 else 0
             self.log = TrainLog(self.work_dir, None, self.config.tensorboard)
             return
-        tensors, meta = state
+        tensors, meta, _ = state
         self.phase, self.step, self.next_block = meta["phase"], meta["step"], meta["next_block"]
         self.position, self.tokens, self.history = meta["position"], meta["tokens"], meta["history"]
         params = dict(self.student.named_parameters())
@@ -233,8 +259,7 @@ class Trainer:
                 if key.startswith("model."):
                     params[key[len("model.") :]].copy_(value)
         if self.phase == "global":
-            self._make_optimizer()
-            optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
+            self._make_optimizer(tensors, meta["optimizer"])
         restore_rng(tensors)
         self.log = TrainLog(self.work_dir, (self.phase, self.step, self.next_block), self.config.tensorboard)
 
@@ -251,9 +276,18 @@ class Trainer:
         if changed:
             log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
 
-    def _make_optimizer(self) -> None:
+    def _make_optimizer(
+        self, tensors: dict[str, torch.Tensor] | None = None, saved: dict | None = None
+    ) -> None:
+        """A fresh optimizer, or the one saved in a checkpoint (``tensors``, ``saved``), groups as saved."""
         self.kinds = select_trainable(self.student, self.config.train_norms)
-        self.optimizer = make_optimizer(param_groups(self.kinds, self.config.lrs))
+        self.param_names = {id(p): n for n, p in self.student.named_parameters()}
+        if saved is None:
+            self.optimizer = make_optimizer(param_groups(self.kinds, self.config.lrs))
+            return
+        kinds = {self.param_names[id(p)]: kind for kind, params in self.kinds.items() for p in params}
+        params = dict(self.student.named_parameters())
+        self.optimizer = optimizer_from_flat(tensors, saved, params, kinds)
 
     def save(self) -> None:
         tensors = {**trained_state(self.student, self.kinds), **rng_tensors()}
@@ -269,10 +303,10 @@ class Trainer:
             "data": self._data_fingerprint(),
         }
         if self.optimizer is not None:
-            opt_tensors, meta["optimizer"] = optimizer_to_flat(self.optimizer)
+            opt_tensors, meta["optimizer"] = optimizer_to_flat(self.optimizer, self.param_names)
             tensors.update(opt_tensors)
         tag = f"{self.phase}-{self.next_block if self.phase == 'blocks' else self.step:06d}"
-        save_checkpoint(self.work_dir, tag, tensors, meta)
+        save_checkpoint(self.work_dir, tag, tensors, meta, self.config.keep_checkpoints)
 
     # ----- phases ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -451,15 +485,17 @@ def train(
     eval_ids: torch.Tensor | None = None,
     resume: bool = False,
     progress: bool = True,
+    resume_from: str | Path | None = None,
 ) -> TrainResult:
     """Distil a LittleBit student from ``teacher`` (left unchanged) and return it, trained.
 
     ``data`` is a 1-D tensor of token ids or a text source for ``data.training_text`` (then
     ``tokenizer`` is needed). ``eval_ids`` (1, n) enables the periodic perplexity evaluation.
-    Checkpoints and the JSONL log go to ``work_dir``.
+    Checkpoints and the JSONL log go to ``work_dir``; ``resume`` continues from the newest checkpoint
+    there, ``resume_from`` from the one named (a ``state-*.json`` or ``.safetensors`` in ``work_dir``).
     """
     trainer = Trainer(
         teacher, data, lb_config, config or TrainConfig(), work_dir, tokenizer, eval_ids, progress
     )
-    trainer.setup(resume)
+    trainer.setup(resume, resume_from)
     return trainer.run()

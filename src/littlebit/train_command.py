@@ -12,6 +12,7 @@ from .config import INIT_METHODS, SIGN_FUNCTIONS, LittleBitConfig, LittleBitErro
 from .distill import LOSS_FORMS, DistillConfig
 from .optim import LearningRates
 from .train import TrainConfig, train
+from .train_state import remove_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bpw", type=float, required=True, help="bits per weight of each converted layer")
     parser.add_argument("--out", required=True, help="directory for the compressed model (must not exist)")
     parser.add_argument("--work-dir", default=None, help="checkpoints and logs (default: OUT-train)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in the work dir")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in the work dir"
+    )
+    parser.add_argument(
+        "--resume-from", default=None, metavar="PATH", help="continue from this checkpoint (a state-*.json)"
+    )
     parser.add_argument("--init", choices=INIT_METHODS, default="itq", help="factor initialisation")
     parser.add_argument("--data", default=None, help="wikitext2:valid (default), a text file or a directory")
     parser.add_argument(
@@ -75,6 +81,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-windows", type=int, default=8, help="windows per evaluation (0: whole split)")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=defaults.keep_checkpoints,
+        help=f"newest checkpoints kept on disk (0: all; default: {defaults.keep_checkpoints})",
+    )
+    parser.add_argument(
+        "--keep-state", action="store_true", help="keep the checkpoints once the model is written"
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument(
@@ -87,7 +102,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainConfig]:
+    """The configs the arguments ask for; bad values raise ``LittleBitError`` before anything is loaded."""
     check_bpw(args.bpw)
+    # 0 means "off" or "all" for these on the command line and None in the configs: refuse the
+    # negative values here, before they could be read as something else.
+    for flag in ("eval_windows", "latent_rms", "max_grad_norm"):
+        value = getattr(args, flag)
+        if value is not None and not value >= 0:
+            raise LittleBitError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
     lb = LittleBitConfig(bpw=args.bpw, init=args.init, residual=not args.no_residual, sign_function=args.sign)
     d = TrainConfig()
     lrs = LearningRates(
@@ -120,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         eval_windows=args.eval_windows or None,
         eval_seqlen=args.eval_seqlen,
         save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
         compile=False if args.no_compile else None,
         cuda_graphs=False if args.no_cuda_graphs else None,
         amp=False if args.no_amp else None,
@@ -142,8 +165,11 @@ def run_train(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LittleBitError(f"output directory {out} exists and is not empty")
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + "-train")
-    if work.exists() and any(work.iterdir()) and not args.resume:
+    resume = args.resume or args.resume_from is not None
+    if work.exists() and any(work.iterdir()) and not resume:
         raise LittleBitError(f"work directory {work} is not empty: pass --resume, or another --work-dir")
+    if args.resume_from is not None and not Path(args.resume_from).is_file():
+        raise LittleBitError(f"no checkpoint {args.resume_from}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -152,8 +178,13 @@ def run_train(args: argparse.Namespace) -> int:
     except LittleBitError as e:
         log.warning("no periodic evaluation: %s", e)
         eval_ids = None
-    result = train(teacher, args.data, lb, cfg, work, tokenizer, eval_ids, resume=args.resume)
+    result = train(
+        teacher, args.data, lb, cfg, work, tokenizer, eval_ids, resume=resume, resume_from=args.resume_from
+    )
     save_compressed(result.student, out, tokenizer=tokenizer)
+    if not args.keep_state:
+        # The model is safely written; the log stays, the (large) optimizer state goes.
+        remove_checkpoints(work)
     summary = {"out": str(out), "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
     if result.history:
         windows = f"{cfg.eval_windows or 'all'}x{cfg.eval_seqlen}"

@@ -1,13 +1,12 @@
-"""Training records: a JSONL file of losses and evaluations, and TensorBoard where it is installed."""
+"""Training records: a JSONL file of losses and evaluations, and TensorBoard when asked for."""
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from .config import LittleBitError
 
 LOG_NAME = "train_log.jsonl"
 
@@ -57,7 +56,6 @@ def _keep(line: str, phase: str, step: int, next_block: int) -> bool:
 def _tensorboard(directory: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("tensorboard is not installed: logging to the JSONL file only")
-        return None
+    except ImportError as e:
+        raise LittleBitError("--tensorboard needs TensorBoard: pip install 'littlebit[tensorboard]'") from e
     return SummaryWriter(str(directory))

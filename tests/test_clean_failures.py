@@ -1,0 +1,126 @@
+"""Failures end in one line and leave nothing behind; outputs get the user's normal permissions."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+
+import pytest
+import torch
+from conftest import run_cli, tiny_model
+
+from littlebit import LittleBitConfig, LittleBitError, convert, load_compressed, save_compressed
+from littlebit.serialization import checkpoint_kind
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_model("llama")
+    convert(model, LittleBitConfig(bpw=2.0), progress=False)
+    save_compressed(model, tmp_path / "ckpt", dtype=torch.float32)
+    return tmp_path / "ckpt"
+
+
+def _edit_config(directory, edit) -> None:
+    path = directory / "config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def test_outputs_get_normal_permissions(saved):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o777 & ~mask
+    for f in saved.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+def test_failed_save_leaves_nothing_not_even_parents(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    convert(model, LittleBitConfig(bpw=2.0), progress=False)
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(type(model), "save_pretrained", full_disk)
+    with pytest.raises(LittleBitError, match="No space left on device"):
+        save_compressed(model, tmp_path / "a" / "b" / "c")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path, saved):
+    stale = tmp_path / ".again.tmp-999999999-abc"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    save_compressed(load_compressed(saved), tmp_path / "again")
+    assert not stale.exists() and (tmp_path / "again" / "config.json").is_file()
+
+
+def test_checkpoint_without_digests_needs_an_explicit_override(saved):
+    _edit_config(saved, lambda cfg: cfg["quantization_config"].pop("tensor_digests"))
+    with pytest.raises(LittleBitError, match="no digests"):
+        load_compressed(saved)
+    assert load_compressed(saved, allow_unverified=True) is not None
+
+
+def test_unverified_load_still_checks_the_tensors_against_the_layers(saved):
+    def drop_layer(cfg):
+        q = cfg["quantization_config"]
+        q.pop("config_digest")
+        del q["layers"][next(iter(q["layers"]))]
+
+    _edit_config(saved, drop_layer)
+    with pytest.raises(LittleBitError, match="does not have"):
+        load_compressed(saved, allow_unverified=True)
+
+
+def test_lost_quantization_config_is_recognised(saved):
+    _edit_config(saved, lambda cfg: cfg.pop("quantization_config"))
+    with pytest.raises(LittleBitError, match="holds LittleBit tensors"):
+        checkpoint_kind(saved)
+
+
+@pytest.mark.parametrize(
+    "edit, argv, fragment",
+    [
+        (lambda q: q.update(quant_method="gptq"), ["eval", "{dir}"], "quantized with 'gptq'"),
+        (lambda q: q.update(scale_dtype="Tensor"), ["info", "{dir}"], "altered after saving"),
+        (None, ["eval", "{dir}", "--seqlen", "0"], "at least 2"),
+        (None, ["eval", "{dir}", "--max-windows", "-1"], "at least 1"),
+        (None, ["compress", "{dir}", "--bpw", "1", "--out", "{out}"], "already a LittleBit checkpoint"),
+    ],
+)
+def test_command_line_refusals(compressed, tmp_path, capsys, edit, argv, fragment):
+    import shutil
+
+    directory = tmp_path / "ckpt"
+    shutil.copytree(compressed, directory)
+    if edit is not None:
+        _edit_config(directory, lambda cfg: edit(cfg["quantization_config"]))
+    argv = [a.format(dir=directory, out=tmp_path / "out") for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and fragment in _one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_disk_during_compress_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
+    code, _, err = run_cli(
+        capsys, "compress", str(tiny_dir), "--bpw", "2", "--out", str(tmp_path / "x" / "y")
+    )
+    assert code == 2 and "No space left on device" in _one_error_line(err)
+    assert list(tmp_path.iterdir()) == []
