@@ -1,4 +1,4 @@
-"""End-to-end greedy decoding: FP16 versus LittleBit (issue: fast).
+"""End-to-end greedy decoding: FP16 versus LittleBit.
 
 Batch 1, a static KV cache, and the whole decode step captured in one CUDA graph (so launch
 overhead is paid once per token); ``--compile`` additionally runs the decode step through
@@ -10,9 +10,12 @@ like with like; ``--group`` runs q/k/v and gate/up as one call each, for FP16 (o
 weight) as for LittleBit (one grouped kernel call).
 
     python benchmarks/decode.py --models 7b-fp16,7b-0.1,7b-0.55,7b-1.0 --compile --group
-    python benchmarks/decode.py --models smollm-fp16,smollm-0.55
+    python benchmarks/decode.py --models smollm-fp16,smollm-0.1,smollm-0.55,smollm-1.0 --compile --group
     python benchmarks/decode.py --device cpu --models smollm-fp32,smollm-0.55   # eager, 2 threads
-    python benchmarks/decode.py --tag decode_two_launch --kernel-config '{"single_launch": false}'
+    python benchmarks/decode.py --tag decode_no_pdl --kernel-config '{"pdl": false}'
+
+Results go to benchmarks/results/decode.json (Llama-2-7B shape), decode_smollm.json (only the
+default model, on the GPU) or decode_cpu.json (``--device cpu``) unless ``--tag`` names another.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import nn
 
 
 def build(name: str, device: str) -> nn.Module:
-    from littlebit.synthetic import llama_config, random_packed_llama
+    from littlebit.runtime.synthetic import llama_config, random_packed_llama
 
     if name.startswith("7b-"):
         tag = name[3:]
@@ -47,9 +50,10 @@ def build(name: str, device: str) -> nn.Module:
                 p.fill_(1.0) if "norm" in n else p.normal_(0, 0.02, generator=gen)
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
         return model.eval()
-    from littlebit import LittleBitConfig, convert, pack_model
-    from littlebit.models import load_model
-    from littlebit.serialization import cast_unquantized
+    from littlebit import LittleBitConfig, pack_model
+    from littlebit.core.convert import convert
+    from littlebit.hf.format import cast_unquantized
+    from littlebit.hf.models import load_model
 
     tag = name.split("-", 1)[1]
     dense = {"fp16": torch.float16, "fp32": torch.float32}
@@ -146,7 +150,7 @@ def bench(model: nn.Module, prompt_len: int, new_tokens: int, use_compile: bool,
 def effective_kernel_config() -> dict | None:
     """The Triton kernels' settings in force (the defaults change between versions), if Triton is here."""
     try:
-        from littlebit.kernels import triton_littlebit
+        from littlebit.kernels.gpu import triton_littlebit
     except ImportError:
         return None
     return dataclasses.asdict(triton_littlebit.DEFAULT_CONFIG)
@@ -158,7 +162,8 @@ def write(records: list[dict], args: argparse.Namespace) -> None:
     for r in records:
         base = by_family.get(r["model"].split("-")[0])
         r["speedup_vs_dense"] = r["tokens_per_s"] / base if base else None
-    tag = args.tag or ("decode" if args.device == "cuda" else "decode_cpu")
+    smollm = all(m.startswith("smollm-") for m in args.models.split(","))
+    tag = args.tag or ("decode_cpu" if args.device == "cpu" else "decode_smollm" if smollm else "decode")
     common.write_results(tag, records, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
 
 
@@ -169,22 +174,24 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--group", action="store_true", help="q/k/v and gate/up as one call each")
-    p.add_argument("--tag", help="results file name (default decode or decode_cpu)")
+    p.add_argument("--tag", help="results file name (default decode, decode_smollm or decode_cpu)")
     p.add_argument("--device", default="cuda")
     p.add_argument(
         "--kernel-config",
-        help='JSON KernelConfig fields for the Triton kernels, e.g. {"single_launch": false}',
+        help='JSON KernelConfig fields for the Triton kernels, e.g. {"pdl": false}',
     )
     args = p.parse_args()
-    import littlebit.kernels  # noqa: F401  (registers the fast backends)
+    import littlebit.kernels
+
+    littlebit.kernels.register()
 
     kernel_config = json.loads(args.kernel_config) if args.kernel_config else None
     if kernel_config:
-        from littlebit.kernels import triton_littlebit
+        from littlebit.kernels.gpu import triton_littlebit
 
         triton_littlebit.DEFAULT_CONFIG = triton_littlebit.KernelConfig(**kernel_config)
-    from littlebit.ops import available_backends
-    from littlebit.report import memory_bytes
+    from littlebit.hf.report import memory_bytes
+    from littlebit.op import available_backends
 
     device = args.device
     if device == "cpu":
@@ -196,7 +203,7 @@ def main() -> None:
         t0 = time.perf_counter()
         model = build(name, device)
         if args.group:
-            from littlebit.grouping import group_projections
+            from littlebit.runtime.grouping import group_projections
 
             group_projections(model)
         built = time.perf_counter() - t0

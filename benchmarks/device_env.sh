@@ -1,4 +1,4 @@
-# Source on the lent GPU machine before a benchmark (see ../shared/tools/stage-for-device.sh):
+# Source on a GPU machine without network access before a benchmark (see ../shared/tools/stage-for-device.sh):
 # assembles the default model from the two staged halves when they are here, installs the carried
 # gguf wheel, and points littlebit at the model and the carried evaluation data.
 #   . benchmarks/device_env.sh && python benchmarks/qat.py ...

@@ -1,4 +1,4 @@
-"""Latent KV cache vs the standard cache on a Llama-2-7B-shaped packed model (issue 6).
+"""Latent KV cache vs the standard cache on a Llama-2-7B-shaped packed model.
 
 For each BPW and context length: prefill a random prompt into a ``DynamicCache`` and into a
 ``LatentKVCache``, measure the bytes each cache holds (from its tensors), then time greedy decoding
@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from littlebit.kvcache import LatentKVCache
-from littlebit.ops import available_backends, register_backend, use_backend
-from littlebit.packed import PackedLittleBitLinear
-from littlebit.synthetic import random_packed_llama
+from littlebit.op import available_backends, register_backend, use_backend
+from littlebit.runtime.kvcache import LatentKVCache
+from littlebit.runtime.packed import PackedLittleBitLinear
+from littlebit.runtime.synthetic import random_packed_llama
 
 CUDA = torch.cuda.is_available()
 
@@ -44,9 +44,9 @@ def use_triton() -> str:
         return "reference"
     try:
         if "triton" not in available_backends():
-            from littlebit.kernels import triton_littlebit as tk
+            from littlebit.kernels.gpu import triton_littlebit as tk
 
-            register_backend("triton", tk.littlebit_linear_triton, tk.accepts)
+            register_backend("triton", "cuda", tk.littlebit_linear_triton, tk.accepts)
         layer = PackedLittleBitLinear(4096, 1024, 80, device="cuda")
         layer.u_signs.random_(-(2**31), 2**31 - 1)
         layer.v_signs.random_(-(2**31), 2**31 - 1)

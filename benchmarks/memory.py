@@ -1,4 +1,4 @@
-"""Memory of a Llama-2-7B-shaped model built directly in packed form (issue: deploy).
+"""Memory of a Llama-2-7B-shaped model built directly in packed form.
 
 For each BPW: build the model with random bits on the device (the FP16 model is never
 materialised), save it in the packed format, load it back through transformers, and report bytes on
@@ -19,9 +19,9 @@ from pathlib import Path
 import common
 import torch
 
-from littlebit.report import memory_bytes
-from littlebit.serialization import load_compressed, save_compressed
-from littlebit.synthetic import random_packed_llama
+from littlebit.hf.checkpoint import load_compressed, save_compressed
+from littlebit.hf.report import checkpoint_budget, memory_bytes, read_quant_config
+from littlebit.runtime.synthetic import random_packed_llama
 
 
 def main() -> None:
@@ -35,15 +35,12 @@ def main() -> None:
     records = []
     for bpw in [float(b) for b in args.bpw.split(",")]:
         model = random_packed_llama(args.shape, bpw, device, torch.float16, **extra)
-        n_params = (
-            model.config.vocab_size * model.config.hidden_size * 2
-            + sum(m.in_features * m.out_features for n, m in model.named_modules() if hasattr(m, "u_signs"))
-            + sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
-        )
         built = memory_bytes(model)
         tmp = Path(tempfile.mkdtemp()) / "ckpt"
         save_compressed(model, tmp, dtype=None)
-        on_disk = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        # the parameter count of the dense model and the bytes on disk, as `littlebit info` reports them
+        report, _, on_disk = checkpoint_budget(tmp, read_quant_config(tmp))
+        n_params = report.n_params
         del model
         gc.collect()
         if device == "cuda":

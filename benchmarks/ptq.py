@@ -1,4 +1,4 @@
-"""LittleBit without training vs the baselines on the default model (issue: foundation).
+"""LittleBit without training vs the baselines on the default model.
 
 WikiText-2 and PTB perplexity (seqlen 2048, whole test split) for the FP model, LittleBit
 (Dual-SVID, no training) at several BPW, fp16 truncated SVD at the same bit budget, and sign(W)
@@ -17,10 +17,11 @@ import time
 import common
 import torch
 
-from littlebit import LittleBitConfig, convert
-from littlebit.baselines import apply_baseline
-from littlebit.evaluation import perplexity, tokenize_eval
-from littlebit.models import load_model, load_tokenizer
+from littlebit import LittleBitConfig
+from littlebit.core.baselines import apply_baseline
+from littlebit.core.convert import convert
+from littlebit.evaluation.perplexity import perplexity, tokenize_eval
+from littlebit.hf.models import load_model, load_tokenizer
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""QAT benchmark: WikiText-2 perplexity after distillation on a fixed token budget (issue 4).
+"""QAT benchmark: WikiText-2 perplexity after distillation on a fixed token budget.
 
 One process loads the teacher once and trains one student per (bpw, init, variant), each within
 ``--tokens`` training tokens (calibration and block reconstruction counted), then evaluates the
@@ -25,16 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-import littlebit.train as train_module  # noqa: E402
-from littlebit.blockwise import BlockConfig  # noqa: E402
+import littlebit.training.trainer as train_module  # noqa: E402
 from littlebit.config import LittleBitConfig  # noqa: E402
-from littlebit.convert import budget  # noqa: E402
-from littlebit.evaluation import perplexity, tokenize_eval  # noqa: E402
-from littlebit.models import load_model, load_tokenizer  # noqa: E402
-from littlebit.optim import LearningRates  # noqa: E402
-from littlebit.stream import load_tokens  # noqa: E402
-from littlebit.student import make_student  # noqa: E402
-from littlebit.train import TrainConfig, train  # noqa: E402
+from littlebit.core.convert import budget  # noqa: E402
+from littlebit.evaluation.perplexity import perplexity, tokenize_eval  # noqa: E402
+from littlebit.hf.models import load_model, load_tokenizer  # noqa: E402
+from littlebit.training.config import (
+    BlockConfig,  # noqa: E402
+    LearningRates,  # noqa: E402
+    TrainConfig,  # noqa: E402
+)
+from littlebit.training.stream import load_tokens  # noqa: E402
+from littlebit.training.student import make_student  # noqa: E402
+from littlebit.training.trainer import train  # noqa: E402
 
 # Named variants for ablations; "default" is the recipe TrainConfig() describes.
 VARIANTS: dict[str, dict] = {
@@ -48,8 +51,8 @@ VARIANTS: dict[str, dict] = {
         "lrs": {"latent": 4e-5, "scale": 4e-5, "norm": 4e-5, "relative": False},
     },
     "no-blocks": {"blocks": {"sequences": 0}},
-    "small-blocks": {"blocks": {"sequences": 32, "epochs": 4}},  # the default until the 2nd session
-    "big-blocks": {"blocks": {"sequences": 128, "epochs": 4}},  # the default until the 4th
+    "small-blocks": {"blocks": {"sequences": 32, "epochs": 4}},
+    "big-blocks": {"blocks": {"sequences": 128, "epochs": 4}},  # the block stage of OLD_DEFAULT
     "huge-blocks": {"blocks": {"sequences": 256, "epochs": 4}},
     "no-act": {"act_power": 0.0},
     # The latent-lr ablations ran with the earlier 32-sequence block stage; pinned to reproduce them.
@@ -81,14 +84,14 @@ VARIANTS["long-seq-combo"] = {**VARIANTS["long-seq"], **VARIANTS["scale-2.5x"], 
 VARIANTS["b4-blocks-b2"] = {**VARIANTS["global-b4"], **VARIANTS["blocks-b2"]}
 VARIANTS["huge-b4"] = {**VARIANTS["huge-blocks"], **VARIANTS["global-b4"]}
 
-# Every variant above was defined against the recipe that was the default until the fourth session of
-# 2026-11-23 (global batch 8; block stage of 128 sequences in batches of 4) and is pinned to it, so its
-# recorded number reproduces; throughput ("speed*") is quoted at batch 8 x 512 as issue 4 asks.
+# Every variant above is pinned to an earlier recipe, OLD_DEFAULT (global batch 8; block stage of 128
+# sequences in batches of 4; latent lr 1e-4; no clipping), so its recorded number reproduces;
+# throughput ("speed*") is quoted at batch 8 x 512.
 OLD_DEFAULT = {
     "batch_size": 8,
     "blocks": {"sequences": 128, "batch_size": 4},
     "lrs": {"latent": 1e-4},
-    "max_grad_norm": None,  # clipping is the default since the seventh session
+    "max_grad_norm": None,
 }
 
 
@@ -99,20 +102,20 @@ def _on(base: dict, over: dict) -> dict:
 
 VARIANTS = {name: over if name == "default" else _on(OLD_DEFAULT, over) for name, over in VARIANTS.items()}
 VARIANTS["old-default"] = dict(OLD_DEFAULT)
-# What helped at 1.0 BPW, together: global batch 2, block stage of 256 sequences in batches of 2 (the
-# default since); with one path of about twice the rank instead of the residual pair.
+# What helped at 1.0 BPW, together: global batch 2, block stage of 256 sequences in batches of 2 (as
+# in TrainConfig()); with one path of about twice the rank instead of the residual pair.
 VARIANTS["small-steps"] = {
     "batch_size": 2,
     "blocks": {"sequences": 256, "batch_size": 2},
-    "lrs": {"latent": 1e-4},  # the default latent rate until the sixth session
-    "max_grad_norm": None,  # no clipping until the seventh session (the variants below inherit it)
+    "lrs": {"latent": 1e-4},  # TrainConfig() uses 6e-5 ("latent-0.6x")
+    "max_grad_norm": None,  # TrainConfig() clips at 1 ("latent-0.6x-clip1"); the variants below do not
 }
 VARIANTS["small-steps-single-path"] = {**VARIANTS["small-steps"], "littlebit": {"residual": False}}
 # One path with global batch 1 (2160 steps for the same tokens): the next step along "smaller steps".
 VARIANTS["b1-single-path"] = {**VARIANTS["small-steps-single-path"], "batch_size": 1}
-# Sixth session, 1.0 BPW: learning rates re-tuned for the small steps (they were tuned at global batch 8
-# and, for the block stage, at 32 steps per layer instead of 512), and a block stage that sees twice
-# the distinct sequences for the same tokens.
+# 1.0 BPW: learning rates re-tuned for the small steps (they were tuned at global batch 8 and, for the
+# block stage, at 32 steps per layer instead of 512), and a block stage that sees twice the distinct
+# sequences for the same tokens.
 _SMALL_BLOCKS = VARIANTS["small-steps"]["blocks"]
 VARIANTS["blocks-lr2"] = {**VARIANTS["small-steps"], "blocks": {**_SMALL_BLOCKS, "lr_multiplier": 2.0}}
 VARIANTS["latent-0.6x"] = {**VARIANTS["small-steps"], "lrs": {"latent": 6e-5}}
@@ -123,16 +126,15 @@ VARIANTS["latent-0.6x-seed1"] = {**VARIANTS["latent-0.6x"], "seed": 1}
 VARIANTS["latent-0.4x-seed1"] = {**VARIANTS["latent-0.4x"], "seed": 1}
 VARIANTS["latent-0.6x-hidden0.3"] = {**VARIANTS["latent-0.6x"], "loss": {"hidden_weight": 0.3}}
 VARIANTS["latent-0.6x-hidden0.1"] = {**VARIANTS["latent-0.6x"], "loss": {"hidden_weight": 0.1}}
-# More of the budget in the block stage, at the new latent rate (fewer global steps for the same tokens).
-# Their first run was cut when the sixth session's device time ran out; measured in the seventh.
+# More of the budget in the block stage, at latent rate 6e-5 (fewer global steps for the same tokens).
 _BLOCKS_384 = {**_SMALL_BLOCKS, "sequences": 384}
 VARIANTS["latent-0.6x-blocks384"] = {**VARIANTS["latent-0.6x"], "blocks": _BLOCKS_384}
 VARIANTS["latent-0.6x-blocks256x6"] = {**VARIANTS["latent-0.6x"], "blocks": {**_SMALL_BLOCKS, "epochs": 6}}
 VARIANTS["latent-0.6x-hidden0.3-blocks384"] = {**VARIANTS["latent-0.6x-hidden0.3"], "blocks": _BLOCKS_384}
-# Seventh session: a wider SmoothSign window (alpha x latent RMS = 1 instead of 2), so more latents
+# A wider SmoothSign window (alpha x latent RMS = 1 instead of 2), so more latents
 # far from zero still get a gradient above Adam's epsilon.
 VARIANTS["latent-0.6x-alpha50"] = {**VARIANTS["latent-0.6x"], "littlebit": {"smooth_alpha": 50.0}}
-# Seventh session, at the default recipe: faster block steps (lr x8 instead of x5; x2 was worse),
+# On latent-0.6x: faster block steps (lr x8 instead of x5; x2 was worse),
 # activation statistics from 64 calibration sequences instead of 16, and gradient clipping at norm 1.
 _LATENT = VARIANTS["latent-0.6x"]
 VARIANTS["latent-0.6x-blocks-lr8"] = {**_LATENT, "blocks": {**_SMALL_BLOCKS, "lr_multiplier": 8.0}}
@@ -248,7 +250,7 @@ def records_from_logs(folder: Path, like: dict, args: argparse.Namespace) -> lis
     Each ``NAME.log`` (this script's stdout: the summary line) and ``logs_NAME.jsonl`` (``--logs``:
     the evaluations along the run) of a run gives one record; the configs are recomputed from the
     variant, and the machine fields (device, torch, date) come from ``like``, a record of the same
-    session. Per-phase timings are not in the logs and stay out. A run whose log disagrees with the
+    GPU call. Per-phase timings are not in the logs and stay out. A run whose log disagrees with the
     recomputed config (steps, tokens) is refused rather than recorded with the wrong settings.
     """
     teacher = load_model(args.model, device="cpu")

@@ -40,8 +40,8 @@ def _kill_self() -> None:
 
 def _install_kill(kind: str, target: int) -> None:
     """Make this process SIGKILL itself at global step ``target`` or at the first write after it."""
-    from littlebit import train_state
-    from littlebit.train import Trainer
+    from littlebit.training import checkpoints as train_state
+    from littlebit.training.trainer import Trainer
 
     def reached(path) -> bool:
         name = Path(path).name  # state-global-000035.safetensors.tmp, state-global-000035.json
@@ -95,10 +95,9 @@ def child(args: argparse.Namespace) -> None:
     import transformers as tf
     from safetensors.torch import save_file
 
-    from littlebit.blockwise import BlockConfig
     from littlebit.config import LittleBitConfig
-    from littlebit.optim import LearningRates
-    from littlebit.train import TrainConfig, train
+    from littlebit.training.config import BlockConfig, LearningRates, TrainConfig
+    from littlebit.training.trainer import train
 
     torch.set_num_threads(1)  # bitwise comparisons: a matmul's result may depend on the thread split
     if args.kill:
@@ -172,8 +171,9 @@ def _same(a: Path, b: Path) -> bool:
 
 def _regrouped(work: Path, scale_lr: float) -> bool:
     """Whether bucketing the newest checkpoint's trained values afresh would give other groups."""
-    from littlebit.optim import LearningRates, param_groups
-    from littlebit.train_state import load_checkpoint
+    from littlebit.training.checkpoints import load_checkpoint
+    from littlebit.training.config import LearningRates
+    from littlebit.training.optim import param_groups
 
     tensors, meta, _ = load_checkpoint(work)
     saved = meta["optimizer"]["param_groups"]

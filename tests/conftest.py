@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers as tf
 
-from littlebit.cli import main as cli_main
-from littlebit.data import default_data_dirs
+from littlebit.cli.main import main as cli_main
+from littlebit.evaluation.data import default_data_dirs
 
 VOCAB = 256
 
@@ -65,7 +65,7 @@ needs_wikitext2 = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with the default model's tokenizer, saved like a hub checkpoint."""
-    from littlebit.models import load_tokenizer
+    from littlebit.hf.models import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     torch.manual_seed(0)

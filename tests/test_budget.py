@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from littlebit.budget import layer_bits, layer_bpw, packed_bytes, rank_for_bpw
 from littlebit.config import LittleBitConfig, LittleBitError
-from littlebit.convert import budget
+from littlebit.core.budget import layer_bits, layer_bpw, packed_bytes, rank_for_bpw
+from littlebit.core.convert import budget
 
 dims = st.integers(min_value=8, max_value=20000)
 bpws = st.floats(min_value=0.01, max_value=15.9)

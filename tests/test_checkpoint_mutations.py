@@ -23,8 +23,9 @@ import torch
 import transformers as tf
 from transformers import AutoModelForCausalLM
 
-from littlebit import LittleBitConfig, LittleBitError, convert, load_compressed, save_compressed
-from littlebit.cli import main as cli_main
+from littlebit import LittleBitConfig, LittleBitError, load_compressed, save_compressed
+from littlebit.cli.main import main as cli_main
+from littlebit.core.convert import convert
 
 # 300 in the suite (about 10 s); LITTLEBIT_MUTATIONS=1000 for the acceptance run in BENCHMARKS.md.
 N_MUTATIONS = int(os.environ.get("LITTLEBIT_MUTATIONS", "300"))

@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import run_cli, tiny_model
 
-from littlebit import LittleBitConfig, LittleBitError, convert, load_compressed, save_compressed
-from littlebit.serialization import checkpoint_kind
+from littlebit import LittleBitConfig, LittleBitError, load_compressed, save_compressed
+from littlebit.core.convert import convert
+from littlebit.hf.checkpoint import checkpoint_kind
 
 
 def _one_error_line(err: str) -> str:

@@ -3,9 +3,9 @@ import torch
 from conftest import ARCHITECTURES, tiny_model
 from torch import nn
 
-from littlebit import LittleBitConfig, LittleBitError, LittleBitLinear, convert
-from littlebit.baselines import apply_baseline
-from littlebit.convert import SplitLinear, decoder_linear_names
+from littlebit import LittleBitConfig, LittleBitError, LittleBitLinear
+from littlebit.core.baselines import apply_baseline
+from littlebit.core.convert import SplitLinear, convert, decoder_linear_names
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

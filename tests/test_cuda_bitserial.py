@@ -18,8 +18,8 @@ from test_kernels import (
     rel_err,
 )
 
-from littlebit.kernels import cuda_bitserial as bs
-from littlebit.packing import tile_order
+from littlebit.core.packing import tile_order
+from littlebit.kernels.gpu import cuda_bitserial as bs
 
 # (d_in, r, d_out): words of 1, 3, 5, 10, 17, 99 (odd: 4-byte loads) and 100 (even: 8-byte loads)
 SHAPES = [(64, 8, 24), (100, 70, 100), (576, 150, 300), (1000, 296, 576), (4096, 544, 1000),
@@ -27,8 +27,7 @@ SHAPES = [(64, 8, 24), (100, 70, 100), (576, 150, 300), (1000, 296, 576), (4096,
 # (16-row tiles a warp, warps splitting a row group's units, row groups, units in flight); zeros: the
 # rules' own tiles; (3, 2, 1, 2): a bit-serial stage 1 of 48 rows a program, which cannot quantize t
 TILES = [(1, 1, 1, 1), (2, 2, 2, 4), (1, 4, 2, 2), (4, 2, 1, 3), (1, 8, 1, 2), (3, 2, 1, 2), (0, 0, 0, 0)]
-STAGED = (2, 2, 2, 4, True)  # sign rows copied to shared memory first (``bits_stage``)
-TILED = [(2, 2, 2, 4, False, True), (1, 4, 2, 2, False, True)]  # signs in tile order (``packing.tile_order``)
+TILED = [(2, 2, 2, 4, True), (1, 4, 2, 2, True)]  # signs in tile order (``packing.tile_order``)
 # shapes whose Triton stage-1 row blocks tile the 256-row quantization blocks
 FUSED_SHAPES = [(1000, 296, 576), (4096, 544, 900), (8192, 3168, 520), (2048, 900, 64)]
 
@@ -74,7 +73,6 @@ def tk():
 # the planes of t; Triton writing t, then the quantize kernel
 STAGE1 = {
     "bits": {"stage1_bitserial": True, "quantize_in_stage1": True},  # quantizing t itself
-    "bits-x": {"stage1_bitserial": True, "stage1_quantizes_x": True},  # x * g and t
     "bits-launches": {"stage1_bitserial": True, "quantize_in_stage1": False},  # the quantize kernel, twice
     "planes": {"stage1_bitserial": False, "quantize_in_stage1": True},
     "t": {"stage1_bitserial": False, "quantize_in_stage1": False},
@@ -82,8 +80,8 @@ STAGE1 = {
 
 
 def _config(tk, tile=(0, 0, 0, 0), stage1="bits"):
-    mt, ks, rg, depth, *stage = tile
-    kw = {"bits_rows": mt, "bits_split": ks, "bits_groups": rg, "bits_depth": depth, "bits_stage": any(stage)}
+    mt, ks, rg, depth, *_ = tile
+    kw = {"bits_rows": mt, "bits_split": ks, "bits_groups": rg, "bits_depth": depth}
     kw |= {"bits1_rows": mt, "bits1_split": ks, "bits1_groups": rg, "bits1_depth": depth}
     return tk.KernelConfig(stage2_bitserial=True, **STAGE1[stage1], **kw)
 
@@ -118,11 +116,11 @@ def test_quantize_kernel_matches_reference_bit_for_bit(tk, n, dtype):
 
 @gpu
 @pytest.mark.parametrize("paths,groups", [(1, 1), (2, 1), (2, 3)])
-@pytest.mark.parametrize("tile", [*TILES, STAGED, *TILED])
+@pytest.mark.parametrize("tile", [*TILES, *TILED])
 def test_gemv_kernel_matches_reference(tk, tile, paths, groups):
     gen = torch.Generator().manual_seed(paths + 7 * groups)
     for rows, n in [(24, 8), (100, 70), (300, 520), (90, 3200), (520, 3168)]:
-        if len(tile) > 5 and tile[5]:
+        if len(tile) > 4 and tile[4]:
             rows = -(-rows // 16) * 16  # tile order: whole 16-row tiles
         W, P = math.ceil(n / 32), paths * groups
         v = torch.randn(P, n, generator=gen)
@@ -145,7 +143,7 @@ def test_gemv_kernel_matches_reference(tk, tile, paths, groups):
 
 @gpu
 @pytest.mark.parametrize("stage1", list(STAGE1))
-@pytest.mark.parametrize("tile", [*TILES, STAGED])
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d_in,r,d_out", SHAPES)
 @pytest.mark.parametrize("paths", [1, 2])

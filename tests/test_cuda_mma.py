@@ -22,21 +22,21 @@ SHAPES = [
     (4096, 544, 1000),
     (2048, 3168, 520),
 ]
-# (16-row tiles, words a thread, warps, sign words staged in shared memory); the rule's own tiles
-# (4, 1, 4), (2, 1, 8), (4, 1, 8), (1, 2, 8) and whatever it picks for the shape (zeros)
-TILES = [(1, 1, 1, False), (2, 4, 4, False), (1, 2, 8, True), (2, 1, 2, True), (4, 2, 4, True)]
-TILES += [(4, 1, 4, False), (2, 1, 8, False), (4, 1, 8, False), (1, 2, 8, False), (0, 0, 0, None)]
+# (16-row tiles, words a thread, warps); the rule's own tiles (4, 1, 4), (2, 1, 8), (4, 1, 8),
+# (1, 2, 8) and whatever it picks for the shape (zeros)
+TILES = [(1, 1, 1), (2, 4, 4), (2, 1, 2), (4, 2, 4)]
+TILES += [(4, 1, 4), (2, 1, 8), (4, 1, 8), (1, 2, 8), (0, 0, 0)]
 
 
-def _mma_config(tk, tile=(0, 0, 0, None), **kw):
-    mt, wpt, warps, stage = tile
-    kw |= {"mma_rows": mt, "mma_words": wpt, "mma_warps": warps, "mma_stage": stage}
+def _mma_config(tk, tile=(0, 0, 0), **kw):
+    mt, wpt, warps = tile
+    kw |= {"mma_rows": mt, "mma_words": wpt, "mma_warps": warps}
     return tk.KernelConfig(stage2_mma=True, stage2_bitserial=False, **kw)
 
 
 @pytest.fixture(scope="module")
 def tk():
-    from littlebit.kernels import cuda_mma
+    from littlebit.kernels.gpu import cuda_mma
 
     return cuda_cpp_kernels(cuda_mma, lambda: cuda_mma._function(cuda_mma.MmaTile(), 0))
 

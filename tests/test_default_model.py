@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import needs_wikitext2
 
-from littlebit import LittleBitConfig, convert
-from littlebit.evaluation import perplexity, tokenize_eval
-from littlebit.models import load_model, load_tokenizer
+from littlebit import LittleBitConfig
+from littlebit.core.convert import convert
+from littlebit.evaluation.perplexity import perplexity, tokenize_eval
+from littlebit.hf.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from littlebit.grouping import GroupedProjection, GroupMember, group_projections
-from littlebit.packed import PackedLittleBitLinear, prepare_for_decoding
-from littlebit.synthetic import random_packed_llama
+from littlebit.runtime.grouping import GroupedProjection, GroupMember, group_projections
+from littlebit.runtime.packed import PackedLittleBitLinear, prepare_for_decoding
+from littlebit.runtime.synthetic import random_packed_llama
 
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 TINY["vocab_size"] = 300

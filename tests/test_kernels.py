@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from littlebit.ops import available_backends, littlebit_linear, littlebit_linear_reference, select_backend
+from littlebit.op import available_backends, littlebit_linear, littlebit_linear_reference, select_backend
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -58,7 +58,7 @@ def make_layer(d_in, r, d_out, paths, dtype, device, seed):
 def cuda_cpp_kernels(module, compile_one):
     """``triton_littlebit`` for tests of a CUDA C++ kernel module (``cuda_mma``, ``cuda_bitserial``):
     skipped without sm_80+ or NVRTC; a kernel that fails to compile or load (``compile_one``) fails."""
-    from littlebit.kernels import triton_littlebit as tk
+    from littlebit.kernels.gpu import triton_littlebit as tk
 
     if torch.cuda.get_device_capability(0)[0] < 8:
         pytest.skip("mma.sync for fp16 and b1 needs sm_80+")
@@ -114,7 +114,7 @@ def _check_stage1_planes(tk, d_in, r, paths, dtype):
     hold t = l * S_V^T (g * x) quantized per block of 256 (each block's largest entry at 32767, the
     constant term matching, nothing past the rank), and every ticket is zero after. Called twice, so
     the second call meets the first's workspace. inf when a property fails, else t's relative error."""
-    from littlebit.kernels import cuda_bitserial as bs
+    from littlebit.kernels.gpu import cuda_bitserial as bs
 
     u, v, h, l, g, _ = make_layer(d_in, r, 8, paths, dtype, DEVICE, seed=d_in + r)
     x = torch.randn(1, d_in, generator=torch.Generator().manual_seed(r)).to(dtype).to(DEVICE)
@@ -142,7 +142,7 @@ def _check_stage1_planes(tk, d_in, r, paths, dtype):
 def _check_tiled(tk, m, d_in, r, d_out, dtype, config=None):
     """S_U in tile order (``packing.tile_order``) gives what row order gives, bit for bit (inf if not),
     on the tensor-core path (which reads it as it is) and the GEMV (a row-ordered copy); else the error."""
-    from littlebit.packing import tile_order
+    from littlebit.core.packing import tile_order
 
     u, v, h, l, g, bias = make_layer(d_in, r, d_out, 2, dtype, DEVICE, seed=d_in + r + m)
     x = torch.randn(m, d_in, generator=torch.Generator().manual_seed(m)).to(dtype).to(DEVICE)
@@ -152,34 +152,23 @@ def _check_tiled(tk, m, d_in, r, d_out, dtype, config=None):
     return rel_err(y, x, u, v, h, l, g, bias) if torch.equal(y, y_tiled) else float("inf")
 
 
-TWO_LAUNCHES = {"single_launch": False, "tc_single_launch": False}
-ONE_LAUNCH = {"single_launch": True, "tc_single_launch": True}
 # stage 1 of the GEMV writes t from partial sums (no zero t), on up to 4 tokens
-REDUCE = {**TWO_LAUNCHES, "gemv_reduce": True, "gemv_max_tokens": 4}
+REDUCE = {"gemv_reduce": True, "gemv_max_tokens": 4}
 
 
 def _workspace_problem(key, ws) -> str | None:
     """Why ``ws`` is not in the state a call must find it in, or None.
 
-    Two-launch scheme: t and the counter all zero. Bit-serial ("bits"): anything. Partial sums
-    ("reduce"): every ticket zero, t anything. Single launch: the ticket / done / finished counts
-    zero, parity 0 or 1, the half of that parity all zero, the other half zero past its dirty length.
+    Atomics into t ("two"): t and the counter all zero. Bit-serial ("bits"): anything. Partial sums
+    ("reduce"): every ticket zero, t anything.
     """
     if key[-1] == "bits":  # bit-serial calls write all they read (test_cuda_bitserial poisons it)
         return None
     t, state = ws.t.cpu(), ws.counter.cpu().tolist()
     if key[-1] == "reduce":
         return None if not any(state) else f"{key}: a ticket is non-zero"
-    if key[-1] == "two":
-        return None if not t.any() and not any(state) else f"{key}: t or counter non-zero"
-    parity, dirty = state[3], state[4]
-    if state[:3] != [0, 0, 0] or parity not in (0, 1) or not 0 <= dirty <= ws.cap or any(state[5:]):
-        return f"{key}: bad state {state}"
-    if t.numel() != 2 * ws.cap or t[parity * ws.cap : (parity + 1) * ws.cap].any():
-        return f"{key}: the half for the next call is not zero"
-    if t[(1 - parity) * ws.cap + dirty : (2 - parity) * ws.cap].any():
-        return f"{key}: the other half is non-zero past its dirty length {dirty}"
-    return None
+    assert key[-1] == "two", key
+    return None if not t.any() and not any(state) else f"{key}: t or counter non-zero"
 
 
 def assert_workspaces_clean(tk) -> None:
@@ -190,9 +179,7 @@ def assert_workspaces_clean(tk) -> None:
 
 def _check_repeated_calls(tk, config=None):
     """Layers called again and again, two shapes in turn, on both paths. Stage 1 adds into a cached
-    workspace, so a result is only right if every call before it left (or made) its part zero: in
-    the single-launch scheme a call clears what the call before the previous one used, whose size
-    differs from its own here (a 17-token call followed by a layer with few stage-2 programs)."""
+    workspace, so a result is only right if every call before it left (or made) its part zero."""
     cfg = tk.KernelConfig(**config) if config else None
     layers = [make_layer(576, 40, 300, 2, torch.float16, DEVICE, seed=1)]
     layers.append(make_layer(100, 120, 40, 1, torch.float16, DEVICE, seed=2))
@@ -209,14 +196,9 @@ def _check_repeated_calls(tk, config=None):
 
 
 def _check_launches(tk, config=None):
-    """A call is one launch (or stage 1 then stage 2 with ``TWO_LAUNCHES``) and nothing else: no prep
-    launch, no reallocated workspace."""
+    """A call is stage 1 then stage 2 and nothing else: no prep launch, no reallocated workspace."""
     cfg = tk.KernelConfig(**config) if config else None
-    eff = cfg or tk.DEFAULT_CONFIG
-    plan = [
-        (1, ["_gemv_kernel"] if eff.single_launch else ["_gemv_v_kernel", "_gemv_u_kernel"]),
-        (5, ["_tc_kernel"] if eff.tc_single_launch else ["_tc_v_kernel", "_tc_u_kernel"]),
-    ]
+    plan = [(1, ["_gemv_v_kernel", "_gemv_u_kernel"]), (5, ["_tc_v_kernel", "_tc_u_kernel"])]
     kernel_cls = type(tk._gemv_v_kernel)
     run = kernel_cls.run
     launched = []
@@ -246,9 +228,8 @@ def _check_launches(tk, config=None):
 
 
 def _check_zeroed_after_failure(tk):
-    """Two-launch path: stage 2 failing to launch after stage 1 ran must not leave stage 1's sums in
-    the workspace."""
-    cfg = tk.KernelConfig(**TWO_LAUNCHES)
+    """Stage 2 failing to launch after stage 1 ran must not leave stage 1's sums in the workspace."""
+    cfg = tk.KernelConfig()
     u, v, h, l, g, bias = make_layer(100, 24, 100, 2, torch.float16, DEVICE, seed=4)
     x = torch.randn(1, 100, generator=torch.Generator().manual_seed(5)).half().to(DEVICE)
     seen = []
@@ -320,16 +301,10 @@ def _check_grouped(tk, m, d_in, r, d_out, paths, groups, bias, config=None):
     return max(errs)
 
 
-# every shape / token / dtype case once with the default config, once more with both stages in one launch
+# every shape / token / dtype case once with the default config
 CHECKS = {
     f"case-{'-'.join(map(str, c[:5]))}-{str(c[5])[6:]}": (_check_case, c) for c in [*_cases(0), *_cases(3)]
 }
-CHECKS.update(
-    {
-        f"one-launch-case-{'-'.join(map(str, c[:5]))}-{str(c[5])[6:]}": (_check_case, (*c, ONE_LAUNCH))
-        for c in [*_cases(0), *_cases(3)]
-    }
-)
 CHECKS.update({f"leading-dims-{m}": (_check_leading_dims, (m,)) for m in (2, 9)})
 # The fp16x2 GEMV decoding (emulated under the interpreter) over several tokens, and wider TC tiles.
 _FP16X2 = {"asm": True, "gemv_max_tokens": 4}
@@ -343,10 +318,10 @@ CHECKS["tc-128-rows"] = (
     _check_case,
     (17, 1000, 120, 300, 2, torch.bfloat16, {"tc_rows": 128, "tc_words": 4}),
 )
-# The two-launch path named explicitly, whatever the default, on both token paths.
+# More shapes with the default config, on both token paths.
 CHECKS.update(
     {
-        f"two-launch-{c[0]}-{c[1]}-{c[2]}-{c[3]}-{str(c[5])[6:]}": (_check_case, (*c, TWO_LAUNCHES))
+        f"two-launch-{c[0]}-{c[1]}-{c[2]}-{c[3]}-{str(c[5])[6:]}": (_check_case, c)
         for c in [(1, 1000, 120, 576, 2, torch.float16), (1, 100, 24, 100, 1, torch.bfloat16)]
         + [(5, 576, 40, 300, 2, torch.float16), (17, 1000, 8, 100, 1, torch.bfloat16)]
     }
@@ -355,7 +330,7 @@ CHECKS.update(
     {
         f"grouped-{m}-{d_in}-{r}-{d_out}-{paths}x{groups}": (
             _check_grouped,
-            (m, d_in, r, d_out, paths, groups, bias, {**TWO_LAUNCHES, "gemv_max_tokens": 4}),
+            (m, d_in, r, d_out, paths, groups, bias, {"gemv_max_tokens": 4}),
         )
         for m, d_in, r, d_out, paths, groups, bias in [
             (1, 576, 40, 300, 2, 3, False),
@@ -397,13 +372,8 @@ CHECKS.update(
 # words per row 4 (no whole block), 10 (one and a tail), 16 (no tail)
 CHECKS.update(
     {
-        f"tiled-{m}-{r}-{str(dt)[6:]}{'-one' if cfg else ''}": (_check_tiled, (m, 96, r, 48, dt, cfg))
-        for m, r, dt, cfg in [
-            (4, 100, torch.float16, None),
-            (3, 300, torch.bfloat16, None),
-            (1, 300, torch.float16, None),
-            (5, 512, torch.float16, ONE_LAUNCH),
-        ]
+        f"tiled-{m}-{r}-{str(dt)[6:]}": (_check_tiled, (m, 96, r, 48, dt))
+        for m, r, dt in [(4, 100, torch.float16), (3, 300, torch.bfloat16), (1, 300, torch.float16)]
     }
 )
 CHECKS["reduce-fp16x2-repeated-calls"] = (_check_repeated_calls, ({**REDUCE, "asm": True},))
@@ -437,20 +407,14 @@ CHECKS.update(
 CHECKS["reduce-grouped"] = (_check_grouped, (1, 4000, 40, 100, 2, 3, True, REDUCE))
 CHECKS["repeated-calls-reduce"] = (_check_repeated_calls, (REDUCE,))
 CHECKS["reduce-launches"] = (_check_launches, (REDUCE,))
-CHECKS["repeated-calls"] = (_check_repeated_calls, (ONE_LAUNCH,))
-CHECKS["repeated-calls-fp16x2"] = (_check_repeated_calls, ({**_FP16X2, **ONE_LAUNCH},))
-CHECKS["repeated-calls-two-launches"] = (_check_repeated_calls, (TWO_LAUNCHES,))
-# tickets that only release, the last program acquiring after (same workspace invariants)
-_RELEASE = {"release_tickets": True}
-CHECKS["repeated-calls-release-tickets"] = (_check_repeated_calls, ({**TWO_LAUNCHES, **_RELEASE},))
-CHECKS["repeated-calls-reduce-release-tickets"] = (_check_repeated_calls, ({**REDUCE, **_RELEASE},))
-CHECKS["one-launch"] = (_check_launches, (ONE_LAUNCH,))
-CHECKS["two-launches"] = (_check_launches, (TWO_LAUNCHES,))
+CHECKS["repeated-calls"] = (_check_repeated_calls, ())
+CHECKS["repeated-calls-fp16x2"] = (_check_repeated_calls, (_FP16X2,))
+CHECKS["two-launches"] = (_check_launches, ())
 CHECKS["zeroed-after-failure"] = (_check_zeroed_after_failure, ())
 
 
 def run_checks() -> dict[str, float | str]:
-    from littlebit.kernels import triton_littlebit as tk
+    from littlebit.kernels.gpu import triton_littlebit as tk
 
     results: dict[str, float | str] = {}
     for name, (fn, args) in CHECKS.items():
@@ -490,7 +454,7 @@ def test_triton_matches_reference(name, triton_results):
 @pytest.mark.parametrize("asm", [False, True])
 @pytest.mark.parametrize("m,d_in,r,d_out", [(1, 4096, 552, 4096), (4, 1000, 120, 576), (1, 11008, 296, 4096)])
 def test_triton_gemv_decodings(asm, m, d_in, r, d_out):
-    from littlebit.kernels import triton_littlebit as tk
+    from littlebit.kernels.gpu import triton_littlebit as tk
 
     u, v, h, l, g, bias = make_layer(d_in, r, d_out, 2, torch.float16, DEVICE, seed=d_in + r)
     x = torch.randn(m, d_in).half().to(DEVICE)
@@ -500,14 +464,13 @@ def test_triton_gemv_decodings(asm, m, d_in, r, d_out):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="counts CUDA kernels")
-@pytest.mark.parametrize("two", [False, True])
 @pytest.mark.parametrize("m", [1, 16])
-def test_triton_kernels_per_call(m, two):
+def test_triton_kernels_per_call(m):
     from torch.profiler import ProfilerActivity, profile
 
-    from littlebit.kernels import triton_littlebit as tk
+    from littlebit.kernels.gpu import triton_littlebit as tk
 
-    cfg = tk.KernelConfig(**(TWO_LAUNCHES if two else ONE_LAUNCH))
+    cfg = tk.KernelConfig()
     u, v, h, l, g, bias = make_layer(1000, 120, 576, 2, torch.float16, DEVICE, seed=11)
     x = torch.randn(m, 1000, device=DEVICE).half()
     tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)  # compiles, sizes the workspace
@@ -517,7 +480,7 @@ def test_triton_kernels_per_call(m, two):
             y = tk.littlebit_linear_triton(x, u, v, h, l, g, bias, config=cfg)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
-    assert len(kernels) == (6 if two else 3), kernels
+    assert len(kernels) == 6, kernels
     assert rel_err(y, x, u, v, h, l, g, bias) < TOL
 
 
@@ -525,19 +488,15 @@ def test_triton_kernels_per_call(m, two):
 @pytest.mark.parametrize(
     "config",
     [
-        ONE_LAUNCH,
-        TWO_LAUNCHES,
-        {**TWO_LAUNCHES, "pdl": False},
-        {**ONE_LAUNCH, "t_cg": True, "tc_maxnreg": 168, "gemv_maxnreg": 64},
+        {},
+        {"pdl": False},
         REDUCE,
-        {**TWO_LAUNCHES, "release_tickets": True},
-        {**REDUCE, "release_tickets": True},
     ],
 )
 def test_triton_many_calls_large(config):
-    """Real shapes, where stage 2 starts while stage 1 is still running on other SMs (single launch)
-    and hundreds of programs wait on the count: 40 calls in turn over three layers and both paths."""
-    from littlebit.kernels import triton_littlebit as tk
+    """Real shapes, where stage 2 is scheduled while stage 1 still runs (PDL): 40 calls in turn over
+    three layers and both paths."""
+    from littlebit.kernels.gpu import triton_littlebit as tk
 
     cfg = tk.KernelConfig(**config)
     layers = [
@@ -555,17 +514,16 @@ def test_triton_many_calls_large(config):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="captures CUDA graphs")
-@pytest.mark.parametrize("scheme", ["one", "two", "reduce"])
+@pytest.mark.parametrize("scheme", ["two", "reduce"])
 @pytest.mark.parametrize("warm_up", [True, False])
 @pytest.mark.parametrize("m", [1, 16])
 def test_triton_cuda_graph_replays(m, warm_up, scheme):
     """Replays of captured calls stay right (the workspace is left as a call must find it after
     each), whether the workspace was sized by a warm-up outside capture (as the benchmarks do) or
-    inside the capture. Three calls per graph: the single-launch parity flips an odd number of times
-    per replay, so replays only stay right if it is kept on the device."""
-    from littlebit.kernels import triton_littlebit as tk
+    inside the capture. Three calls per graph."""
+    from littlebit.kernels.gpu import triton_littlebit as tk
 
-    cfg = tk.KernelConfig(**{"one": ONE_LAUNCH, "two": TWO_LAUNCHES, "reduce": REDUCE}[scheme])
+    cfg = tk.KernelConfig(**{"two": {}, "reduce": REDUCE}[scheme])
     # partial sums: d_in wide enough that stage 1 splits (tickets taken and reset in every replay)
     d_in = 4096 if scheme == "reduce" else 1000
     if scheme == "reduce" and m > cfg.gemv_max_tokens:
@@ -606,10 +564,10 @@ def test_triton_chained_calls_wait_for_their_input(m, graph, reduce):
     """Each call's input is the previous call's output, as in a model. With programmatic dependent
     launch a stage may start before the kernel that writes its input ends; it must wait for it, or
     it reads a stale input (each output is checked against the reference on the input it got)."""
-    from littlebit.kernels import triton_littlebit as tk
+    from littlebit.kernels.gpu import triton_littlebit as tk
 
     # "mma": stage 2 on tensor cores (cuda_mma) for the one-token calls, a PDL dependent of stage 1
-    cfg = tk.KernelConfig(**(REDUCE if reduce else TWO_LAUNCHES), stage2_mma=reduce == "mma")
+    cfg = tk.KernelConfig(**(REDUCE if reduce else {}), stage2_mma=reduce == "mma")
     if torch.cuda.get_device_capability()[0] >= 9:
         assert tk._pdl(torch.empty(1, device=DEVICE), cfg), "PDL should be on by default on sm_90+"
     layers = [make_layer(2048, 200 + 40 * i, 2048, 2, torch.float16, DEVICE, seed=50 + i) for i in range(12)]
@@ -646,7 +604,7 @@ def test_triton_chained_calls_wait_for_their_input(m, graph, reduce):
 def test_triton_gemv_partial_sums_are_deterministic(m, d_in, r, d_out):
     """Stage 1 split over d_in and summed by the last program of each row block in a fixed order:
     repeated calls give the same bits, and the last program saw every partial (the result is right)."""
-    from littlebit.kernels import triton_littlebit as tk
+    from littlebit.kernels.gpu import triton_littlebit as tk
 
     cfg = tk.KernelConfig(**REDUCE)
     layer = make_layer(d_in, r, d_out, 2, torch.float16, DEVICE, seed=7)
@@ -660,7 +618,7 @@ def test_triton_gemv_partial_sums_are_deterministic(m, d_in, r, d_out):
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 def test_gemv_stage2_tile_small_layers_take_fewer_warps():
-    tk = importlib.import_module("littlebit.kernels.triton_littlebit")
+    tk = importlib.import_module("littlebit.kernels.gpu.triton_littlebit")
     K = tk.KernelConfig
     # 4096x4096 at 0.55 BPW (17-word rows) on 132 SMs: the same 512 programs, one warp of 8 rows a thread
     assert tk._stage2_tile(4096, 17, 1, K(), 132) == (32, 8, 1)
@@ -688,32 +646,30 @@ def test_gemv_stage2_tile_small_layers_take_fewer_warps():
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 def test_mma_stage2_tile_rule():
-    tk = importlib.import_module("littlebit.kernels.triton_littlebit")
+    tk = importlib.import_module("littlebit.kernels.gpu.triton_littlebit")
     K = tk.KernelConfig
 
     def tile(d_out, w_r, groups=1, cfg=None):
         return tk._mma_tile(d_out, w_r, 2, groups, cfg or K(), 132)
 
     def as_tuple(t):
-        return (t.mt, t.wpt, t.warps, t.stage)
+        return (t.mt, t.wpt, t.warps)
 
-    # the rule's picks on the H100 grid's layers (benchmarks/results/grid_s9_tiles.json)
-    assert as_tuple(tile(28672, 10)) == (4, 1, 4, False)  # 8192x28672 at 0.1 BPW
-    assert as_tuple(tile(28672, 99)) == (2, 1, 8, False)  # 8192x28672 at 1.0 BPW
-    assert as_tuple(tile(4096, 17)) == (1, 2, 8, False)  # 4096x4096 at 0.55 BPW
-    assert as_tuple(tile(11008, 25)) == (2, 1, 8, False)
-    assert as_tuple(tile(4096, 14)) == (4, 1, 8, False)  # 11008x4096 at 0.3 BPW
-    assert as_tuple(tile(4096, 17, groups=3)) == (2, 1, 8, False)  # grouped q, k, v: many rows
+    # the rule's picks on the H100 grid's layers (benchmarks/results/kernels_mma_tiles.json)
+    assert as_tuple(tile(28672, 10)) == (4, 1, 4)  # 8192x28672 at 0.1 BPW
+    assert as_tuple(tile(28672, 99)) == (2, 1, 8)  # 8192x28672 at 1.0 BPW
+    assert as_tuple(tile(4096, 17)) == (1, 2, 8)  # 4096x4096 at 0.55 BPW
+    assert as_tuple(tile(11008, 25)) == (2, 1, 8)
+    assert as_tuple(tile(4096, 14)) == (4, 1, 8)  # 11008x4096 at 0.3 BPW
+    assert as_tuple(tile(4096, 17, groups=3)) == (2, 1, 8)  # grouped q, k, v: many rows
     # the boundaries: 17-word rows, 4 * SMs 16-row tiles (8448 rows), 6 units (12-word rows, 2 paths)
-    assert as_tuple(tile(4096, 16)) == (4, 1, 8, False)
-    assert as_tuple(tile(8448, 20)) == (1, 2, 8, False)
-    assert as_tuple(tile(8464, 20)) == (2, 1, 8, False)
-    assert as_tuple(tile(28672, 12)) == (4, 1, 4, False)
-    assert as_tuple(tile(28672, 13)) == (2, 1, 8, False)
-    # each setting overrides its own part only; staging is dropped when the rows do not fit
-    assert as_tuple(tile(28672, 99, cfg=K(mma_rows=1, mma_warps=2))) == (1, 1, 2, False)
-    assert as_tuple(tile(4096, 17, cfg=K(mma_stage=True))) == (1, 2, 8, True)
-    assert not tile(4096, 99_000, cfg=K(mma_stage=True)).stage
+    assert as_tuple(tile(4096, 16)) == (4, 1, 8)
+    assert as_tuple(tile(8448, 20)) == (1, 2, 8)
+    assert as_tuple(tile(8464, 20)) == (2, 1, 8)
+    assert as_tuple(tile(28672, 12)) == (4, 1, 4)
+    assert as_tuple(tile(28672, 13)) == (2, 1, 8)
+    # each setting overrides its own part only
+    assert as_tuple(tile(28672, 99, cfg=K(mma_rows=1, mma_warps=2))) == (1, 1, 2)
     for d_out in (24, 576, 4096, 11008, 28672):
         for w_r in (1, 4, 12, 13, 16, 17, 99):
             t = tile(d_out, w_r)
@@ -724,7 +680,7 @@ def test_mma_stage2_tile_rule():
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA tensors")
 def test_triton_accepts():
-    from littlebit.kernels import triton_littlebit as tk
+    from littlebit.kernels.gpu import triton_littlebit as tk
 
     u, v, *_ = make_layer(40, 8, 24, 2, torch.float16, "cuda", seed=0)
     assert tk.accepts(torch.randn(3, 40, device="cuda").half(), u, v)
@@ -749,7 +705,7 @@ def _cpu_cases():
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("m,d_in,r,d_out,paths,dtype", list(_cpu_cases()))
 def test_cpu_lut_matches_reference(native, m, d_in, r, d_out, paths, dtype, monkeypatch):
-    from littlebit.kernels import cpu_lut
+    from littlebit.kernels.cpu import lut as cpu_lut
 
     if native and cpu_lut.native_library() is None:
         pytest.skip("no C compiler here")
@@ -765,7 +721,7 @@ def test_cpu_lut_matches_reference(native, m, d_in, r, d_out, paths, dtype, monk
 
 def test_cpu_lut_rank_above_table_threshold():
     """Stages with >= 224 rows take the 8-bit tables; the small cases above take masks / 4-bit tables."""
-    from littlebit.kernels import cpu_lut
+    from littlebit.kernels.cpu import lut as cpu_lut
 
     u, v, h, l, g, bias = make_layer(300, 240, 260, 2, torch.float32, "cpu", seed=3)
     x = torch.randn(2, 5, 300)

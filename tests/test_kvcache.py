@@ -12,10 +12,11 @@ import transformers as tf
 from conftest import tiny_model
 from transformers import DynamicCache
 
-from littlebit import LittleBitConfig, LittleBitError, convert, load_compressed, pack_model, save_compressed
-from littlebit.cli import main
-from littlebit.kvcache import LatentKVCache, cache_argument
-from littlebit.packed import PackedLittleBitLinear
+from littlebit import LittleBitConfig, LittleBitError, load_compressed, pack_model, save_compressed
+from littlebit.cli.main import main
+from littlebit.core.convert import convert
+from littlebit.runtime.kvcache import LatentKVCache, cache_argument
+from littlebit.runtime.packed import PackedLittleBitLinear
 
 
 @pytest.fixture(autouse=True)
@@ -182,7 +183,7 @@ def test_cli_generate_latent_kv_json(tmp_path):
 def cpu_decoding_backend(monkeypatch):
     """The project's CPU decoding backend, registered for one test only: the reference op unpacks every
     sign matrix at every step, ~50x slower on the default model."""
-    from littlebit import ops
+    from littlebit import op as ops
 
     monkeypatch.setattr(ops, "_BACKENDS", dict(ops._BACKENDS))
     kernels = pytest.importorskip("littlebit.kernels")
@@ -191,7 +192,7 @@ def cpu_decoding_backend(monkeypatch):
 
 @pytest.mark.slow
 def test_default_model_055_bpw_greedy_128_tokens(cpu_decoding_backend):
-    from littlebit.models import load_model, load_tokenizer
+    from littlebit.hf.models import load_model, load_tokenizer
 
     model = load_model(None)
     tokenizer = load_tokenizer(None)

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from littlebit.init import initialise, joint_itq, reconstruct, sign, truncated_svd
-from littlebit.layer import LittleBitLinear, SmoothSign, STESign
+from littlebit.core.init import initialise, joint_itq, reconstruct, sign, truncated_svd
+from littlebit.core.layer import LittleBitLinear, SmoothSign, STESign
 
 
 def rel(a, b):
@@ -60,9 +60,9 @@ def test_residual_path_reduces_error_and_rank_helps():
 
 
 def test_dual_svid_is_deterministic_and_randomized_svd_agrees(monkeypatch):
-    import littlebit.init
+    import littlebit.core.init
 
-    monkeypatch.setattr(littlebit.init, "_EXACT_SVD_MAX_DIM", 64)  # take the randomized path cheaply
+    monkeypatch.setattr(littlebit.core.init, "_EXACT_SVD_MAX_DIM", 64)  # take the randomized path cheaply
     torch.manual_seed(0)
     w = torch.randn(300, 200) @ torch.diag(torch.linspace(3, 0.01, 200))
     a = initialise(w, 32, seed=3)

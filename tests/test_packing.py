@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from littlebit.packing import n_words, pack_signs, tile_order, unpack_bits, unpack_signs, untile_order
+from littlebit.core.packing import n_words, pack_signs, tile_order, unpack_bits, unpack_signs, untile_order
 
 SHAPES = [(1, 1), (3, 31), (2, 32), (5, 33), (7, 64), (4, 100), (1, 1000), (2, 3, 65), (16, 4096 + 7)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from littlebit import train_state
-from littlebit.blockwise import BlockConfig
 from littlebit.config import LittleBitConfig, LittleBitError
-from littlebit.optim import LATENT, NORM, SCALE, LearningRates, param_groups
-from littlebit.train import TrainConfig, train
-from littlebit.train_state import list_checkpoints, load_checkpoint, remove_stale, save_checkpoint
+from littlebit.training import checkpoints as train_state
+from littlebit.training.checkpoints import list_checkpoints, load_checkpoint, remove_stale, save_checkpoint
+from littlebit.training.config import BlockConfig, LearningRates, TrainConfig
+from littlebit.training.optim import LATENT, NORM, SCALE, param_groups
+from littlebit.training.trainer import train
 
 LB = LittleBitConfig(bpw=4.0, init="itq")
 TOKENS = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(1))
@@ -215,7 +215,8 @@ def test_bad_settings_are_refused_in_one_line(bad):
      "--eval-windows=-1", "--calib-sequences=-1", "--block-sequences=-1", "--keep-checkpoints=-1"],
 )  # fmt: skip
 def test_bad_arguments_fail_before_loading_anything(flag, capsys, monkeypatch):
-    from littlebit import cli, models
+    from littlebit.cli import main as cli
+    from littlebit.hf import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     assert cli.main(["train", "--bpw", "1", "--out", "/nonexistent/x", flag]) == 2
@@ -229,7 +230,9 @@ class _Tokenizer:
 
 
 def test_train_command_deletes_the_state_unless_kept(tmp_path, monkeypatch):
-    from littlebit import evaluation, models, serialization
+    from littlebit.evaluation import perplexity as evaluation
+    from littlebit.hf import checkpoint as serialization
+    from littlebit.hf import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: tiny_model("llama", seed=0))
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: _Tokenizer())
@@ -241,7 +244,7 @@ def test_train_command_deletes_the_state_unless_kept(tmp_path, monkeypatch):
     (tmp_path / "data.txt").write_text("a little text to train on, repeated. " * 40)
 
     def run(out: str, *extra: str) -> int:
-        from littlebit import cli
+        from littlebit.cli import main as cli
 
         args = ["train", "--bpw", "4", "--out", str(tmp_path / out), "--data", str(tmp_path / "data.txt")]
         args += ["--steps", "2", "--seqlen", "16", "--block-sequences", "0", "--calib-sequences", "2"]

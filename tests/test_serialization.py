@@ -9,10 +9,11 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 import littlebit
-from littlebit import LittleBitConfig, LittleBitError, convert, load_compressed, save_compressed
-from littlebit.ops import littlebit_linear_reference
-from littlebit.packed import PackedLittleBitLinear
-from littlebit.report import checkpoint_info
+from littlebit import LittleBitConfig, LittleBitError, load_compressed, save_compressed
+from littlebit.core.convert import convert
+from littlebit.hf.report import checkpoint_info
+from littlebit.op import littlebit_linear_reference
+from littlebit.runtime.packed import PackedLittleBitLinear
 
 
 def round_scales_to_fp16(model):

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import LittleBitError
+from littlebit.config import LittleBitError
 
 _TMP_INFIX = ".tmp-"
 

@@ -1,4 +1,4 @@
-"""Fast backends for :func:`littlebit.ops.littlebit_linear`; importing this package registers them.
+"""Fast backends for :func:`littlebit.op.littlebit_linear`, registered per device by ``register()``.
 
 - ``triton`` (``triton_littlebit``): CUDA tensors in fp16/bf16 with up to 64 tokens, where Triton and a GPU
   are present. The kernel module is only imported then, so machines without either never touch it.
@@ -11,8 +11,8 @@ import importlib.util
 
 import torch
 
-from ..ops import register_backend
-from . import cpu_lut
+from littlebit.kernels.cpu import lut as cpu_lut
+from littlebit.op import register_backend
 
 
 def triton_available() -> bool:
@@ -23,7 +23,7 @@ def tile_order_pays(u_signs: torch.Tensor, dtype: torch.dtype) -> bool:
     """The GPU kernels read these S_U words faster in tile order (``packing.tile_order``) at batch 1."""
     if not (u_signs.is_cuda and triton_available()):
         return False
-    from . import triton_littlebit
+    from littlebit.kernels.gpu import triton_littlebit
 
     return triton_littlebit.tile_order_pays(u_signs, dtype)
 
@@ -32,19 +32,17 @@ def register() -> list[str]:
     """Register every backend usable here; returns their names. Safe to call again."""
     names = []
     if triton_available():
-        from . import triton_littlebit
+        from littlebit.kernels.gpu import triton_littlebit
 
         register_backend(
             "triton",
+            "cuda",
             triton_littlebit.littlebit_linear_triton,
             triton_littlebit.accepts,
             grouped=True,
             tiled=True,
         )
         names.append("triton")
-    register_backend("cpu-lut", cpu_lut.littlebit_linear_cpu_lut, cpu_lut.accepts)
+    register_backend("cpu-lut", "cpu", cpu_lut.littlebit_linear_cpu_lut, cpu_lut.accepts)
     names.append("cpu-lut")
     return names
-
-
-registered = register()

@@ -1,0 +1,1 @@
+"""The ``littlebit`` command (``littlebit.cli.main.main``), one module per subcommand."""

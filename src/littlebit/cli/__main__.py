@@ -1,0 +1,5 @@
+import sys
+
+from littlebit.cli.main import main
+
+sys.exit(main())

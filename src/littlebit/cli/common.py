@@ -1,0 +1,104 @@
+"""Argument types and the flags every compressing command shares (``compress`` and ``train``).
+
+Nothing here imports torch or transformers, so ``littlebit --help`` answers at once; the commands
+import what they need when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from littlebit.config import INIT_METHODS, LittleBitConfig, LittleBitError, check_bpw, first_line
+
+DEFAULT_MODEL_HELP = "Hugging Face id, local directory or .gguf file (default: SmolLM2-135M-Instruct)"
+UNVERIFIED_HELP = "load a checkpoint that carries no digests (damage would go unnoticed)"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def bpw_type(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from e
+    try:
+        check_bpw(value)
+    except LittleBitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return value
+
+
+def int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from e
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def device_name(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def add_compression_arguments(p: argparse.ArgumentParser, init_default: str) -> None:
+    """The source model, the output, and what the LittleBitConfig is made of."""
+    p.add_argument("model", nargs="?", help=DEFAULT_MODEL_HELP)
+    p.add_argument("--bpw", type=bpw_type, required=True, help="bits per weight of each compressed layer")
+    p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    p.add_argument("--no-residual", action="store_true", help="one path per layer instead of two")
+    p.add_argument(
+        "--init", choices=INIT_METHODS, default=init_default, help=f"initialisation (default: {init_default})"
+    )
+    p.add_argument(
+        "--kv-rank-multiplier",
+        type=float,
+        help="rank of the k/v projections relative to the others (default: 1)",
+    )
+    p.add_argument("--skip", action="append", metavar="GLOB", help="module names to leave uncompressed")
+    p.add_argument("--config", help="LittleBitConfig JSON file (flags given here override it)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed: initialisation (compress), data order (train)"
+    )
+    p.add_argument("--device", help="where to compute (default: cuda when available)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
+
+
+def compression_config(args: argparse.Namespace, seed_from_flag: bool = True, **extra) -> LittleBitConfig:
+    """The LittleBitConfig the flags ask for (``--config`` first, the flags over it). ``train`` keeps
+    ``--seed`` for its data order (``seed_from_flag=False``): its initialisation seed is the config's."""
+    base: dict = {}
+    if args.config:
+        try:
+            base = LittleBitConfig.from_json(Path(args.config).read_text(encoding="utf-8")).to_dict()
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+            raise LittleBitError(f"cannot read the config {args.config}: {first_line(e)}") from e
+    base.update(bpw=args.bpw, residual=not args.no_residual, init=args.init, **extra)
+    if seed_from_flag:
+        base["seed"] = args.seed
+    if args.kv_rank_multiplier is not None:
+        base["kv_rank_multiplier"] = args.kv_rank_multiplier
+    if args.skip:
+        base["skip"] = [*base.get("skip", []), *args.skip]
+    return LittleBitConfig.from_dict(base)
+
+
+def is_littlebit_dir(path: str | None) -> bool:
+    """True for a LittleBit directory; other local directories must hold unquantized models."""
+    if path is None or not (Path(path) / "config.json").is_file():
+        return False
+    from littlebit.hf.checkpoint import checkpoint_kind
+
+    return checkpoint_kind(path) == "littlebit"

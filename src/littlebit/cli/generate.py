@@ -1,0 +1,60 @@
+"""``littlebit generate``: text from a LittleBit directory, streamed to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from littlebit.cli.common import UNVERIFIED_HELP, device_name, int_at_least
+from littlebit.config import LittleBitError, first_line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a LittleBit directory")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="(default: 64)")
+    p.add_argument("--device", help="where to run (default: cuda when available)")
+    p.add_argument("--latent-kv", action="store_true", help="cache the k/v latents instead of K and V")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    from littlebit.hf.checkpoint import load_compressed
+
+    device = device_name(args.device)
+    model = load_compressed(args.dir, device=device, allow_unverified=args.allow_unverified)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.dir)
+    except (OSError, ValueError) as e:
+        raise LittleBitError(f"{args.dir} has no usable tokenizer: {first_line(e)}") from e
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    cache = None
+    if args.latent_kv:
+        from littlebit.runtime.kvcache import LatentKVCache, cache_argument
+
+        cache = LatentKVCache.for_model(model)
+        kwargs[cache_argument(model)] = cache
+    if not args.json:
+        kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=False)
+    with torch.no_grad():
+        out = model.generate(**inputs, **kwargs)
+    if args.json:
+        n_new = out.shape[1] - inputs.input_ids.shape[1]
+        record = {"text": tokenizer.decode(out[0], skip_special_tokens=True), "new_tokens": int(n_new)}
+        if cache is not None:
+            record.update(cache.bytes_per_token_report())
+        print(json.dumps(record))
+    elif cache is not None:
+        r = cache.bytes_per_token_report()
+        print(
+            f"\nlatent KV cache: {r['cache_bytes_per_token']:,.0f} bytes/token vs "
+            f"{r['cache_bytes_per_token_standard']:,.0f} standard ({r['cache_compression']:.1f}x smaller)",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,189 @@
+"""``littlebit train``: distil a LittleBit model from the original one and save it packed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from littlebit.cli.common import add_compression_arguments, compression_config
+from littlebit.config import SIGN_FUNCTIONS, LittleBitConfig, LittleBitError
+from littlebit.training.config import (
+    BLOCK_INPUTS,
+    LOSS_FORMS,
+    BlockConfig,
+    DistillConfig,
+    LearningRates,
+    TrainConfig,
+)
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    add_compression_arguments(parser, init_default="itq")
+    parser.add_argument("--work-dir", default=None, help="checkpoints and logs (default: OUT-train)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in the work dir"
+    )
+    parser.add_argument(
+        "--resume-from", default=None, metavar="PATH", help="continue from this checkpoint (a state-*.json)"
+    )
+    parser.add_argument("--data", default=None, help="wikitext2:valid (default), a text file or a directory")
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"global distillation steps (default: {defaults.steps})"
+    )
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"sequences per micro-batch (default: {defaults.batch_size})",
+    )
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="scale learning rate, relative to each scale's RMS"
+    )
+    parser.add_argument("--latent-lr", type=float, default=None, help="learning rate of the latent factors")
+    parser.add_argument("--norm-lr", type=float, default=None, help="norm learning rate (relative)")
+    parser.add_argument("--freeze-norms", action="store_true", help="do not train the RMSNorm weights")
+    parser.add_argument("--loss", choices=LOSS_FORMS, default="normalized", help="distillation loss form")
+    parser.add_argument("--hidden-weight", type=float, default=None, help="weight of the hidden-state term")
+    parser.add_argument("--warmup", type=float, default=0.02, help="warm-up, as a fraction of the steps")
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help=f"clip the global gradient norm to this (0: off; default: {defaults.max_grad_norm})",
+    )
+    parser.add_argument(
+        "--block-sequences", type=int, default=None, help="sequences for block reconstruction (0: off)"
+    )
+    parser.add_argument("--block-epochs", type=int, default=None)
+    parser.add_argument("--block-batch-size", type=int, default=None, help="sequences per block-stage step")
+    parser.add_argument("--block-inputs", choices=BLOCK_INPUTS, default="student")
+    parser.add_argument("--calib-sequences", type=int, default=16, help="sequences for activation statistics")
+    parser.add_argument(
+        "--act-power", type=float, default=None, help="activation-aware init exponent (0: off)"
+    )
+    parser.add_argument(
+        "--latent-rms", type=float, default=None, help="rescale latents to this RMS (0: keep)"
+    )
+    parser.add_argument("--sign", choices=SIGN_FUNCTIONS, default="smooth", help="sign surrogate gradient")
+    parser.add_argument(
+        "--eval-every", type=int, default=50, help="steps between perplexity evaluations (0: end only)"
+    )
+    parser.add_argument("--eval-windows", type=int, default=8, help="windows per evaluation (0: whole split)")
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=defaults.keep_checkpoints,
+        help=f"newest checkpoints kept on disk (0: all; default: {defaults.keep_checkpoints})",
+    )
+    parser.add_argument(
+        "--keep-state", action="store_true", help="keep the checkpoints once the model is written"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument(
+        "--no-cuda-graphs", action="store_true", help="launch each kernel of a step from Python (GPU)"
+    )
+    parser.add_argument("--no-amp", action="store_true", help="train in fp32 even on GPU")
+    parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainConfig]:
+    """The configs the arguments ask for; bad values raise ``LittleBitError`` before anything is loaded."""
+    # 0 means "off" or "all" for these on the command line and None in the configs: refuse the
+    # negative values here, before they could be read as something else.
+    for flag in ("eval_windows", "latent_rms", "max_grad_norm"):
+        value = getattr(args, flag)
+        if value is not None and not value >= 0:
+            raise LittleBitError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    lb = compression_config(args, seed_from_flag=False, sign_function=args.sign)
+    d = TrainConfig()
+    lrs = LearningRates(
+        latent=args.latent_lr if args.latent_lr is not None else d.lrs.latent,
+        scale=args.lr if args.lr is not None else d.lrs.scale,
+        norm=args.norm_lr if args.norm_lr is not None else d.lrs.norm,
+    )
+    blocks = BlockConfig(
+        sequences=d.blocks.sequences if args.block_sequences is None else args.block_sequences,
+        epochs=d.blocks.epochs if args.block_epochs is None else args.block_epochs,
+        batch_size=d.blocks.batch_size if args.block_batch_size is None else args.block_batch_size,
+        inputs=args.block_inputs,
+    )
+    cfg = TrainConfig(
+        steps=d.steps if args.steps is None else args.steps,
+        seqlen=args.seqlen,
+        batch_size=d.batch_size if args.batch_size is None else args.batch_size,
+        grad_accum=args.grad_accum,
+        lrs=lrs,
+        warmup_frac=args.warmup,
+        max_grad_norm=d.max_grad_norm if args.max_grad_norm is None else (args.max_grad_norm or None),
+        loss=DistillConfig(form=args.loss, hidden_weight=args.hidden_weight),
+        blocks=blocks,
+        calib_sequences=args.calib_sequences,
+        act_power=d.act_power if args.act_power is None else args.act_power,
+        latent_rms=d.latent_rms if args.latent_rms is None else (args.latent_rms or None),
+        train_norms=not args.freeze_norms,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        eval_windows=args.eval_windows or None,
+        eval_seqlen=args.eval_seqlen,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        compile=False if args.no_compile else None,
+        cuda_graphs=False if args.no_cuda_graphs else None,
+        amp=False if args.no_amp else None,
+        grad_checkpoint=args.grad_checkpoint,
+        tensorboard=args.tensorboard,
+    )
+    return lb, cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, train, save the compressed model to ``--out``; returns the exit code."""
+    import torch
+
+    from littlebit.evaluation.perplexity import tokenize_eval
+    from littlebit.hf.checkpoint import save_compressed
+    from littlebit.hf.models import load_model, load_tokenizer
+    from littlebit.training.checkpoints import remove_checkpoints
+    from littlebit.training.trainer import train
+
+    lb, cfg = config_from_args(args)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LittleBitError(f"output directory {out} exists and is not empty")
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + "-train")
+    resume = args.resume or args.resume_from is not None
+    if work.exists() and any(work.iterdir()) and not resume:
+        raise LittleBitError(f"work directory {work} is not empty: pass --resume, or another --work-dir")
+    if args.resume_from is not None and not Path(args.resume_from).is_file():
+        raise LittleBitError(f"no checkpoint {args.resume_from}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    try:
+        eval_ids = tokenize_eval(tokenizer, "wikitext2", "test")
+    except LittleBitError as e:
+        log.warning("no periodic evaluation: %s", e)
+        eval_ids = None
+    result = train(
+        teacher, args.data, lb, cfg, work, tokenizer, eval_ids, resume=resume, resume_from=args.resume_from
+    )
+    save_compressed(result.student, out, tokenizer=tokenizer)
+    if not args.keep_state:
+        # The model is safely written; the log stays, the (large) optimizer state goes.
+        remove_checkpoints(work)
+    summary = {"out": str(out), "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
+    if result.history:
+        windows = f"{cfg.eval_windows or 'all'}x{cfg.eval_seqlen}"
+        summary[f"wikitext2_ppl_{windows}"] = result.history[-1]["ppl"]
+    print(json.dumps(summary))
+    return 0

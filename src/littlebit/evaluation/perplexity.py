@@ -1,0 +1,65 @@
+"""Perplexity as GPTQ and the paper measure it (LITTLEBIT.md section 5)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from littlebit.evaluation.data import eval_text
+
+
+def tokenize_eval(tokenizer, name: str, split: str = "test", data_dir: str | Path | None = None):
+    """The whole split as one token sequence, shape ``(1, n)``."""
+    return tokenizer(eval_text(name, split, data_dir), return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of ``seqlen`` tokens, tail dropped."""
+    n_windows = input_ids.shape[1] // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(f"the text has fewer than {seqlen} tokens")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in tqdm(range(n_windows), desc=desc, disable=not progress):
+        window = input_ids[:, i * seqlen : (i + 1) * seqlen].to(device)
+        logits = model(window, use_cache=False).logits[:, :-1].float()
+        nll = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += nll.item()
+        count += window.shape[1] - 1
+    return math.exp(total / count)
+
+
+def evaluate_perplexity(
+    model: nn.Module,
+    tokenizer,
+    datasets: list[str],
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Per dataset: ``{"perplexity", "windows", "windows_in_split", "seqlen"}`` on its test split."""
+    results = {}
+    for name in datasets:
+        ids = tokenize_eval(tokenizer, name, "test", data_dir)
+        available = ids.shape[1] // seqlen
+        used = available if max_windows is None else min(available, max_windows)
+        ppl = perplexity(model, ids, seqlen, max_windows, progress, desc=f"{name} ppl")
+        results[name] = {"perplexity": ppl, "windows": used, "windows_in_split": available, "seqlen": seqlen}
+    return results

@@ -1,0 +1,126 @@
+"""Saving and loading LittleBit checkpoints (the format is in ``format``, its checks in ``verification``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from littlebit.atomic import atomic_directory
+from littlebit.config import LittleBitConfig, LittleBitError, first_line
+from littlebit.hf.format import PACKED_TENSOR_SUFFIX, cast_unquantized, quantization_config_dict
+from littlebit.hf.quantizer import LittleBitHfQuantizer, LittleBitQuantConfig, register_quantizer
+from littlebit.hf.verification import unverified_loading
+from littlebit.runtime.packed import pack_model
+
+
+def prepare_for_save(model: nn.Module, config: LittleBitConfig | None, scale_dtype: torch.dtype) -> None:
+    """Attach the quantizer so ``save_pretrained`` writes (and ``from_pretrained`` reads) this format."""
+    qconfig = LittleBitQuantConfig.from_dict(quantization_config_dict(model, config, scale_dtype))
+    model.config.quantization_config = qconfig
+    model.hf_quantizer = LittleBitHfQuantizer(qconfig, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = "littlebit"
+
+
+def save_compressed(
+    model: nn.Module,
+    out_dir: str | Path,
+    tokenizer=None,
+    config: LittleBitConfig | None = None,
+    dtype: torch.dtype | None = torch.bfloat16,
+    scale_dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Pack ``model`` (if still in training form) and write it to ``out_dir`` atomically.
+
+    ``dtype`` is the precision of everything that is not compressed (embeddings, head, norms).
+    """
+    config = config or getattr(model, "littlebit_config", None)
+    pack_model(model, scale_dtype)
+    if dtype is not None:
+        cast_unquantized(model, dtype)
+    prepare_for_save(model, config, scale_dtype)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def read_config_json(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise LittleBitError(f"{path} is not a model directory (no config.json)")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LittleBitError(f"{cfg_file} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise LittleBitError(f"{cfg_file} does not hold a JSON object")
+    return cfg
+
+
+def holds_packed_tensors(path: Path) -> bool:
+    """Whether a safetensors file in ``path`` holds packed sign words (read from the headers only)."""
+    from safetensors import safe_open
+
+    for file in path.glob("*.safetensors"):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                if any(name.endswith(PACKED_TENSOR_SUFFIX) for name in f.keys()):
+                    return True
+        except Exception:  # unreadable files are reported by whoever loads them
+            continue
+    return False
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """``"littlebit"`` for a LittleBit directory, ``"plain"`` for an unquantized model directory.
+
+    Anything else is refused with a one-line error: another quantization method, or LittleBit
+    tensors whose config lost its ``quantization_config``.
+    """
+    path = Path(path)
+    cfg = read_config_json(path)
+    q = cfg.get("quantization_config")
+    if q is None:
+        if holds_packed_tensors(path):
+            raise LittleBitError(
+                f"{path} holds LittleBit tensors but its config.json has no littlebit quantization_config "
+                "(damaged or edited)"
+            )
+        return "plain"
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method != "littlebit":
+        raise LittleBitError(f"{path} is quantized with {method!r}, not littlebit: littlebit cannot load it")
+    return "littlebit"
+
+
+def load_compressed(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    allow_unverified: bool = False,
+):
+    """Load a packed checkpoint through transformers (the skeleton is built on the meta device).
+
+    Every tensor and ``config.json`` are checked against the digests saved with them; a checkpoint
+    without digests loads only with ``allow_unverified=True``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    register_quantizer()
+
+    path = Path(path)
+    if checkpoint_kind(path) != "littlebit":
+        raise LittleBitError(f"{path} is not a LittleBit checkpoint (no littlebit quantization_config)")
+    try:
+        with unverified_loading(allow_unverified):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=str(device))
+    except LittleBitError:
+        raise
+    except Exception as e:
+        raise LittleBitError(f"cannot load {path}: {first_line(e)}") from e
+    return model.eval()

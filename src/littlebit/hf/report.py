@@ -1,0 +1,128 @@
+"""What a saved LittleBit checkpoint holds: BPW per layer, sizes on disk, expected and in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from littlebit.config import LittleBitError
+from littlebit.core.budget import SCALE_BITS, LayerBudget, ModelBudget, packed_bytes
+from littlebit.hf.format import scale_dtype_from_name
+
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
+def read_quant_config(path: Path, allow_unverified: bool = False) -> dict:
+    """The checkpoint's ``quantization_config``, checked against its digest and for well-formed specs."""
+    from littlebit.hf.checkpoint import checkpoint_kind
+    from littlebit.hf.quantizer import LittleBitQuantConfig
+    from littlebit.hf.verification import unverified_loading, verify_config_file
+
+    if checkpoint_kind(path) != "littlebit":
+        raise LittleBitError(f"{path} is not a LittleBit checkpoint (no littlebit quantization_config)")
+    with unverified_loading(allow_unverified):
+        q = verify_config_file(path)["quantization_config"]
+    try:
+        LittleBitQuantConfig(**q).specs()
+    except TypeError as e:
+        raise LittleBitError(f"malformed quantization_config in {path}: {e}") from e
+    return q
+
+
+def safetensors_header(file: Path) -> dict:
+    """Tensor names, dtypes and shapes without reading the data."""
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LittleBitError(f"{file} is truncated")
+        n = int.from_bytes(raw, "little")
+        if n > 100_000_000:
+            raise LittleBitError(f"{file} has a corrupted header")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LittleBitError(f"{file} has a corrupted header") from e
+    header.pop("__metadata__", None)
+    return header
+
+
+def _expand(name: str, spec: dict) -> list[tuple[str, int, int, int]]:
+    if spec.get("parts"):
+        return [(f"{name}[{k}]", spec["in_features"], d_out, r) for k, d_out, r in spec["parts"]]
+    return [(name, spec["in_features"], spec["out_features"], spec["rank"])]
+
+
+def checkpoint_budget(path: Path, q: dict) -> tuple[ModelBudget, int, int]:
+    """(bit report, bytes expected from the ranks, bytes on disk of the weight files)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LittleBitError(f"no .safetensors weight files in {path}")
+    packed_prefixes = tuple(n + "." for n in q["layers"])
+    other_numel, other_bytes = 0, 0
+    for file in files:
+        for name, info in safetensors_header(file).items():
+            if not name.startswith(packed_prefixes):
+                numel = int(torch.tensor(info["shape"]).prod().item()) if info["shape"] else 1
+                other_numel += numel
+                other_bytes += numel * _DTYPE_BYTES.get(info["dtype"], 4)
+    target = (q.get("littlebit") or {}).get("bpw", 0.0)
+    scale_bytes = torch.empty(0, dtype=scale_dtype_from_name(q.get("scale_dtype", "float16"))).element_size()
+    layers, expected = [], other_bytes
+    for name, spec in q["layers"].items():
+        residual = spec.get("paths", 2) == 2
+        for lname, d_in, d_out, r in _expand(name, spec):
+            layers.append(LayerBudget(lname, d_in, d_out, r, residual, target))
+            expected += packed_bytes(d_in, d_out, r, residual, scale_bytes)
+            if spec.get("bias"):
+                expected += d_out * scale_bytes
+                other_numel += d_out  # biases stay 16-bit weights of the model
+    converted = sum(layer.n_weights for layer in layers)
+    budget = ModelBudget(layers, n_params=converted + other_numel, n_other_params=other_numel)
+    on_disk = sum(f.stat().st_size for f in files)
+    return budget, expected, on_disk
+
+
+def memory_bytes(model: nn.Module) -> int:
+    """Parameters plus buffers, each storage counted once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def checkpoint_info(
+    path: str | Path, measure_memory: bool = True, device: str = "cpu", allow_unverified: bool = False
+) -> dict:
+    path = Path(path)
+    q = read_quant_config(path, allow_unverified)
+    budget, expected, on_disk = checkpoint_budget(path, q)
+    info = budget.to_dict()
+    info["layers"] = [
+        {k: d[k] for k in ("name", "shape", "rank", "bpw", "bits", "bytes")} for d in info["layers"]
+    ]
+    info.update(bytes_on_disk=on_disk, bytes_expected=expected, format_version=q.get("format_version"))
+    info["littlebit_config"] = q.get("littlebit")
+    if measure_memory:
+        from littlebit.hf.checkpoint import load_compressed
+
+        model = load_compressed(path, device=device, allow_unverified=allow_unverified)
+        info["bytes_in_memory"] = memory_bytes(model)
+    info["fp16_bytes"] = SCALE_BITS // 8 * budget.n_params
+    return info

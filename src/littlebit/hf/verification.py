@@ -1,0 +1,147 @@
+"""Digests that make a saved checkpoint refuse to load as anything but the model that was saved.
+
+A LittleBit checkpoint records, inside ``quantization_config``:
+
+* ``tensor_digests``: a digest of every tensor (dtype, shape and bytes);
+* ``config_digest``: a digest of ``config.json`` as written, every field that can shape the model's
+  output included (architecture fields and ``quantization_config``), version stamps excluded so a
+  ``save_pretrained`` round trip with another transformers release stays valid.
+
+Loading checks both, and that the tensors in the files are exactly those the model expects (none
+missing, none unknown). A checkpoint without digests is refused unless the caller explicitly allows
+it (``allow_unverified``, or ``LITTLEBIT_ALLOW_UNVERIFIED=1`` for code that calls transformers
+directly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from littlebit.config import LittleBitError, first_line
+
+# Fields of config.json left out of its digest: stamps of the writing library, not of the model.
+UNHASHED_CONFIG_KEYS = ("transformers_version",)
+# The digests themselves live in quantization_config and are not part of what they cover.
+DIGEST_KEYS = ("tensor_digests", "config_digest")
+ALLOW_UNVERIFIED_ENV = "LITTLEBIT_ALLOW_UNVERIFIED"
+
+_allow_unverified: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_unverified", default=False)
+
+
+@contextlib.contextmanager
+def unverified_loading(allow: bool = True) -> Iterator[None]:
+    """Within this block, checkpoints without digests load (with tensors and config unchecked)."""
+    token = _allow_unverified.set(allow)
+    try:
+        yield
+    finally:
+        _allow_unverified.reset(token)
+
+
+def unverified_allowed() -> bool:
+    return _allow_unverified.get() or os.environ.get(ALLOW_UNVERIFIED_ENV, "") not in ("", "0")
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    data = t.detach().contiguous().cpu()
+    if data.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the raw 16-bit patterns
+        data = data.view(torch.int16)
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{data.dtype}{tuple(data.shape)}".encode())
+    h.update(data.numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_digests(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: tensor_digest(t) for name, t in sorted(state_dict.items())}
+
+
+def config_digest(config_json: dict) -> str:
+    """Digest of a ``config.json`` mapping, without version stamps and without the digests."""
+    data = {k: v for k, v in config_json.items() if k not in UNHASHED_CONFIG_KEYS}
+    q = data.get("quantization_config")
+    if isinstance(q, dict):
+        data["quantization_config"] = {k: v for k, v in q.items() if k not in DIGEST_KEYS}
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def verify_config_file(directory: Path) -> dict:
+    """The checkpoint's ``config.json``, checked against its own digest; returns the parsed mapping."""
+    path = directory / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LittleBitError(f"cannot read {path}: {e}") from e
+    q = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if not isinstance(q, dict):
+        raise LittleBitError(f"{path} has no quantization_config")
+    expected = q.get("config_digest")
+    if expected is None or not q.get("tensor_digests"):
+        if unverified_allowed():
+            return raw
+        raise LittleBitError(
+            f"{directory} carries no digests, so damage cannot be detected: refusing to load it "
+            f"(to load it anyway: --allow-unverified, or {ALLOW_UNVERIFIED_ENV}=1)"
+        )
+    if config_digest(raw) != expected:
+        raise LittleBitError(f"{path} was altered after saving (config digest mismatch)")
+    return raw
+
+
+def verify_files(
+    files: list[str],
+    qconfig: dict,
+    expected_shapes: dict[str, tuple],
+    tied_names: dict[str, list[str]] | None = None,
+) -> None:
+    """Refuse files whose tensors are missing, unknown, truncated, altered or shaped unlike the model.
+
+    ``expected_shapes`` maps every tensor name the model loads to its shape; ``tied_names`` maps a
+    name to the names that share its storage (a checkpoint holds one of each tied group).
+    """
+    from safetensors import safe_open
+
+    digests = qconfig.get("tensor_digests") or {}
+    if not digests and not unverified_allowed():
+        raise LittleBitError("the checkpoint has no tensor digests: refusing to load it unverified")
+    seen: set[str] = set()
+    for file in files:
+        name_of_file = Path(file).name
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if name not in expected_shapes:
+                        raise LittleBitError(f"{name_of_file} holds a tensor the model does not have: {name}")
+                    t = f.get_tensor(name)
+                    if tuple(t.shape) != tuple(expected_shapes[name]):
+                        raise LittleBitError(
+                            f"{name}: shape {tuple(t.shape)} in {name_of_file} disagrees with the config "
+                            f"({tuple(expected_shapes[name])})"
+                        )
+                    if digests and digests.get(name) != tensor_digest(t):
+                        what = "has no digest" if name not in digests else "is damaged (checksum mismatch)"
+                        raise LittleBitError(f"{name} in {name_of_file} {what}")
+                    seen.add(name)
+        except LittleBitError:
+            raise
+        except Exception as e:
+            raise LittleBitError(f"cannot read {file}: damaged or truncated ({first_line(e)})") from e
+    tied_names = tied_names or {}
+    covered = set(seen)
+    for name in seen:
+        covered.update(tied_names.get(name, ()))
+    missing = sorted(set(expected_shapes) - covered)
+    if missing:
+        raise LittleBitError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]}")
+    extra = sorted(set(digests) - covered)
+    if extra:
+        raise LittleBitError(f"checkpoint lists {len(extra)} tensor(s) its files lack, e.g. {extra[0]}")

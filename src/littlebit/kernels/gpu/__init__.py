@@ -1,0 +1,1 @@
+"""GPU kernels for the packed product: Triton, and CUDA C++ compiled at first use through NVRTC."""

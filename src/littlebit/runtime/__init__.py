@@ -1,0 +1,1 @@
+"""Running packed models: the deployment layer, grouped projections, the latent KV cache."""
