@@ -1,4 +1,5 @@
-"""``littlebit eval``: perplexity of the default model, any Hugging Face model or a LittleBit directory."""
+"""``littlebit eval``: perplexity and lm-eval tasks of the default model, any Hugging Face model or a
+LittleBit directory."""
 
 from __future__ import annotations
 
@@ -23,9 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help=f"a LittleBit directory, or {DEFAULT_MODEL_HELP}")
     p.add_argument(
         "--ppl",
-        default="wikitext2",
-        help=f"comma-separated test sets: {','.join(DATASETS)} (default: wikitext2)",
+        help=f"comma-separated test sets: {','.join(DATASETS)} (default: wikitext2, none with --tasks)",
     )
+    p.add_argument(
+        "--tasks", help="comma-separated lm-eval tasks, e.g. piqa,hellaswag,arc_easy (needs lm-eval)"
+    )
+    p.add_argument("--limit", type=int_at_least(1), help="only the first N examples of each task")
+    p.add_argument("--num-fewshot", type=int_at_least(0), help="few-shot examples (default: the task's)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=1, help="task batch size (default: 1)")
     p.add_argument("--seqlen", type=int_at_least(2), default=2048, help="tokens per window (default: 2048)")
     p.add_argument("--max-windows", type=int_at_least(1), help="only the first N windows (default: all)")
     p.add_argument(
@@ -45,10 +51,20 @@ def run(args: argparse.Namespace) -> int:
     from littlebit.hf.checkpoint import load_compressed
     from littlebit.hf.models import load_model, load_tokenizer
 
-    names = [n.strip() for n in args.ppl.split(",") if n.strip()]
+    task_names = _split(args.tasks)
+    if args.tasks is not None and not task_names:
+        raise LittleBitError("--tasks names no task")
+    ppl = args.ppl if args.ppl is not None else (None if task_names else "wikitext2")
+    names = _split(ppl)
     for n in names:
         if n not in DATASETS:
             raise LittleBitError(f"unknown dataset {n!r}; choose from {', '.join(DATASETS)}")
+    if task_names:
+        from littlebit.evaluation.tasks import check_task_data, import_lm_eval
+
+        # before the model loads: a missing extra or data folder fails at once
+        import_lm_eval()
+        check_task_data(task_names, args.data_dir)
     device, dtype = device_name(args.device), torch_dtype(args.dtype)
     if is_littlebit_dir(args.model):
         model = load_compressed(
@@ -61,12 +77,25 @@ def run(args: argparse.Namespace) -> int:
 
             apply_baseline(model, args.baseline, args.bpw or 1.0)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    results = evaluate_perplexity(
-        model, tokenizer, names, args.seqlen, args.max_windows, args.data_dir, progress=not args.json
-    )
+    results = {}
+    if names:
+        results = evaluate_perplexity(
+            model, tokenizer, names, args.seqlen, args.max_windows, args.data_dir, progress=not args.json
+        )
+    scores = {}
+    if task_names:
+        from littlebit.evaluation.tasks import evaluate_tasks
+
+        scores = evaluate_tasks(
+            model, tokenizer, task_names, args.limit, args.num_fewshot, args.batch_size, args.data_dir
+        )
+    perplexities = {name: r["perplexity"] for name, r in results.items()}
     if args.json:
-        print(json.dumps({name: r["perplexity"] for name, r in results.items()}))
+        # Without --tasks the object stays {dataset: perplexity}, as scripts already read it.
+        print(json.dumps({"tasks": scores, "perplexity": perplexities} if task_names else perplexities))
         return 0
+    if scores:
+        _print_scores(scores)
     for name, r in results.items():
         part = "" if r["windows"] == r["windows_in_split"] else f" of {r['windows_in_split']}"
         print(
@@ -74,3 +103,18 @@ def run(args: argparse.Namespace) -> int:
             f"{r['seqlen']} tokens"
         )
     return 0
+
+
+def _split(text: str | None) -> list[str]:
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
+
+
+def _print_scores(scores: dict[str, dict]) -> None:
+    print(f"{'task':<16} {'metric':<12} {'value':>8} {'stderr':>8} {'examples':>8}")
+    for task, metrics in scores.items():
+        for metric, value in metrics.items():
+            if metric.endswith("_stderr") or metric == "samples" or value is None:
+                continue
+            err = metrics.get(f"{metric}_stderr")
+            shown = f"{err:8.4f}" if err is not None else f"{'':>8}"
+            print(f"{task:<16} {metric:<12} {value:8.4f} {shown} {metrics.get('samples') or '':>8}")

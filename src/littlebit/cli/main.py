@@ -13,7 +13,7 @@ import sys
 import threading
 
 from littlebit import __version__
-from littlebit.cli import compress, evaluate, generate, info, train
+from littlebit.cli import compress, evaluate, generate, harness, info, plot, train
 from littlebit.config import LittleBitError, first_line
 
 EXIT_BAD_INPUT = 2
@@ -23,8 +23,10 @@ COMMANDS = {
     "compress": (compress, "convert and initialise a model's linear layers, save it packed"),
     "train": (train, "recover quality by distillation from the original model, save it packed"),
     "eval": (evaluate, "perplexity of a model or a LittleBit directory"),
+    "lm-eval": (harness, "lm-eval's own command line, able to load LittleBit directories"),
     "info": (info, "bits, ranks and sizes of a LittleBit directory"),
     "generate": (generate, "generate text with a LittleBit directory"),
+    "plot": (plot, "training curves, or perplexity against bits per weight, as a PNG"),
 }
 
 

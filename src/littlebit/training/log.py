@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from littlebit.config import LittleBitError
+from littlebit.evaluation.plots import plot_training
 
 LOG_NAME = "train_log.jsonl"
+CURVES_NAME = "train_curves.png"
+
+log = logging.getLogger(__name__)
 
 
 class TrainLog:
@@ -39,8 +44,19 @@ class TrainLog:
                     self.writer.add_scalar(f"{phase}/{key}", value, record["step"])
 
     def close(self) -> None:
+        """Close TensorBoard and draw the log's curves beside it (a plot failure only warns)."""
         if self.writer is not None:
             self.writer.close()
+        write_curves(self.path)
+
+
+def write_curves(log_path: Path) -> Path | None:
+    """``train_curves.png`` beside the log, or None with one warning where it cannot be drawn."""
+    try:
+        return plot_training([log_path], log_path.with_name(CURVES_NAME))
+    except Exception as e:  # the model is trained: a figure is never worth failing the run over
+        log.warning("no training curves: %s", " ".join(str(e).split()))
+        return None
 
 
 def _keep(line: str, phase: str, step: int, next_block: int) -> bool:

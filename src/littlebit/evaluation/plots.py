@@ -1,0 +1,309 @@
+"""Figures: training curves from JSONL training logs, and perplexity against bits per weight from
+benchmark result files (``benchmarks/results/qat.json`` and ``ptq.json``).
+
+matplotlib is optional (``pip install 'littlebit[plot]'``) and imported only when a figure is drawn.
+Figures are drawn on an Agg canvas of their own, never through pyplot, so drawing one changes no
+global backend of the calling program. Every figure is written all or nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from littlebit.config import LittleBitError
+
+TRAINING = "training"
+QUALITY = "quality"
+_PHASES = ("global", "eval", "blocks")
+
+
+def _figure(*args, **kwargs):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise LittleBitError("plotting needs matplotlib: pip install 'littlebit[plot]'") from None
+    fig = Figure(*args, **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, out: str | Path) -> Path:
+    """Write ``fig`` as a PNG to a temporary sibling of ``out``, then rename it into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".png", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; the result is an ordinary file
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LittleBitError(f"cannot read {path}: not UTF-8 text") from None
+    except OSError as e:
+        raise LittleBitError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+# ----- reading ------------------------------------------------------------------------------------
+
+
+def _training_records(text: str) -> list[dict[str, Any]]:
+    """The training records of a JSONL text; other lines (one cut short by a kill) are skipped."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("phase") in _PHASES:
+            records.append(record)
+    return records
+
+
+def _quality_points(data: Any) -> list[dict[str, Any]] | None:
+    """``[{series, bpw, ppl, fp}]`` of a benchmark result file's content, or None if it is not one.
+
+    qat.json is a list of runs (``bpw_linear``, ``wikitext2_ppl``, ``init``, ``variant``); ptq.json a
+    dict whose ``records`` carry ``method``, ``bpw_linear`` and ``wikitext2``, the FP model as method "fp".
+    """
+    if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
+        runs = [r for r in data if _number(r.get("bpw_linear")) and _number(r.get("wikitext2_ppl"))]
+        # The runs compare recipes on one token budget; a run on another (a throughput run of a few
+        # steps) says nothing about quality and would only stretch the axis.
+        budgets = Counter(r.get("tokens") for r in runs)
+        budget = budgets.most_common(1)[0][0] if budgets else None
+        points = [
+            {
+                "series": f"{r.get('init', '?')} {r.get('variant', 'default')}",
+                "bpw": r["bpw_linear"],
+                "ppl": r["wikitext2_ppl"],
+                "fp": False,
+                "tokens": budget,
+            }
+            for r in runs
+            if r.get("tokens") == budget
+        ]
+        return points or None
+    if isinstance(data, dict) and isinstance(data.get("records"), list):
+        points = [
+            {
+                "series": str(r["method"]),
+                "bpw": r.get("bpw_linear"),
+                "ppl": r["wikitext2"],
+                "fp": r["method"] == "fp",
+            }
+            for r in data["records"]
+            if isinstance(r, dict)
+            and "method" in r
+            and _number(r.get("wikitext2"))
+            and (r["method"] == "fp" or _number(r.get("bpw_linear")))
+        ]
+        return points or None
+    return None
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def detect(path: str | Path) -> tuple[str, Any]:
+    """``(TRAINING, records)`` for a JSONL training log, ``(QUALITY, points)`` for a benchmark result file.
+
+    Raises a one-line ``LittleBitError`` for a file that cannot be read or is neither.
+    """
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if data is not None:
+        points = _quality_points(data)
+        if points is not None:
+            return QUALITY, points
+    records = _training_records(text)
+    if records:
+        return TRAINING, records
+    raise LittleBitError(
+        f"{path} is neither a training log (train_log.jsonl) nor a benchmark result file (qat.json, ptq.json)"
+    )
+
+
+def _load(path: str | Path, kind: str) -> Any:
+    found, content = detect(path)
+    if found != kind:
+        raise LittleBitError(f"{path} is a {found} file, not a {kind} one")
+    return content
+
+
+# ----- training curves ----------------------------------------------------------------------------
+
+
+def _runs(path: Path, records: list[dict], name: str | None) -> list[tuple[str, list[dict]]]:
+    """One ``(name, records)`` per run: benchmark logs tag each record with its ``run``."""
+    base = name or (path.parent.name if path.name == "train_log.jsonl" and path.parent.name else path.stem)
+    tags = list(dict.fromkeys(r["run"] for r in records if "run" in r))
+    if len(tags) <= 1:
+        return [(base if not tags or name else str(tags[0]), records)]
+    return [(str(tag), [r for r in records if r.get("run") == tag]) for tag in tags]
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    if window <= 1:
+        return values
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_training(logs: Sequence[str | Path], out: str | Path, names: Sequence[str] | None = None) -> Path:
+    """Loss, tokens/s and evaluation perplexity against training tokens, one line per log; the PNG's path."""
+    runs: list[tuple[str, list[dict]]] = []
+    for i, log in enumerate(logs):
+        runs += _runs(Path(log), _load(log, TRAINING), names[i] if names else None)
+    labels = [name for name, _ in runs]
+    if len(set(labels)) < len(labels):  # two logs named alike (each a train_log.jsonl): use their paths
+        labels = [str(Path(log)) for log in logs] if len(runs) == len(logs) else labels
+    fig = _figure(figsize=(15, 4.2), layout="constrained")
+    ax_loss, ax_speed, ax_ppl = fig.subplots(1, 3)
+    for (_, records), label in zip(runs, labels, strict=True):
+        steps = [r for r in records if r["phase"] == "global" and _number(r.get("tokens"))]
+        window = max(1, len(steps) // 50)
+        color = None
+        if steps:
+            tokens = [r["tokens"] for r in steps]
+            loss = [float(r.get("loss", math.nan)) for r in steps]
+            (line,) = ax_loss.plot(tokens, loss, lw=0.6, alpha=0.3)
+            color = line.get_color()
+            ax_loss.plot(tokens, _smooth(loss, window), color=color, lw=1.5, label=label)
+            speed = [float(r.get("tokens_per_s", math.nan)) for r in steps]
+            ax_speed.plot(tokens, _smooth(speed, window), color=color, lw=1.5, label=label)
+        evals = [r for r in records if r["phase"] == "eval" and _number(r.get("ppl"))]
+        if evals:
+            (line,) = ax_ppl.plot(
+                [r["tokens"] for r in evals], [r["ppl"] for r in evals], "o-", color=color, ms=3, label=label
+            )
+            color = line.get_color()
+        blocks = [r for r in records if r["phase"] == "blocks" and _number(r.get("tokens"))]
+        if blocks and steps:  # where the block stage hands over to global distillation
+            for ax in (ax_loss, ax_speed, ax_ppl):
+                ax.axvline(blocks[-1]["tokens"], color=color, lw=0.8, ls=":")
+    window_note = " (moving average)" if any(len(r) > 100 for _, r in runs) else ""
+    ax_loss.set(xlabel="training tokens", ylabel="loss", title="distillation loss" + window_note)
+    ax_speed.set(xlabel="training tokens", ylabel="tokens/s", title="training throughput")
+    ax_ppl.set(xlabel="training tokens", ylabel="perplexity", title="evaluation perplexity")
+    if ax_ppl.lines:
+        ax_ppl.set_yscale("log")
+    losses = [y for line in ax_loss.lines for y in line.get_ydata()]
+    if losses and min(losses) > 0:  # distillation losses fall by orders of magnitude early on
+        ax_loss.set_yscale("log")
+    for ax in (ax_loss, ax_speed, ax_ppl):
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+# ----- quality against size -------------------------------------------------------------------------
+
+
+def plot_quality(results: Sequence[str | Path], out: str | Path) -> Path:
+    """WikiText-2 perplexity (log) against bits per weight of the linear layers, one line per method or
+    recipe; the FP model as a horizontal line where a file has it. The PNG's path.
+
+    In QAT results most recipes are ablations run at one BPW only: those share one grey legend entry,
+    so the legend names the recipes that were run across sizes.
+    """
+    series: dict[str, dict[float, float]] = {}
+    fp: list[tuple[str, float]] = []
+    budgets: set[int] = set()
+    for path in results:
+        prefix = f"{Path(path).stem}: " if len(results) > 1 else ""
+        for p in _load(path, QUALITY):
+            if _number(p.get("tokens")):
+                budgets.add(p["tokens"])
+            if p["fp"]:
+                fp.append((prefix + "FP16", p["ppl"]))
+            else:
+                series.setdefault(prefix + p["series"], {})[p["bpw"]] = p["ppl"]  # a rerun replaces
+    fig = _figure(figsize=(9, 6), layout="constrained")
+    ax = fig.subplots()
+    lines = {k: v for k, v in series.items() if len(v) > 1}
+    singles = {k: v for k, v in series.items() if len(v) == 1}
+    # Grey is kept for the one-BPW recipes.
+    colors = [c for i, c in enumerate(_palette()) if i % 10 != 7]
+    for i, (name, points) in enumerate(sorted(lines.items(), key=lambda kv: min(kv[1].values()))):
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], "o-", ms=4, color=colors[i % len(colors)], label=name)
+    if singles:
+        xs = [x for v in singles.values() for x in v]
+        ys = [y for v in singles.values() for y in v.values()]
+        label = f"other recipes, one BPW each ({len(singles)})" if lines else None
+        ax.plot(xs, ys, "o", color="0.6", ms=4, label=label, zorder=1)
+        if not lines:
+            for name, v in singles.items():
+                ((x, y),) = v.items()
+                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for i, (name, ppl) in enumerate(fp):
+        ax.axhline(ppl, color="k", ls="--", lw=1, alpha=0.8 - 0.2 * i, label=f"{name} ({ppl:.1f})")
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    if high / low < 100:  # a decade or two: plain numbers read better than powers of ten
+        from matplotlib.ticker import FuncFormatter
+
+        plain = FuncFormatter(lambda y, _: f"{y:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    ax.set(
+        xlabel="bits per weight of the linear layers",
+        ylabel="WikiText-2 perplexity",
+        title="quality against size"
+        + (f" (trained on {budgets.pop() / 1e6:.1f}M tokens)" if len(budgets) == 1 else ""),
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def _palette() -> list:
+    from matplotlib import colormaps
+
+    return list(colormaps["tab10"].colors) + list(colormaps["tab20b"].colors)
+
+
+def plot_files(files: Sequence[str | Path], out: str | Path, kind: str = "auto") -> Path:
+    """Plot ``files`` as ``kind`` (``auto``: what the files are; all must be of one kind); the PNG's path."""
+    if not files:
+        raise LittleBitError("no files to plot")
+    if kind == "auto":
+        kinds = {detect(f)[0] for f in files}
+        if len(kinds) > 1:
+            raise LittleBitError("training logs and benchmark results cannot share a figure: plot them apart")
+        (kind,) = kinds
+    if kind == TRAINING:
+        return plot_training(files, out)
+    if kind == QUALITY:
+        return plot_quality(files, out)
+    raise LittleBitError(f"unknown plot kind {kind!r}: auto, {TRAINING} or {QUALITY}")

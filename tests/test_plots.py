@@ -1,0 +1,153 @@
+"""Figures: training curves from a JSONL log, quality against BPW from benchmark results, the
+``littlebit plot`` command, and the curves ``littlebit train`` leaves in its work dir."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli, tiny_model
+
+from littlebit.config import LittleBitError
+from littlebit.evaluation import plots
+
+pytest.importorskip("matplotlib")
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > len(PNG_MAGIC) and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def _synthetic_log(path: Path, steps: int = 40, scale: float = 1.0) -> Path:
+    records = [
+        {"phase": "blocks", "block": b, "rel_err": 0.1 / (b + 1), "tokens": 64 * (b + 1)} for b in range(2)
+    ]
+    for step in range(1, steps + 1):
+        tokens = 128 + 256 * step
+        records.append(
+            {
+                "phase": "global",
+                "step": step,
+                "tokens": tokens,
+                "loss": scale / step,
+                "kl": 0.5 / step,
+                "hidden": 0.1,
+                "tokens_per_s": 1000.0 + step,
+            }
+        )
+        if step % 10 == 0:
+            records.append({"phase": "eval", "step": step, "tokens": tokens, "ppl": 500.0 * scale / step})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(text + '{"phase": "glo', encoding="utf-8")  # a last line cut short by a kill
+    return path
+
+
+def test_training_curves_of_several_logs(tmp_path):
+    a = _synthetic_log(tmp_path / "a" / "train_log.jsonl")
+    b = _synthetic_log(tmp_path / "b" / "train_log.jsonl", scale=2.0)
+    out = plots.plot_training([a, b], tmp_path / "curves.png")
+    assert out == tmp_path / "curves.png" and _is_png(out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_plot_command_on_a_training_log(tmp_path, capsys):
+    log = _synthetic_log(tmp_path / "run" / "train_log.jsonl")
+    code, out, _ = run_cli(capsys, "plot", str(log), "--out", str(tmp_path / "t.png"))
+    assert code == 0 and _is_png(tmp_path / "t.png") and out.strip() == str(tmp_path / "t.png")
+
+
+@pytest.mark.parametrize("files", [["qat.json"], ["ptq.json"], ["qat.json", "ptq.json"]])
+def test_plot_command_on_benchmark_results(tmp_path, capsys, files):
+    out = tmp_path / "sub" / "q.png"
+    code, _, err = run_cli(capsys, "plot", *[str(RESULTS / f) for f in files], "--out", str(out))
+    assert code == 0, err
+    assert _is_png(out)
+
+
+def test_benchmark_results_are_read_as_quality_points():
+    kind, points = plots.detect(RESULTS / "ptq.json")
+    assert kind == plots.QUALITY and [p["series"] for p in points if p["fp"]] == ["fp"]
+    kind, points = plots.detect(RESULTS / "qat.json")
+    assert kind == plots.QUALITY and all(p["bpw"] < 1.1 and p["ppl"] > 1 for p in points)
+    assert len({p["tokens"] for p in points}) == 1  # runs on another token budget are left out
+
+
+@pytest.mark.parametrize(
+    "content", ["not json at all\n", '{"a": 1}\n', "[1, 2, 3]\n", '{"phase": "other"}\n', ""]
+)
+def test_unrecognised_file_is_one_line_exit_2(tmp_path, capsys, content):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    code, _, err = run_cli(capsys, "plot", str(bad), "--out", str(tmp_path / "x.png"))
+    assert code == 2 and err.startswith("littlebit: error:") and err.count("\n") == 1
+    assert "bad.json" in err and not (tmp_path / "x.png").exists()
+
+
+def test_unreadable_and_mixed_files_are_one_line_exit_2(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "plot", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.png"))
+    assert code == 2 and err.count("\n") == 1 and "missing.jsonl" in err
+    log = _synthetic_log(tmp_path / "train_log.jsonl")
+    code, _, err = run_cli(
+        capsys, "plot", str(log), str(RESULTS / "qat.json"), "--out", str(tmp_path / "x.png")
+    )
+    assert code == 2 and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "plot", str(log), "--kind", "quality", "--out", str(tmp_path / "x.png"))
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "x.png").exists()
+
+
+def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    log = _synthetic_log(tmp_path / "train_log.jsonl")
+    with pytest.raises(LittleBitError, match=r"pip install 'littlebit\[plot\]'"):
+        plots.plot_training([log], tmp_path / "x.png")
+    from littlebit.training.log import write_curves
+
+    assert write_curves(log) is None  # a training run only warns
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0]
+    assert "littlebit[plot]" in caplog.records[0].getMessage()
+
+
+def test_plot_help_does_not_import_matplotlib():
+    import subprocess
+
+    code = (
+        "import sys; from littlebit.cli import main; main.build_parser(); print('matplotlib' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+class _Tokenizer:
+    def __call__(self, text: str, **kw):
+        return types.SimpleNamespace(input_ids=torch.tensor([[ord(c) % 256 for c in text]]))
+
+
+def test_train_command_leaves_its_curves_in_the_work_dir(tmp_path, monkeypatch):
+    from littlebit.cli import main as cli
+    from littlebit.evaluation import perplexity as evaluation
+    from littlebit.hf import checkpoint as serialization
+    from littlebit.hf import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: tiny_model("llama", seed=0))
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: _Tokenizer())
+    monkeypatch.setattr(
+        evaluation, "tokenize_eval", lambda *a: (_ for _ in ()).throw(LittleBitError("offline"))
+    )
+    monkeypatch.setattr(serialization, "save_compressed", lambda student, out, **k: None)
+    (tmp_path / "data.txt").write_text("a little text to train on, repeated. " * 40)
+    args = ["train", "--bpw", "4", "--out", str(tmp_path / "m"), "--data", str(tmp_path / "data.txt")]
+    args += ["--steps", "2", "--seqlen", "16", "--block-sequences", "0", "--calib-sequences", "2"]
+    assert cli.main([*args, "--save-every", "1", "--device", "cpu"]) == 0
+    work = tmp_path / "m-train"
+    assert sorted(p.name for p in work.iterdir()) == ["train_curves.png", "train_log.jsonl"]
+    assert _is_png(work / "train_curves.png")
