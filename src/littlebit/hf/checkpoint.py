@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ from littlebit.atomic import atomic_directory
 from littlebit.config import LittleBitConfig, LittleBitError, first_line
 from littlebit.hf.format import PACKED_TENSOR_SUFFIX, cast_unquantized, quantization_config_dict
 from littlebit.hf.quantizer import LittleBitHfQuantizer, LittleBitQuantConfig, register_quantizer
-from littlebit.hf.verification import unverified_loading
+from littlebit.hf.verification import read_config_json, unverified_loading
 from littlebit.runtime.packed import pack_model
 
 
@@ -47,19 +46,6 @@ def save_compressed(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
-
-
-def read_config_json(path: Path) -> dict:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise LittleBitError(f"{path} is not a model directory (no config.json)")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LittleBitError(f"{cfg_file} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise LittleBitError(f"{cfg_file} does not hold a JSON object")
-    return cfg
 
 
 def holds_packed_tensors(path: Path) -> bool:

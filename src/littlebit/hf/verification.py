@@ -74,14 +74,25 @@ def config_digest(config_json: dict) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def read_config_json(path: Path) -> dict:
+    """``config.json`` of the model directory ``path``, parsed; anything else is a one-line error."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise LittleBitError(f"{path} is not a model directory (no config.json)")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LittleBitError(f"{cfg_file} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise LittleBitError(f"{cfg_file} does not hold a JSON object")
+    return cfg
+
+
 def verify_config_file(directory: Path) -> dict:
     """The checkpoint's ``config.json``, checked against its own digest; returns the parsed mapping."""
     path = directory / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LittleBitError(f"cannot read {path}: {e}") from e
-    q = raw.get("quantization_config") if isinstance(raw, dict) else None
+    raw = read_config_json(directory)
+    q = raw.get("quantization_config")
     if not isinstance(q, dict):
         raise LittleBitError(f"{path} has no quantization_config")
     expected = q.get("config_digest")
