@@ -25,12 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from littlebit.core import budget
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, "src")
+from littlebit.core import budget, packing  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
 BPWS = [0.1, 0.3, 0.55, 0.8, 1.0]
@@ -52,13 +52,11 @@ def rank_for_bpw(d_in: int, d_out: int, bpw: float) -> int:
 
 
 def packed_bytes(d_in: int, d_out: int, r: int) -> int:
-    return 2 * (4 * (d_out * math.ceil(r / 32) + r * math.ceil(d_in / 32)) + 2 * (d_in + d_out + r))
+    return budget.packed_bytes(d_in, d_out, r, residual=True)
 
 
 def unpack(words: torch.Tensor, n: int) -> torch.Tensor:
-    """+-1 fp32 (..., n) from int32 words (..., ceil(n/32)): bit b of word k is entry 32k + b, set = +1."""
-    bits = (words.unsqueeze(-1) >> torch.arange(32, device=words.device, dtype=torch.int32)) & 1
-    return bits.reshape(*words.shape[:-1], -1)[..., :n].float() * 2 - 1
+    return packing.unpack_signs(words, n, torch.float32)
 
 
 def random_layer(d_in: int, d_out: int, r: int, dev: str, gen: torch.Generator) -> list[torch.Tensor]:

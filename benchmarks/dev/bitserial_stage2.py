@@ -31,7 +31,7 @@ from layer_kernels import (  # noqa: E402
 )
 from mask_decode_probe import pairs as fp16_pairs  # noqa: E402
 
-from littlebit.core.packing import tile_order, untile_order  # noqa: E402  (kernels put src on the path)
+from littlebit.core.packing import tile_order, unpack_signs, untile_order  # noqa: E402  (kernels put src on the path)
 
 CASES = [(8192, 28672, 1.0), (8192, 28672, 0.55), (28672, 8192, 1.0), (4096, 4096, 0.55), (8192, 28672, 0.1),
          (4096, 11008, 1.0)]  # fmt: skip
@@ -49,8 +49,7 @@ def signs_for(tile, u: torch.Tensor) -> torch.Tensor:
 
 
 def ref_stage2(u, h, t, r) -> torch.Tensor:
-    bits = ((u.unsqueeze(-1) >> torch.arange(32, device=u.device, dtype=torch.int32)) & 1).flatten(-2)
-    s = bits[..., :r].double() * 2 - 1
+    s = unpack_signs(u, r, torch.float64)
     return sum(h[p].double() * (s[p] @ t[p, :r].double()) for p in range(u.shape[0]))
 
 
