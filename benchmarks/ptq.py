@@ -1,8 +1,9 @@
 """LittleBit without training vs the baselines on the default model.
 
-WikiText-2 and PTB perplexity (seqlen 2048, whole test split) for the FP model, LittleBit
-(Dual-SVID, no training) at several BPW, fp16 truncated SVD at the same bit budget, and sign(W)
-with rank-1 scales (OneBit-style). Prints a table, writes benchmarks/results/ptq.json.
+WikiText-2 and PTB perplexity (seqlen 2048, whole test split) and PIQA (lm-eval's zero-shot task,
+whole validation split) for the FP model, LittleBit (Dual-SVID, no training) at several BPW, fp16
+truncated SVD at the same bit budget, and sign(W) with rank-1 scales (OneBit-style). Prints a table,
+writes benchmarks/results/ptq.json.
 
     python benchmarks/ptq.py                  # on the GPU machine
     python benchmarks/ptq.py --compress-only  # time the 0.55 BPW compression alone (CPU acceptance)
@@ -21,6 +22,7 @@ from littlebit import LittleBitConfig
 from littlebit.core.baselines import apply_baseline
 from littlebit.core.convert import convert
 from littlebit.evaluation.perplexity import perplexity, tokenize_eval
+from littlebit.evaluation.tasks import evaluate_tasks
 from littlebit.hf.models import load_model, load_tokenizer
 
 
@@ -30,6 +32,9 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
     p.add_argument("--compress-only", action="store_true")
+    p.add_argument("--tasks", default="piqa", help="lm-eval tasks scored for every model ('' for none)")
+    p.add_argument("--task-limit", type=int, help="questions per task (default: the whole split)")
+    p.add_argument("--task-batch-size", type=int, default=16)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -57,11 +62,21 @@ def main() -> None:
 
     ids = {name: tokenize_eval(tok, name, "test") for name in ("wikitext2", "ptb")}
 
+    tasks = [t for t in args.tasks.split(",") if t]
+
     def ppl(model) -> dict[str, float]:
-        return {
+        out = {
             name: perplexity(model, x, args.seqlen, args.max_windows, progress=False)
             for name, x in ids.items()
         }
+        if tasks:
+            t0 = time.perf_counter()
+            scores = evaluate_tasks(model, tok, tasks, limit=args.task_limit, batch_size=args.task_batch_size)
+            out["tasks_s"] = time.perf_counter() - t0
+            for task, metrics in scores.items():
+                for key in ("acc", "acc_norm", "samples"):
+                    out[f"{task}_{key}"] = metrics.get(key)
+        return out
 
     records = [{"method": "fp", "bpw_target": None, "bpw_linear": 16.0, "bpw_total": 16.0, **ppl(base)}]
     print(records[-1])
@@ -90,17 +105,26 @@ def main() -> None:
         print(rec, flush=True)
         del model
     common.write_results(
-        "ptq", records, seqlen=args.seqlen, max_windows=args.max_windows, model="SmolLM2-135M-Instruct"
+        "ptq",
+        records,
+        seqlen=args.seqlen,
+        max_windows=args.max_windows,
+        tasks=tasks,
+        task_limit=args.task_limit,
+        model="SmolLM2-135M-Instruct",
     )
     print(
         f"\n{'method':<10} {'target':>6} {'BPW lin':>8} {'BPW all':>8} {'wikitext2':>12} {'ptb':>12}"
-        f" {'time s':>7}"
+        + "".join(f" {t + ' acc':>9}" for t in tasks)
+        + f" {'time s':>7}"
     )
     for r in records:
         target = "-" if r["bpw_target"] is None else f"{r['bpw_target']:.2f}"
         print(
             f"{r['method']:<10} {target:>6} {r['bpw_linear']:>8.3f} {r['bpw_total']:>8.3f} "
-            f"{r['wikitext2']:>12.2f} {r['ptb']:>12.2f} {r.get('compress_s', 0):>7.1f}"
+            f"{r['wikitext2']:>12.2f} {r['ptb']:>12.2f}"
+            + "".join(f" {r[t + '_acc']:>9.3f}" for t in tasks)
+            + f" {r.get('compress_s', 0):>7.1f}"
         )
 
 
