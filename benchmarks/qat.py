@@ -1,9 +1,11 @@
-"""QAT benchmark: WikiText-2 perplexity after distillation on a fixed token budget.
+"""QAT benchmark: held-out quality after distillation on a fixed token budget.
 
 One process loads the teacher once and trains one student per (bpw, init, variant), each within
-``--tokens`` training tokens (calibration and block reconstruction counted), then evaluates the
-whole WikiText-2 test split at seqlen 2048. Results are appended to the JSON file after every run,
-so a run cut short keeps what it finished.
+``--tokens`` training tokens (calibration and block reconstruction counted), then evaluates it on
+text the training never saw (``heldout.py``): WikiText-2 and PTB test (whole splits, seqlen 2048)
+and PIQA (whole validation split), with their ratios to the FP model, scored once per process, and
+the headline (their geometric mean). Results are appended to the JSON file after every run, so a
+run cut short keeps what it finished.
 
     python benchmarks/qat.py --bpw 1.0 0.55 0.3 --init itq dual-svid --out benchmarks/results/qat.json
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import heldout  # noqa: E402
 import torch  # noqa: E402
 
 import littlebit.training.trainer as train_module  # noqa: E402
@@ -219,6 +222,10 @@ def run_one(bpw: float, init: str, variant: str, ctx: dict, args: argparse.Names
         )
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             ppl = perplexity(res.student, ctx["eval_ids"], 2048, args.final_windows, progress=False)
+        held = {}
+        if ctx["fp"] is not None:
+            held = heldout.evaluate(res.student, ctx["tokenizer"], ctx["heldout_ids"], **ctx["heldout_args"])
+            held.update(heldout.ratios(held, ctx["fp"]))
     except Exception:  # keep the other runs going; the record says what failed
         traceback.print_exc()
         return {"bpw_target": bpw, "init": init, "variant": variant, "error": traceback.format_exc(-1)}
@@ -233,6 +240,7 @@ def run_one(bpw: float, init: str, variant: str, ctx: dict, args: argparse.Names
         "variant": variant,
         "tokens": res.tokens,
         "wikitext2_ppl": round(ppl, 3),
+        "heldout": held,
         "tokens_per_s": round(res.tokens_per_s, 1),
         "seconds": round(time.perf_counter() - t0, 1),
         "timings_s": {k: round(v, 1) for k, v in res.timings.items()},
@@ -282,6 +290,10 @@ def records_from_logs(folder: Path, like: dict, args: argparse.Namespace) -> lis
     return out
 
 
+def _today() -> str:
+    return datetime.date.today().isoformat()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bpw", type=float, nargs="+", default=[1.0, 0.55, 0.3])
@@ -295,6 +307,12 @@ def main() -> int:
     ap.add_argument("--curve-windows", type=int, default=16, help="2048-token windows per curve point")
     ap.add_argument("--final-windows", type=int, default=None, help="cap the final evaluation (smoke tests)")
     ap.add_argument("--model", default=None)
+    ap.add_argument(
+        "--heldout",
+        default="wikitext2,ptb,piqa",
+        help="held-out evaluations of every run and of FP: test texts and lm-eval tasks ('' for none)",
+    )
+    ap.add_argument("--task-limit", type=int, default=None, help="questions per task (smoke tests)")
     ap.add_argument("--out", default="benchmarks/results/qat.json")
     ap.add_argument("--work", default="/tmp/littlebit-qat")
     ap.add_argument("--logs", default=None, help="append every run's training log to this JSONL file")
@@ -330,6 +348,19 @@ def main() -> int:
     ctx["data"] = load_tokens(None, tokenizer)
     out = Path(args.out)
     records = json.loads(out.read_text()) if out.is_file() else []
+    wanted = [n for n in args.heldout.split(",") if n]
+    texts = tuple(n for n in wanted if n in heldout.TEXTS)
+    ctx["heldout_ids"] = heldout.test_ids(tokenizer, texts)
+    ctx["heldout_args"] = {
+        "tasks": tuple(n for n in wanted if n not in texts),
+        "max_windows": args.final_windows,
+        "task_limit": args.task_limit,
+    }
+    ctx["fp"] = None
+    if wanted:
+        ctx["fp"] = heldout.evaluate(ctx["teacher"], tokenizer, ctx["heldout_ids"], **ctx["heldout_args"])
+        records.append({"variant": "fp", "heldout": ctx["fp"], "device": ctx["name"], "date": _today()})
+        print(json.dumps(records[-1]), flush=True)
     pairs = [(float(r.split(":")[0]), r.split(":")[1]) for r in args.runs or []]
     pairs = pairs or [(bpw, init) for bpw in args.bpw for init in args.init]
     for bpw, init in pairs:
@@ -338,7 +369,7 @@ def main() -> int:
             records.append(rec)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(records, indent=1))
-            keys = ("bpw_target", "init", "variant", "tokens", "wikitext2_ppl", "tokens_per_s", "seconds")
+            keys = ("bpw_target", "init", "variant", "tokens", "wikitext2_ppl", "heldout", "tokens_per_s")
             print(json.dumps({k: rec[k] for k in keys if k in rec}), flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
