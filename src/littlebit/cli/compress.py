@@ -14,35 +14,78 @@ from littlebit.cli.common import (
     torch_dtype,
 )
 
+IN_MEMORY_HELP = (
+    "load the whole model in float32 before converting it. By default a safetensors checkpoint "
+    "(local directory or hub id) is streamed a decoder layer at a time instead: the same tensors, "
+    "in memory about one layer plus the embeddings, and an interrupted run resumes when rerun"
+)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_compression_arguments(p, init_default="dual-svid")
     p.add_argument(
         "--dtype", default="bfloat16", choices=DTYPES, help="precision of the uncompressed weights saved"
     )
+    p.add_argument("--in-memory", action="store_true", help=IN_MEMORY_HELP)
+
+
+def _streamable(args: argparse.Namespace) -> Path | None:
+    """The safetensors directory to stream from, or None to load the model whole."""
+    if args.in_memory:
+        return None
+    from littlebit.cli.common import is_littlebit_dir
+    from littlebit.hf.shards import SafetensorsCheckpoint, locate_safetensors
+    from littlebit.hf.streaming import meta_skeleton, missing_from
+
+    source = locate_safetensors(args.model)
+    if source is None or is_littlebit_dir(str(source)):
+        return None  # the whole-model loader refuses a LittleBit checkpoint with its own message
+    # names the model does not find as saved (a checkpoint with renamed tensors) load whole instead
+    model = meta_skeleton(source, args.trust_remote_code)
+    return None if missing_from(model, SafetensorsCheckpoint(source)) else source
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from littlebit.atomic import check_output_dir
-    from littlebit.core.convert import convert
-    from littlebit.hf.checkpoint import save_compressed
-    from littlebit.hf.models import load_model, load_tokenizer
+    from littlebit.hf.models import load_tokenizer
 
     config = compression_config(args)
     check_output_dir(Path(args.out))  # fail before the slow part if the output is unusable
     device = device_name(args.device)
     t0 = time.perf_counter()
-    model = load_model(args.model, torch.float32, device, args.trust_remote_code)
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    t1 = time.perf_counter()
-    report = convert(model, config, compute_device=device)
-    t2 = time.perf_counter()
-    save_compressed(model, args.out, tokenizer, config, dtype=torch_dtype(args.dtype))
+    source = _streamable(args)
+    tokenizer = load_tokenizer(str(source) if source else args.model, args.trust_remote_code)
+    if source is not None:
+        from littlebit.hf.streaming import compress_streamed
+
+        t1 = time.perf_counter()
+        report = compress_streamed(
+            source,
+            args.out,
+            config,
+            tokenizer,
+            torch_dtype(args.dtype),
+            torch.float16,
+            device,
+            args.trust_remote_code,
+        )
+        t2 = time.perf_counter()
+        how = f"streamed a layer at a time in {t2 - t1:.1f}s"
+    else:
+        from littlebit.core.convert import convert
+        from littlebit.hf.checkpoint import save_compressed
+        from littlebit.hf.models import load_model
+
+        model = load_model(args.model, torch.float32, device, args.trust_remote_code)
+        t1 = time.perf_counter()
+        report = convert(model, config, compute_device=device)
+        t2 = time.perf_counter()
+        save_compressed(model, args.out, tokenizer, config, dtype=torch_dtype(args.dtype))
+        how = f"load {t1 - t0:.1f}s, compress {t2 - t1:.1f}s"
     print(
         f"compressed {args.model or 'SmolLM2-135M-Instruct'}: {len(report.layers)} layers, "
-        f"BPW {report.bpw_linear:.4f} (linear), {report.bpw_total:.4f} (all weights); "
-        f"load {t1 - t0:.1f}s, compress {t2 - t1:.1f}s -> {args.out}"
+        f"BPW {report.bpw_linear:.4f} (linear), {report.bpw_total:.4f} (all weights); {how} -> {args.out}"
     )
     return 0
