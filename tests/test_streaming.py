@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +155,16 @@ def test_compress_command_streams_safetensors_and_can_load_whole(tiny_dir, tmp_p
     code, out, _ = run_cli(capsys, *argv, str(tmp_path / "b"), "--in-memory")
     assert code == 0 and "streamed" not in out
     _assert_same_checkpoint(tmp_path / "a", tmp_path / "b")
+
+
+def test_synthetic_checkpoint_has_a_spectrum_and_streams(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from synthetic_checkpoint import write_checkpoint
+
+    source = write_checkpoint(tmp_path / "source", "tiny", signal_rank=8, signal_share=0.8)
+    w = SafetensorsCheckpoint(source).read("model.layers.1.mlp.up_proj.weight", torch.float32)
+    s = torch.linalg.svdvals(w)
+    assert s[:8].square().sum() > 0.6 * s.square().sum()  # white noise would give 8/64 of the energy
+    _in_memory(source, tmp_path / "whole")
+    compress_streamed(source, tmp_path / "streamed", CONFIG, compute_device="cpu", progress=False)
+    _assert_same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
