@@ -168,3 +168,67 @@ def test_synthetic_checkpoint_has_a_spectrum_and_streams(tmp_path):
     _in_memory(source, tmp_path / "whole")
     compress_streamed(source, tmp_path / "streamed", CONFIG, compute_device="cpu", progress=False)
     _assert_same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
+
+
+SEQUENCES = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _reconstruction(epochs=2):
+    from littlebit.training.config import BlockConfig, LearningRates
+    from littlebit.training.streamed_blocks import StreamedBlockReconstruction
+
+    block = BlockConfig(sequences=8, epochs=epochs, batch_size=4)
+    return StreamedBlockReconstruction(SEQUENCES, block, LearningRates(latent=1e-3), device="cpu")
+
+
+def _layer_errors(source, compressed):
+    """Relative error of each decoder layer's output against the original model's, on the calibration."""
+    with torch.no_grad():
+        ref = load_model(str(source), torch.float32, "cpu")(
+            SEQUENCES, output_hidden_states=True
+        ).hidden_states
+        out = load_compressed(compressed)(SEQUENCES, output_hidden_states=True).hidden_states
+    return [
+        ((o.float() - r).square().sum() / r.square().sum()).item()
+        for o, r in zip(out[1:], ref[1:], strict=True)
+    ]
+
+
+def test_streamed_reconstruction_fits_the_layers_to_the_teacher(tmp_path):
+    source = _source(tmp_path)
+    compress_streamed(source, tmp_path / "plain", CONFIG, compute_device="cpu", progress=False)
+    hooks = _reconstruction(epochs=10)
+    kw = dict(compute_device="cpu", progress=False, hooks=hooks)
+    compress_streamed(source, tmp_path / "fitted", CONFIG, **kw)
+    assert len(hooks.losses) == 2
+    names = [sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("plain", "fitted")]
+    assert names[0] == names[1]  # the calibration states are not left in the checkpoint
+    fitted, plain = _layer_errors(source, tmp_path / "fitted"), _layer_errors(source, tmp_path / "plain")
+    assert all(f < 0.7 * p for f, p in zip(fitted, plain, strict=True)), (fitted, plain)
+
+
+def test_streamed_reconstruction_resumes_after_the_last_written_layer(tmp_path, monkeypatch):
+    source = _source(tmp_path)
+    compress_streamed(
+        source, tmp_path / "straight", CONFIG, compute_device="cpu", progress=False, hooks=_reconstruction()
+    )
+    hooks = _reconstruction()
+    real = type(hooks).student
+    monkeypatch.setattr(
+        type(hooks),
+        "student",
+        lambda self, i, b: (_ for _ in ()).throw(KeyboardInterrupt) if i == 1 else real(self, i, b),
+    )
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False, hooks=hooks)
+    monkeypatch.setattr(type(hooks), "student", real)
+    hooks = _reconstruction()
+    compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False, hooks=hooks)
+    assert len(hooks.losses) == 1  # only the second layer was fitted again
+    _assert_same_checkpoint(tmp_path / "straight", out)
+
+
+def test_reconstruct_needs_a_safetensors_checkpoint(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compress", "--bpw", "1", "--reconstruct", "--out", str(tmp_path / "o"))
+    assert code == 2 and "needs a safetensors checkpoint" in err

@@ -45,6 +45,34 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "littlebit-partial.json"
 
 
+class LayerHooks:
+    """Work done around each decoder layer as it is converted (block reconstruction fits there).
+
+    The hooks see every layer in order, from the first that ``start`` returns: the layers before it
+    are already written, and a hook that keeps state saves it in ``saved`` to resume after them.
+    """
+
+    def settings(self) -> dict:
+        """What, besides the source and the config, decides the output (kept in the manifest)."""
+        return {}
+
+    def start(self, model: nn.Module, checkpoint: SafetensorsCheckpoint, work: Path) -> int:
+        """Called once with the meta-device model; returns the first layer to (re)compute."""
+        return 0
+
+    def teacher(self, index: int, block: nn.Module) -> None:
+        """Layer ``index`` holds the source weights (float32), before conversion."""
+
+    def student(self, index: int, block: nn.Module) -> None:
+        """Layer ``index`` is converted (training form), before packing."""
+
+    def saved(self, index: int, work: Path) -> None:
+        """Layer ``index`` is written to ``work``."""
+
+    def finish(self, work: Path) -> None:
+        """Every layer is written: remove from ``work`` what is not part of the checkpoint."""
+
+
 def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
@@ -167,11 +195,13 @@ def compress_streamed(
     compute_device: torch.device | str | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    hooks: LayerHooks | None = None,
 ) -> ModelBudget:
     """Compress the safetensors checkpoint in directory ``source`` into ``out``, a layer at a time.
 
     Same arguments and result as ``convert`` followed by ``save_compressed``. Interrupted, it leaves its
     finished layers in ``.OUT.partial`` next to ``out``, and the same call resumes from there.
+    ``hooks`` act on each layer between reading and writing it (``LayerHooks``).
     """
     source, out = Path(source), Path(out)
     check_output_dir(out)
@@ -198,20 +228,24 @@ def compress_streamed(
         "dtype": str(dtype),
         "scale_dtype": str(scale_dtype),
         "format_version": FORMAT_VERSION,
+        "hooks": hooks.settings() if hooks is not None else {},
     }
     work = partial_dir(out)
     _open_partial(work, manifest)
     weight_map: dict[str, str] = {}
     try:
+        first = hooks.start(model, checkpoint, work) if hooks is not None else 0
         for k, block_name in enumerate(tqdm(blocks, desc="LittleBit layers", disable=not progress)):
             file = work / f"model-{k + 1:05d}-of-{n_files:05d}.safetensors"
             prefix = block_name + "."
             modules = [m for m in by_module if m.startswith(prefix)]
-            if file.is_file():
+            if file.is_file() and (hooks is None or k < first):
                 specs = {m: _spec(model, by_module[m], config) for m in modules}
                 install_packed_skeleton(model, specs, scale_dtype)
             else:
                 _compress_block(
+                    hooks,
+                    k,
                     model,
                     block_name,
                     checkpoint,
@@ -238,6 +272,8 @@ def compress_streamed(
         if tokenizer is not None:
             tokenizer.save_pretrained(work)
         (work / MANIFEST_NAME).unlink()
+        if hooks is not None:
+            hooks.finish(work)
         check_output_dir(out)
         share_permissions(work)
         if out.is_dir():
@@ -256,6 +292,8 @@ def compress_streamed(
 
 
 def _compress_block(
+    hooks: LayerHooks | None,
+    k: int,
     model: nn.Module,
     block_name: str,
     checkpoint: SafetensorsCheckpoint,
@@ -275,12 +313,18 @@ def _compress_block(
     state = {n.removeprefix(prefix): _load_as_saved(checkpoint, n) for n in block.state_dict(prefix=prefix)}
     block.load_state_dict(state, assign=True, strict=True)
     del state  # the block holds the only reference: each linear's weight is freed once converted
+    if hooks is not None:
+        hooks.teacher(k, block)
     for name in modules:
         convert_module(model, name, by_module[name], config, index_of[name], compute_device)
+    if hooks is not None:
+        hooks.student(k, block)
     pack_model(block, scale_dtype)
     cast_unquantized(block, dtype)
     _write_shard(block.state_dict(prefix=prefix), file)
     block.to("meta")
+    if hooks is not None:
+        hooks.saved(k, file.parent)
 
 
 def _write_rest(
