@@ -41,11 +41,30 @@ def child_compress(a: argparse.Namespace) -> dict:
     from littlebit.hf.streaming import compress_streamed
 
     torch.set_num_threads(a.threads)
+    hooks = _reconstruction(a) if a.reconstruct else None
     t0 = time.perf_counter()
-    report = compress_streamed(a.source, a.out, LittleBitConfig(bpw=a.bpw), compute_device=a.device)
+    config = LittleBitConfig(bpw=a.bpw)
+    report = compress_streamed(a.source, a.out, config, compute_device=a.device, hooks=hooks)
     seconds = time.perf_counter() - t0
-    return {"compress_s": seconds, "bpw_linear": report.bpw_linear, "bpw_total": report.bpw_total,
-            "compressed_layers": len(report.layers), **_peaks(a.device)}  # fmt: skip
+    record = {"compress_s": seconds, "bpw_linear": report.bpw_linear, "bpw_total": report.bpw_total,
+              "compressed_layers": len(report.layers), **_peaks(a.device)}  # fmt: skip
+    if hooks is not None:
+        record["block_losses"] = hooks.losses
+    return record
+
+
+def _reconstruction(a: argparse.Namespace):
+    """Block reconstruction on random token ids: the synthetic model has no tokenizer, and time and
+    memory depend on the number and length of the sequences, not on their text."""
+    import torch
+
+    from littlebit.training.config import BlockConfig
+    from littlebit.training.streamed_blocks import StreamedBlockReconstruction
+
+    vocab = json.loads((Path(a.source) / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(0, vocab, (a.sequences, a.seqlen), generator=torch.Generator().manual_seed(0))
+    block = BlockConfig(sequences=a.sequences, epochs=a.epochs, batch_size=a.batch_size)
+    return StreamedBlockReconstruction(ids, block, device=a.device)
 
 
 def child_load(a: argparse.Namespace) -> dict:
@@ -67,6 +86,9 @@ def _run_child(kind: str, a: argparse.Namespace, source: Path, out: Path, work: 
     result = work / f"{kind}.json"
     cmd = [sys.executable, __file__, "--child", kind, "--source", str(source), "--out", str(out)]
     cmd += ["--bpw", str(a.bpw), "--device", a.device, "--threads", str(a.threads), "--result", str(result)]
+    if kind == "compress" and a.reconstruct:
+        cmd += ["--reconstruct", "--sequences", str(a.sequences), "--seqlen", str(a.seqlen)]
+        cmd += ["--epochs", str(a.epochs), "--batch-size", str(a.batch_size)]
     subprocess.run(cmd, check=True)
     return json.loads(result.read_text())
 
@@ -85,6 +107,11 @@ def main() -> None:
     p.add_argument("--workdir", help="scratch directory for the checkpoints (removed after)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints in --workdir")
     p.add_argument("--name", help="results file name (default: stream_compress_<device>[_<shape>])")
+    p.add_argument("--reconstruct", action="store_true", help="fit each layer as it is compressed")
+    p.add_argument("--sequences", type=int, default=256, help="calibration sequences (reconstruction)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the calibration set per layer")
+    p.add_argument("--batch-size", type=int, default=2, help="sequences per reconstruction step")
     p.add_argument("--child", choices=("compress", "load"), help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -101,15 +128,17 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     work = Path(a.workdir)
-    source, out = work / "source", work / "compressed"
     full_layers = SHAPES[a.shape]["num_hidden_layers"]
     layers = a.layers or full_layers
+    # one source per shape and depth, so --keep lets later runs reuse it
+    source, out = work / f"source-{a.shape}-{layers}", work / "compressed"
     try:
         t0 = time.perf_counter()
         if not source.is_dir():
             write_checkpoint(source, a.shape, layers, "cuda" if a.device.startswith("cuda") else "cpu")
         generate_s = time.perf_counter() - t0
-        shutil.rmtree(out, ignore_errors=True)
+        for stale in (out, work / f".{out.name}.partial"):  # an earlier, interrupted run's output
+            shutil.rmtree(stale, ignore_errors=True)
         compress = _run_child("compress", a, source, out, work)
         load = _run_child("load", a, source, out, work)
         record = {
@@ -125,26 +154,33 @@ def main() -> None:
             **compress,
             "compress_per_layer_s": compress["compress_s"] / layers,
             "compress_full_model_s": compress["compress_s"] / layers * full_layers,
+            "reconstruct": a.reconstruct,
+            **(
+                {"sequences": a.sequences, "seqlen": a.seqlen, "epochs": a.epochs, "batch_size": a.batch_size}
+                if a.reconstruct
+                else {}
+            ),  # fmt: skip
             "load": load,
         }
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
     suffix = "" if a.shape == "llama2-7b" and layers == full_layers else f"_{a.shape}_{layers}l"
-    name = a.name or f"stream_compress_{'cuda' if a.device.startswith('cuda') else 'cpu'}{suffix}"
+    what = "reconstruct" if a.reconstruct else "compress"
+    name = a.name or f"stream_{what}_{'cuda' if a.device.startswith('cuda') else 'cpu'}{suffix}"
     path = write_results(name, [record])
     rows = [
         ("shape", f"{a.shape} ({layers}/{full_layers} layers)"),
         ("source (bf16)", f"{record['source_gb']:.2f} GB"),
         ("compressed", f"{record['compressed_gb']:.3f} GB"),
         ("BPW linear / all", f"{record['bpw_linear']:.4f} / {record['bpw_total']:.4f}"),
-        ("compress time", f"{record['compress_s']:.0f} s ({record['compress_per_layer_s']:.1f} s/layer)"),
+        (f"{what} time", f"{record['compress_s']:.0f} s ({record['compress_per_layer_s']:.1f} s/layer)"),
         ("whole-model estimate", f"{record['compress_full_model_s'] / 3600:.2f} h"),
-        ("peak RSS compress", f"{record['peak_rss_gb']:.2f} GB"),
+        (f"peak RSS {what}", f"{record['peak_rss_gb']:.2f} GB"),
         ("peak RSS load+forward", f"{load['peak_rss_gb']:.2f} GB"),
     ]
     if "peak_gpu_gb" in record:
-        rows.append(("peak GPU compress", f"{record['peak_gpu_gb']:.2f} GB"))
+        rows.append((f"peak GPU {what}", f"{record['peak_gpu_gb']:.2f} GB"))
     rows.append(("loads, finite logits", str(load["logits_finite"])))
     for k, v in rows:
         print(f"{k:<24} {v}")
