@@ -58,6 +58,8 @@ def _assert_same_checkpoint(a, b):
     config_a = json.loads((a / "config.json").read_text())
     config_b = json.loads((b / "config.json").read_text())
     assert config_a == config_b
+    generation = [json.loads((d / "generation_config.json").read_text()) for d in (a, b)]
+    assert generation[0] == generation[1]
 
 
 def _logits(path):
@@ -229,6 +231,24 @@ def test_streamed_reconstruction_resumes_after_the_last_written_layer(tmp_path, 
     _assert_same_checkpoint(tmp_path / "straight", out)
 
 
-def test_reconstruct_needs_a_safetensors_checkpoint(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "compress", "--bpw", "1", "--reconstruct", "--out", str(tmp_path / "o"))
-    assert code == 2 and "needs a safetensors checkpoint" in err
+def test_compress_command_reconstructs(tiny_dir, tmp_path, capsys):
+    text = tmp_path / "calibration.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 40)
+    out = tmp_path / "out"
+    argv = ["compress", str(tiny_dir), "--bpw", "1", "--device", "cpu", "--out", str(out), "--reconstruct"]
+    argv += ["--calibration", str(text), "--block-sequences", "4", "--seqlen", "16", "--block-epochs", "1"]
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0 and "block reconstruction error" in stdout, err
+    assert torch.isfinite(_logits(out)).all()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [([], "needs a safetensors checkpoint"), (["{tiny}", "--in-memory"], "drop --in-memory")],
+)
+def test_reconstruct_refuses_what_it_cannot_stream(tiny_dir, tmp_path, capsys, extra, message):
+    extra = [str(tiny_dir) if a == "{tiny}" else a for a in extra]
+    code, _, err = run_cli(
+        capsys, "compress", *extra, "--bpw", "1", "--reconstruct", "--out", str(tmp_path / "o")
+    )
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

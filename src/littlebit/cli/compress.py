@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(Path(args.out))  # fail before the slow part if the output is unusable
     device = device_name(args.device)
     t0 = time.perf_counter()
+    if args.reconstruct and args.in_memory:
+        raise LittleBitError("--reconstruct streams the model a layer at a time: drop --in-memory")
     source = _streamable(args)
     if args.reconstruct and source is None:
         raise LittleBitError(

@@ -230,6 +230,7 @@ def compress_streamed(
         "format_version": FORMAT_VERSION,
         "hooks": hooks.settings() if hooks is not None else {},
     }
+    manifest = json.loads(json.dumps(manifest))  # as read back when resuming (tuples become lists)
     work = partial_dir(out)
     _open_partial(work, manifest)
     weight_map: dict[str, str] = {}
