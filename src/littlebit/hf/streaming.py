@@ -89,8 +89,13 @@ def meta_skeleton(source: Path, trust_remote_code: bool = False) -> nn.Module:
             )
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise LittleBitError(f"cannot load model {str(source)!r}: {first_line(e)}") from e
-    if model.can_generate() and (source / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(source)
+    if model.can_generate():  # as from_pretrained sets it, so that save_pretrained writes the same file
+        if (source / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(source)
+        else:
+            model.generation_config = GenerationConfig.from_pretrained(
+                source, config_file_name="config.json", _from_model_config=True
+            )
     return model.eval()
 
 
