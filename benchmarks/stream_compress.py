@@ -28,7 +28,8 @@ from synthetic_checkpoint import SHAPES, write_checkpoint
 def _peaks(device: str) -> dict:
     import torch
 
-    peaks = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # KiB on Linux
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peaks = {"peak_rss_kib": kib, "peak_rss_gb": kib * 1024 / 1e9}
     if device.startswith("cuda"):
         peaks["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return peaks
