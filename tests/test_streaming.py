@@ -58,6 +58,8 @@ def _assert_same_checkpoint(a, b):
     config_a = json.loads((a / "config.json").read_text())
     config_b = json.loads((b / "config.json").read_text())
     assert config_a == config_b
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name  # the same files, byte for byte
     generation = [json.loads((d / "generation_config.json").read_text()) for d in (a, b)]
     assert generation[0] == generation[1]
 

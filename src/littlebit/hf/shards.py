@@ -84,6 +84,17 @@ class SafetensorsCheckpoint:
             files = sorted(self.directory.glob("*.safetensors"))
         if not files:
             raise LittleBitError(f"{self.directory} holds no safetensors files")
+        self._read_headers(files)
+
+    @classmethod
+    def from_files(cls, files: list[Path]) -> SafetensorsCheckpoint:
+        """The tensors of the given files only."""
+        self = cls.__new__(cls)
+        self.directory = files[0].parent
+        self._read_headers(files)
+        return self
+
+    def _read_headers(self, files: list[Path]) -> None:
         self.entries: dict[str, TensorEntry] = {}
         for file in files:
             self.entries.update(read_header(file)[0])

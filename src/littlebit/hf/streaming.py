@@ -2,9 +2,10 @@
 
 The model is built on the meta device; each decoder layer in turn is read from the source files (in
 float32, as the whole-model path loads it), initialised on the compute device, packed, written to its
-own safetensors shard and dropped, so memory holds about one layer plus the embeddings. The tensors
-and ``config.json`` written are those ``save_compressed`` writes for the same model and config, digests
-included; only the split into shard files differs.
+own safetensors shard and dropped, so memory holds about one layer plus the embeddings (and, at the
+end, the packed model, a small fraction of the source, while the shards become one
+``model.safetensors``). The files written are those ``save_compressed`` writes for the same model and
+config, byte for byte, digests included.
 
 Work in progress lives in a hidden sibling of the output (``.NAME.partial``) with a manifest of the
 source and settings: after a crash, the same command resumes from the first layer without a shard.
@@ -36,7 +37,7 @@ from littlebit.core.convert import (
 from littlebit.hf.checkpoint import prepare_for_save
 from littlebit.hf.format import FORMAT_VERSION, cast_unquantized
 from littlebit.hf.quantizer import config_as_saved
-from littlebit.hf.shards import INDEX_NAME, SafetensorsCheckpoint, read_header
+from littlebit.hf.shards import SINGLE_NAME, SafetensorsCheckpoint
 from littlebit.hf.verification import config_digest, tensor_digest
 from littlebit.runtime.packed import LayerSpec, install_packed_skeleton, pack_model
 
@@ -163,12 +164,25 @@ def _open_partial(work: Path, manifest: dict) -> int:
     return 0
 
 
-def _digests(work: Path, model: nn.Module, weight_map: dict[str, str]) -> dict[str, str]:
-    """Digests of every state-dict name, read back from the written files (tied names share one)."""
-    checkpoint = SafetensorsCheckpoint(work)
-    written = {name: tensor_digest(checkpoint.read(name)) for name in weight_map}
+def _merge_shards(work: Path, merged: Path) -> None:
+    """The layers' shards as one ``model.safetensors``, the file ``save_pretrained`` writes for a model
+    of this size (the packed model is a small fraction of the source: it is read whole here)."""
+    shards = sorted(work.glob("model-*.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        checkpoint = SafetensorsCheckpoint.from_files([shard])
+        tensors.update((name, checkpoint.read(name)) for name in checkpoint.entries)
+    _write_shard(tensors, merged)
+    for shard in shards:  # only once the merged file is complete: a crash before resumes from them
+        shard.unlink()
+
+
+def _digests(merged: Path, model: nn.Module) -> dict[str, str]:
+    """Digests of every state-dict name, read back from the written file (tied names share one)."""
+    checkpoint = SafetensorsCheckpoint.from_files([merged])
+    written = {name: tensor_digest(checkpoint.read(name)) for name in checkpoint.entries}
     owner: dict[int, str] = {}
-    for name in weight_map:
+    for name in written:
         owner[id(model.get_parameter_or_buffer(name))] = name
     digests = {}
     for name in model.state_dict():
@@ -238,14 +252,14 @@ def compress_streamed(
     manifest = json.loads(json.dumps(manifest))  # as read back when resuming (tuples become lists)
     work = partial_dir(out)
     _open_partial(work, manifest)
-    weight_map: dict[str, str] = {}
+    merged = work / SINGLE_NAME
     try:
         first = hooks.start(model, checkpoint, work) if hooks is not None else 0
         for k, block_name in enumerate(tqdm(blocks, desc="LittleBit layers", disable=not progress)):
             file = work / f"model-{k + 1:05d}-of-{n_files:05d}.safetensors"
             prefix = block_name + "."
             modules = [m for m in by_module if m.startswith(prefix)]
-            if file.is_file() and (hooks is None or k < first):
+            if merged.is_file() or (file.is_file() and (hooks is None or k < first)):
                 specs = {m: _spec(model, by_module[m], config) for m in modules}
                 install_packed_skeleton(model, specs, scale_dtype)
             else:
@@ -264,17 +278,13 @@ def compress_streamed(
                     scale_dtype,
                     compute_device,
                 )
-            weight_map.update(dict.fromkeys(read_header(file)[0], file.name))
-        rest_file = work / f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
-        rest = [n for n in names if not n.startswith(tuple(b + "." for b in blocks))]
-        if not rest_file.is_file():
-            _write_rest(model, checkpoint, rest, rest_file, dtype)
-        weight_map.update({n: rest_file.name for n in rest})
-        digests = _digests(work, model, weight_map)
-        _write_config(work, model, config, digests, dtype, scale_dtype)
-        total = sum((work / f).stat().st_size for f in set(weight_map.values()))
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (work / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if not merged.is_file():
+            rest_file = work / f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
+            rest = [n for n in names if not n.startswith(tuple(b + "." for b in blocks))]
+            if not rest_file.is_file():
+                _write_rest(model, checkpoint, rest, rest_file, dtype)
+            _merge_shards(work, merged)
+        _write_config(work, model, config, _digests(merged, model), dtype, scale_dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(work)
         (work / MANIFEST_NAME).unlink()
@@ -286,7 +296,7 @@ def compress_streamed(
             out.rmdir()  # empty: checked above
         os.replace(work, out)
     except BaseException as e:
-        finished = len(list(work.glob("model-*.safetensors")))
+        finished = len(list(work.glob("model*.safetensors")))
         if finished == 0:
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind
         else:
