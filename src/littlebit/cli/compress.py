@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
             "--reconstruct streams the model: it needs a safetensors checkpoint (littlebit train runs "
             "the block stage on a model loaded whole)"
         )
-    tokenizer = load_tokenizer(str(source) if source else args.model, args.trust_remote_code)
     if source is not None:
         from littlebit.hf.streaming import compress_streamed
 
+        tokenizer = load_tokenizer(str(source), args.trust_remote_code)
         hooks = _reconstruction(args, tokenizer, device) if args.reconstruct else None
         t1 = time.perf_counter()
         report = compress_streamed(
@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         from littlebit.hf.models import load_model
 
         model = load_model(args.model, torch.float32, device, args.trust_remote_code)
+        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
         t1 = time.perf_counter()
         report = convert(model, config, compute_device=device)
         t2 = time.perf_counter()
