@@ -106,7 +106,7 @@ def write_checkpoint(
     seed: int = 0,
     **spectrum,
 ) -> Path:
-    """Write the checkpoint to ``out`` (a new directory); returns it. ``layers`` cuts the depth."""
+    """Write the checkpoint to ``out`` (a directory not there yet); returns it. ``layers`` cuts the depth."""
     from transformers import LlamaConfig
 
     out = Path(out)
