@@ -56,8 +56,8 @@ def decoder_layer_classes(model: nn.Module) -> set[str]:
     return set(getattr(model, "_no_split_modules", None) or [])
 
 
-def decoder_linear_names(model: nn.Module) -> list[str]:
-    """Qualified names of every ``nn.Linear`` inside the decoder's layers (not the head or embeddings)."""
+def decoder_block_names(model: nn.Module) -> list[str]:
+    """Qualified names of the decoder's layers, in model order."""
     classes = decoder_layer_classes(model)
     blocks = [n for n, m in model.named_modules() if type(m).__name__ in classes]
     if not blocks:  # unknown architecture: fall back to the largest ModuleList of blocks
@@ -65,7 +65,12 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
         if lists:
             name, mlist = max(lists, key=lambda nm: len(nm[1]))
             blocks = [f"{name}.{i}" for i in range(len(mlist))]
-    prefixes = tuple(b + "." for b in blocks)
+    return blocks
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of every ``nn.Linear`` inside the decoder's layers (not the head or embeddings)."""
+    prefixes = tuple(b + "." for b in decoder_block_names(model))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [
         n
@@ -160,34 +165,54 @@ def convert(
     report = budget(model, config, targets)
     if (msg := report.warning()) is not None:
         log.warning(msg)
+    if compute_device is None and torch.cuda.is_available():
+        compute_device = "cuda"
+    by_module = targets_by_module(targets)
+    for i, (name, parts) in enumerate(tqdm(by_module.items(), desc="LittleBit init", disable=not progress)):
+        scale = input_scales(name) if input_scales is not None else None
+        convert_module(model, name, parts, config, i, compute_device, scale)
+    attach_config(model, config)
+    return report
+
+
+def targets_by_module(targets: list[Target]) -> dict[str, list[Target]]:
+    """The targets grouped by module, in model order: a module's index here seeds its initialisation."""
     by_module: dict[str, list[Target]] = {}
     for t in targets:
         by_module.setdefault(t.module_name, []).append(t)
-    if compute_device is None and torch.cuda.is_available():
-        compute_device = "cuda"
-    for i, (name, parts) in enumerate(tqdm(by_module.items(), desc="LittleBit init", disable=not progress)):
-        linear = model.get_submodule(name)
-        scale = input_scales(name) if input_scales is not None else None
-        new = {}
-        offset = 0
-        for t in parts:
-            sub = _slice_linear(linear, offset, t.d_out)
-            offset += t.d_out
-            new[t.part] = LittleBitLinear.from_linear(
-                sub,
-                t.rank,
-                residual=config.residual,
-                init=config.init,
-                seed=config.seed + i,
-                sign_function=config.sign_function,
-                smooth_alpha=config.smooth_alpha,
-                input_scale=scale,
-                compute_device=compute_device,
-            )
-        module = new[None] if None in new else SplitLinear(new, linear.in_features)
-        set_submodule(model, name, module)
-    attach_config(model, config)
-    return report
+    return by_module
+
+
+def convert_module(
+    model: nn.Module,
+    name: str,
+    parts: list[Target],
+    config: LittleBitConfig,
+    index: int,
+    compute_device: torch.device | str | None = None,
+    input_scale: torch.Tensor | None = None,
+) -> None:
+    """Replace the linear ``name`` by its initialised LittleBit form; ``index`` is its position in
+    ``targets_by_module`` (the seed offset), so one module converted alone matches a whole-model run."""
+    linear = model.get_submodule(name)
+    new = {}
+    offset = 0
+    for t in parts:
+        sub = _slice_linear(linear, offset, t.d_out)
+        offset += t.d_out
+        new[t.part] = LittleBitLinear.from_linear(
+            sub,
+            t.rank,
+            residual=config.residual,
+            init=config.init,
+            seed=config.seed + index,
+            sign_function=config.sign_function,
+            smooth_alpha=config.smooth_alpha,
+            input_scale=input_scale,
+            compute_device=compute_device,
+        )
+    module = new[None] if None in new else SplitLinear(new, linear.in_features)
+    set_submodule(model, name, module)
 
 
 def _slice_linear(linear: nn.Linear, start: int, size: int) -> nn.Linear:

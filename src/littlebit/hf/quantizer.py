@@ -177,7 +177,7 @@ class LittleBitHfQuantizer(HfQuantizer):
         """Record digests of every tensor and of config.json as they will be written."""
         q = self.quantization_config
         q.tensor_digests = state_digests(model.state_dict())
-        q.config_digest = config_digest(_config_as_saved(model))
+        q.config_digest = config_digest(config_as_saved(model))
         return None, {}
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -188,7 +188,7 @@ class LittleBitHfQuantizer(HfQuantizer):
         return False
 
 
-def _config_as_saved(model) -> dict:
+def config_as_saved(model) -> dict:
     """The config.json that ``save_pretrained`` is about to write (it sets dtype and architectures
     after asking the quantizer for its metadata, so they are set here the same way)."""
     config = copy.deepcopy(model.config)

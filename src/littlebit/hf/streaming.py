@@ -1,0 +1,356 @@
+"""Compressing a safetensors checkpoint one decoder layer at a time.
+
+The model is built on the meta device; each decoder layer in turn is read from the source files (in
+float32, as the whole-model path loads it), initialised on the compute device, packed, written to its
+own safetensors shard and dropped, so memory holds about one layer plus the embeddings (and, at the
+end, the packed model, a small fraction of the source, while the shards become one
+``model.safetensors``). The files written are those ``save_compressed`` writes for the same model and
+config, byte for byte, digests included.
+
+Work in progress lives in a hidden sibling of the output (``.NAME.partial``) with a manifest of the
+source and settings: after a crash, the same command resumes from the first layer without a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from littlebit.atomic import check_output_dir, os_error_message, share_permissions
+from littlebit.config import LittleBitConfig, LittleBitError, first_line
+from littlebit.core.budget import ModelBudget
+from littlebit.core.convert import (
+    Target,
+    budget,
+    convert_module,
+    decoder_block_names,
+    plan,
+    targets_by_module,
+)
+from littlebit.hf.checkpoint import prepare_for_save
+from littlebit.hf.format import FORMAT_VERSION, cast_unquantized
+from littlebit.hf.quantizer import config_as_saved
+from littlebit.hf.shards import SINGLE_NAME, SafetensorsCheckpoint
+from littlebit.hf.verification import config_digest, tensor_digest
+from littlebit.runtime.packed import LayerSpec, install_packed_skeleton, pack_model
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "littlebit-partial.json"
+
+
+class LayerHooks:
+    """Work done around each decoder layer as it is converted (block reconstruction fits there).
+
+    The hooks see every layer in order, from the first that ``start`` returns: the layers before it
+    are already written, and a hook that keeps state saves it in ``saved`` to resume after them.
+    """
+
+    def settings(self) -> dict:
+        """What, besides the source and the config, decides the output (kept in the manifest)."""
+        return {}
+
+    def start(self, model: nn.Module, checkpoint: SafetensorsCheckpoint, work: Path) -> int:
+        """Called once with the meta-device model; returns the first layer to (re)compute."""
+        return 0
+
+    def teacher(self, index: int, block: nn.Module) -> None:
+        """Layer ``index`` holds the source weights (float32), before conversion."""
+
+    def student(self, index: int, block: nn.Module) -> None:
+        """Layer ``index`` is converted (training form), before packing."""
+
+    def saved(self, index: int, work: Path) -> None:
+        """Layer ``index`` is written to ``work``."""
+
+    def finish(self, work: Path) -> None:
+        """Every layer is written: remove from ``work`` what is not part of the checkpoint."""
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def meta_skeleton(source: Path, trust_remote_code: bool = False) -> nn.Module:
+    """The model of ``source`` with every tensor on the meta device (no memory, no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                cfg, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise LittleBitError(f"cannot load model {str(source)!r}: {first_line(e)}") from e
+    if model.can_generate():  # as from_pretrained sets it, so that save_pretrained writes the same file
+        if (source / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(source)
+        else:
+            model.generation_config = GenerationConfig.from_pretrained(
+                source, config_file_name="config.json", _from_model_config=True
+            )
+    return model.eval()
+
+
+def saved_names(model: nn.Module) -> list[str]:
+    """The state-dict names ``save_pretrained`` writes: one of each group of tied tensors."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    return list(remove_tied_weights_from_state_dict(model.state_dict(), model))
+
+
+def missing_from(model: nn.Module, checkpoint: SafetensorsCheckpoint) -> list[str]:
+    """Tensors the model needs that the checkpoint does not hold under the model's own names."""
+    return [n for n in saved_names(model) if n not in checkpoint]
+
+
+def _spec(model: nn.Module, parts: list[Target], config: LittleBitConfig) -> LayerSpec:
+    linear = model.get_submodule(parts[0].module_name)
+    paths = 2 if config.residual else 1
+    bias = linear.bias is not None
+    if parts[0].part is None:
+        return LayerSpec(linear.in_features, linear.out_features, parts[0].rank, bias, paths)
+    rows = [[t.part, t.d_out, t.rank] for t in parts]
+    return LayerSpec(linear.in_features, linear.out_features, 0, bias, paths, rows)
+
+
+def _load_as_saved(checkpoint: SafetensorsCheckpoint, name: str) -> torch.Tensor:
+    """A tensor as ``from_pretrained(dtype=torch.float32)`` holds it: floating point in float32."""
+    entry = checkpoint.entries[name]
+    return checkpoint.read(name, torch.float32 if entry.dtype.is_floating_point else None)
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"}
+        )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _open_partial(work: Path, manifest: dict) -> int:
+    """Create the work directory, or check that an existing one was started with these settings;
+    returns how many shards it already holds."""
+    record = work / MANIFEST_NAME
+    if work.is_dir():
+        try:
+            previous = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LittleBitError(f"{work} is not a resumable compression ({first_line(e)}): remove it") from e
+        if previous != manifest:
+            raise LittleBitError(
+                f"{work} holds a partial compression of another model or with other settings: "
+                "rerun that command to finish it, or remove it"
+            )
+        for stale in work.glob(".*.tmp-*"):  # a shard being written when the process died
+            stale.unlink(missing_ok=True)
+        return len(list(work.glob("model-*.safetensors")))
+    work.parent.mkdir(parents=True, exist_ok=True)
+    work.mkdir()
+    record.write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+    return 0
+
+
+def _merge_shards(work: Path, merged: Path) -> None:
+    """The layers' shards as one ``model.safetensors``, the file ``save_pretrained`` writes for a model
+    of this size (the packed model is a small fraction of the source: it is read whole here)."""
+    shards = sorted(work.glob("model-*.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        checkpoint = SafetensorsCheckpoint.from_files([shard])
+        tensors.update((name, checkpoint.read(name)) for name in checkpoint.entries)
+    _write_shard(tensors, merged)
+    for shard in shards:  # only once the merged file is complete: a crash before resumes from them
+        shard.unlink()
+
+
+def _digests(merged: Path, model: nn.Module) -> dict[str, str]:
+    """Digests of every state-dict name, read back from the written file (tied names share one)."""
+    checkpoint = SafetensorsCheckpoint.from_files([merged])
+    written = {name: tensor_digest(checkpoint.read(name)) for name in checkpoint.entries}
+    owner: dict[int, str] = {}
+    for name in written:
+        owner[id(model.get_parameter_or_buffer(name))] = name
+    digests = {}
+    for name in model.state_dict():
+        digests[name] = written.get(name) or written[owner[id(model.get_parameter_or_buffer(name))]]
+    return dict(sorted(digests.items()))
+
+
+def _write_config(work: Path, model: nn.Module, config: LittleBitConfig, digests: dict, dtype, scale_dtype):
+    cast_unquantized(model, dtype)
+    prepare_for_save(model, config, scale_dtype)
+    q = model.config.quantization_config
+    q.tensor_digests = digests
+    q.config_digest = config_digest(config_as_saved(model))
+    # what save_pretrained sets before writing the config
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(work)
+    if model.can_generate():
+        model.generation_config.save_pretrained(work)
+
+
+def compress_streamed(
+    source: str | Path,
+    out: str | Path,
+    config: LittleBitConfig,
+    tokenizer=None,
+    dtype: torch.dtype = torch.bfloat16,
+    scale_dtype: torch.dtype = torch.float16,
+    compute_device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    hooks: LayerHooks | None = None,
+) -> ModelBudget:
+    """Compress the safetensors checkpoint in directory ``source`` into ``out``, a layer at a time.
+
+    Same arguments and result as ``convert`` followed by ``save_compressed``. Interrupted, it leaves its
+    finished layers in ``.OUT.partial`` next to ``out``, and the same call resumes from there.
+    ``hooks`` act on each layer between reading and writing it (``LayerHooks``).
+    """
+    source, out = Path(source), Path(out)
+    check_output_dir(out)
+    checkpoint = SafetensorsCheckpoint(source)
+    model = meta_skeleton(source, trust_remote_code)
+    missing = missing_from(model, checkpoint)
+    if missing:
+        raise LittleBitError(f"{source} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
+    targets = plan(model, config)
+    report = budget(model, config, targets)
+    if (msg := report.warning()) is not None:
+        log.warning(msg)
+    if compute_device is None and torch.cuda.is_available():
+        compute_device = "cuda"
+
+    blocks = decoder_block_names(model)
+    by_module = targets_by_module(targets)
+    index_of = {name: i for i, name in enumerate(by_module)}
+    names = saved_names(model)
+    n_files = len(blocks) + 1
+    manifest = {
+        "source": str(source.resolve()),
+        "littlebit": config.to_dict(),
+        "dtype": str(dtype),
+        "scale_dtype": str(scale_dtype),
+        "format_version": FORMAT_VERSION,
+        "hooks": hooks.settings() if hooks is not None else {},
+    }
+    manifest = json.loads(json.dumps(manifest))  # as read back when resuming (tuples become lists)
+    work = partial_dir(out)
+    _open_partial(work, manifest)
+    merged = work / SINGLE_NAME
+    try:
+        first = hooks.start(model, checkpoint, work) if hooks is not None else 0
+        for k, block_name in enumerate(tqdm(blocks, desc="LittleBit layers", disable=not progress)):
+            file = work / f"model-{k + 1:05d}-of-{n_files:05d}.safetensors"
+            prefix = block_name + "."
+            modules = [m for m in by_module if m.startswith(prefix)]
+            if merged.is_file() or (file.is_file() and (hooks is None or k < first)):
+                specs = {m: _spec(model, by_module[m], config) for m in modules}
+                install_packed_skeleton(model, specs, scale_dtype)
+            else:
+                _compress_block(
+                    hooks,
+                    k,
+                    model,
+                    block_name,
+                    checkpoint,
+                    modules,
+                    by_module,
+                    index_of,
+                    config,
+                    file,
+                    dtype,
+                    scale_dtype,
+                    compute_device,
+                )
+        if not merged.is_file():
+            rest_file = work / f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
+            rest = [n for n in names if not n.startswith(tuple(b + "." for b in blocks))]
+            if not rest_file.is_file():
+                _write_rest(model, checkpoint, rest, rest_file, dtype)
+            _merge_shards(work, merged)
+        _write_config(work, model, config, _digests(merged, model), dtype, scale_dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(work)
+        (work / MANIFEST_NAME).unlink()
+        if hooks is not None:
+            hooks.finish(work)
+        check_output_dir(out)
+        share_permissions(work)
+        if out.is_dir():
+            out.rmdir()  # empty: checked above
+        os.replace(work, out)
+    except BaseException as e:
+        finished = len(list(work.glob("model*.safetensors")))
+        if finished == 0:
+            shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind
+        else:
+            log.warning("compression stopped: %d shard(s) kept in %s; rerun to resume", finished, work)
+        if isinstance(e, OSError):
+            raise LittleBitError(os_error_message(e, str(out))) from e
+        raise
+    return report
+
+
+def _compress_block(
+    hooks: LayerHooks | None,
+    k: int,
+    model: nn.Module,
+    block_name: str,
+    checkpoint: SafetensorsCheckpoint,
+    modules: list[str],
+    by_module: dict[str, list[Target]],
+    index_of: dict[str, int],
+    config: LittleBitConfig,
+    file: Path,
+    dtype: torch.dtype,
+    scale_dtype: torch.dtype,
+    compute_device,
+) -> None:
+    """Read, initialise, pack and write one decoder layer, then put it back on the meta device."""
+    block = model.get_submodule(block_name)
+    block.to_empty(device="cpu")
+    prefix = block_name + "."
+    state = {n.removeprefix(prefix): _load_as_saved(checkpoint, n) for n in block.state_dict(prefix=prefix)}
+    block.load_state_dict(state, assign=True, strict=True)
+    del state  # the block holds the only reference: each linear's weight is freed once converted
+    if hooks is not None:
+        hooks.teacher(k, block)
+    for name in modules:
+        convert_module(model, name, by_module[name], config, index_of[name], compute_device)
+    if hooks is not None:
+        hooks.student(k, block)
+    pack_model(block, scale_dtype)
+    cast_unquantized(block, dtype)
+    _write_shard(block.state_dict(prefix=prefix), file)
+    block.to("meta")
+    if hooks is not None:
+        hooks.saved(k, file.parent)
+
+
+def _write_rest(
+    model: nn.Module, checkpoint: SafetensorsCheckpoint, names: list[str], file: Path, dtype
+) -> None:
+    """Embeddings, head and final norm, cast as ``cast_unquantized`` casts them (parameters only)."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    tensors = {}
+    for n in names:
+        t = _load_as_saved(checkpoint, n)
+        tensors[n] = t.to(dtype) if n in params and t.is_floating_point() else t
+        del t
+    _write_shard(tensors, file)
