@@ -8,7 +8,8 @@ Two workloads, each what ``littlebit eval`` runs (model loading and compression 
   the first ``--limit`` questions, timed whole and inside the model's forward calls.
 
 Repetitions are interleaved (FP, packed, packed, FP, ... in rotating order), so load from other jobs on
-a shared machine falls on every model alike; medians and packed/FP ratios are reported. The packed
+a shared machine falls on every model alike; medians and packed/FP ratios are reported, of wall-clock
+time and of the process's CPU time (which other jobs on the machine disturb far less). The packed
 models come from Dual-SVID without training (the time does not depend on the weights' values).
 
     python benchmarks/eval_speed.py                         # CPU, 0.55 and 1.0 BPW, 1 thread
@@ -54,50 +55,52 @@ def _sync(device: str) -> None:
 
 def time_windows(
     model, ids: torch.Tensor, windows: list[int], seqlen: int, device: str
-) -> tuple[list, float]:
-    """Seconds per window and the perplexity over them."""
+) -> tuple[list, list, float]:
+    """Seconds per window (wall clock, process CPU time) and the perplexity over them."""
     from littlebit.evaluation.perplexity import perplexity
 
-    times, logs = [], []
+    times, cpu, logs = [], [], []
     for i in windows:
         window = ids[:, i * seqlen : (i + 1) * seqlen]
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ppl = perplexity(model, window, seqlen, 1, progress=False)
         _sync(device)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         logs.append(ppl)
     mean_log = statistics.fmean(torch.tensor(logs).log().tolist())
-    return times, float(torch.tensor(mean_log).exp())
+    return times, cpu, float(torch.tensor(mean_log).exp())
 
 
 class ForwardTimer:
-    """Seconds spent inside ``model``'s forward calls (what differs between the models; lm-eval's own
-    work around them, a few seconds a call, is the same for all)."""
+    """Seconds spent inside ``model``'s forward calls, wall clock and process CPU time (what differs
+    between the models; lm-eval's own work around them, seconds a call, is the same for all)."""
 
     def __init__(self, model, device: str) -> None:
-        self.total, self.device = 0.0, device
+        self.wall, self.cpu, self.device = 0.0, 0.0, device
         model.register_forward_pre_hook(self._start)
         model.register_forward_hook(self._stop)
 
     def _start(self, *_) -> None:
         _sync(self.device)
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def _stop(self, *_) -> None:
         _sync(self.device)
-        self.total += time.perf_counter() - self.t0
+        self.wall += time.perf_counter() - self.t0
+        self.cpu += time.process_time() - self.c0
 
 
 def time_piqa(model, timer: ForwardTimer, tokenizer, limit: int, batch: int, device: str) -> tuple:
-    """(seconds for the whole call, seconds in the model's forward, scores)."""
+    """(seconds for the whole call, seconds in the model's forward, CPU seconds there, scores)."""
     from littlebit.evaluation.tasks import evaluate_tasks
 
     _sync(device)
-    t0, in_model = time.perf_counter(), timer.total
+    t0, wall, cpu = time.perf_counter(), timer.wall, timer.cpu
     scores = evaluate_tasks(model, tokenizer, ["piqa"], limit=limit, batch_size=batch)
     _sync(device)
-    return time.perf_counter() - t0, timer.total - in_model, scores["piqa"]
+    return time.perf_counter() - t0, timer.wall - wall, timer.cpu - cpu, scores["piqa"]
 
 
 def main() -> None:
@@ -130,7 +133,8 @@ def main() -> None:
     skip = set(args.skip.split(","))
     ids = tokenize_eval(tokenizer, "wikitext2", "test")
     windows = list(range(min(args.windows, ids.shape[1] // args.seqlen)))
-    per = {t: {"wikitext_s": [], "piqa_s": [], "piqa_model_s": []} for t in tags}
+    keys = ["wikitext_s", "wikitext_cpu_s", "piqa_s", "piqa_model_s", "piqa_model_cpu_s"]
+    per = {t: {k: [] for k in keys} for t in tags}
     load = []
     extra: dict[str, dict] = {t: {} for t in tags}
     with torch.no_grad():
@@ -140,15 +144,17 @@ def main() -> None:
             order = tags[rep % len(tags) :] + tags[: rep % len(tags)]
             for t in order:
                 if "wikitext" not in skip:
-                    times, ppl = time_windows(models[t], ids, windows, args.seqlen, args.device)
+                    times, cpu, ppl = time_windows(models[t], ids, windows, args.seqlen, args.device)
                     per[t]["wikitext_s"].append(sum(times))
+                    per[t]["wikitext_cpu_s"].append(sum(cpu))
                     extra[t]["wikitext_ppl"] = ppl
                 if "piqa" not in skip:
-                    s, s_model, scores = time_piqa(
+                    s, s_model, s_cpu, scores = time_piqa(
                         models[t], timers[t], tokenizer, args.limit, args.batch, args.device
                     )
                     per[t]["piqa_s"].append(s)
                     per[t]["piqa_model_s"].append(s_model)
+                    per[t]["piqa_model_cpu_s"].append(s_cpu)
                     extra[t]["piqa"] = scores
                 load.append(os.getloadavg()[0])
                 print(t, rep, {k: round(v[-1], 3) for k, v in per[t].items() if v}, flush=True)
@@ -176,10 +182,9 @@ def main() -> None:
         load_average_1min=load,
         note="machine shared with other jobs; repetitions interleaved, medians",
     )
-    cols = ["wikitext_s", "piqa_s", "piqa_model_s"]
-    print(f"\n{'model':<14}" + "".join(f" {c:>13} {'vs fp':>6}" for c in cols))
+    print(f"\n{'model':<14}" + "".join(f" {c:>16} {'vs fp':>6}" for c in keys))
     for r in records:
-        vals = "".join(f" {r.get(c + '_median', 0):>13.2f} {r.get(c + '_vs_fp', 0):>6.2f}" for c in cols)
+        vals = "".join(f" {r.get(c + '_median', 0):>16.2f} {r.get(c + '_vs_fp', 0):>6.2f}" for c in keys)
         print(f"{r['model']:<14}{vals}")
     print(path)
 

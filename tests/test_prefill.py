@@ -60,10 +60,42 @@ CASES = {
 }  # fmt: skip
 
 
+if HAVE_TRITON:  # a kernel that stores the decoded tile (module level: jit code sees module globals)
+    import triton
+    import triton.language as tl
+
+    from littlebit.kernels.gpu._tensorcore import _sign_tile
+
+    @triton.jit
+    def _decode(w_ptr, o_ptr, BR: tl.constexpr, BKW: tl.constexpr, DT: tl.constexpr):
+        r, c, e = tl.arange(0, BR), tl.arange(0, BKW), tl.arange(0, BKW * 32)
+        w = tl.load(w_ptr + r[:, None] * BKW + c[None, :])
+        tl.store(o_ptr + r[:, None] * (BKW * 32) + e[None, :], _sign_tile(w, BR, BKW, DT).to(tl.float32))
+
+
+def _check_sign_tile(dtype) -> float:
+    """The decoded +-1 tile in fp16 and bf16 (pair order) against ``unpack_signs``: 0.0 when equal."""
+    from littlebit.core.packing import unpack_signs
+
+    w = torch.randint(-(2**31), 2**31, (16, 2), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
+    w = w.to(torch.int32).to(DEVICE)
+    out = torch.empty(16, 64, device=DEVICE)
+    _decode[(1,)](w, out, BR=16, BKW=2, DT=tl.float16 if dtype == F16 else tl.bfloat16)
+    # column 32k + 2i + j holds bit i + 16j of word k
+    order = [32 * k + i + 16 * j for k in range(2) for i in range(16) for j in range(2)]
+    return 0.0 if torch.equal(out.cpu(), unpack_signs(w.cpu(), 64)[:, order]) else float("inf")
+
+
 def run_checks() -> dict[str, float | str]:
     from littlebit.kernels.gpu import triton_littlebit as tk
 
     results: dict[str, float | str] = {}
+    for dtype in (F16, BF16):
+        name = f"sign-tile-{str(dtype)[6:]}"
+        try:
+            results[name] = _check_sign_tile(dtype)
+        except Exception as e:  # reported by the test that owns the check
+            results[name] = repr(e)
     for name, (m, d_in, r, d_out, paths, dtype, kw) in CASES.items():
         try:
             results[name] = _run(tk, m, d_in, r, d_out, paths, dtype, **kw)
@@ -90,7 +122,7 @@ def prefill_results():
     return json.loads(lines[-1][len("RESULTS ") :])
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", ["sign-tile-float16", "sign-tile-bfloat16", *CASES])
 def test_prefill_matches_reference(name, prefill_results):
     err = prefill_results[name]
     assert isinstance(err, float), err
