@@ -1,13 +1,14 @@
 """Many tokens on the GPU: the prefill kernels per layer, time to first token, batched decoding.
 
 - layers: each Llama-2-7B and -70B linear shape at 0.1/0.55/1.0 BPW (two paths, random signs) and
-  128-8192 tokens, bf16: the packed product (``littlebit_linear_triton``), cuBLAS on the dense
+  128-8192 tokens, bf16: the packed product (``littlebit_linear_triton``; fp16 timed too), cuBLAS on the dense
   weight (``F.linear``), and the low-rank product with the factors unpacked to bf16 with the scales
-  folded in (two cuBLAS GEMMs): µs (median, one CUDA graph of 20 calls), TFLOP/s of each one's own
+  folded in (two cuBLAS GEMMs): µs (median, one CUDA graph of ~20 ms of calls), TFLOP/s of each one's own
   FLOPs, and the packed result's relative error against the fp32 product with the dense fp32
   reconstruction of the same factors;
 - ttft: the whole Llama-2-7B shape (random weights, fp16; ``runtime.synthetic``), one forward of a
-  prompt of 128/2048/8192 tokens keeping the last logits, eager, median of 5;
+  prompt of 128/2048/8192 tokens keeping the last logits, eager, median of 5 (packed at 2048 also
+  through the reference op, the path such calls took before the prefill kernels);
 - serve: batched greedy decoding of that model, batch 64 and 256 after a 128-token prompt, each step
   one CUDA graph: tokens/s.
 
@@ -30,13 +31,13 @@ import common
 import torch
 import torch.nn.functional as F
 
-LAYERS = {  # name: (d_in, d_out)
+LAYERS = {  # name: (d_in, d_out); the acceptance layer first, so a run cut short still has it
+    "70b-up": (8192, 28672),
     "7b-qo": (4096, 4096),
     "7b-up": (4096, 11008),
     "7b-down": (11008, 4096),
     "70b-qo": (8192, 8192),
     "70b-kv": (8192, 1024),
-    "70b-up": (8192, 28672),
     "70b-down": (28672, 8192),
 }
 SMOKE_LAYERS = {"smoke-a": (200, 72), "smoke-b": (100, 300)}
@@ -81,25 +82,33 @@ def gpu_us(fn, device: str) -> float:
 
     torch.cuda.synchronize()
     try:
-        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
+        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
     except Exception as e:  # a call that cannot be captured is timed with events, and says so
         print(f"graph capture failed ({type(e).__name__}: {str(e)[:120]}); timing with events", flush=True)
-        return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+        return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=20, return_mode="median")
 
 
 def time_case(x, layer, w_dense, a16, b16, device: str) -> dict:
     from littlebit.kernels.gpu import triton_littlebit as tk
 
+    x16 = x.half()
     return {
         "packed_us": gpu_us(lambda: tk.littlebit_linear_triton(x, *layer), device),
+        "packed_fp16_us": gpu_us(lambda: tk.littlebit_linear_triton(x16, *layer), device),
         "dense_us": gpu_us(lambda: F.linear(x, w_dense), device),
         "lowrank_us": gpu_us(lambda: F.linear(F.linear(x, a16), b16), device),
     }
 
 
-def bench_layers(args, device: str, save) -> list[dict]:
+def rel_err(x, layer, a32, b32) -> float:
     from littlebit.kernels.gpu import triton_littlebit as tk
 
+    y = tk.littlebit_linear_triton(x, *layer)
+    ref = (x.float() @ a32.T) @ b32.T
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def bench_layers(args, device: str, save) -> list[dict]:
     layers = SMOKE_LAYERS if args.smoke else {k: LAYERS[k] for k in args.layers.split(",")}
     records = []
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -119,10 +128,8 @@ def bench_layers(args, device: str, save) -> list[dict]:
                 x = x.bfloat16()
                 rec = {"layer": name, "d_in": d_in, "d_out": d_out, "bpw": bpw, "rank": r, "tokens": m}
                 try:
-                    y = tk.littlebit_linear_triton(x, *layer)
-                    ref = (x.float() @ a32.T) @ b32.T
-                    rec["rel_err"] = ((y.float() - ref).norm() / ref.norm()).item()
-                    del y, ref
+                    rec["rel_err"] = rel_err(x, layer, a32, b32)
+                    rec["rel_err_fp16"] = rel_err(x.half(), layer, a32, b32)
                     rec.update(time_case(x, layer, w_dense, a16, b16, device))
                 except Exception as e:  # recorded, and the rest still runs
                     rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -141,9 +148,10 @@ def bench_layers(args, device: str, save) -> list[dict]:
                 records.append(rec)
                 print(
                     f"{name:<9} {bpw:>4} {m:>5}  packed {rec['packed_us']:>9.1f} µs "
+                    f"(fp16 {rec['packed_fp16_us']:>9.1f}) "
                     f"({rec['packed_tflops']:>5.1f} TF/s)  dense {rec['dense_us']:>9.1f}  "
                     f"low-rank {rec['lowrank_us']:>9.1f}  x{rec['speedup_vs_dense']:.2f} vs dense  "
-                    f"err {rec['rel_err']:.1e}",
+                    f"err {rec['rel_err']:.1e} / {rec['rel_err_fp16']:.1e}",
                     flush=True,
                 )
                 save()
@@ -199,7 +207,7 @@ def build_7b(tag: str, device: str):
     return decode.build(f"7b-{tag}", device)
 
 
-def bench_ttft(model, lengths: list[int], device: str) -> dict:
+def bench_ttft(model, lengths: list[int], device: str, tag: str = "") -> dict:
     out = {}
     with torch.no_grad():
         for n in lengths:
@@ -217,7 +225,7 @@ def bench_ttft(model, lengths: list[int], device: str) -> dict:
                 run()
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-            out[f"ttft_ms_{n}"] = 1e3 * statistics.median(times)
+            out[f"ttft_ms_{n}{tag}"] = 1e3 * statistics.median(times)
     return out
 
 
@@ -268,14 +276,21 @@ def main() -> None:
     p.add_argument("--ttft", default="128,2048,8192", help="prompt lengths; empty to skip")
     p.add_argument("--serve", default="64,256", help="decoding batch sizes; empty to skip")
     p.add_argument("--steps", type=int, default=32, help="decoding steps timed per batch size")
+    p.add_argument(
+        "--reference-ttft",
+        type=int,
+        default=2048,
+        help="prompt length also timed through the reference op (0: skip)",
+    )
     p.add_argument("--sweep", action="store_true", help="also time the SWEEP tiles (on by --quick)")
     p.add_argument("--kernel-config", help='JSON KernelConfig fields, e.g. {"prefill_tokens": 64}')
+    p.add_argument("--order", default="models,layers", help="sections in the order they run")
     p.add_argument("--out", default=str(common.RESULTS / "prefill.json"))
     args = p.parse_args()
     if args.quick:
         args.layers, args.bpw, args.tokens = "7b-up,70b-up", "0.1,1.0", "128,2048"
         args.models, args.ttft, args.serve, args.steps = "fp16,0.1", "2048", "256", 16
-        args.sweep = True
+        args.sweep, args.order = True, "layers,models"
     if args.smoke:
         args.bpw, args.tokens, args.ttft, args.serve = "0.55,1.0", "65,130", "", ""
     import littlebit.kernels
@@ -300,19 +315,34 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(payload, indent=2))
 
-    payload["layers"] = bench_layers(args, device, save)
-    save()
-    if args.sweep and device == "cuda":
-        payload["sweep"] = sweep_tiles(device, save)
+    for section in args.order.split(","):
+        if section == "layers":
+            payload["layers"] = bench_layers(args, device, save)
+            if args.sweep and device == "cuda":
+                payload["sweep"] = sweep_tiles(device, save)
+        elif section == "models" and device == "cuda":
+            bench_models(args, device, payload, save)
+        save()
+    print(json.dumps(payload["models"], indent=1))
+    print(out)
+
+
+def bench_models(args, device: str, payload: dict, save) -> None:
+    """Time to first token and batched decoding of the 7B shape, FP16 and packed."""
     lengths = [int(n) for n in args.ttft.split(",") if n]
     batches = [int(b) for b in args.serve.split(",") if b]
-    if device == "cuda" and (lengths or batches):
+    if lengths or batches:
         for tag in args.models.split(","):
             torch.cuda.empty_cache()
             rec: dict = {"model": f"7b-{tag}"}
             try:
                 model = build_7b(tag, device)
                 rec.update(bench_ttft(model, lengths, device))
+                if tag != "fp16" and args.reference_ttft:  # the path these calls took before
+                    from littlebit.op import use_backend
+
+                    with use_backend("reference"):
+                        rec.update(bench_ttft(model, [args.reference_ttft], device, "_reference"))
                 for b in batches:
                     rec[f"serve_tokens_per_s_{b}"] = bench_serve(model, b, 128, args.steps, device)
                     torch.cuda.empty_cache()
@@ -320,16 +350,18 @@ def main() -> None:
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             model = None
             payload["models"].append(rec)
+            add_ratios(payload["models"])
             print(rec, flush=True)
             save()
-        base = next((r for r in payload["models"] if r["model"] == "7b-fp16"), None)
-        for r in payload["models"]:
-            for k in [k for k in r if k.startswith(("ttft_ms_", "serve_"))]:
-                if base and k in base:
-                    r[k + "_vs_fp16"] = r[k] / base[k]
-        save()
-    print(json.dumps(payload["models"], indent=1))
-    print(out)
+
+
+def add_ratios(models: list[dict]) -> None:
+    """Each packed model's times and rates over FP16's (``*_vs_fp16``)."""
+    base = next((r for r in models if r["model"] == "7b-fp16"), None)
+    for r in models:
+        for k in [k for k in r if k.startswith(("ttft_ms_", "serve_")) and not k.endswith("_fp16")]:
+            if base and k in base:
+                r[k + "_vs_fp16"] = r[k] / base[k]
 
 
 if __name__ == "__main__":
