@@ -4,9 +4,10 @@ Two GEMM-shaped launches, signs decoded to +-1 in registers (``_tensorcore._sign
 ``tl.dot`` operand, never a +-1 matrix in memory:
 
 - stage 1, grid (P * row blocks, splits of d_in, token blocks): t = l * S_V^T (g * x) for a tile of
-  latents x tokens, g * x formed per step from x and g; each split of d_in stores its fp32 partial sums
-  with plain stores (no atomics, no zeroed workspace), in the column order stage 2's decoded signs
-  take (``_pair_slot``), padding latents as zeros;
+  latents x tokens, g * x formed per step from x and g; t is stored whole in the activations' dtype,
+  or, with d_in split, as fp32 partial sums, one buffer per split: plain stores (no atomics, no zeroed
+  workspace), in the column order stage 2's decoded signs take (``_pair_slot``), padding latents as
+  zeros;
 - stage 2, grid (output blocks, token blocks): y = sum_p h_p * S_U,p t_p + bias, adding the splits'
   partials as it loads t (a few, L2-resident), both paths in one program.
 
@@ -57,7 +58,7 @@ def _pf_v_kernel(
     # rows past R (masked words decode to -1) get l = 0: t's padding latents are stored as zeros
     lv = tl.load(l_ptr + p * R + rows, mask=rows < R, other=0.0).to(tl.float32)
     dst = t_ptr + split * split_stride + (toks[None, :] * P + p) * Rp + _pair_slot(rows)[:, None]
-    tl.store(dst, acc * lv[:, None], mask=(rows < Rp)[:, None] & tok_ok[None, :])
+    tl.store(dst, (acc * lv[:, None]).to(t_ptr.dtype.element_ty), mask=(rows < Rp)[:, None] & tok_ok[None, :])
 
 
 @triton.jit
@@ -84,9 +85,9 @@ def _pf_u_kernel(
             e = k0 * 32 + tl.arange(0, BKW * 32)
             tp = t_ptr + (toks[None, :] * P + p) * Rp + e[:, None]
             tmask = (e < Rp)[:, None] & tok_ok[None, :]
-            tv = tl.load(tp, mask=tmask, other=0.0)
+            tv = tl.load(tp, mask=tmask, other=0.0).to(tl.float32)
             for s in range(1, n_split):
-                tv += tl.load(tp + s * split_stride, mask=tmask, other=0.0)
+                tv += tl.load(tp + s * split_stride, mask=tmask, other=0.0).to(tl.float32)
             acc = _dot(_sign_tile(w, BO, BKW, OP_DT), tv.to(OP_DT), acc, OP_DT)
         hv = tl.load(h_ptr + p * d_out + rows, mask=row_ok, other=0.0).to(tl.float32)
         y += acc * hv[:, None]
@@ -125,7 +126,10 @@ def prefill(
     bm, br, bo, words, warps, chunk, n_split = prefill_tile(M, r, W_in, d_out, P, cfg, sms)
     Rp = 32 * W_r
     n_rb, n_mb = triton.cdiv(Rp, br), triton.cdiv(M, bm)  # row blocks cover the padding latents too
-    t = torch.empty((n_split, M, P, Rp), dtype=torch.float32, device=x2.device)
+    # t in the operand dtype when whole (as the reference rounds it; half the bytes stage 2 reads per
+    # step), fp32 partial sums when split
+    t_dtype = torch.float32 if n_split > 1 or op_dt == tl.float32 else x2.dtype
+    t = torch.empty((n_split, M, P, Rp), dtype=t_dtype, device=x2.device)
     split_stride = M * P * Rp
     _pf_v_kernel[(P * n_rb, n_split, n_mb)](
         x2, g, v, l, t, M, r, W_in, d_in, x2.stride(0), Rp, n_rb, chunk, split_stride,
