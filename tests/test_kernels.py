@@ -730,10 +730,17 @@ def test_cpu_lut_rank_above_table_threshold():
     assert rel_err(y.reshape(-1, 260), x.reshape(-1, 300), u, v, h, l, g, bias) < 1e-5
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("m,d_in,r,d_out,paths,dtype", [(17, *SHAPES[i % 8], 1 + i % 2, d) for i, d in
                                                           enumerate(CPU_DTYPES * 3)])  # fmt: skip
-def test_cpu_gemm_matches_reference(m, d_in, r, d_out, paths, dtype):
+def test_cpu_gemm_matches_reference(native, m, d_in, r, d_out, paths, dtype, monkeypatch):
     from littlebit.kernels.cpu import gemm as cpu_gemm
+    from littlebit.kernels.cpu import lut as cpu_lut
+
+    if native and cpu_lut.native_library() is None:
+        pytest.skip("no C compiler here")
+    if not native:  # the expansion without the C library
+        monkeypatch.setattr(cpu_gemm, "native_library", lambda: None)
 
     seed = hash((m, d_in, r, d_out, paths, str(dtype), 11)) % 2**31
     u, v, h, l, g, bias = make_layer(d_in, r, d_out, paths, torch.float16, "cpu", seed)

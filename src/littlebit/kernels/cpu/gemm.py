@@ -6,8 +6,10 @@ table walk, so each call expands the packed signs into dense factors with the sc
     t = x @ A^T,   A = [l_p * S_V,p^T * g_p]_p    (P*r x d_in: both paths' latents side by side)
     y = t @ B^T + bias,   B = [h_p * S_U,p]_p      (d_out x P*r: one GEMM sums the paths)
 
-The expansion reads each byte of sign words once through a 256 x 8 table of +-1 (``embedding``), so it
-costs a pass over the factors, small against the GEMMs once the token count passes the rank. Scales go
+The expansion writes each factor entry once, scales included, in the C library of ``kernels.cpu.lut``
+(the sign as an xor from a per-byte table); without a C compiler it gathers +-1 through a 256 x 8
+table (``embedding``) and multiplies the scales in place. Either way it costs a pass or a few over the
+factors, small against the GEMMs once the token count passes the rank. Scales go
 on the factors rather than on x or t because there are fewer factor entries than activations from
 about r tokens on. Factors larger than ``_CHUNK`` entries are expanded a block of rows at a time, so
 a call never holds a dense factor bigger than that (at 1.0 BPW the factors are as large as W).
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from littlebit.kernels.cpu.lut import MAX_TOKENS as LUT_MAX_TOKENS
+from littlebit.kernels.cpu.lut import native_library
 
 # Expand at most this many factor entries at once (64 MiB in fp32).
 _CHUNK = 1 << 24
@@ -45,6 +48,24 @@ def expand_signs(words: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tenso
     return signs if n == 32 * W else signs[..., :n]
 
 
+def _scaled_into(out: torch.Tensor, words: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor | None) -> None:
+    """out (rows, n), fp32, unit column stride = rs[:, None] * cs[None, :] * (+-1 of ``words``); cs None:
+    ones. One pass in the native library when there is one, else a table gather and in-place products."""
+    rows, n = out.shape
+    lib = native_library()
+    if lib is not None:
+        words = words.contiguous()
+        lib.littlebit_expand(
+            words.data_ptr(), rows, words.shape[-1], n, rs.contiguous().data_ptr(),
+            None if cs is None else cs.contiguous().data_ptr(), out.data_ptr(), out.stride(0),
+        )  # fmt: skip
+        return
+    signs = expand_signs(words, n, torch.float32)
+    if cs is not None:
+        signs.mul_(cs)
+    torch.mul(signs, rs[:, None], out=out)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """bf16 GEMMs where the activations are bf16 (fast on CPUs with bf16 matrix units); fp32 otherwise
     (CPU fp16 GEMMs are slow, and fp32 inputs keep fp32)."""
@@ -58,15 +79,18 @@ def _stage1(
     P, r, _ = v.shape
     d_in = g.shape[-1]
     lf, gf = l.to(torch.float32), g.to(torch.float32)
-    if P * r * d_in <= _CHUNK:  # the common case: one expansion, one GEMM for all paths
-        a = expand_signs(v, d_in, torch.float32).mul_(gf[:, None, :]).mul_(lf[:, :, None])
-        return x2 @ a.to(cd).reshape(P * r, d_in).T
-    t = x2.new_empty(x2.shape[0], P * r)
     step = max(1, _CHUNK // max(d_in, 1))
+    if P * r * d_in <= _CHUNK:  # the common case: one expansion, one GEMM for all paths
+        a = torch.empty(P * r, d_in)
+        for p in range(P):
+            _scaled_into(a[p * r : (p + 1) * r], v[p], lf[p], gf[p])
+        return x2 @ a.to(cd).T
+    t = x2.new_empty(x2.shape[0], P * r)
     for p in range(P):
         for i in range(0, r, step):
             j = min(r, i + step)
-            a = expand_signs(v[p, i:j], d_in, torch.float32).mul_(gf[p]).mul_(lf[p, i:j, None])
+            a = torch.empty(j - i, d_in)
+            _scaled_into(a, v[p, i:j], lf[p, i:j], gf[p])
             t[:, p * r + i : p * r + j] = x2 @ a.to(cd).T
     return t
 
@@ -75,13 +99,14 @@ def _stage2(t: torch.Tensor, u: torch.Tensor, h: torch.Tensor, bias, cd: torch.d
     """y = t @ B^T + bias, (M, d_out); B's rows expanded a block at a time."""
     P, d_out, _ = u.shape
     r = t.shape[1] // P
-    hf = h.to(torch.float32).T  # (d_out, P)
-    u_rows = u.transpose(0, 1)  # (d_out, P, W_r): a row of B is both paths' words of one output
+    hf = h.to(torch.float32)
     step = max(1, _CHUNK // max(P * r, 1))
     blocks = []
     for i in range(0, d_out, step):
         j = min(d_out, i + step)
-        b = expand_signs(u_rows[i:j], r, torch.float32).mul_(hf[i:j, :, None]).reshape(j - i, P * r)
+        b = torch.empty(j - i, P * r)  # a row of B: both paths' factors of one output, side by side
+        for p in range(P):
+            _scaled_into(b[:, p * r : (p + 1) * r], u[p, i:j], hf[p, i:j], None)
         if bias is None:
             blocks.append(t @ b.to(cd).T)
         else:
