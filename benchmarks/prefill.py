@@ -172,6 +172,8 @@ SWEEP = [  # prefill tiles tried by --sweep: (tokens, stage-1 rows, stage-2 rows
     (64, 64, 128, 2, 4, 3),
 ]
 SWEEP_CASES = [("70b-up", 0.1, 2048), ("7b-up", 1.0, 2048), ("7b-up", 0.1, 128)]
+# where the prefill kernels take over from the 2-64-token tensor-core kernels: both, on these
+THRESHOLD_CASES = [("7b-qo", 0.1, 65), ("7b-up", 0.1, 256), ("7b-up", 0.55, 256), ("7b-down", 1.0, 128)]
 
 
 def sweep_tiles(device: str, save) -> list[dict]:
@@ -194,6 +196,24 @@ def sweep_tiles(device: str, save) -> list[dict]:
                     lambda c=cfg, x=x, t=layer: tk.littlebit_linear_triton(x, *t, config=c), device
                 )
             except Exception as e:  # e.g. out of shared memory: recorded, the others still run
+                rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            records.append(rec)
+            print(rec, flush=True)
+            save()
+    for name, bpw, m in THRESHOLD_CASES:
+        d_in, d_out = LAYERS[name]
+        layer = random_layer(d_in, d_out, bpw, device, seed=2)
+        x = torch.randn(m, d_in, device=device).bfloat16()
+        for family, cfg in [
+            ("prefill", tk.KernelConfig()),
+            ("tensor-core", tk.KernelConfig(prefill_min_tokens=1 << 30)),
+        ]:
+            rec = {"layer": name, "bpw": bpw, "tokens": m, "tile": family}
+            try:
+                rec["us"] = gpu_us(
+                    lambda c=cfg, x=x, t=layer: tk.littlebit_linear_triton(x, *t, config=c), device
+                )
+            except Exception as e:  # recorded, the others still run
                 rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             records.append(rec)
             print(rec, flush=True)
