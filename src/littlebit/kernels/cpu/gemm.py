@@ -54,10 +54,12 @@ def _scaled_into(out: torch.Tensor, words: torch.Tensor, rs: torch.Tensor, cs: t
     rows, n = out.shape
     lib = native_library()
     if lib is not None:
-        words = words.contiguous()
+        # held in locals: a pointer into a temporary copy would dangle by the time of the call
+        words, rs = words.contiguous(), rs.contiguous()
+        cs = None if cs is None else cs.contiguous()
         lib.littlebit_expand(
-            words.data_ptr(), rows, words.shape[-1], n, rs.contiguous().data_ptr(),
-            None if cs is None else cs.contiguous().data_ptr(), out.data_ptr(), out.stride(0),
+            words.data_ptr(), rows, words.shape[-1], n, rs.data_ptr(),
+            None if cs is None else cs.data_ptr(), out.data_ptr(), out.stride(0),
         )  # fmt: skip
         return
     signs = expand_signs(words, n, torch.float32)
