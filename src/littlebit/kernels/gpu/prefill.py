@@ -116,7 +116,18 @@ def prefill_tile(
 
 
 def prefill(
-    x2: torch.Tensor, u, v, h, l, g, bias, y: torch.Tensor, cfg: KernelConfig, sms: int, op_dt, u_tiled: bool
+    x2: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    l: torch.Tensor,
+    g: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    cfg: KernelConfig,
+    sms: int,
+    op_dt: tl.dtype,
+    u_tiled: bool,
 ) -> None:
     """y (M, d_out, any row stride) = the packed product of x2 (M, d_in) for one layer; ``op_dt`` is
     the Triton dtype of the MMA operands."""
