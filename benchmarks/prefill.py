@@ -162,7 +162,7 @@ def bench_layers(args, device: str, save) -> list[dict]:
     return records
 
 
-SWEEP = [  # prefill tiles tried by --sweep: (tokens, stage-1 rows, stage-2 rows, words, warps, stages)
+SWEEP = [  # prefill tiles the sweep section tries: (tokens, stage-1 rows, stage-2 rows, words, warps, stages)
     (128, 64, 128, 2, 8, 3),
     (128, 128, 128, 2, 8, 3),
     (128, 64, 128, 4, 8, 3),
@@ -177,7 +177,8 @@ THRESHOLD_CASES = [("7b-qo", 0.1, 65), ("7b-up", 0.1, 256), ("7b-up", 0.55, 256)
 
 
 def sweep_tiles(device: str, save) -> list[dict]:
-    """µs of each ``SWEEP`` tile on ``SWEEP_CASES``, for choosing the tile rule."""
+    """µs of each ``SWEEP`` tile on ``SWEEP_CASES``, for choosing the tile rule, and of both token paths on
+    ``THRESHOLD_CASES``."""
     from littlebit.kernels.gpu import triton_littlebit as tk
 
     records = []
@@ -302,15 +303,18 @@ def main() -> None:
         default=2048,
         help="prompt length also timed through the reference op (0: skip)",
     )
-    p.add_argument("--sweep", action="store_true", help="also time the SWEEP tiles (on by --quick)")
     p.add_argument("--kernel-config", help='JSON KernelConfig fields, e.g. {"prefill_tokens": 64}')
-    p.add_argument("--order", default="models,layers", help="sections in the order they run")
+    p.add_argument(
+        "--order",
+        default="models,layers",
+        help="sections in the order they run: layers, models, sweep (tiles and the threshold; --quick)",
+    )
     p.add_argument("--out", default=str(common.RESULTS / "prefill.json"))
     args = p.parse_args()
     if args.quick:
         args.layers, args.bpw, args.tokens = "7b-up,70b-up", "0.1,1.0", "128,2048"
         args.models, args.ttft, args.serve, args.steps = "fp16,0.1", "2048", "256", 16
-        args.sweep, args.order = True, "layers,models"
+        args.order = "layers,models,sweep"
     if args.smoke:
         args.bpw, args.tokens, args.ttft, args.serve = "0.55,1.0", "65,130", "", ""
     import littlebit.kernels
@@ -338,8 +342,8 @@ def main() -> None:
     for section in args.order.split(","):
         if section == "layers":
             payload["layers"] = bench_layers(args, device, save)
-            if args.sweep and device == "cuda":
-                payload["sweep"] = sweep_tiles(device, save)
+        elif section == "sweep" and device == "cuda":
+            payload["sweep"] = sweep_tiles(device, save)
         elif section == "models" and device == "cuda":
             bench_models(args, device, payload, save)
         save()
