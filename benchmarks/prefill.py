@@ -4,15 +4,17 @@
   128-8192 tokens, bf16: the packed product (``littlebit_linear_triton``; fp16 timed too), cuBLAS on the dense
   weight (``F.linear``), and the low-rank product with the factors unpacked to bf16 with the scales
   folded in (two cuBLAS GEMMs): µs (median, one CUDA graph of ~20 ms of calls), TFLOP/s of each one's own
-  FLOPs, and the packed result's relative error against the fp32 product with the dense fp32
-  reconstruction of the same factors;
+  FLOPs, and the packed result's relative error (bf16 and fp16) against the fp32 product with the
+  fp32 reconstruction W = B A of the same factors (computed as (x A^T) B^T, the same up to fp32 rounding);
 - ttft: the whole Llama-2-7B shape (random weights, fp16; ``runtime.synthetic``), one forward of a
   prompt of 128/2048/8192 tokens keeping the last logits, eager, median of 5 (packed at 2048 also
   through the reference op, the path such calls took before the prefill kernels);
 - serve: batched greedy decoding of that model, batch 64 and 256 after a 128-token prompt, each step
-  one CUDA graph: tokens/s.
+  one CUDA graph: tokens/s;
+- sweep (in --quick): prefill tiles on three layers, and the prefill kernels against the 2-64-token
+  tensor-core kernels around the 65-token threshold.
 
-    python benchmarks/prefill.py --quick --out $OUT/prefill_quick.json      # about 2 minutes
+    python benchmarks/prefill.py --quick --out $OUT/prefill_quick.json      # about 5 minutes
     python benchmarks/prefill.py --out $OUT/prefill.json
     TRITON_INTERPRET=1 python benchmarks/prefill.py --smoke                 # CPU: tiny layers only
 """
