@@ -69,8 +69,9 @@ def _scaled_into(out: torch.Tensor, words: torch.Tensor, rs: torch.Tensor, cs: t
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """bf16 GEMMs where the activations are bf16 (fast on CPUs with bf16 matrix units); fp32 otherwise
-    (CPU fp16 GEMMs are slow, and fp32 inputs keep fp32)."""
+    """bf16 GEMMs where the activations are bf16 (on a Xeon with AMX 7.6x faster than fp32: 768x576x384,
+    one thread, 0.22 against 1.65 ms); fp32 otherwise (fp16 GEMMs were no faster than fp32 there, 1.64
+    ms, and fp32 keeps the precision)."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
