@@ -684,7 +684,7 @@ def test_triton_accepts():
 
     u, v, *_ = make_layer(40, 8, 24, 2, torch.float16, "cuda", seed=0)
     assert tk.accepts(torch.randn(3, 40, device="cuda").half(), u, v)
-    assert not tk.accepts(torch.randn(65, 40, device="cuda").half(), u, v)
+    assert tk.accepts(torch.randn(65, 40, device="cuda").half(), u, v)  # many tokens: the prefill kernels
     assert not tk.accepts(torch.randn(1, 40, device="cuda"), u, v)
     assert not tk.accepts(torch.randn(1, 40).half(), u.cpu(), v.cpu())
 
@@ -730,6 +730,39 @@ def test_cpu_lut_rank_above_table_threshold():
     assert rel_err(y.reshape(-1, 260), x.reshape(-1, 300), u, v, h, l, g, bias) < 1e-5
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("m,d_in,r,d_out,paths,dtype", [(17, *SHAPES[i % 8], 1 + i % 2, d) for i, d in
+                                                          enumerate(CPU_DTYPES * 3)])  # fmt: skip
+def test_cpu_gemm_matches_reference(native, m, d_in, r, d_out, paths, dtype, monkeypatch):
+    from littlebit.kernels.cpu import gemm as cpu_gemm
+    from littlebit.kernels.cpu import lut as cpu_lut
+
+    if native and cpu_lut.native_library() is None:
+        pytest.skip("no C compiler here")
+    if not native:  # the expansion without the C library
+        monkeypatch.setattr(cpu_gemm, "native_library", lambda: None)
+
+    seed = hash((m, d_in, r, d_out, paths, str(dtype), 11)) % 2**31
+    u, v, h, l, g, bias = make_layer(d_in, r, d_out, paths, torch.float16, "cpu", seed)
+    x = torch.randn(2, m, d_in, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    b = bias if paths == 2 else None
+    y = cpu_gemm.littlebit_linear_cpu_gemm(x, u, v, h, l, g, b)
+    assert y.shape == (2, m, d_out) and y.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else TOL
+    assert rel_err(y.reshape(-1, d_out), x.reshape(-1, d_in), u, v, h, l, g, b) < tol
+
+
+def test_cpu_gemm_expands_in_blocks(monkeypatch):
+    """Factors over ``_CHUNK`` entries are expanded a block of rows at a time; same result."""
+    from littlebit.kernels.cpu import gemm as cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "_CHUNK", 1000)
+    u, v, h, l, g, bias = make_layer(100, 120, 40, 2, torch.float16, "cpu", seed=4)
+    x = torch.randn(20, 100)
+    y = cpu_gemm.littlebit_linear_cpu_gemm(x, u, v, h, l, g, bias)
+    assert rel_err(y, x, u, v, h, l, g, bias) < 1e-5
+
+
 def test_backends_registered_and_selected():
     import littlebit.kernels as kernels
 
@@ -738,7 +771,7 @@ def test_backends_registered_and_selected():
     u, v, h, l, g, bias = make_layer(100, 24, 40, 2, torch.float32, "cpu", seed=5)
     x = torch.randn(1, 100)
     assert select_backend(x, u, v) == "cpu-lut"
-    assert select_backend(torch.randn(17, 100), u, v) != "cpu-lut"
+    assert select_backend(torch.randn(17, 100), u, v) == "cpu-gemm"
     y = littlebit_linear(x, u, v, h, l, g, bias)
     assert rel_err(y, x, u, v, h, l, g, bias) < 1e-5
     if ON_GPU and kernels.triton_available():

@@ -1,8 +1,10 @@
 """Fast backends for :func:`littlebit.op.littlebit_linear`, registered per device by ``register()``.
 
-- ``triton`` (``triton_littlebit``): CUDA tensors in fp16/bf16 with up to 64 tokens, where Triton and a GPU
-  are present. The kernel module is only imported then, so machines without either never touch it.
+- ``triton`` (``triton_littlebit``): CUDA tensors in fp16/bf16, any number of tokens, where Triton and a
+  GPU are present. The kernel module is only imported then, so machines without either never touch it.
 - ``cpu-lut`` (``cpu_lut``): CPU tensors with up to 16 tokens (decoding).
+- ``cpu-gemm`` (``cpu_gemm``): CPU tensors with more tokens (prompts, evaluation): factors expanded per
+  call with the scales folded in, two GEMMs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib.util
 
 import torch
 
+from littlebit.kernels.cpu import gemm as cpu_gemm
 from littlebit.kernels.cpu import lut as cpu_lut
 from littlebit.op import register_backend
 
@@ -45,4 +48,6 @@ def register() -> list[str]:
         names.append("triton")
     register_backend("cpu-lut", "cpu", cpu_lut.littlebit_linear_cpu_lut, cpu_lut.accepts)
     names.append("cpu-lut")
+    register_backend("cpu-gemm", "cpu", cpu_gemm.littlebit_linear_cpu_gemm, cpu_gemm.accepts)
+    names.append("cpu-gemm")
     return names

@@ -6,7 +6,8 @@ multiply-adds. Both stages work this way (stage 2 tabulates t).
 
 The loop is a small C file compiled on first use with the system C compiler and called through ctypes,
 because the per-op overhead of PyTorch alone exceeds a dense GEMV for the small layers of a 135M model.
-Without a compiler, the same tables are gathered with ``torch.nn.functional.embedding_bag``.
+Without a compiler, the same tables are gathered with ``torch.nn.functional.embedding_bag``. The same
+file carries the many-token path's expansion of sign words into scaled factors (``kernels.cpu.gemm``).
 """
 
 from __future__ import annotations
@@ -145,6 +146,41 @@ static void stage(const float *vec, int64_t n, const int32_t *words, int64_t w, 
     }
 }
 
+/* For the many-token path (kernels/cpu/gemm.py): out[j, i] = rs[j] * cs[i] * (bit i of row j ? 1 : -1)
+   for rows of w words, n columns (cs NULL: ones), rows ld floats apart. One pass that writes each
+   factor entry once; the sign goes in as an xor of the float's sign bit from a per-byte table, which
+   vectorises. */
+static uint32_t sign_masks[256][8];
+static int masks_ready = 0;
+
+void littlebit_expand(const int32_t *words, int64_t rows, int64_t w, int64_t n, const float *rs,
+                      const float *cs, float *out, int64_t ld) {
+    if (!masks_ready) { /* idempotent: concurrent first calls write the same values */
+        for (int c = 0; c < 256; ++c)
+            for (int b = 0; b < 8; ++b) sign_masks[c][b] = ((c >> b) & 1) ? 0u : 0x80000000u;
+        masks_ready = 1;
+    }
+    const int64_t full = n / 8;
+    for (int64_t j = 0; j < rows; ++j) {
+        const uint8_t *by = (const uint8_t *)(words + j * w);
+        float *o = out + j * ld;
+        const float s = rs[j];
+        for (int64_t k = 0; k < full; ++k) {
+            const uint32_t *m = sign_masks[by[k]];
+            for (int b = 0; b < 8; ++b) {
+                union { float f; uint32_t u; } v;
+                v.f = cs ? s * cs[8 * k + b] : s;
+                v.u ^= m[b];
+                o[8 * k + b] = v.f;
+            }
+        }
+        for (int64_t i = 8 * full; i < n; ++i) {
+            const float v = cs ? s * cs[i] : s;
+            o[i] = ((by[i / 8] >> (i % 8)) & 1) ? v : -v;
+        }
+    }
+}
+
 int littlebit_lut(const float *x, int64_t n_tok, int64_t d_in, int64_t d_out, int64_t rank, int64_t paths,
                   const int32_t *v, int64_t w_in, const int32_t *u, int64_t w_r, const float *h,
                   const float *l, const float *g, const float *bias, float *y) {
@@ -226,6 +262,8 @@ def native_library() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr]
+        lib.littlebit_expand.restype = None
+        lib.littlebit_expand.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64]
         _lib = lib
         return _lib
 

@@ -21,15 +21,17 @@ from littlebit.kernels.gpu._sync import _pdl_launch_next, _pdl_wait
 def _sign_tile(w, BR: tl.constexpr, BKW: tl.constexpr, DT: tl.constexpr):
     """(BR, BKW) words -> (BR, 32 * BKW) +-1 in DT. Column 32k + 2i + j holds bit i + 16j of word k.
 
-    That order comes from building fp16 pairs: ~w shifted left by 15 - i has bits i and i+16 at the two
-    half-word sign positions, so one and/or turns them into the pair (+-1, +-1). The caller permutes
-    the other operand's rows to match (``_to_pair_order``).
+    That order comes from building 16-bit pairs: ~w shifted left by 15 - i has bits i and i+16 at the
+    two half-word sign positions, so one and/or turns them into the pair (+-1, +-1) (fp16 and bf16 alike,
+    with their own 1.0). The caller permutes the other operand's rows to match (``_to_pair_order``).
     """
-    if DT == tl.float16:
+    if DT == tl.float16 or DT == tl.bfloat16:
         sh = (~w)[:, :, None] << (15 - tl.arange(0, 16))[None, None, :]
-        pair = (sh & -2147450880) | 0x3C003C00  # sign bits 0x80008000 over fp16 1.0 in both halves
-        lo = pair.to(tl.int16).to(tl.float16, bitcast=True)
-        hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        # sign bits 0x80008000 over 1.0 in both halves: 0x3C00 in fp16, 0x3F80 in bf16
+        one = 0x3C003C00 if DT == tl.float16 else 0x3F803F80
+        pair = (sh & -2147450880) | one
+        lo = pair.to(tl.int16).to(DT, bitcast=True)
+        hi = (pair >> 16).to(tl.int16).to(DT, bitcast=True)
         s = tl.join(lo, hi)
     else:
         sh = w[:, :, None] >> tl.arange(0, 16)[None, None, :]

@@ -1,5 +1,7 @@
 """Routing policy: which kernel family a call takes, by tokens, shape and dtype.
 
+- at least ``KernelConfig.prefill_min_tokens`` tokens (default 65): the prefill kernels (``prefill``,
+  GEMM-shaped tiles, no atomics), one layer of a grouped call after another;
 - more than ``KernelConfig.gemv_max_tokens`` tokens (default 1): Triton tensor-core kernels
   (``_tensorcore``), one layer of a grouped call after another;
 - otherwise the GEMV (``_gemv``): Triton stage 1, then for one token, fp16/bf16 and a GPU with binary
@@ -90,6 +92,13 @@ def _use_mma(
     if h.dtype != torch.float16 or (bias is not None and bias.dtype != torch.float16):
         return False
     return cuda_mma.available(x2.device.index or 0)
+
+
+def kernel_family(M: int, cfg: KernelConfig) -> str:
+    """``"gemv"``, ``"tensor-core"`` or ``"prefill"`` for a call of ``M`` tokens."""
+    if M >= cfg.prefill_min_tokens:
+        return "prefill"
+    return "gemv" if M <= cfg.gemv_max_tokens else "tensor-core"
 
 
 def _reduce(cfg: KernelConfig, W_r: int) -> bool:

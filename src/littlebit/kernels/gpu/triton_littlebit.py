@@ -11,7 +11,8 @@ launches them:
   a zero ``t``, or per-split partials summed by the last program of each row block), then the Triton
   stage 2, the fp16 tensor-core stage 2 (``cuda_mma``) or the bit-serial one (``cuda_bitserial``,
   whose stage 1 may be bit-serial too, ``_gemv_bitserial``);
-- tensor cores (``_tensor_cores``, more tokens): Triton ``tl.dot`` on signs decoded in registers.
+- tensor cores (``_tensor_cores``, a few to 64 tokens): Triton ``tl.dot`` on signs decoded in registers;
+- prefill (``prefill``, 65 tokens and more): the same decoding in GEMM-shaped tiles, no atomics.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from littlebit.kernels.gpu import cuda_bitserial, cuda_mma
 from littlebit.kernels.gpu._gemv import _gemv_u_kernel, _gemv_v_kernel
 from littlebit.kernels.gpu._tensorcore import _tc_u_kernel, _tc_v_kernel
 from littlebit.kernels.gpu.config import DEFAULT_CONFIG, KernelConfig
+from littlebit.kernels.gpu.prefill import prefill
 from littlebit.kernels.gpu.route import (
     _BITSERIAL_RANK_WORDS,
     _BITSERIAL_STAGE1_WORDS,
@@ -41,6 +43,7 @@ from littlebit.kernels.gpu.route import (
     _takes_tiled,
     _use_bitserial,
     _use_mma,
+    kernel_family,
     tile_order_pays,
 )
 from littlebit.kernels.gpu.tiles import (
@@ -60,7 +63,6 @@ from littlebit.op import group_layer
 
 __all__ = [
     "DEFAULT_CONFIG",
-    "MAX_TOKENS",
     "KernelConfig",
     "accepts",
     "littlebit_linear_triton",
@@ -72,7 +74,6 @@ _REEXPORTED = (
     _split, _use_bitserial,
 )  # fmt: skip
 
-MAX_TOKENS = 64
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -216,15 +217,19 @@ def _gemv(
         )  # fmt: skip
 
 
+def _op_dtype(x2: torch.Tensor) -> torch.dtype:
+    """The MMA operands' dtype. The interpreter rounds to bf16 by truncation, a bias that piles up over
+    a sum; it computes the bf16 products in fp32 instead, which still checks everything but the rounding."""
+    return torch.float32 if _interpreting() and x2.dtype == torch.bfloat16 else x2.dtype
+
+
 def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, u_tiled: bool = False) -> None:
     M, d_in = x2.shape
     P, d_out, W_r = u.shape
     r, W_in = v.shape[1:]
     bm, n_mb, rows, words, chunk, n_split, bo = _tc_tile(M, r, W_in, d_out, P, cfg, sms)
     Rp = 32 * W_r
-    # The interpreter rounds to bf16 by truncation, a bias that piles up over a sum; it computes the
-    # bf16 products in fp32 instead, which still checks everything but the rounding.
-    op_dt = torch.float32 if _interpreting() and x2.dtype == torch.bfloat16 else x2.dtype
+    op_dt = _op_dtype(x2)
     n_rb = triton.cdiv(r, rows)
     ws = _workspace(x2.device, M * P * Rp)
     pdl = _pdl_args(x2, cfg)
@@ -260,7 +265,7 @@ def littlebit_linear_triton(
 
     ``groups`` > 1: that many layers of one shape on the same input, their tensors stacked along the
     path axis (``op.littlebit_linear``); their outputs come side by side. The GEMV runs them all
-    in one pair of launches, the tensor-core path one layer after another.
+    in one pair of launches, the tensor-core and prefill paths one layer after another.
     """
     cfg = config or DEFAULT_CONFIG
     _check(x, u_signs, v_signs, h, l, g)
@@ -275,7 +280,8 @@ def littlebit_linear_triton(
         sms = 4 if _interpreting() or not x.is_cuda else _num_sms(x.device.index or 0)
         tensors = [t.contiguous() for t in (u_signs, v_signs, h, l, g)]
         b = bias.contiguous() if bias is not None else None
-        gemv = x2.shape[0] <= cfg.gemv_max_tokens
+        family = kernel_family(x2.shape[0], cfg)
+        gemv = family == "gemv"
         if u_tiled and gemv and not (x2.shape[0] == 1 and _takes_tiled(x2, tensors[0], tensors[2], b, cfg)):
             tensors[0], u_tiled = untile_order(tensors[0]), False
         if gemv:
@@ -283,12 +289,17 @@ def littlebit_linear_triton(
         else:
             for j in range(groups):  # the kernels write through y's row stride, so a column slice works
                 layer, bj = group_layer(tensors, b, groups, j)
-                _tensor_cores(x2, *layer, bj, y[:, j * d_out : (j + 1) * d_out], cfg, sms, u_tiled)
+                out = y[:, j * d_out : (j + 1) * d_out]
+                if family == "prefill":
+                    op_dt = _TL_DTYPES[_op_dtype(x2)]
+                    prefill(x2, *layer, bj, out, cfg, sms, op_dt, u_tiled)
+                else:
+                    _tensor_cores(x2, *layer, bj, out, cfg, sms, u_tiled)
     return y.reshape(*x.shape[:-1], groups * d_out)
 
 
 def accepts(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor) -> bool:
-    """CUDA tensors in fp16/bf16 with int32 words and at most ``MAX_TOKENS`` tokens."""
+    """CUDA tensors in fp16/bf16 with int32 words, any number of tokens."""
     return (
         x.is_cuda
         and u_signs.is_cuda
@@ -297,5 +308,4 @@ def accepts(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor) -> bo
         and u_signs.dtype == torch.int32
         and v_signs.dtype == torch.int32
         and x.shape[-1] > 0
-        and x.numel() // x.shape[-1] <= MAX_TOKENS
     )

@@ -1,0 +1,153 @@
+"""Triton tensor-core kernels for many tokens (prompts, evaluation, serving batches).
+
+Two GEMM-shaped launches, signs decoded to +-1 in registers (``_tensorcore._sign_tile``) as the
+``tl.dot`` operand, never a +-1 matrix in memory:
+
+- stage 1, grid (P * row blocks, splits of d_in, token blocks): t = l * S_V^T (g * x) for a tile of
+  latents x tokens, g * x formed per step from x and g; t is stored whole in the activations' dtype,
+  or, with d_in split, as fp32 partial sums, one buffer per split: plain stores (no atomics, no zeroed
+  workspace), in the column order stage 2's decoded signs take (``_pair_slot``), padding latents as
+  zeros;
+- stage 2, grid (output blocks, token blocks): y = sum_p h_p * S_U,p t_p + bias, adding the splits'
+  partials as it loads t (a few, L2-resident), both paths in one program.
+
+d_in is split (up to 4 ways) only where the token and row blocks alone leave the GPU under
+``prefill_waves`` programs per SM: few tokens, small ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from littlebit.kernels.gpu._tensorcore import _dot, _pair_slot, _sign_tile, _to_pair_order, _u_offsets
+from littlebit.kernels.gpu.config import KernelConfig
+from littlebit.kernels.gpu.tiles import _split
+
+
+@triton.jit
+def _pf_v_kernel(
+    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk, split_stride,
+    P: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, OP_DT: tl.constexpr,
+):  # fmt: skip
+    """Stage 1: partial t of rows ``BR`` x tokens ``BM`` over one split of d_in."""
+    pid0, split, pid2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    p = pid0 // n_rb
+    rows = (pid0 % n_rb) * BR + tl.arange(0, BR)
+    toks = pid2 * BM + tl.arange(0, BM)
+    tok_ok = toks < M
+    k_lo = split * chunk
+    k_hi = tl.minimum(k_lo + chunk, W_in)
+    acc = tl.zeros((BR, BM), tl.float32)
+    for k0 in range(k_lo, k_hi, BKW):
+        cols = k0 + tl.arange(0, BKW)
+        w = tl.load(
+            v_ptr + (p * R + rows)[:, None] * W_in + cols[None, :],
+            mask=(rows < R)[:, None] & (cols < k_hi)[None, :],
+            other=0,
+        )
+        e = k0 * 32 + tl.arange(0, BKW * 32)
+        e_ok = (e < k_hi * 32) & (e < d_in)
+        xv = tl.load(
+            x_ptr + toks[None, :] * stride_xm + e[:, None], mask=e_ok[:, None] & tok_ok[None, :], other=0.0
+        )
+        gv = tl.load(g_ptr + p * d_in + e, mask=e_ok, other=0.0)
+        xg = (xv.to(tl.float32) * gv.to(tl.float32)[:, None]).to(OP_DT)
+        acc = _dot(_sign_tile(w, BR, BKW, OP_DT), _to_pair_order(xg, BKW, BM), acc, OP_DT)
+    # rows past R (masked words decode to -1) get l = 0: t's padding latents are stored as zeros
+    lv = tl.load(l_ptr + p * R + rows, mask=rows < R, other=0.0).to(tl.float32)
+    dst = t_ptr + split * split_stride + (toks[None, :] * P + p) * Rp + _pair_slot(rows)[:, None]
+    tl.store(dst, (acc * lv[:, None]).to(t_ptr.dtype.element_ty), mask=(rows < Rp)[:, None] & tok_ok[None, :])
+
+
+@triton.jit
+def _pf_u_kernel(
+    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, Rp, stride_ym, n_split, split_stride,
+    P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OP_DT: tl.constexpr, TILED: tl.constexpr,
+):  # fmt: skip
+    """Stage 2: y for output rows ``BO`` x tokens ``BM``; S_U in tile order with ``TILED``."""
+    rows = tl.program_id(0) * BO + tl.arange(0, BO)
+    row_ok = rows < d_out
+    toks = tl.program_id(1) * BM + tl.arange(0, BM)
+    tok_ok = toks < M
+    y = tl.zeros((BO, BM), tl.float32)
+    for p in tl.static_range(P):
+        acc = tl.zeros((BO, BM), tl.float32)
+        for k0 in range(0, W_r, BKW):
+            cols = k0 + tl.arange(0, BKW)
+            w = tl.load(
+                u_ptr + _u_offsets(p, rows, cols, d_out, W_r, TILED),
+                mask=row_ok[:, None] & (cols < W_r)[None, :],
+                other=0,
+            )
+            e = k0 * 32 + tl.arange(0, BKW * 32)
+            tp = t_ptr + (toks[None, :] * P + p) * Rp + e[:, None]
+            tmask = (e < Rp)[:, None] & tok_ok[None, :]
+            tv = tl.load(tp, mask=tmask, other=0.0).to(tl.float32)
+            for s in range(1, n_split):
+                tv += tl.load(tp + s * split_stride, mask=tmask, other=0.0).to(tl.float32)
+            acc = _dot(_sign_tile(w, BO, BKW, OP_DT), tv.to(OP_DT), acc, OP_DT)
+        hv = tl.load(h_ptr + p * d_out + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y += acc * hv[:, None]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    out = y_ptr + toks[None, :] * stride_ym + rows[:, None]
+    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & tok_ok[None, :])
+
+
+def prefill_tile(
+    M: int, r: int, W_in: int, d_out: int, P: int, cfg: KernelConfig, sms: int
+) -> tuple[int, ...]:
+    """(tokens per program, rows per stage-1 program, output rows per stage-2 program, words per step,
+    warps, words per split of d_in, splits). Square 128 tiles by default; token blocks of 64 where 128
+    would leave the stage-2 grid under ``prefill_waves`` per SM."""
+    target = int(cfg.prefill_waves * sms)
+    bo = cfg.prefill_out or 128
+    bm = cfg.prefill_tokens or (128 if triton.cdiv(M, 128) * triton.cdiv(d_out, bo) >= target else 64)
+    br = cfg.prefill_rows or (128 if P * r >= 1024 else 64)
+    words = cfg.prefill_words or 2
+    warps = cfg.prefill_warps or (8 if max(bm, bo) >= 128 else 4)
+    programs = P * triton.cdiv(32 * triton.cdiv(r, 32), br) * triton.cdiv(M, bm)
+    # at most 4 splits: stage 2 adds them at every load of t
+    chunk, n_split = _split(W_in, words, programs, min(target, 4 * programs))
+    return bm, br, bo, words, warps, chunk, n_split
+
+
+def prefill(
+    x2: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    l: torch.Tensor,
+    g: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    cfg: KernelConfig,
+    sms: int,
+    op_dt: tl.dtype,
+    u_tiled: bool,
+) -> None:
+    """y (M, d_out, any row stride) = the packed product of x2 (M, d_in) for one layer; ``op_dt`` is
+    the Triton dtype of the MMA operands."""
+    M, d_in = x2.shape
+    P, d_out, W_r = u.shape
+    r, W_in = v.shape[1:]
+    bm, br, bo, words, warps, chunk, n_split = prefill_tile(M, r, W_in, d_out, P, cfg, sms)
+    Rp = 32 * W_r
+    n_rb, n_mb = triton.cdiv(Rp, br), triton.cdiv(M, bm)  # row blocks cover the padding latents too
+    # t in the operand dtype when whole (as the reference rounds it; half the bytes stage 2 reads per
+    # step), fp32 partial sums when split
+    t_dtype = torch.float32 if n_split > 1 or op_dt == tl.float32 else x2.dtype
+    t = torch.empty((n_split, M, P, Rp), dtype=t_dtype, device=x2.device)
+    split_stride = M * P * Rp
+    _pf_v_kernel[(P * n_rb, n_split, n_mb)](
+        x2, g, v, l, t, M, r, W_in, d_in, x2.stride(0), Rp, n_rb, chunk, split_stride,
+        P=P, BR=br, BKW=words, BM=bm, OP_DT=op_dt, num_warps=warps, num_stages=cfg.prefill_stages or 3,
+    )  # fmt: skip
+    _pf_u_kernel[(triton.cdiv(d_out, bo), n_mb)](
+        t, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0), n_split, split_stride,
+        P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=op_dt, TILED=u_tiled,
+        num_warps=warps, num_stages=cfg.prefill_stages or 3,
+    )  # fmt: skip

@@ -1,0 +1,152 @@
+"""The prefill kernels (65 tokens and more) against ``littlebit_linear_reference`` in fp32.
+
+As in test_kernels.py: without a GPU the checks run in Triton's interpreter, together in one child
+process with TRITON_INTERPRET=1 (it must be set before triton is imported). Token counts, widths and
+ranks are off the tile sizes; padding bits of the sign words are random.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_kernels import DEVICE, HAVE_TRITON, ON_GPU, TOL, make_layer, rel_err
+
+from littlebit.core.packing import tile_order
+
+
+def _run(tk, m, d_in, r, d_out, paths, dtype, bias=True, config=None, tiled=False, groups=1):
+    seed = (m * 7919 + d_in * 104729 + r * 31 + d_out * 17 + paths + groups) % 2**31
+    layers = [make_layer(d_in, r, d_out, paths, dtype, DEVICE, seed + j) for j in range(groups)]
+    x = torch.randn(m, d_in, generator=torch.Generator().manual_seed(seed + 99)).to(dtype).to(DEVICE)
+    cfg = tk.KernelConfig(**(config or {}))
+    u, v, h, l, g = (torch.cat([layer[i] for layer in layers]) for i in range(5))
+    b = torch.cat([layer[5] for layer in layers]) if bias else None
+    y = tk.littlebit_linear_triton(
+        x, tile_order(u) if tiled else u, v, h, l, g, b, config=cfg, groups=groups, u_tiled=tiled
+    )
+    if y.shape != (m, groups * d_out) or y.dtype != dtype or not torch.isfinite(y.float()).all():
+        return float("inf")
+    errs = [
+        rel_err(y[:, j * d_out : (j + 1) * d_out], x, *layers[j][:5], layers[j][5] if bias else None)
+        for j in range(groups)
+    ]
+    return max(errs)
+
+
+F16, BF16 = torch.float16, torch.bfloat16
+# name: (m, d_in, r, d_out, paths, dtype, kwargs)
+CASES = {
+    "65-f16-p2": (65, 100, 40, 72, 2, F16, {}),
+    "65-bf16-p1": (65, 40, 24, 100, 1, BF16, {}),
+    "130-f16-p2-nobias": (130, 300, 120, 200, 2, F16, {"bias": False}),
+    "130-bf16-p2": (130, 576, 40, 300, 2, BF16, {}),
+    "200-f16-rank-over-tile": (200, 100, 136, 40, 2, F16, {}),
+    # every split of d_in adds its partials in stage 2; token blocks of 64, rows of 128
+    "split-d_in": (70, 1000, 40, 60, 2, F16, {"config": {"prefill_waves": 64.0}}),
+    "tiles-64-128-4words": (
+        150, 330, 72, 90, 2, BF16,
+        {"config": {"prefill_tokens": 64, "prefill_rows": 128, "prefill_out": 64, "prefill_words": 4}},
+    ),
+    "tiled-u": (97, 200, 72, 48, 2, F16, {"tiled": True}),
+    "grouped": (80, 120, 40, 56, 2, BF16, {"groups": 3}),
+    # the threshold itself: 65 tokens take prefill, fewer the tensor-core path (both checked)
+    "min-tokens-lowered": (20, 100, 40, 72, 2, F16, {"config": {"prefill_min_tokens": 2}}),
+}  # fmt: skip
+
+
+if HAVE_TRITON:  # a kernel that stores the decoded tile (module level: jit code sees module globals)
+    import triton
+    import triton.language as tl
+
+    from littlebit.kernels.gpu._tensorcore import _sign_tile
+
+    @triton.jit
+    def _decode(w_ptr, o_ptr, BR: tl.constexpr, BKW: tl.constexpr, DT: tl.constexpr):
+        r, c, e = tl.arange(0, BR), tl.arange(0, BKW), tl.arange(0, BKW * 32)
+        w = tl.load(w_ptr + r[:, None] * BKW + c[None, :])
+        tl.store(o_ptr + r[:, None] * (BKW * 32) + e[None, :], _sign_tile(w, BR, BKW, DT).to(tl.float32))
+
+
+def _check_sign_tile(dtype) -> float:
+    """The decoded +-1 tile in fp16 and bf16 (pair order) against ``unpack_signs``: 0.0 when equal."""
+    from littlebit.core.packing import unpack_signs
+
+    w = torch.randint(-(2**31), 2**31, (16, 2), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
+    w = w.to(torch.int32).to(DEVICE)
+    out = torch.empty(16, 64, device=DEVICE)
+    _decode[(1,)](w, out, BR=16, BKW=2, DT=tl.float16 if dtype == F16 else tl.bfloat16)
+    # column 32k + 2i + j holds bit i + 16j of word k
+    order = [32 * k + i + 16 * j for k in range(2) for i in range(16) for j in range(2)]
+    return 0.0 if torch.equal(out.cpu(), unpack_signs(w.cpu(), 64)[:, order]) else float("inf")
+
+
+def run_checks() -> dict[str, float | str]:
+    from littlebit.kernels.gpu import triton_littlebit as tk
+
+    results: dict[str, float | str] = {}
+    for dtype in (F16, BF16):
+        name = f"sign-tile-{str(dtype)[6:]}"
+        try:
+            results[name] = _check_sign_tile(dtype)
+        except Exception as e:  # reported by the test that owns the check
+            results[name] = repr(e)
+    for name, (m, d_in, r, d_out, paths, dtype, kw) in CASES.items():
+        try:
+            results[name] = _run(tk, m, d_in, r, d_out, paths, dtype, **kw)
+        except Exception as e:  # reported by the test that owns the check
+            results[name] = repr(e)
+    return results
+
+
+@pytest.fixture(scope="module")
+def prefill_results():
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    if ON_GPU:
+        return run_checks()
+    here = Path(__file__).resolve().parent
+    code = (
+        f"import json, sys; sys.path[:0] = [{str(here)!r}, {str(here.parent / 'src')!r}]; "
+        "import test_prefill as t; print('RESULTS', json.dumps(t.run_checks()))"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULTS ") :])
+
+
+@pytest.mark.parametrize("name", ["sign-tile-float16", "sign-tile-bfloat16", *CASES])
+def test_prefill_matches_reference(name, prefill_results):
+    err = prefill_results[name]
+    assert isinstance(err, float), err
+    assert err < TOL
+
+
+def test_prefill_routing():
+    from littlebit.kernels.gpu.config import KernelConfig
+    from littlebit.kernels.gpu.route import kernel_family
+
+    cfg = KernelConfig()
+    assert [kernel_family(m, cfg) for m in (1, 2, 64, 65, 8192)] == [
+        "gemv", "tensor-core", "tensor-core", "prefill", "prefill"
+    ]  # fmt: skip
+
+
+def test_prefill_tile_rule():
+    from littlebit.kernels.gpu.config import KernelConfig
+    from littlebit.kernels.gpu.prefill import prefill_tile
+
+    cfg = KernelConfig()
+    # 2048 tokens of 8192x28672 at 0.1 BPW on 132 SMs: 128-wide tiles, 160 stage-1 programs: d_in in 2
+    bm, br, bo, words, warps, chunk, n_split = prefill_tile(2048, 296, 256, 28672, 2, cfg, 132)
+    assert (bm, br, bo, n_split, chunk) == (128, 64, 128, 2, 128)
+    # 128 tokens of a 4096-wide layer: 64-token blocks, d_in split as far as it goes (4)
+    bm, br, bo, words, warps, chunk, n_split = prefill_tile(128, 296, 128, 4096, 2, cfg, 132)
+    assert (bm, n_split) == (64, 4) and chunk * n_split >= 128
