@@ -144,9 +144,13 @@ def test_prefill_tile_rule():
     from littlebit.kernels.gpu.prefill import prefill_tile
 
     cfg = KernelConfig()
-    # 2048 tokens of 8192x28672 at 0.1 BPW on 132 SMs: 128-wide tiles, 160 stage-1 programs: d_in in 2
+    # 2048 tokens of 8192x28672 at 0.1 BPW on 132 SMs: a low rank takes 64x64 tiles with 4 warps,
+    # 320 stage-1 programs: d_in not split
     bm, br, bo, words, warps, chunk, n_split = prefill_tile(2048, 296, 256, 28672, 2, cfg, 132)
-    assert (bm, br, bo, n_split, chunk) == (128, 64, 128, 2, 128)
+    assert (bm, br, bo, warps, n_split, chunk) == (64, 64, 128, 4, 1, 256)
+    # the same tokens of 4096x11008 at 1.0 BPW (rank 1376): square 128 tiles, 8 warps
+    bm, br, bo, words, warps, chunk, n_split = prefill_tile(2048, 1376, 128, 11008, 2, cfg, 132)
+    assert (bm, br, bo, warps) == (128, 128, 128, 8)
     # 128 tokens of a 4096-wide layer: 64-token blocks, d_in split as far as it goes (4)
     bm, br, bo, words, warps, chunk, n_split = prefill_tile(128, 296, 128, 4096, 2, cfg, 132)
     assert (bm, n_split) == (64, 4) and chunk * n_split >= 128

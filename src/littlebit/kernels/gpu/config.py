@@ -66,11 +66,11 @@ class KernelConfig:
     # many tokens (prompts, evaluation, serving batches): from this many tokens on, the prefill kernels
     # (``prefill``: GEMM-shaped tiles, no atomics); fewer take the tensor-core kernels above
     prefill_min_tokens: int = 65
-    prefill_tokens: int = 0  # tokens per program; 0: 128, or 64 where 128 leaves under prefill_waves
+    prefill_tokens: int = 0  # tokens per program; 0: 128 with 128 latent rows unless under waves, else 64
     prefill_rows: int = 0  # stage-1 latent rows per program; 0: 128 from 1024 latents (all paths), else 64
     prefill_out: int = 0  # stage-2 output rows per program; 0: 128
     prefill_words: int = 0  # words per step (32 entries each); 0: 2
-    prefill_warps: int = 0  # 0: 8 for 128-wide tiles, else 4
+    prefill_warps: int = 0  # 0: 8 for 128-token tiles, else 4
     prefill_stages: int = 0  # software pipeline depth; 0: 3
     prefill_waves: float = 2.0  # programs per SM aimed for, by smaller token blocks, then splits of d_in
 

@@ -101,14 +101,19 @@ def prefill_tile(
     M: int, r: int, W_in: int, d_out: int, P: int, cfg: KernelConfig, sms: int
 ) -> tuple[int, ...]:
     """(tokens per program, rows per stage-1 program, output rows per stage-2 program, words per step,
-    warps, words per split of d_in, splits). Square 128 tiles by default; token blocks of 64 where 128
-    would leave the stage-2 grid under ``prefill_waves`` per SM."""
+    warps, words per split of d_in, splits). Square 128 tiles from 1024 latents (all paths); below, 64
+    latent rows and token blocks of 64 with 4 warps; token blocks of 64 also where 128 would leave the
+    stage-2 grid under ``prefill_waves`` per SM. On the H200 sweep (``benchmarks/prefill.py --quick``)
+    the 64-token, 4-warp tile took 352 against 551 µs (8192x28672, 0.1 BPW, 2048 tokens) and 20.1
+    against 31.0 µs (4096x11008, 0.1 BPW, 128 tokens); at 1.0 BPW the 128 square tile was the best of
+    the seven tried (490 µs, 4096x11008, 2048 tokens)."""
     target = int(cfg.prefill_waves * sms)
     bo = cfg.prefill_out or 128
-    bm = cfg.prefill_tokens or (128 if triton.cdiv(M, 128) * triton.cdiv(d_out, bo) >= target else 64)
     br = cfg.prefill_rows or (128 if P * r >= 1024 else 64)
+    wide = br == 128 and triton.cdiv(M, 128) * triton.cdiv(d_out, bo) >= target
+    bm = cfg.prefill_tokens or (128 if wide else 64)
     words = cfg.prefill_words or 2
-    warps = cfg.prefill_warps or (8 if max(bm, bo) >= 128 else 4)
+    warps = cfg.prefill_warps or (8 if bm >= 128 else 4)
     programs = P * triton.cdiv(32 * triton.cdiv(r, 32), br) * triton.cdiv(M, bm)
     # at most 4 splits: stage 2 adds them at every load of t
     chunk, n_split = _split(W_in, words, programs, min(target, 4 * programs))
