@@ -113,15 +113,19 @@ def test_command_line_refusals(compressed, tmp_path, capsys, edit, argv, fragmen
     assert not (tmp_path / "out").exists()
 
 
-def test_full_disk_during_compress_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("whole", [False, True], ids=["streamed", "in-memory"])
+def test_full_disk_during_compress_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch, whole):
+    import safetensors.torch
     import transformers
 
-    def full_disk(self, *args, **kwargs):
+    def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
-    code, _, err = run_cli(
-        capsys, "compress", str(tiny_dir), "--bpw", "2", "--out", str(tmp_path / "x" / "y")
-    )
+    if whole:
+        monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
+    else:  # the streamed path writes each layer's shard through safetensors
+        monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    argv = ["compress", str(tiny_dir), "--bpw", "2", "--out", str(tmp_path / "x" / "y")]
+    code, _, err = run_cli(capsys, *argv, *(["--in-memory"] if whole else []))
     assert code == 2 and "No space left on device" in _one_error_line(err)
     assert list(tmp_path.iterdir()) == []

@@ -73,7 +73,8 @@ def check_output_dir(out: Path) -> None:
         raise LittleBitError(f"cannot write to {existing}: permission denied")
 
 
-def _make_parents(parent: Path) -> list[Path]:
+def make_parents(parent: Path) -> list[Path]:
+    """Create ``parent`` and its missing ancestors; returns those created, deepest first."""
     missing = []
     p = parent
     while not p.exists():
@@ -84,7 +85,8 @@ def _make_parents(parent: Path) -> list[Path]:
     return missing  # deepest first: the order to remove them in
 
 
-def _remove_empty(dirs: list[Path]) -> None:
+def remove_empty(dirs: list[Path]) -> None:
+    """Remove the directories of ``dirs`` that are empty, in order (deepest first)."""
     for d in dirs:
         with contextlib.suppress(OSError):
             d.rmdir()
@@ -104,7 +106,7 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     created: list[Path] = []
     tmp: Path | None = None
     try:
-        created = _make_parents(parent)
+        created = make_parents(parent)
         remove_stale_temporaries(parent, out.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_INFIX}{os.getpid()}-", dir=parent))
         yield tmp
@@ -115,7 +117,7 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created)
+        remove_empty(created)
         if isinstance(e, OSError):
             raise LittleBitError(os_error_message(e, str(out))) from e
         raise

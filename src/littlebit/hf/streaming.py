@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from littlebit.atomic import check_output_dir, os_error_message, share_permissions
+from littlebit.atomic import check_output_dir, make_parents, os_error_message, remove_empty, share_permissions
 from littlebit.config import LittleBitConfig, LittleBitError, first_line
 from littlebit.core.budget import ModelBudget
 from littlebit.core.convert import (
@@ -141,9 +141,9 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _open_partial(work: Path, manifest: dict) -> int:
+def _open_partial(work: Path, manifest: dict) -> list[Path]:
     """Create the work directory, or check that an existing one was started with these settings;
-    returns how many shards it already holds."""
+    returns the parent directories it created (to remove if nothing comes of it)."""
     record = work / MANIFEST_NAME
     if work.is_dir():
         try:
@@ -157,11 +157,11 @@ def _open_partial(work: Path, manifest: dict) -> int:
             )
         for stale in work.glob(".*.tmp-*"):  # a shard being written when the process died
             stale.unlink(missing_ok=True)
-        return len(list(work.glob("model-*.safetensors")))
-    work.parent.mkdir(parents=True, exist_ok=True)
+        return []
+    created = make_parents(work.parent)
     work.mkdir()
     record.write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
-    return 0
+    return created
 
 
 def _merge_shards(work: Path, merged: Path) -> None:
@@ -251,7 +251,7 @@ def compress_streamed(
     }
     manifest = json.loads(json.dumps(manifest))  # as read back when resuming (tuples become lists)
     work = partial_dir(out)
-    _open_partial(work, manifest)
+    created = _open_partial(work, manifest)
     merged = work / SINGLE_NAME
     try:
         first = hooks.start(model, checkpoint, work) if hooks is not None else 0
@@ -299,6 +299,7 @@ def compress_streamed(
         finished = len(list(work.glob("model*.safetensors")))
         if finished == 0:
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind
+            remove_empty(created)
         else:
             log.warning("compression stopped: %d shard(s) kept in %s; rerun to resume", finished, work)
         if isinstance(e, OSError):
