@@ -158,8 +158,10 @@ def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="fsdp_step_"))
     trainer = Trainer(teacher, data, lb, train_cfg, work, progress=False, distributed=d)
     trainer.setup(False)
+    setup_peak = 0.0
     if d.device.type == "cuda":
         torch.cuda.synchronize(d.device)
+        setup_peak = torch.cuda.max_memory_allocated(d.device) / GB  # the build and the sharding
         torch.cuda.reset_peak_memory_stats(d.device)
     built = time.perf_counter() - t0
     result = trainer.run()
@@ -186,6 +188,7 @@ def run(args) -> dict:
         "grad_checkpoint": train_cfg.grad_checkpoint,
         "offload_teacher": args.offload_teacher,
         "setup_s": built,
+        "setup_peak_allocated_gb_rank0": setup_peak,
         "tokens_per_s": result.tokens_per_s,  # global, after the warm-up steps
         "tokens_per_s_per_gpu": result.tokens_per_s / d.world_size,
         "step_s": [

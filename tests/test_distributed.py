@@ -48,6 +48,7 @@ def _launch(tmp: Path, name: str, *args: str) -> list[int]:
     """Run the worker on RANKS processes with torchrun's environment; their exit codes."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
     env["WORLD_SIZE"] = str(RANKS)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU, whatever GPUs the machine has
     env["PYTHONPATH"] = os.pathsep.join([str(Path(littlebit.__file__).parents[1]), env.get("PYTHONPATH", "")])
     procs, logs = [], []
     try:
@@ -83,7 +84,6 @@ def sharded_run(tmp_path_factory) -> Path:
 
 
 def test_two_processes_train_like_one_on_the_same_global_batch(sharded_run, tmp_path):
-    sys.path.insert(0, str(WORKER.parent))
     import distributed_worker as worker
 
     threads = torch.get_num_threads()

@@ -52,7 +52,7 @@ from littlebit.config import LittleBitConfig, LittleBitError
 from littlebit.core.convert import SplitLinear, attach_config, plan, set_submodule
 from littlebit.core.layer import LittleBitLinear
 from littlebit.training.blockwise import decoder_layers
-from littlebit.training.checkpoints import optimizer_to_flat
+from littlebit.training.checkpoints import list_checkpoints, optimizer_to_flat
 from littlebit.training.config import TrainConfig
 from littlebit.training.log import TrainLog
 from littlebit.training.optim import select_trainable
@@ -214,6 +214,10 @@ class Distributed:
                 log.info("removed what an interrupted checkpoint write left: %s", ", ".join(stale))
         self.barrier()
         found = load_sharded_meta(work, resume_from) if resume else None
+        if resume and found is None and list_checkpoints(work):
+            raise LittleBitError(
+                f"the checkpoints in {work} are from a single-process run: resume without torchrun"
+            )
         if resume and found is None and self.is_main:
             log.warning("no checkpoint in %s: starting from the beginning", work)
         if found is not None:
