@@ -182,3 +182,15 @@ def test_sharded_checkpoints_are_checked_and_killed_writes_removed(tmp_path):
     (tmp_path / "dcp-global-000008").mkdir()  # a removal killed after the JSON went
     assert remove_partial(tmp_path) == ["dcp-global-000006.partial", "dcp-global-000008"]
     assert [p.name for p in list_sharded(tmp_path)] == ["dcp-global-000002", "dcp-global-000004"]
+
+
+def test_train_command_refuses_what_several_processes_cannot_do_before_loading(capsys, monkeypatch):
+    from littlebit.cli import main as cli
+    from littlebit.hf import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    for extra in (["--nproc", "2"], ["--nproc", "2", "--block-sequences", "0", "--batch-size", "3"]):
+        assert cli.main(["train", "--bpw", "1", "--out", "/nonexistent/x", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("littlebit: error:") and "\n" not in err
+        assert ("block reconstruction" if len(extra) == 2 else "multiple of the 2 processes") in err

@@ -183,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
 
     lb, cfg = config_from_args(args)
     if args.nproc is not None:
+        check_config(cfg, max(1, args.nproc))  # refused here in one line, not once per process
         return relaunch(args.nproc)
     launched = launch_env()
     if launched is not None:
