@@ -21,6 +21,7 @@ from conftest import tiny_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from littlebit.config import LittleBitConfig  # noqa: E402
+from littlebit.training import log as train_log  # noqa: E402
 from littlebit.training.config import BlockConfig, LearningRates, TrainConfig  # noqa: E402
 from littlebit.training.distributed import Distributed  # noqa: E402
 from littlebit.training.trainer import Trainer, train  # noqa: E402
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--kill-at", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # The curves are not what is tested here, and drawing them costs seconds per run.
+    train_log.write_curves = lambda path: None
     if args.kill_at:
         step = Trainer._train_step
 

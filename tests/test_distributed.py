@@ -83,9 +83,12 @@ def sharded_run(tmp_path_factory) -> Path:
     return tmp / "work"
 
 
-def test_two_processes_train_like_one_on_the_same_global_batch(sharded_run, tmp_path):
+def test_two_processes_train_like_one_on_the_same_global_batch(sharded_run, tmp_path, monkeypatch):
     import distributed_worker as worker
 
+    from littlebit.training import log as train_log
+
+    monkeypatch.setattr(train_log, "write_curves", lambda path: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
