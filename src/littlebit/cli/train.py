@@ -173,8 +173,8 @@ def relaunch(nproc: int) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             argv.append(arg)
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.call([*run, "-m", "littlebit.cli", *argv])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.call([*torchrun, "-m", "littlebit.cli", *argv])
 
 
 def run(args: argparse.Namespace) -> int:
