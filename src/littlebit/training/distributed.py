@@ -182,7 +182,8 @@ class Distributed:
             backend = "nccl" if cuda else "gloo"
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-        self.offload_teacher = offload_teacher
+        # On the CPU the shards already live in CPU memory: there is nothing to offload.
+        self.offload_teacher = offload_teacher and cuda
         self._plain: nn.Module | None = None
 
     @property
