@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 from littlebit.cli.common import add_compression_arguments, compression_config
@@ -94,6 +96,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-amp", action="store_true", help="train in fp32 even on GPU")
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward")
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="train on N processes (one per GPU), sharded with FSDP2: runs this command under torchrun",
+    )
+    parser.add_argument(
+        "--offload-teacher", action="store_true", help="sharded runs: keep the teacher's shards in CPU memory"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainConfig]:
@@ -146,8 +157,57 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
     return lb, cfg
 
 
+def relaunch(nproc: int) -> int:
+    """``--nproc N``: this same command line, without ``--nproc``, under ``torchrun`` on N processes."""
+    from littlebit.training.distributed import launch_env
+
+    if nproc < 1:
+        raise LittleBitError(f"--nproc must be >= 1, got {nproc}")
+    if launch_env() is not None:
+        raise LittleBitError("--nproc starts torchrun itself: under torchrun, leave it out")
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.call([*torchrun, "-m", "littlebit.cli", *argv])
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, train, save the compressed model to ``--out``; returns the exit code."""
+    from littlebit.training.distributed import Distributed, check_config, launch_env
+
+    lb, cfg = config_from_args(args)
+    if args.nproc is not None:
+        check_config(cfg, max(1, args.nproc))  # refused here in one line, not once per process
+        return relaunch(args.nproc)
+    launched = launch_env()
+    if launched is not None:
+        check_config(cfg, launched[1])
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LittleBitError(f"output directory {out} exists and is not empty")
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + "-train")
+    resume = args.resume or args.resume_from is not None
+    if work.exists() and any(work.iterdir()) and not resume:
+        raise LittleBitError(f"work directory {work} is not empty: pass --resume, or another --work-dir")
+    if args.resume_from is not None and not Path(args.resume_from).exists():
+        raise LittleBitError(f"no checkpoint {args.resume_from}")
+    # Under torchrun every rank checks the directories above before any of them writes: the
+    # process group's start waits for all ranks.
+    sharded = Distributed(offload_teacher=args.offload_teacher) if launched is not None else None
+    try:
+        return _train(args, lb, cfg, out, work, resume, sharded)
+    finally:
+        if sharded is not None:
+            sharded.close()
+
+
+def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
     import torch
 
     from littlebit.evaluation.perplexity import tokenize_eval
@@ -156,17 +216,9 @@ def run(args: argparse.Namespace) -> int:
     from littlebit.training.checkpoints import remove_checkpoints
     from littlebit.training.trainer import train
 
-    lb, cfg = config_from_args(args)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LittleBitError(f"output directory {out} exists and is not empty")
-    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + "-train")
-    resume = args.resume or args.resume_from is not None
-    if work.exists() and any(work.iterdir()) and not resume:
-        raise LittleBitError(f"work directory {work} is not empty: pass --resume, or another --work-dir")
-    if args.resume_from is not None and not Path(args.resume_from).is_file():
-        raise LittleBitError(f"no checkpoint {args.resume_from}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if sharded is not None:
+        device = str(sharded.device)
     teacher = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     try:
@@ -175,9 +227,19 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no periodic evaluation: %s", e)
         eval_ids = None
     result = train(
-        teacher, args.data, lb, cfg, work, tokenizer, eval_ids, resume=resume, resume_from=args.resume_from
-    )
-    save_compressed(result.student, out, tokenizer=tokenizer)
+        teacher, args.data, lb, cfg, work, tokenizer, eval_ids, resume=resume, resume_from=args.resume_from,
+        distributed=sharded,
+    )  # fmt: skip
+    if sharded is not None:
+        student = sharded.gather_student(result.student)  # every rank takes part; rank 0 gets it
+        if sharded.is_main:
+            save_compressed(student, out, tokenizer=tokenizer)  # written once
+        if not args.keep_state:
+            sharded.remove_checkpoints(work)  # waits for rank 0 to have written the model
+        if not sharded.is_main:
+            return 0
+    else:
+        save_compressed(result.student, out, tokenizer=tokenizer)
     if not args.keep_state:
         # The model is safely written; the log stays, the (large) optimizer state goes.
         remove_checkpoints(work)

@@ -16,7 +16,7 @@ counts about the same, and with weight 1 the two terms start at comparable sizes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,21 +35,35 @@ def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
     return kl * temperature**2
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
 def hidden_error(
-    student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], form: str
+    student_hidden: Sequence[torch.Tensor],
+    teacher_hidden: Sequence[torch.Tensor],
+    form: str,
+    reduce: Reduce | None = None,
 ) -> torch.Tensor:
-    """Summed MSE (``paper``) or mean relative squared error (``normalized``) over layers."""
+    """Summed MSE (``paper``) or mean relative squared error (``normalized``) over layers.
+
+    ``reduce`` (a sharded run) averages the relative error's denominators over the ranks, each of
+    which holds an equal share of the batch: the error is then the whole batch's, not a mean of ratios.
+    """
     if len(student_hidden) != len(teacher_hidden):
         raise LittleBitError(f"{len(student_hidden)} student vs {len(teacher_hidden)} teacher hidden states")
     if not student_hidden:
         raise LittleBitError("no hidden states to compare")
+    dens = None
+    if form != "paper" and reduce is not None:  # one collective for all layers
+        dens = reduce(torch.stack([t.float().detach().square().sum() for t in teacher_hidden]))
     terms = []
-    for s, t in zip(student_hidden, teacher_hidden, strict=True):
+    for i, (s, t) in enumerate(zip(student_hidden, teacher_hidden, strict=True)):
         s, t = s.float(), t.float().detach()
         if form == "paper":
             terms.append(F.mse_loss(s, t))
         else:
-            terms.append((s - t).square().sum() / t.square().sum().clamp_min(1e-12))
+            den = t.square().sum() if dens is None else dens[i]
+            terms.append((s - t).square().sum() / den.clamp_min(1e-12))
     total = torch.stack(terms)
     return total.sum() if form == "paper" else total.mean()
 
@@ -60,8 +74,10 @@ def distill_loss(
     student_hidden: Sequence[torch.Tensor],
     teacher_hidden: Sequence[torch.Tensor],
     config: DistillConfig | None = None,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``(loss, parts)``; the hidden states are each decoder layer's output.
+    """``(loss, parts)``; the hidden states are each decoder layer's output (``reduce``: see
+    ``hidden_error``).
 
     ``parts`` holds the detached terms as tensors, so logging them costs no device sync per step.
     """
@@ -70,7 +86,7 @@ def distill_loss(
     loss = kl
     parts = {"kl": kl.detach()}
     if config.weight > 0:
-        hid = hidden_error(student_hidden, teacher_hidden, config.form)
+        hid = hidden_error(student_hidden, teacher_hidden, config.form, reduce)
         loss = loss + config.weight * hid
         parts["hidden"] = hid.detach()
     return loss, parts

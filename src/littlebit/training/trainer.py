@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -49,6 +50,9 @@ from littlebit.training.optim import (
 from littlebit.training.step_graph import GraphedMicroStep
 from littlebit.training.stream import Batches, load_tokens, pack_sequences
 from littlebit.training.student import cast_floating, make_student
+
+if TYPE_CHECKING:
+    from littlebit.training.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +115,17 @@ class Trainer:
         tokenizer=None,
         eval_ids: torch.Tensor | None = None,
         progress: bool = True,
+        distributed: Distributed | None = None,
     ) -> None:
         self.teacher, self.lb_config, self.config = teacher, lb_config, config
+        self.dist = distributed  # a sharded run (see ``distributed``): it owns setup and checkpoints
         self.work_dir, self.tokenizer, self.eval_ids, self.progress = (
             Path(work_dir),
             tokenizer,
             eval_ids,
             progress,
         )
-        self.device = next(teacher.parameters()).device
+        self.device = distributed.device if distributed is not None else next(teacher.parameters()).device
         cuda = self.device.type == "cuda"
         self.use_amp = cuda if config.amp is None else config.amp
         self.use_graphs = cuda and (config.cuda_graphs is None or config.cuda_graphs)
@@ -155,6 +161,8 @@ class Trainer:
         self.timings = {"setup": time.perf_counter() - t0}
 
     def _setup(self, resume: bool, resume_from: str | Path | None) -> None:
+        if self.dist is not None:
+            return self.dist.setup(self, resume, resume_from)
         stale = remove_stale(self.work_dir)
         if stale:
             log.info("removed what an interrupted checkpoint write left: %s", ", ".join(stale))
@@ -217,6 +225,8 @@ class Trainer:
         self.optimizer = optimizer_from_flat(tensors, saved, params, kinds)
 
     def save(self) -> None:
+        if self.dist is not None:
+            return self.dist.save(self)
         tensors = {**trained_state(self.student, self.kinds), **rng_tensors()}
         meta = {
             "phase": self.phase,
@@ -290,6 +300,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         teacher, student_fwd = self.prepare_global()
         batches = Batches(self.sequences, cfg.batch_size, cfg.seed, self.position)
+        if self.dist is not None:
+            batches = self.dist.shard_batches(batches)
         warmup = math.ceil(cfg.warmup_frac * cfg.steps)
         freeze_from = cfg.steps - round(cfg.freeze_signs_frac * cfg.steps)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="distillation", disable=not self.progress)
@@ -298,6 +310,8 @@ class Trainer:
             frozen = (LATENT,) if self.step >= freeze_from else ()
             set_lr(self.optimizer, lr_factor(self.step, cfg.steps, warmup), frozen)
             parts = self._train_step(batches, teacher, student_fwd)
+            if self.dist is not None:
+                parts = self.dist.mean(parts)
             self.position = batches.position
             self.step += 1
             self.tokens += cfg.tokens_per_step
@@ -339,7 +353,8 @@ class Trainer:
             s_out = student_fwd(batch, output_hidden_states=want_hidden, use_cache=False)
         s_hid = s_out.hidden_states[1:] if want_hidden else ()
         t_hid = t_out.hidden_states[1:] if want_hidden else ()
-        loss, parts = distill_loss(s_out.logits, t_out.logits, s_hid, t_hid, cfg.loss)
+        reduce = self.dist.reduce_mean if self.dist is not None else None
+        loss, parts = distill_loss(s_out.logits, t_out.logits, s_hid, t_hid, cfg.loss, reduce)
         (loss / cfg.grad_accum).backward()
         parts["loss"] = loss.detach()
         return parts
@@ -413,6 +428,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     resume_from: str | Path | None = None,
+    distributed: Distributed | None = None,
 ) -> TrainResult:
     """Distil a LittleBit student from ``teacher`` (left unchanged) and return it, trained.
 
@@ -420,9 +436,11 @@ def train(
     ``tokenizer`` is needed). ``eval_ids`` (1, n) enables the periodic perplexity evaluation.
     Checkpoints and the JSONL log go to ``work_dir``; ``resume`` continues from the newest checkpoint
     there, ``resume_from`` from the one named (a ``state-*.json`` or ``.safetensors`` in ``work_dir``).
+    ``distributed`` (under ``torchrun``) shards the run over the launched processes.
     """
     trainer = Trainer(
-        teacher, data, lb_config, config or TrainConfig(), work_dir, tokenizer, eval_ids, progress
-    )
+        teacher, data, lb_config, config or TrainConfig(), work_dir, tokenizer, eval_ids, progress,
+        distributed=distributed,
+    )  # fmt: skip
     trainer.setup(resume, resume_from)
     return trainer.run()
