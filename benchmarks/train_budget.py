@@ -1,0 +1,86 @@
+"""Wall time of a small-budget ``littlebit train`` run, start to finish, on this machine.
+
+Runs the command as a user would (model loading, text generation into a fresh cache, initialisation,
+block stage, global distillation, evaluations, saving), and appends one record to the JSON file:
+the wall time, the plan the command printed, its JSON summary, and the machine's load average
+before and after (the CPU may be shared with other work; the record says how busy it was).
+
+    python benchmarks/train_budget.py --tokens 30000 --out benchmarks/results/train_budget.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=30_000)
+    ap.add_argument("--bpw", default="1.0")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more littlebit train arguments")
+    ap.add_argument("--out", default="benchmarks/results/train_budget.json")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="littlebit-budget-") as tmp:
+        command = [
+            sys.executable,
+            "-m",
+            "littlebit.cli",
+            "train",
+            "--bpw",
+            args.bpw,
+            "--tokens",
+            str(args.tokens),
+            "--device",
+            args.device,
+            "--out",
+            f"{tmp}/model",
+            "--generated-dir",
+            f"{tmp}/generated",  # a fresh cache: the generation is part of the measured time
+            *args.extra,
+        ]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        load_before = os.getloadavg()
+        t0 = time.perf_counter()
+        proc = subprocess.run(command, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        load_after = os.getloadavg()
+    if proc.returncode != 0:
+        print(proc.stderr[-4000:], file=sys.stderr)
+        return proc.returncode
+    plan = [line for line in proc.stderr.splitlines() if line.startswith(("plan:", "  "))]
+    record = {
+        "command": "littlebit " + " ".join(command[3:]).replace(tmp, "TMP"),
+        "tokens": args.tokens,
+        "seconds": round(seconds, 1),
+        "minutes": round(seconds / 60, 2),
+        "plan": plan,
+        "summary": json.loads(proc.stdout.strip().splitlines()[-1]),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "processor": platform.processor() or platform.machine(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    out = Path(args.out)
+    records = json.loads(out.read_text()) if out.is_file() else []
+    records.append(record)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=1))
+    print(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

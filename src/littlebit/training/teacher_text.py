@@ -1,0 +1,254 @@
+"""Training text the teacher writes itself (LLM-QAT, arXiv 2305.17888), cached on disk as token shards.
+
+A cache folder is keyed by a hash of the model's identity and every setting that shapes the text
+(``TextGenConfig``, the start prompts). It holds ``settings.json`` and ``shard-NNNNN.safetensors``
+files, each one batched sampling call: ``tokens`` of shape ``(batch_size, length)``, int32. Shard
+``k`` depends only on the key and ``k``, so an interrupted generation resumes at the first missing
+shard and ends with the same files as one never stopped, and a larger request appends to a smaller.
+Every file is written to a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from littlebit.atomic import remove_stale_temporaries
+from littlebit.config import LittleBitError
+from littlebit.training.config import TextGenConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_SHARD = "shard-{:05d}.safetensors"
+_PLACEHOLDER = "\x00littlebit\x00"
+
+
+def default_cache_dir() -> Path:
+    """``$LITTLEBIT_CACHE/generated``, else ``~/.cache/littlebit/generated``."""
+    root = os.environ.get("LITTLEBIT_CACHE") or Path.home() / ".cache" / "littlebit"
+    return Path(root) / "generated"
+
+
+def resolved(config: TextGenConfig, device: torch.device) -> TextGenConfig:
+    """The settings with the device-dependent default filled in: 256 sequences a shard on a GPU, where
+    one batched call is launch-bound well past that, and 32 on a CPU, where a decoding step reads
+    every weight once whatever the batch, so a larger batch is nearly free up to there."""
+    if config.batch_size is not None:
+        return config
+    return dataclasses.replace(config, batch_size=256 if device.type == "cuda" else 32)
+
+
+def model_identity(model: nn.Module) -> dict:
+    """What tells models apart: architecture, config, and a rounded fingerprint of every parameter.
+
+    Per tensor, the sum and the sum of squares in float64, rounded to 9 digits so that the summation
+    order of another device does not change the key.
+    """
+    with torch.no_grad():
+        stats = torch.stack(
+            [torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()]
+        ).cpu()
+    digest = hashlib.sha256(" ".join(f"{x:.9g}" for x in stats.flatten().tolist()).encode())
+    config = model.config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        config.pop(volatile, None)
+    return {
+        "class": type(model).__name__,
+        "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "parameters": digest.hexdigest(),
+        "dtype": str(next(model.parameters()).dtype),
+    }
+
+
+def start_prompts(tokenizer, config: TextGenConfig) -> dict[str, list[int]]:
+    """The token ids each start kind begins with (``random`` adds one random token per sequence)."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    out: dict[str, list[int]] = {}
+    for kind in config.starts:
+        if kind in ("bos", "random"):
+            if bos is not None or kind == "random":
+                out[kind] = [] if bos is None else [int(bos)]
+        elif kind == "chat" and getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False)
+            if _PLACEHOLDER in text:
+                prefix = text[: text.index(_PLACEHOLDER)]
+                out[kind] = tokenizer(prefix, add_special_tokens=False).input_ids
+    if not out:
+        raise LittleBitError(f"the tokenizer can make none of the starts {', '.join(config.starts)}")
+    too_long = [k for k, ids in out.items() if len(ids) + 1 >= config.length]
+    if too_long:
+        raise LittleBitError(f"generated length {config.length} leaves no room after the {too_long[0]} start")
+    return out
+
+
+class TextCache:
+    """One keyed folder of generated shards for a model, a tokenizer and settings."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        config: TextGenConfig,
+        root: str | Path | None = None,
+        compile: bool = False,
+    ) -> None:
+        # ``compile``: let transformers compile the decoding step (GPU, static cache). It costs a
+        # compilation up front and pays off over many shards; it does not change the cache key.
+        self.model, self.tokenizer, self.compile = model, tokenizer, compile
+        self.device = next(model.parameters()).device
+        self.config = resolved(config, self.device)
+        self.prompts = start_prompts(tokenizer, self.config)
+        self.kinds = list(self.prompts)
+        special = set(tokenizer.all_special_ids)
+        self.vocab = [i for i in range(min(len(tokenizer), _vocab(model))) if i not in special]
+        self.settings = {
+            "format": FORMAT,
+            "model": model_identity(model),
+            "generation": dataclasses.asdict(self.config),
+            "prompts": self.prompts,
+        }
+        key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = Path(root if root is not None else default_cache_dir()) / key
+
+    @property
+    def tokens_per_shard(self) -> int:
+        return self.config.batch_size * self.config.length
+
+    def shards_for(self, tokens: int) -> int:
+        return max(1, math.ceil(tokens / self.tokens_per_shard))
+
+    def shard_path(self, index: int) -> Path:
+        return self.dir / _SHARD.format(index)
+
+    def available(self) -> int:
+        """Complete shards on disk, counted from the first (a gap ends the count)."""
+        n = 0
+        while self.shard_path(n).is_file():
+            n += 1
+        return n
+
+    def ensure(
+        self, tokens: int, progress: Callable[[int, int, float], None] | None = None, limit: int | None = None
+    ) -> int:
+        """Generate the shards that ``tokens`` needs and are missing; returns the shards there now.
+
+        ``progress(done, total, seconds_for_the_last)`` is called after each new shard; ``limit``
+        stops after that many new shards (the rest is left for a later call).
+        """
+        need = self.shards_for(tokens)
+        self._write_settings()
+        done = self.available()
+        made = 0
+        while done < need and (limit is None or made < limit):
+            t0 = time.perf_counter()
+            self._write_shard(done, self.sample_shard(done))
+            done, made = done + 1, made + 1
+            if progress is not None:
+                progress(done, need, time.perf_counter() - t0)
+        return done
+
+    def load(self, tokens: int) -> torch.Tensor:
+        """The first ``tokens`` generated tokens as one 1-D int64 stream (sequences end to end)."""
+        need = self.shards_for(tokens)
+        if self.available() < need:
+            raise LittleBitError(f"{self.dir} holds {self.available()} of the {need} shards needed")
+        parts = []
+        for i in range(need):
+            path = self.shard_path(i)
+            try:
+                parts.append(load_file(str(path))["tokens"].reshape(-1))
+            except (SafetensorError, KeyError, OSError) as e:
+                raise LittleBitError(f"damaged shard {path}: delete it and generate again") from e
+        return torch.cat(parts).to(torch.int64)[:tokens]
+
+    # ----- sampling -----------------------------------------------------------------------------
+    def sample_shard(self, index: int) -> torch.Tensor:
+        """Shard ``index``: ``(batch_size, length)`` token ids, a pure function of the key and ``index``."""
+        from transformers import GenerationConfig
+
+        cfg = self.config
+        kind = self.kinds[index % len(self.kinds)]
+        seed = cfg.seed * 1_000_003 + index
+        prefix = torch.tensor(self.prompts[kind], dtype=torch.int64).expand(cfg.batch_size, -1)
+        if kind == "random":
+            gen = torch.Generator().manual_seed(seed)
+            pick = torch.randint(len(self.vocab), (cfg.batch_size, 1), generator=gen)
+            prefix = torch.cat([prefix, torch.tensor(self.vocab)[pick]], dim=1)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else self.tokenizer.eos_token_id
+        gen_cfg = GenerationConfig(
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=0,
+            max_new_tokens=cfg.length - prefix.shape[1],
+            # No end-of-sequence token: every row runs to full length, and after an end of turn or of
+            # document the teacher goes on writing the next one, which is text worth training on too.
+            eos_token_id=None,
+            pad_token_id=pad if pad is not None else 0,
+            # A static cache on the GPU: one preallocated buffer, no growing copies over 512 steps.
+            # The CPU keeps the dynamic cache, which is quicker there for short requests.
+            cache_implementation="static" if self.device.type == "cuda" else None,
+            disable_compile=not (self.compile and self.device.type == "cuda"),
+        )
+        ids = prefix.to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        amp = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), amp:
+                torch.manual_seed(seed)
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
+        finally:
+            self.model.train(was_training)
+        return out[:, : cfg.length].to(torch.int32).cpu().contiguous()
+
+    # ----- files -------------------------------------------------------------------------------
+    def _write_settings(self) -> None:
+        path = self.dir / "settings.json"
+        if path.is_file():
+            if json.loads(path.read_text()) != json.loads(json.dumps(self.settings)):
+                raise LittleBitError(f"{self.dir} holds text generated with other settings: remove it")
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.settings, indent=1)))
+
+    def _write_shard(self, index: int, tokens: torch.Tensor) -> None:
+        meta = {"index": str(index), "start": self.kinds[index % len(self.kinds)]}
+        _atomic_write(self.shard_path(index), lambda tmp: save_file({"tokens": tokens}, str(tmp), meta))
+
+
+def _vocab(model: nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[0])
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` to a temporary sibling named for this process, renamed into place once complete; the
+    temporaries of killed writers are removed first."""
+    remove_stale_temporaries(path.parent, path.name)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-0")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
