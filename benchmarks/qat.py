@@ -217,7 +217,7 @@ def print_table(records: list[dict]) -> None:
             print(f"{tag:<40} failed")
             continue
         cells = "".join(f"{r[c]:>15.4g}" if isinstance(r.get(c), float) else f"{'-':>15}" for c in cols)
-        print(f"{tag:<40}{cells}   {', '.join(f'{v:.3f}' for v in r['ratios'].values())}")
+        print(f"{tag:<40}{cells}   {', '.join(f'{v:.3f}' for v in r.get('ratios', {}).values())}")
 
 
 def records_from_logs(folder: Path, like: dict, args: argparse.Namespace) -> list[dict]:
