@@ -182,3 +182,24 @@ def test_generate_data_command(tiny_dir, tmp_path, capsys):
     assert code == 0 and json.loads(out)["generated_tokens"] == 0  # all cached
     code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path), "--top-p", "0")
     assert code == 2 and err.count("\n") == 1
+
+
+def test_default_data_is_generated_text_without_a_local_corpus(tmp_path, monkeypatch):
+    from littlebit.training.data import DEFAULT_MIXTURE, GENERATED, default_data_spec
+
+    monkeypatch.delenv("LITTLEBIT_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_data_spec() == GENERATED
+    (tmp_path / "shared" / "data" / "wikitext-2-raw").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw").write_text("text\n")
+    assert default_data_spec() == DEFAULT_MIXTURE
+
+
+def test_train_command_prints_its_plan_and_keeps_to_its_budget(tiny_dir, tmp_path, capsys):
+    argv = ["train", str(tiny_dir), "--bpw", "4", "--out", str(tmp_path / "m"), "--tokens", "2000"]
+    argv += ["--data", "generated", "--seqlen", "32", "--gen-batch-size", "16", "--eval-windows", "1"]
+    code, out, err = run_cli(capsys, *argv, "--generated-dir", str(tmp_path / "g"), "--device", "cpu")
+    assert code == 0, err
+    plan = err[err.index("plan:") :].splitlines()[:6]
+    assert [line.split()[0] for line in plan[1:]] == ["generate", "calibrate", "block", "global", "total"]
+    assert 2000 - 64 < json.loads(out.splitlines()[-1])["tokens"] <= 2000
