@@ -146,7 +146,8 @@ _RECIPE = {
     # A final scale-only phase: the last 10 % / 25 % of global steps train scales and norms, signs frozen.
     "scale-tail-0.1": {"freeze_signs_frac": 0.1},
     "scale-tail-0.25": {"freeze_signs_frac": 0.25},
-    # Sequence length: same tokens per step (and per block-stage step) in longer sequences.
+    # Sequence length: 1024 keeps the tokens per step (and per block-stage step); 2048 takes one
+    # sequence a step, twice the tokens, so half the steps.
     "seq1024": {"seqlen": 1024, "batch_size": 1, "blocks": {"batch_size": 1}},
     "seq2048": {"seqlen": 2048, "batch_size": 1, "blocks": {"batch_size": 1}},
     # The path layout against the recipe's choice (residual pair from 0.8 BPW, one path below).
