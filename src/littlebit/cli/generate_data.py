@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile", action="store_true", help="compile the decoding step (GPU: slower start, faster shards)"
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
 
 
 def gen_config(args: argparse.Namespace) -> TextGenConfig:
@@ -66,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     from littlebit.training.teacher_text import TextCache
 
     config = gen_config(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LittleBitError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)

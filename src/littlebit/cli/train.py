@@ -147,6 +147,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-amp", action="store_true", help="train in fp32 even on GPU")
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward")
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's); on a CPU shared with other work, 1 keeps a second "
+        "thread from waiting at every operation's barrier for a core",
+    )
 
 
 def config_from_args(
@@ -240,6 +247,10 @@ def run(args: argparse.Namespace) -> int:
     from littlebit.training.recipe import describe, stages
     from littlebit.training.trainer import train
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LittleBitError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     lb, cfg = config_from_args(args, torch.device(device).type)
     out = Path(args.out)
