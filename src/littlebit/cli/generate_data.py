@@ -75,26 +75,30 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     cache = TextCache(model, tokenizer, config, args.out, compile=args.compile)
-    have, need = cache.available(), cache.shards_for(args.tokens)
-    print(
-        f"{cache.dir}: {have} of {need} shards of {cache.tokens_per_shard:,} tokens there",
-        file=sys.stderr,
-        flush=True,
-    )
+    shards_before, have = cache.available(), cache.tokens_available()
+    print(f"{cache.dir}: {have:,} tokens in {shards_before} shards there", file=sys.stderr, flush=True)
+    last = [have]
 
-    def progress(done: int, total: int, seconds: float) -> None:
-        rate = cache.tokens_per_shard / seconds if seconds else float("nan")
-        print(f"shard {done}/{total}: {seconds:.1f} s, {rate:,.0f} tokens/s", file=sys.stderr, flush=True)
+    def progress(there: int, wanted: int, seconds: float) -> None:
+        rate = (there - last[0]) / seconds if seconds else float("nan")
+        last[0] = there
+        print(
+            f"{there:,} of {wanted:,} tokens: shard in {seconds:.1f} s, {rate:,.0f} tokens/s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     t0 = time.perf_counter()
     done = cache.ensure(args.tokens, progress)
     seconds = time.perf_counter() - t0
-    made = (done - have) * cache.tokens_per_shard
+    total = cache.tokens_available()
+    made = total - have
     summary = {
         "dir": str(cache.dir),
         "shards": done,
-        "tokens": done * cache.tokens_per_shard,
+        "tokens": total,
         "generated_tokens": made,
+        "new_shards": done - shards_before,
         "seconds": round(seconds, 1),
         "tokens_per_s": round(made / seconds, 1) if made else None,
         "generation": cache.settings["generation"],

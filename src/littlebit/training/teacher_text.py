@@ -2,10 +2,12 @@
 
 A cache folder is keyed by a hash of the model's identity and every setting that shapes the text
 (``TextGenConfig``, the start prompts). It holds ``settings.json`` and ``shard-NNNNN.safetensors``
-files, each one batched sampling call: ``tokens`` of shape ``(batch_size, length)``, int32. Shard
-``k`` depends only on the key and ``k``, so an interrupted generation resumes at the first missing
-shard and ends with the same files as one never stopped, and a larger request appends to a smaller.
-Every file is written to a temporary sibling and renamed into place.
+files, each one batched sampling call of ``batch_size`` sequences of up to ``length`` tokens, each
+cut after its end-of-sequence token: ``tokens``, the documents end to end (1-D int32), and
+``lengths``, one per document. Past its end token a model only repeats it, so nothing after it is
+kept. Shard ``k`` depends only on the key and ``k``, so an interrupted generation resumes at the first
+missing shard and ends with the same files as one never stopped, and a larger request appends to a
+smaller. Every file is written to a temporary sibling and renamed into place.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,7 +33,7 @@ from littlebit.training.config import TextGenConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 _SHARD = "shard-{:05d}.safetensors"
 _PLACEHOLDER = "\x00littlebit\x00"
 
@@ -112,6 +113,7 @@ class TextCache:
         self.device = next(model.parameters()).device
         self.config = resolved(config, self.device)
         self.prompts = start_prompts(tokenizer, self.config)
+        self.eos = tokenizer.eos_token_id
         self.kinds = list(self.prompts)
         special = set(tokenizer.all_special_ids)
         self.vocab = [i for i in range(min(len(tokenizer), _vocab(model))) if i not in special]
@@ -120,16 +122,15 @@ class TextCache:
             "model": model_identity(model),
             "generation": dataclasses.asdict(self.config),
             "prompts": self.prompts,
+            "eos": self.eos,
         }
         key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root if root is not None else default_cache_dir()) / key
 
     @property
     def tokens_per_shard(self) -> int:
+        """The most a shard can hold (sequences end early at their end token)."""
         return self.config.batch_size * self.config.length
-
-    def shards_for(self, tokens: int) -> int:
-        return max(1, math.ceil(tokens / self.tokens_per_shard))
 
     def shard_path(self, index: int) -> Path:
         return self.dir / _SHARD.format(index)
@@ -141,43 +142,59 @@ class TextCache:
             n += 1
         return n
 
+    def shard_tokens(self, index: int) -> int:
+        """Tokens in shard ``index``, from its header."""
+        path = self.shard_path(index)
+        try:
+            with safe_open(str(path), "pt") as f:
+                return int(f.metadata()["tokens"])
+        except (SafetensorError, KeyError, OSError, TypeError, ValueError) as e:
+            raise LittleBitError(f"damaged shard {path}: delete it and generate again") from e
+
+    def tokens_available(self) -> int:
+        return sum(self.shard_tokens(i) for i in range(self.available()))
+
     def ensure(
         self, tokens: int, progress: Callable[[int, int, float], None] | None = None, limit: int | None = None
     ) -> int:
-        """Generate the shards that ``tokens`` needs and are missing; returns the shards there now.
+        """Generate shards until the cache holds ``tokens``; returns the shards there now.
 
-        ``progress(done, total, seconds_for_the_last)`` is called after each new shard; ``limit``
-        stops after that many new shards (the rest is left for a later call).
+        ``progress(tokens_there, tokens, seconds_for_the_last_shard)`` is called after each new
+        shard; ``limit`` stops after that many new shards (the rest is left for a later call).
         """
-        need = self.shards_for(tokens)
         self._write_settings()
         done = self.available()
+        have = self.tokens_available()
         made = 0
-        while done < need and (limit is None or made < limit):
+        while have < tokens and (limit is None or made < limit):
             t0 = time.perf_counter()
-            self._write_shard(done, self.sample_shard(done))
-            done, made = done + 1, made + 1
+            stream, lengths = self.sample_shard(done)
+            self._write_shard(done, stream, lengths)
+            done, made, have = done + 1, made + 1, have + stream.numel()
             if progress is not None:
-                progress(done, need, time.perf_counter() - t0)
+                progress(have, tokens, time.perf_counter() - t0)
         return done
 
     def load(self, tokens: int) -> torch.Tensor:
-        """The first ``tokens`` generated tokens as one 1-D int64 stream (sequences end to end)."""
-        need = self.shards_for(tokens)
-        if self.available() < need:
-            raise LittleBitError(f"{self.dir} holds {self.available()} of the {need} shards needed")
-        parts = []
-        for i in range(need):
+        """The first ``tokens`` generated tokens as one 1-D int64 stream (documents end to end)."""
+        parts, have = [], 0
+        for i in range(self.available()):
+            if have >= tokens:
+                break
             path = self.shard_path(i)
             try:
-                parts.append(load_file(str(path))["tokens"].reshape(-1))
+                parts.append(load_file(str(path))["tokens"])
             except (SafetensorError, KeyError, OSError) as e:
                 raise LittleBitError(f"damaged shard {path}: delete it and generate again") from e
+            have += parts[-1].numel()
+        if have < tokens:
+            raise LittleBitError(f"{self.dir} holds {have} of the {tokens} generated tokens needed")
         return torch.cat(parts).to(torch.int64)[:tokens]
 
     # ----- sampling -----------------------------------------------------------------------------
-    def sample_shard(self, index: int) -> torch.Tensor:
-        """Shard ``index``: ``(batch_size, length)`` token ids, a pure function of the key and ``index``."""
+    def sample_shard(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shard ``index`` (documents end to end, and their lengths), a pure function of the key and
+        ``index``."""
         from transformers import GenerationConfig
 
         cfg = self.config
@@ -196,9 +213,7 @@ class TextCache:
             top_p=cfg.top_p,
             top_k=0,
             max_new_tokens=cfg.length - prefix.shape[1],
-            # No end-of-sequence token: every row runs to full length, and after an end of turn or of
-            # document the teacher goes on writing the next one, which is text worth training on too.
-            eos_token_id=None,
+            eos_token_id=self.eos,
             pad_token_id=pad if pad is not None else 0,
             # A static cache on the GPU: one preallocated buffer, no growing copies over 512 steps.
             # The CPU keeps the dynamic cache, which is quicker there for short requests.
@@ -220,7 +235,16 @@ class TextCache:
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
         finally:
             self.model.train(was_training)
-        return out[:, : cfg.length].to(torch.int32).cpu().contiguous()
+        return self._documents(out[:, : cfg.length].cpu(), prefix.shape[1])
+
+    def _documents(self, rows: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row up to and including its first end token after the prompt, end to end."""
+        docs = []
+        for row in rows:
+            ends = (row[start:] == self.eos).nonzero() if self.eos is not None else row[:0]
+            docs.append(row[: start + int(ends[0]) + 1] if len(ends) else row)
+        lengths = torch.tensor([d.numel() for d in docs], dtype=torch.int32)
+        return torch.cat(docs).to(torch.int32).contiguous(), lengths
 
     # ----- files -------------------------------------------------------------------------------
     def _write_settings(self) -> None:
@@ -232,9 +256,14 @@ class TextCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.settings, indent=1)))
 
-    def _write_shard(self, index: int, tokens: torch.Tensor) -> None:
-        meta = {"index": str(index), "start": self.kinds[index % len(self.kinds)]}
-        _atomic_write(self.shard_path(index), lambda tmp: save_file({"tokens": tokens}, str(tmp), meta))
+    def _write_shard(self, index: int, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        meta = {
+            "index": str(index),
+            "start": self.kinds[index % len(self.kinds)],
+            "tokens": str(tokens.numel()),
+        }
+        tensors = {"tokens": tokens, "lengths": lengths}
+        _atomic_write(self.shard_path(index), lambda tmp: save_file(tensors, str(tmp), meta))
 
 
 def _vocab(model: nn.Module) -> int:

@@ -140,9 +140,9 @@ class Trainer:
         self.optimizer = None
 
     # ----- setup -----------------------------------------------------------------------------
-    def _on_shard(self, done: int, total: int, seconds: float) -> None:
+    def _on_shard(self, have: int, wanted: int, seconds: float) -> None:
         if self.progress:
-            tqdm.write(f"generated text: shard {done}/{total} ({seconds:.1f} s)")
+            tqdm.write(f"generated text: {have:,} of {wanted:,} tokens (last shard {seconds:.1f} s)")
 
     def _calibration(self) -> torch.Tensor:
         n = min(self.config.calib_sequences, self.sequences.shape[0])
