@@ -215,3 +215,29 @@ def test_train_command_prints_its_plan_and_keeps_to_its_budget(tiny_dir, tmp_pat
     plan = err[err.index("plan:") :].splitlines()[:6]
     assert [line.split()[0] for line in plan[1:]] == ["generate", "calibrate", "block", "global", "total"]
     assert 2000 - 64 < json.loads(out.splitlines()[-1])["tokens"] <= 2000
+
+
+def test_a_chat_start_gets_an_answer_after_the_user_turn(teacher, tmp_path, monkeypatch):
+    from littlebit.training.teacher_text import assistant_header
+
+    model, tok = teacher
+    forward = model.forward
+
+    def ends_often(*args, **kwargs):  # a model that ends its turn about every tenth token
+        out = forward(*args, **kwargs)
+        out.logits[..., tok.eos_token_id] += torch.where(torch.rand(out.logits.shape[:-1]) < 0.1, 1e3, -1e3)
+        return out
+
+    monkeypatch.setattr(model, "forward", ends_often)
+    cache = TextCache(model, tok, TextGenConfig(length=48, batch_size=4, starts=["chat"]), tmp_path)
+    stream, lengths = cache.sample_shard(0)
+    header = assistant_header(tok)
+    assert tok.decode(header).strip() == "<|im_start|>assistant"
+    answered = 0
+    for doc in stream.split(lengths.tolist()):
+        ids = doc.tolist()
+        assert len(ids) <= 48
+        for at in (i for i, t in enumerate(ids) if t == tok.eos_token_id and i >= len(cache.prompts["chat"])):
+            answered += ids[at + 1 : at + 1 + len(header)] == header
+            break
+    assert answered >= 1

@@ -96,6 +96,21 @@ def start_prompts(tokenizer, config: TextGenConfig) -> dict[str, list[int]]:
     return out
 
 
+def assistant_header(tokenizer) -> list[int]:
+    """What the chat template puts after the end token of a user's message, before the
+    assistant's answer (``\\n<|im_start|>assistant\\n`` for ChatML templates)."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _PLACEHOLDER}], tokenize=False, add_generation_prompt=True
+    )
+    if _PLACEHOLDER not in text:
+        return []
+    ids = tokenizer(text[text.index(_PLACEHOLDER) + len(_PLACEHOLDER) :], add_special_tokens=False).input_ids
+    # The user's turn ends with the end token the model writes itself; the header is what follows it.
+    if tokenizer.eos_token_id in ids:
+        ids = ids[ids.index(tokenizer.eos_token_id) + 1 :]
+    return ids
+
+
 class TextCache:
     """One keyed folder of generated shards for a model, a tokenizer and settings."""
 
@@ -114,6 +129,9 @@ class TextCache:
         self.config = resolved(config, self.device)
         self.prompts = start_prompts(tokenizer, self.config)
         self.eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.pad = pad if pad is not None else 0
+        self.assistant = assistant_header(tokenizer) if "chat" in self.prompts else []
         self.kinds = list(self.prompts)
         special = set(tokenizer.all_special_ids)
         self.vocab = [i for i in range(min(len(tokenizer), _vocab(model))) if i not in special]
@@ -123,6 +141,7 @@ class TextCache:
             "generation": dataclasses.asdict(self.config),
             "prompts": self.prompts,
             "eos": self.eos,
+            "assistant": self.assistant,
         }
         key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root if root is not None else default_cache_dir()) / key
@@ -194,9 +213,8 @@ class TextCache:
     # ----- sampling -----------------------------------------------------------------------------
     def sample_shard(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Shard ``index`` (documents end to end, and their lengths), a pure function of the key and
-        ``index``."""
-        from transformers import GenerationConfig
-
+        ``index``. A chat start takes two turns: the model writes the user's message, then, after the
+        template's assistant header, the answer."""
         cfg = self.config
         kind = self.kinds[index % len(self.kinds)]
         seed = cfg.seed * 1_000_003 + index
@@ -205,46 +223,76 @@ class TextCache:
             gen = torch.Generator().manual_seed(seed)
             pick = torch.randint(len(self.vocab), (cfg.batch_size, 1), generator=gen)
             prefix = torch.cat([prefix, torch.tensor(self.vocab)[pick]], dim=1)
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else self.tokenizer.eos_token_id
+        devices = [self.device] if self.device.type == "cuda" else []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                docs = self._documents(self._generate(prefix, cfg.length), prefix.shape[1])
+                if kind == "chat" and self.assistant:
+                    docs = self._answers(docs)
+        finally:
+            self.model.train(was_training)
+        lengths = torch.tensor([d.numel() for d in docs], dtype=torch.int32)
+        return torch.cat(docs).to(torch.int32).contiguous(), lengths
+
+    def _answers(self, questions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each finished user turn, then the assistant header and the model's answer (within ``length``)."""
+        length, header = self.config.length, torch.tensor(self.assistant, dtype=torch.int64)
+        finished = [int(q[-1]) == self.eos and len(q) + len(header) < length for q in questions]
+        done = [q for q, f in zip(questions, finished, strict=True) if not f]
+        asked = [torch.cat([q, header]) for q, f in zip(questions, finished, strict=True) if f]
+        if not asked:
+            return questions
+        # Left-padded to one length: the answers then start at the same column for every row.
+        width = max(len(q) for q in asked)
+        ids = torch.full((len(asked), width), self.pad, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for i, q in enumerate(asked):
+            ids[i, width - len(q) :], mask[i, width - len(q) :] = q, 1
+        # Room for the shortest prompt to reach ``length``; longer ones are cut to it afterwards.
+        rows = self._generate(ids, length + width - min(len(q) for q in asked), mask)
+        out = []
+        for i, q in enumerate(asked):
+            answer = self._documents(rows[i : i + 1, width:], 0)[0][: length - len(q)]
+            out.append(torch.cat([q, answer]))
+        # Sequences keep their order: the finished questions where they were, the answered ones after.
+        return done + out
+
+    def _generate(self, ids: torch.Tensor, length: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        from transformers import GenerationConfig
+
+        cfg = self.config
         gen_cfg = GenerationConfig(
             do_sample=True,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             top_k=0,
-            max_new_tokens=cfg.length - prefix.shape[1],
+            max_new_tokens=max(1, length - ids.shape[1]),
             eos_token_id=self.eos,
-            pad_token_id=pad if pad is not None else 0,
+            pad_token_id=self.pad,
             # A static cache on the GPU: one preallocated buffer, no growing copies over 512 steps.
             # The CPU keeps the dynamic cache, which is quicker there for short requests.
             cache_implementation="static" if self.device.type == "cuda" else None,
             disable_compile=not (self.compile and self.device.type == "cuda"),
         )
-        ids = prefix.to(self.device)
-        was_training = self.model.training
-        self.model.eval()
-        devices = [self.device] if self.device.type == "cuda" else []
-        amp = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), amp:
-                torch.manual_seed(seed)
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
-        finally:
-            self.model.train(was_training)
-        return self._documents(out[:, : cfg.length].cpu(), prefix.shape[1])
+        cuda = self.device.type == "cuda"
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        mask = torch.ones_like(ids) if mask is None else mask
+        with torch.no_grad(), amp:
+            out = self.model.generate(
+                ids.to(self.device), attention_mask=mask.to(self.device), generation_config=gen_cfg
+            )
+        return out.cpu()
 
-    def _documents(self, rows: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row up to and including its first end token after the prompt, end to end."""
+    def _documents(self, rows: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """Each row up to and including its first end token after the prompt (or all ``length``)."""
         docs = []
-        for row in rows:
+        for row in rows[:, : self.config.length]:
             ends = (row[start:] == self.eos).nonzero() if self.eos is not None else row[:0]
             docs.append(row[: start + int(ends[0]) + 1] if len(ends) else row)
-        lengths = torch.tensor([d.numel() for d in docs], dtype=torch.int32)
-        return torch.cat(docs).to(torch.int32).contiguous(), lengths
+        return docs
 
     # ----- files -------------------------------------------------------------------------------
     def _write_settings(self) -> None:
