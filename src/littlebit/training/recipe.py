@@ -49,11 +49,12 @@ class Rates:
 
 # GPU: the 1.6M-token default runs on an H100 (benchmarks/results/qat.json: setup 64-74 s with
 # Joint-ITQ, block stage ~105 s for 524k tokens, global ~165 s for 1.1M); generation at 256 x 512 a
-# shard is an estimate (launch-bound decoding steps of ~25 ms) until a GPU measurement replaces it.
+# shard is an estimate until a GPU measurement replaces it: up to 512 launch-bound decoding steps of
+# ~25 ms a shard, sequences ending at their end token after ~60 % of the length on average.
 # CPU: 2 idle cores, estimated at 4x what a CPU shared with other work gave (load average ~9: Dual-SVID
 # 196 s, a global step of 2 x 512 tokens in 50-100 s, generation under 8 tokens/s; Joint-ITQ ~25 min).
 RATES = {
-    "cuda": Rates("an H100", {"itq": 70.0, "dual-svid": 15.0}, 5000.0, 6700.0, 10000.0),
+    "cuda": Rates("an H100", {"itq": 70.0, "dual-svid": 15.0}, 5000.0, 6700.0, 6000.0),
     "cpu": Rates("2 idle CPU cores (estimated)", {"itq": 1500.0, "dual-svid": 60.0}, 45.0, 30.0, 30.0),
 }
 
