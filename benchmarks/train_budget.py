@@ -35,9 +35,17 @@ def progress(folder: Path, start: float) -> dict:
     out["generated_shards"] = [
         {"shard": p.name, "done_at_s": round(p.stat().st_mtime - start, 1)} for p in shards
     ]
-    log = folder / "model-train" / "train_log.jsonl"
+    work = folder / "model-train"
+    if work.is_dir():
+        # The run's folder last changed when the work dir appeared in it: generation and
+        # initialisation were over by then.
+        out["work_dir_created_at_s"] = round(folder.stat().st_mtime - start, 1)
+        out["checkpoints"] = [
+            {"checkpoint": p.stem, "written_at_s": round(p.stat().st_mtime - start, 1)}
+            for p in sorted(work.glob("state-*.json"))
+        ]
+    log = work / "train_log.jsonl"
     if log.is_file():
-        out["train_log_started_at_s"] = round(log.stat().st_ctime - start, 1)
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         out["blocks_done"] = sum(r.get("phase") == "blocks" for r in records)
         out["global_steps_done"] = sum(r.get("phase") == "global" for r in records)
