@@ -281,7 +281,7 @@ def test_short_cpu_run_lowers_perplexity(tmp_path):
         save_every=0,
     )
     lb = LittleBitConfig(bpw=1.0, init="dual-svid")
-    result = train(teacher, None, lb, cfg, tmp_path, tokenizer, eval_ids)
+    result = train(teacher, "wikitext2:valid", lb, cfg, tmp_path, tokenizer, eval_ids)
     first, last = result.history[0]["ppl"], result.history[-1]["ppl"]
     assert math.isfinite(last) and last < 0.8 * first
     assert last == pytest.approx(perplexity(result.student, eval_ids, 256, 4, progress=False), rel=1e-3)

@@ -13,7 +13,7 @@ import sys
 import threading
 
 from littlebit import __version__
-from littlebit.cli import compress, evaluate, generate, harness, info, plot, train
+from littlebit.cli import compress, evaluate, generate, generate_data, harness, info, plot, train
 from littlebit.config import LittleBitError, first_line
 
 EXIT_BAD_INPUT = 2
@@ -26,6 +26,7 @@ COMMANDS = {
     "lm-eval": (harness, "lm-eval's own command line, able to load LittleBit directories"),
     "info": (info, "bits, ranks and sizes of a LittleBit directory"),
     "generate": (generate, "generate text with a LittleBit directory"),
+    "generate-data": (generate_data, "the original model writes training text, cached as token shards"),
     "plot": (plot, "training curves, or perplexity against bits per weight, as a PNG"),
 }
 

@@ -14,11 +14,18 @@ from littlebit.config import SIGN_FUNCTIONS, LittleBitConfig, LittleBitError
 from littlebit.training.config import (
     BLOCK_INPUTS,
     LOSS_FORMS,
+    START_KINDS,
     BlockConfig,
     DistillConfig,
     LearningRates,
+    TextGenConfig,
     TrainConfig,
 )
+from littlebit.training.data import DEFAULT_WITH_LOCAL_CORPUS, GENERATED, parse_data_spec
+from littlebit.training.recipe import plan_budget
+
+# The budget the defaults spend (calibration, block stage and 1,080 global steps of 2 x 512).
+DEFAULT_TOKENS = 1_638_400
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +33,20 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     add_compression_arguments(parser, init_default="itq")
+    # The initialisation follows the device unless asked for: Joint-ITQ on a GPU (about a minute),
+    # Dual-SVID on a CPU, where Joint-ITQ of the default model takes tens of minutes.
+    parser.set_defaults(init=None)
+    for action in parser._actions:
+        if action.dest == "init":
+            action.help = "initialisation (default: itq on a GPU, dual-svid on a CPU)"
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help=f"training tokens for the whole run, split by the recipe into calibration, block stage "
+        f"and global distillation (default: {DEFAULT_TOKENS:,}; not with --steps, --block-sequences "
+        "or --calib-sequences)",
+    )
     parser.add_argument("--work-dir", default=None, help="checkpoints and logs (default: OUT-train)")
     parser.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in the work dir"
@@ -33,7 +54,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume-from", default=None, metavar="PATH", help="continue from this checkpoint (a state-*.json)"
     )
-    parser.add_argument("--data", default=None, help="wikitext2:valid (default), a text file or a directory")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help=f"SOURCE[:WEIGHT],...: {GENERATED} (text the teacher writes), wikitext2:valid, a text file or "
+        f"a folder (default: {DEFAULT_WITH_LOCAL_CORPUS} when it is here, else {GENERATED})",
+    )
+    parser.add_argument(
+        "--data-tokens",
+        type=int,
+        default=None,
+        help="unique training tokens to assemble from the sources (default: as many as the run reads)",
+    )
+    parser.add_argument(
+        "--generated-dir",
+        default=None,
+        help="cache of generated text (default: ~/.cache/littlebit/generated)",
+    )
+    gen = TextGenConfig()
+    parser.add_argument("--gen-temperature", type=float, default=gen.temperature, help="sampling temperature")
+    parser.add_argument("--gen-top-p", type=float, default=gen.top_p, help="nucleus sampling threshold")
+    parser.add_argument(
+        "--gen-batch-size", type=int, default=None, help="sequences per generated shard (256 GPU, 32 CPU)"
+    )
+    parser.add_argument(
+        "--gen-starts",
+        default=",".join(gen.starts),
+        help=f"start kinds of generated sequences, some of {','.join(START_KINDS)}",
+    )
     parser.add_argument(
         "--steps", type=int, default=None, help=f"global distillation steps (default: {defaults.steps})"
     )
@@ -66,7 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-epochs", type=int, default=None)
     parser.add_argument("--block-batch-size", type=int, default=None, help="sequences per block-stage step")
     parser.add_argument("--block-inputs", choices=BLOCK_INPUTS, default="student")
-    parser.add_argument("--calib-sequences", type=int, default=16, help="sequences for activation statistics")
+    parser.add_argument(
+        "--calib-sequences", type=int, default=None, help="sequences for activation statistics"
+    )
     parser.add_argument(
         "--act-power", type=float, default=None, help="activation-aware init exponent (0: off)"
     )
@@ -105,16 +155,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--offload-teacher", action="store_true", help="sharded runs: keep the teacher's shards in CPU memory"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's); on a CPU shared with other work, 1 keeps a second "
+        "thread from waiting at every operation's barrier for a core",
+    )
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainConfig]:
-    """The configs the arguments ask for; bad values raise ``LittleBitError`` before anything is loaded."""
+def config_from_args(
+    args: argparse.Namespace, device_type: str = "cuda"
+) -> tuple[LittleBitConfig, TrainConfig]:
+    """The configs the arguments ask for; bad values raise ``LittleBitError`` before anything is loaded.
+
+    Without ``--steps`` (or the block-stage and calibration sizes) the recipe splits ``--tokens``
+    (default ``DEFAULT_TOKENS``) among the stages. ``device_type`` picks the default initialisation.
+    """
     # 0 means "off" or "all" for these on the command line and None in the configs: refuse the
     # negative values here, before they could be read as something else.
     for flag in ("eval_windows", "latent_rms", "max_grad_norm"):
         value = getattr(args, flag)
         if value is not None and not value >= 0:
             raise LittleBitError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    if args.data is not None:
+        parse_data_spec(args.data)  # a bad spec fails here, before anything is loaded
+    explicit = [f for f in ("steps", "block_sequences", "calib_sequences") if getattr(args, f) is not None]
+    if args.tokens is not None and explicit:
+        flag = explicit[0].replace("_", "-")
+        raise LittleBitError(f"--tokens sizes the stages itself: leave out --{flag}, or --tokens")
+    if args.tokens is not None and args.tokens < 1:
+        raise LittleBitError(f"--tokens must be >= 1, got {args.tokens}")
+    if args.init is None:
+        args.init = "itq" if device_type == "cuda" else "dual-svid"
     lb = compression_config(args, seed_from_flag=False, sign_function=args.sign)
     d = TrainConfig()
     lrs = LearningRates(
@@ -138,11 +211,20 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         max_grad_norm=d.max_grad_norm if args.max_grad_norm is None else (args.max_grad_norm or None),
         loss=DistillConfig(form=args.loss, hidden_weight=args.hidden_weight),
         blocks=blocks,
-        calib_sequences=args.calib_sequences,
+        calib_sequences=d.calib_sequences if args.calib_sequences is None else args.calib_sequences,
         act_power=d.act_power if args.act_power is None else args.act_power,
         latent_rms=d.latent_rms if args.latent_rms is None else (args.latent_rms or None),
         train_norms=not args.freeze_norms,
         seed=args.seed,
+        data_tokens=args.data_tokens,
+        generation=TextGenConfig(
+            temperature=args.gen_temperature,
+            top_p=args.gen_top_p,
+            length=args.seqlen,
+            batch_size=args.gen_batch_size,
+            starts=[k.strip() for k in args.gen_starts.split(",") if k.strip()],
+            seed=args.seed,
+        ),
         eval_every=args.eval_every,
         eval_windows=args.eval_windows or None,
         eval_seqlen=args.eval_seqlen,
@@ -154,6 +236,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         grad_checkpoint=args.grad_checkpoint,
         tensorboard=args.tensorboard,
     )
+    if not explicit:
+        cfg = plan_budget(cfg, DEFAULT_TOKENS if args.tokens is None else args.tokens)
     return lb, cfg
 
 
@@ -179,13 +263,20 @@ def relaunch(nproc: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, train, save the compressed model to ``--out``; returns the exit code."""
+    import torch
+
     from littlebit.training.distributed import Distributed, check_config, launch_env
 
-    lb, cfg = config_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LittleBitError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    launched = launch_env()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lb, cfg = config_from_args(args, torch.device(device).type)
     if args.nproc is not None:
         check_config(cfg, max(1, args.nproc))  # refused here in one line, not once per process
         return relaunch(args.nproc)
-    launched = launch_env()
     if launched is not None:
         check_config(cfg, launched[1])
     out = Path(args.out)
@@ -214,6 +305,8 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
     from littlebit.hf.checkpoint import save_compressed
     from littlebit.hf.models import load_model, load_tokenizer
     from littlebit.training.checkpoints import remove_checkpoints
+    from littlebit.training.data import generated_tokens_needed
+    from littlebit.training.recipe import describe, stages
     from littlebit.training.trainer import train
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -221,6 +314,12 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
         device = str(sharded.device)
     teacher = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    parameters = sum(p.numel() for p in teacher.parameters())
+    plan = stages(
+        cfg, lb.init, generated_tokens_needed(args.data, cfg), torch.device(device).type, parameters
+    )
+    # Before the slow part (generation, initialisation), on stderr: stdout carries the JSON summary.
+    print(describe(plan, torch.device(device).type), file=sys.stderr, flush=True)
     try:
         eval_ids = tokenize_eval(tokenizer, "wikitext2", "test")
     except LittleBitError as e:
@@ -228,7 +327,7 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
         eval_ids = None
     result = train(
         teacher, args.data, lb, cfg, work, tokenizer, eval_ids, resume=resume, resume_from=args.resume_from,
-        distributed=sharded,
+        distributed=sharded, data_cache=args.generated_dir,
     )  # fmt: skip
     if sharded is not None:
         student = sharded.gather_student(result.student)  # every rank takes part; rank 0 gets it

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from littlebit.config import LittleBitError
 
 BLOCK_INPUTS = ("student", "teacher")
+START_KINDS = ("bos", "random", "chat")
 LOSS_FORMS = ("normalized", "paper")
 _DEFAULT_HIDDEN_WEIGHT = {"normalized": 1.0, "paper": 10.0}
 
@@ -77,6 +78,41 @@ class BlockConfig:
 
 
 @dataclass
+class TextGenConfig:
+    """How the teacher writes its own training text (LLM-QAT, arXiv 2305.17888).
+
+    Every field here shapes the text, so all of them key the on-disk cache. Shard ``k`` is one batched
+    sampling call of ``batch_size`` sequences with start ``starts[k % len(starts)]``, seeded by
+    ``(seed, k)``: asking for more tokens later appends shards and leaves the earlier ones as they were.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 0.95
+    length: int = 512  # tokens per sequence, start included (the training sequence length)
+    batch_size: int | None = None  # sequences per shard; None: 256 on a GPU, 32 on a CPU
+    # BOS alone, BOS and one random token, or the chat template up to the user's words (instruct
+    # models then write the question and the answer); kinds the tokenizer cannot make are skipped.
+    starts: list[str] = field(default_factory=lambda: list(START_KINDS))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.starts = list(self.starts)
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise LittleBitError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LittleBitError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.length < 8:
+            raise LittleBitError(f"generated sequences need length >= 8, got {self.length}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise LittleBitError(f"generation batch size must be >= 1, got {self.batch_size}")
+        bad = [k for k in self.starts if k not in START_KINDS]
+        if bad or not self.starts:
+            raise LittleBitError(
+                f"starts must be some of {', '.join(START_KINDS)}, got {','.join(self.starts)}"
+            )
+
+
+@dataclass
 class TrainConfig:
     # 1080 steps of 2 x 512 tokens fill a 1.6M-token budget after calibration and the block stage.
     # For a fixed number of tokens, more and smaller steps trained better: at 1.0 BPW batch 8 -> 4 -> 2
@@ -100,6 +136,12 @@ class TrainConfig:
     # (NanoQuant's final phase, LITTLEBIT.md section 7).
     freeze_signs_frac: float = 0.0
     seed: int = 0
+    # Unique training tokens drawn from sources that can give any amount (generated text); None: as
+    # many as the run reads, so no generated sequence is seen twice.
+    data_tokens: int | None = None
+    generation: TextGenConfig = field(default_factory=TextGenConfig)
+    # The whole run's token budget when the recipe split it (recipe.plan_budget); for the record only.
+    tokens: int | None = None
     eval_every: int = 0
     eval_windows: int | None = 8
     eval_seqlen: int = 512
@@ -139,10 +181,20 @@ class TrainConfig:
             self.loss = DistillConfig(**self.loss)
         if isinstance(self.blocks, dict):
             self.blocks = BlockConfig(**self.blocks)
+        if isinstance(self.generation, dict):
+            self.generation = TextGenConfig(**self.generation)
+        if self.data_tokens is not None and self.data_tokens < 1:
+            raise LittleBitError(f"data-tokens must be >= 1, got {self.data_tokens}")
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.seqlen
+
+    def sequences_read(self) -> int:
+        """Distinct sequences the run reads: calibration, the block stage's, one per global sample."""
+        calib = self.calib_sequences  # the block stage starts after the calibration slice either way
+        blocks = self.blocks.sequences if self.blocks.epochs else 0
+        return calib + blocks + self.steps * self.batch_size * self.grad_accum
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -37,6 +37,7 @@ from littlebit.training.checkpoints import (
     save_checkpoint,
 )
 from littlebit.training.config import TrainConfig
+from littlebit.training.data import training_sequences
 from littlebit.training.distill import distill_loss
 from littlebit.training.log import TrainLog
 from littlebit.training.optim import (
@@ -48,7 +49,7 @@ from littlebit.training.optim import (
     set_lr,
 )
 from littlebit.training.step_graph import GraphedMicroStep
-from littlebit.training.stream import Batches, load_tokens, pack_sequences
+from littlebit.training.stream import Batches
 from littlebit.training.student import cast_floating, make_student
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ class Trainer:
         eval_ids: torch.Tensor | None = None,
         progress: bool = True,
         distributed: Distributed | None = None,
+        data_cache: str | Path | None = None,
     ) -> None:
         self.teacher, self.lb_config, self.config = teacher, lb_config, config
         self.dist = distributed  # a sharded run (see ``distributed``): it owns setup and checkpoints
@@ -133,7 +135,7 @@ class Trainer:
         # a recorded eager step needs no compiler and issues its kernels at once anyway.
         self.use_compile = (cuda and not self.use_graphs) if config.compile is None else config.compile
         self.amp = _autocast(self.device, self.use_amp)
-        self.sequences = pack_sequences(load_tokens(data, tokenizer), config.seqlen)
+        self.sequences = training_sequences(data, config, tokenizer, teacher, data_cache, self._on_shard)
         self.history: list[dict] = []
         self.tokens = 0
         self.step = 0
@@ -144,6 +146,10 @@ class Trainer:
         self.optimizer = None
 
     # ----- setup -----------------------------------------------------------------------------
+    def _on_shard(self, have: int, wanted: int, seconds: float) -> None:
+        if self.progress:
+            tqdm.write(f"generated text: {have:,} of {wanted:,} tokens (last shard {seconds:.1f} s)")
+
     def _calibration(self) -> torch.Tensor:
         n = min(self.config.calib_sequences, self.sequences.shape[0])
         return self.sequences[:n]
@@ -429,18 +435,21 @@ def train(
     progress: bool = True,
     resume_from: str | Path | None = None,
     distributed: Distributed | None = None,
+    data_cache: str | Path | None = None,
 ) -> TrainResult:
     """Distil a LittleBit student from ``teacher`` (left unchanged) and return it, trained.
 
-    ``data`` is a 1-D tensor of token ids or a text source for ``data.training_text`` (then
-    ``tokenizer`` is needed). ``eval_ids`` (1, n) enables the periodic perplexity evaluation.
+    ``data`` is a 1-D tensor of token ids, or a data spec (``training.data``: a text source,
+    ``generated`` or a weighted mixture; None: the default mixture), which needs ``tokenizer``.
+    Generated text is cached under ``data_cache`` (default: ``teacher_text.default_cache_dir()``).
+    ``eval_ids`` (1, n) enables the periodic perplexity evaluation.
     Checkpoints and the JSONL log go to ``work_dir``; ``resume`` continues from the newest checkpoint
     there, ``resume_from`` from the one named (a ``state-*.json`` or ``.safetensors`` in ``work_dir``).
     ``distributed`` (under ``torchrun``) shards the run over the launched processes.
     """
     trainer = Trainer(
         teacher, data, lb_config, config or TrainConfig(), work_dir, tokenizer, eval_ids, progress,
-        distributed=distributed,
+        distributed=distributed, data_cache=data_cache,
     )  # fmt: skip
     trainer.setup(resume, resume_from)
     return trainer.run()

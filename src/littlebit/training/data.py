@@ -1,0 +1,144 @@
+"""What a run trains on: a data spec (one source, or a weighted mixture) made into packed sequences.
+
+A spec is ``SOURCE[:WEIGHT],SOURCE[:WEIGHT],...``. ``SOURCE`` is ``generated`` (text the teacher
+writes, see ``teacher_text``), a named split (``wikitext2:valid``), a text file or a folder of them;
+a trailing ``:WEIGHT`` that reads as a number is the source's share of the training sequences (the
+weights are normalised; 1 when left out). ``generated:0.7,notes.txt:0.3``.
+
+A single text source trains on all of its sequences, as it always has. Otherwise the run's sequences
+(as many as it reads, or ``TrainConfig.data_tokens`` worth) are split by weight: a text source is
+cycled through when its share is larger than it is, generated text is written to order, and the
+whole is shuffled with a fixed seed, so calibration and the block stage see the mixture too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from littlebit.config import LittleBitError
+from littlebit.evaluation.data import default_data_dirs
+from littlebit.training.config import TrainConfig
+from littlebit.training.stream import load_tokens, pack_sequences
+
+GENERATED = "generated"
+# With a local WikiText-2 validation split, the data the default recipe was measured on; without a
+# local corpus, the teacher's text alone. Mixtures with generated text stay opt-in (``--data``) until
+# the held-out benchmark (benchmarks/qat.py, the data-* variants) shows one scoring better.
+DEFAULT_WITH_LOCAL_CORPUS = "wikitext2:valid"
+_MIX_SEED = 0x5EED
+
+
+@dataclass(frozen=True)
+class DataSource:
+    source: str
+    weight: float
+
+    @property
+    def generated(self) -> bool:
+        return self.source == GENERATED
+
+
+def parse_data_spec(spec: str) -> list[DataSource]:
+    """The sources of a spec, weights normalised to sum to 1; a bad spec raises ``LittleBitError``."""
+    parts = [p.strip() for p in str(spec).split(",")]
+    if not spec or not all(parts):
+        raise LittleBitError(f"bad data spec {spec!r}: expected SOURCE[:WEIGHT][,SOURCE[:WEIGHT]...]")
+    sources: list[tuple[str, float]] = []
+    for part in parts:
+        name, weight = part, 1.0
+        head, sep, tail = part.rpartition(":")
+        if sep and head:
+            try:
+                weight = float(tail)
+            except ValueError:
+                pass  # "wikitext2:valid": the colon belongs to the name
+            else:
+                name = head
+        if not (weight > 0 and math.isfinite(weight)):
+            raise LittleBitError(f"bad data spec {spec!r}: weight of {name!r} must be a finite number > 0")
+        if name in (s for s, _ in sources):
+            raise LittleBitError(f"bad data spec {spec!r}: {name!r} is named twice")
+        sources.append((name, weight))
+    total = sum(w for _, w in sources)
+    return [DataSource(name, w / total) for name, w in sources]
+
+
+def default_data_spec() -> str:
+    """The local WikiText-2 validation split when it is here, else generated text alone."""
+    local = any((d / "wikitext-2-raw" / "wiki.valid.raw").is_file() for d in default_data_dirs())
+    return DEFAULT_WITH_LOCAL_CORPUS if local else GENERATED
+
+
+def mixture_counts(weights: list[float], total: int) -> list[int]:
+    """``total`` split by ``weights`` in whole numbers (largest remainder), summing exactly to it."""
+    raw = [w * total for w in weights]
+    counts = [math.floor(x) for x in raw]
+    by_remainder = sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def generated_tokens_needed(spec: str | None, config: TrainConfig) -> int:
+    """Generated tokens a run on ``spec`` reads (0 when it reads none)."""
+    sources = parse_data_spec(spec or default_data_spec())
+    if not any(s.generated for s in sources):
+        return 0
+    counts = mixture_counts([s.weight for s in sources], _total_sequences(config))
+    return sum(c for s, c in zip(sources, counts, strict=True) if s.generated) * config.seqlen
+
+
+def _total_sequences(config: TrainConfig) -> int:
+    if config.data_tokens is not None:
+        return max(1, math.ceil(config.data_tokens / config.seqlen))
+    return max(1, config.sequences_read())
+
+
+def _cycled(sequences: torch.Tensor, count: int) -> torch.Tensor:
+    return sequences[torch.arange(count) % sequences.shape[0]]
+
+
+def training_sequences(
+    data: torch.Tensor | str | Path | None,
+    config: TrainConfig,
+    tokenizer=None,
+    teacher: nn.Module | None = None,
+    cache_root: str | Path | None = None,
+    on_shard: Callable[[int, int, float], None] | None = None,
+) -> torch.Tensor:
+    """The run's packed ``(n, seqlen)`` training sequences for ``data`` (token ids or a spec)."""
+    if isinstance(data, torch.Tensor):
+        return pack_sequences(load_tokens(data), config.seqlen)
+    sources = parse_data_spec(str(data) if data is not None else default_data_spec())
+    if len(sources) == 1 and not sources[0].generated:
+        return pack_sequences(load_tokens(sources[0].source, tokenizer), config.seqlen)
+    counts = mixture_counts([s.weight for s in sources], _total_sequences(config))
+    parts = []
+    for source, count in zip(sources, counts, strict=True):
+        if count == 0:
+            continue
+        if source.generated:
+            parts.append(_generated(count, config, tokenizer, teacher, cache_root, on_shard))
+        else:
+            packed = pack_sequences(load_tokens(source.source, tokenizer), config.seqlen)
+            parts.append(_cycled(packed, count))
+    mixed = torch.cat(parts)
+    order = torch.randperm(mixed.shape[0], generator=torch.Generator().manual_seed(_MIX_SEED))
+    return mixed[order]
+
+
+def _generated(count, config, tokenizer, teacher, cache_root, on_shard) -> torch.Tensor:
+    from littlebit.training.teacher_text import TextCache
+
+    if tokenizer is None or teacher is None:
+        raise LittleBitError("generated training text needs the teacher's tokenizer")
+    cache = TextCache(teacher, tokenizer, config.generation, cache_root)
+    tokens = count * config.seqlen
+    cache.ensure(tokens, on_shard)
+    return pack_sequences(cache.load(tokens), config.seqlen)[:count]

@@ -1,0 +1,120 @@
+"""One token budget for a whole run, split by the recipe, and the plan printed before the slow part.
+
+``plan_budget(config, tokens)`` returns the config with calibration, block stage and global
+distillation sized to spend ``tokens`` together: a 32 % share to the block stage (4 epochs over
+its sequences), up to 16 calibration sequences, the rest global steps. At 1,638,400 tokens and
+sequence length 512 this is exactly ``TrainConfig()``: 16 calibration sequences, 256 block
+sequences x 4 epochs, 1,080 global steps of 2 x 512.
+
+The time estimate uses throughputs measured on the default model (``RATES``); a model of another
+size scales them by its parameter count. It is a guide to the order of magnitude, not a promise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from littlebit.config import LittleBitError
+from littlebit.training.config import TrainConfig
+
+# The block stage's share of a budget (524,288 of 1,638,400 tokens).
+BLOCK_SHARE = 0.32
+MAX_CALIB_SEQUENCES = 16
+MIN_CALIB_SEQUENCES = 2
+# One calibration sequence per this many budget tokens (1.6M tokens: 16).
+CALIB_TOKENS_PER_SEQUENCE = 102_400
+DEFAULT_PARAMETERS = 134_515_008  # SmolLM2-135M, the model the rates were measured on
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Throughputs of the default model; ``init_s`` is the initialisation of the whole student."""
+
+    where: str
+    init_s: dict[str, float]  # by init method
+    block_tokens_per_s: float
+    global_tokens_per_s: float
+    generate_tokens_per_s: float
+
+
+# GPU: the 1.6M-token default runs on an H100 (benchmarks/results/qat.json: setup 64-74 s with
+# Joint-ITQ, block stage ~105 s for 524k tokens, global ~165 s for 1.1M); generation at 256 x 512 a
+# shard is an estimate until a GPU measurement replaces it: up to 512 launch-bound decoding steps of
+# ~25 ms a shard, sequences ending at their end token after ~60 % of the length on average.
+# CPU: 2 idle cores, estimated at 4x what a CPU shared with other work gave (load average ~9: Dual-SVID
+# 196 s, a global step of 2 x 512 tokens in 50-100 s, generation under 8 tokens/s; Joint-ITQ ~25 min).
+RATES = {
+    "cuda": Rates("an H100", {"itq": 70.0, "dual-svid": 15.0}, 5000.0, 6700.0, 6000.0),
+    "cpu": Rates("2 idle CPU cores (estimated)", {"itq": 1500.0, "dual-svid": 60.0}, 45.0, 30.0, 30.0),
+}
+
+
+def plan_budget(config: TrainConfig, tokens: int, block_share: float = BLOCK_SHARE) -> TrainConfig:
+    """``config`` with its calibration, block stage and global steps sized to spend ``tokens``."""
+    if not 0.0 <= block_share < 1.0:
+        raise LittleBitError(f"the block stage's share must be in [0, 1), got {block_share}")
+    seqlen, blocks = config.seqlen, config.blocks
+    per_step = config.tokens_per_step
+    calib = min(MAX_CALIB_SEQUENCES, max(MIN_CALIB_SEQUENCES, tokens // CALIB_TOKENS_PER_SEQUENCE))
+    calib_tokens = calib * seqlen if config.act_power != 0 else 0
+    epochs = blocks.epochs or 4
+    block_seqs = round(tokens * block_share) // (epochs * seqlen)
+    if block_seqs < blocks.batch_size:
+        block_seqs = 0  # too small a share for one block-stage batch: all of it goes to global steps
+    steps = (tokens - calib_tokens - block_seqs * epochs * seqlen) // per_step
+    if steps < 1:
+        least = calib_tokens + per_step
+        raise LittleBitError(f"a budget of {tokens} tokens is too small: it needs at least {least}")
+    new_blocks = dataclasses.replace(blocks, sequences=block_seqs, epochs=epochs)
+    return dataclasses.replace(config, calib_sequences=calib, blocks=new_blocks, steps=steps, tokens=tokens)
+
+
+@dataclass
+class Stage:
+    name: str
+    tokens: int
+    seconds: float
+
+
+def stages(
+    config: TrainConfig, init: str, generated_tokens: int, device: str, parameters: int = DEFAULT_PARAMETERS
+) -> list[Stage]:
+    """What the run will do, in order, with its tokens and estimated seconds."""
+    rates = RATES["cuda" if device == "cuda" else "cpu"]
+    size = parameters / DEFAULT_PARAMETERS
+    calib = config.calib_sequences * config.seqlen if config.act_power != 0 else 0
+    block = config.blocks.tokens(config.seqlen) if config.blocks.sequences else 0
+    glob = config.steps * config.tokens_per_step
+    out = []
+    if generated_tokens:
+        out.append(
+            Stage("generate text", generated_tokens, generated_tokens * size / rates.generate_tokens_per_s)
+        )
+    init_s = rates.init_s.get(init, rates.init_s["itq"]) * size
+    out.append(Stage(f"calibrate + {init} init", calib, init_s))
+    if block:
+        out.append(Stage("block reconstruction", block, block * size / rates.block_tokens_per_s))
+    out.append(Stage("global distillation", glob, glob * size / rates.global_tokens_per_s))
+    return out
+
+
+def describe(plan: list[Stage], device: str) -> str:
+    """The plan as a few lines for the terminal."""
+    rates = RATES["cuda" if device == "cuda" else "cpu"]
+    lines = ["plan:"]
+    for s in plan:
+        lines.append(f"  {s.name:<28} {s.tokens:>11,} tokens  ~{_duration(s.seconds)}")
+    trained = sum(s.tokens for s in plan if s.name != "generate text")
+    total = sum(s.seconds for s in plan)
+    lines.append(f"  {'total':<28} {trained:>11,} tokens  ~{_duration(total)} (rates of {rates.where})")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{math.ceil(seconds)} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,331 @@
+"""Training text the teacher writes itself (LLM-QAT, arXiv 2305.17888), cached on disk as token shards.
+
+A cache folder is keyed by a hash of the model's identity and every setting that shapes the text
+(``TextGenConfig``, the start prompts). It holds ``settings.json`` and ``shard-NNNNN.safetensors``
+files, each one batched sampling call of ``batch_size`` sequences of up to ``length`` tokens, each
+cut after its end-of-sequence token: ``tokens``, the documents end to end (1-D int32), and
+``lengths``, one per document. Past its end token a model only repeats it, so nothing after it is
+kept. Shard ``k`` depends only on the key and ``k``, so an interrupted generation resumes at the first
+missing shard and ends with the same files as one never stopped, and a larger request appends to a
+smaller. Every file is written to a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from littlebit.atomic import remove_stale_temporaries
+from littlebit.config import LittleBitError
+from littlebit.training.config import TextGenConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = 2
+_SHARD = "shard-{:05d}.safetensors"
+_PLACEHOLDER = "\x00littlebit\x00"
+
+
+def default_cache_dir() -> Path:
+    """``$LITTLEBIT_CACHE/generated``, else ``~/.cache/littlebit/generated``."""
+    root = os.environ.get("LITTLEBIT_CACHE") or Path.home() / ".cache" / "littlebit"
+    return Path(root) / "generated"
+
+
+def resolved(config: TextGenConfig, device: torch.device) -> TextGenConfig:
+    """The settings with the device-dependent default filled in: 256 sequences a shard on a GPU, where
+    one batched call is launch-bound well past that, and 32 on a CPU, where a decoding step reads
+    every weight once whatever the batch, so a larger batch is nearly free up to there."""
+    if config.batch_size is not None:
+        return config
+    return dataclasses.replace(config, batch_size=256 if device.type == "cuda" else 32)
+
+
+def model_identity(model: nn.Module) -> dict:
+    """What tells models apart: architecture, config, and a rounded fingerprint of every parameter.
+
+    Per tensor, the sum and the sum of squares in float64, rounded to 9 digits so that the summation
+    order of another device does not change the key.
+    """
+    with torch.no_grad():
+        stats = torch.stack(
+            [torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()]
+        ).cpu()
+    digest = hashlib.sha256(" ".join(f"{x:.9g}" for x in stats.flatten().tolist()).encode())
+    config = model.config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        config.pop(volatile, None)
+    return {
+        "class": type(model).__name__,
+        "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "parameters": digest.hexdigest(),
+        "dtype": str(next(model.parameters()).dtype),
+    }
+
+
+def start_prompts(tokenizer, config: TextGenConfig) -> dict[str, list[int]]:
+    """The token ids each start kind begins with (``random`` adds one random token per sequence)."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    out: dict[str, list[int]] = {}
+    for kind in config.starts:
+        if kind in ("bos", "random"):
+            if bos is not None or kind == "random":
+                out[kind] = [] if bos is None else [int(bos)]
+        elif kind == "chat" and getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False)
+            if _PLACEHOLDER in text:
+                prefix = text[: text.index(_PLACEHOLDER)]
+                out[kind] = tokenizer(prefix, add_special_tokens=False).input_ids
+    if not out:
+        raise LittleBitError(f"the tokenizer can make none of the starts {', '.join(config.starts)}")
+    too_long = [k for k, ids in out.items() if len(ids) + 1 >= config.length]
+    if too_long:
+        raise LittleBitError(f"generated length {config.length} leaves no room after the {too_long[0]} start")
+    return out
+
+
+def assistant_header(tokenizer) -> list[int]:
+    """What the chat template puts after the end token of a user's message, before the
+    assistant's answer (``\\n<|im_start|>assistant\\n`` for ChatML templates)."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _PLACEHOLDER}], tokenize=False, add_generation_prompt=True
+    )
+    if _PLACEHOLDER not in text:
+        return []
+    ids = tokenizer(text[text.index(_PLACEHOLDER) + len(_PLACEHOLDER) :], add_special_tokens=False).input_ids
+    # The user's turn ends with the end token the model writes itself; the header is what follows it.
+    if tokenizer.eos_token_id in ids:
+        ids = ids[ids.index(tokenizer.eos_token_id) + 1 :]
+    return ids
+
+
+class TextCache:
+    """One keyed folder of generated shards for a model, a tokenizer and settings."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        config: TextGenConfig,
+        root: str | Path | None = None,
+        compile: bool = False,
+    ) -> None:
+        # ``compile``: let transformers compile the decoding step (GPU, static cache). It costs a
+        # compilation up front and pays off over many shards; it does not change the cache key.
+        self.model, self.tokenizer, self.compile = model, tokenizer, compile
+        self.device = next(model.parameters()).device
+        self.config = resolved(config, self.device)
+        self.prompts = start_prompts(tokenizer, self.config)
+        self.eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.pad = pad if pad is not None else 0
+        self.assistant = assistant_header(tokenizer) if "chat" in self.prompts else []
+        self.kinds = list(self.prompts)
+        special = set(tokenizer.all_special_ids)
+        self.vocab = [i for i in range(min(len(tokenizer), _vocab(model))) if i not in special]
+        self.settings = {
+            "format": FORMAT,
+            "model": model_identity(model),
+            "generation": dataclasses.asdict(self.config),
+            "prompts": self.prompts,
+            "eos": self.eos,
+            "assistant": self.assistant,
+        }
+        key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = Path(root if root is not None else default_cache_dir()) / key
+
+    @property
+    def tokens_per_shard(self) -> int:
+        """The most a shard can hold (sequences end early at their end token)."""
+        return self.config.batch_size * self.config.length
+
+    def shard_path(self, index: int) -> Path:
+        return self.dir / _SHARD.format(index)
+
+    def available(self) -> int:
+        """Complete shards on disk, counted from the first (a gap ends the count)."""
+        n = 0
+        while self.shard_path(n).is_file():
+            n += 1
+        return n
+
+    def shard_tokens(self, index: int) -> int:
+        """Tokens in shard ``index``, from its header."""
+        path = self.shard_path(index)
+        try:
+            with safe_open(str(path), "pt") as f:
+                return int(f.metadata()["tokens"])
+        except (SafetensorError, KeyError, OSError, TypeError, ValueError) as e:
+            raise LittleBitError(f"damaged shard {path}: delete it and generate again") from e
+
+    def tokens_available(self) -> int:
+        return sum(self.shard_tokens(i) for i in range(self.available()))
+
+    def ensure(
+        self, tokens: int, progress: Callable[[int, int, float], None] | None = None, limit: int | None = None
+    ) -> int:
+        """Generate shards until the cache holds ``tokens``; returns the shards there now.
+
+        ``progress(tokens_there, tokens, seconds_for_the_last_shard)`` is called after each new
+        shard; ``limit`` stops after that many new shards (the rest is left for a later call).
+        """
+        self._write_settings()
+        done = self.available()
+        have = self.tokens_available()
+        made = 0
+        while have < tokens and (limit is None or made < limit):
+            t0 = time.perf_counter()
+            stream, lengths = self.sample_shard(done)
+            self._write_shard(done, stream, lengths)
+            done, made, have = done + 1, made + 1, have + stream.numel()
+            if progress is not None:
+                progress(have, tokens, time.perf_counter() - t0)
+        return done
+
+    def load(self, tokens: int) -> torch.Tensor:
+        """The first ``tokens`` generated tokens as one 1-D int64 stream (documents end to end)."""
+        parts, have = [], 0
+        for i in range(self.available()):
+            if have >= tokens:
+                break
+            path = self.shard_path(i)
+            try:
+                parts.append(load_file(str(path))["tokens"])
+            except (SafetensorError, KeyError, OSError) as e:
+                raise LittleBitError(f"damaged shard {path}: delete it and generate again") from e
+            have += parts[-1].numel()
+        if have < tokens:
+            raise LittleBitError(f"{self.dir} holds {have} of the {tokens} generated tokens needed")
+        return torch.cat(parts).to(torch.int64)[:tokens]
+
+    # ----- sampling -----------------------------------------------------------------------------
+    def sample_shard(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shard ``index`` (documents end to end, and their lengths), a pure function of the key and
+        ``index``. A chat start takes two turns: the model writes the user's message, then, after the
+        template's assistant header, the answer."""
+        cfg = self.config
+        kind = self.kinds[index % len(self.kinds)]
+        seed = cfg.seed * 1_000_003 + index
+        prefix = torch.tensor(self.prompts[kind], dtype=torch.int64).expand(cfg.batch_size, -1)
+        if kind == "random":
+            gen = torch.Generator().manual_seed(seed)
+            pick = torch.randint(len(self.vocab), (cfg.batch_size, 1), generator=gen)
+            prefix = torch.cat([prefix, torch.tensor(self.vocab)[pick]], dim=1)
+        devices = [self.device] if self.device.type == "cuda" else []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                docs = self._documents(self._generate(prefix, cfg.length), prefix.shape[1])
+                if kind == "chat" and self.assistant:
+                    docs = self._answers(docs)
+        finally:
+            self.model.train(was_training)
+        lengths = torch.tensor([d.numel() for d in docs], dtype=torch.int32)
+        return torch.cat(docs).to(torch.int32).contiguous(), lengths
+
+    def _answers(self, questions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each finished user turn, then the assistant header and the model's answer (within ``length``)."""
+        length, header = self.config.length, torch.tensor(self.assistant, dtype=torch.int64)
+        finished = [int(q[-1]) == self.eos and len(q) + len(header) < length for q in questions]
+        done = [q for q, f in zip(questions, finished, strict=True) if not f]
+        asked = [torch.cat([q, header]) for q, f in zip(questions, finished, strict=True) if f]
+        if not asked:
+            return questions
+        # Left-padded to one length: the answers then start at the same column for every row.
+        width = max(len(q) for q in asked)
+        ids = torch.full((len(asked), width), self.pad, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for i, q in enumerate(asked):
+            ids[i, width - len(q) :], mask[i, width - len(q) :] = q, 1
+        # Room for the shortest prompt to reach ``length``; longer ones are cut to it afterwards.
+        rows = self._generate(ids, length + width - min(len(q) for q in asked), mask)
+        out = []
+        for i, q in enumerate(asked):
+            answer = self._documents(rows[i : i + 1, width:], 0)[0][: length - len(q)]
+            out.append(torch.cat([q, answer]))
+        # Sequences keep their order: the finished questions where they were, the answered ones after.
+        return done + out
+
+    def _generate(self, ids: torch.Tensor, length: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        from transformers import GenerationConfig
+
+        cfg = self.config
+        gen_cfg = GenerationConfig(
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=0,
+            max_new_tokens=max(1, length - ids.shape[1]),
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+            # A static cache on the GPU: one preallocated buffer, no growing copies over 512 steps.
+            # The CPU keeps the dynamic cache, which is quicker there for short requests.
+            cache_implementation="static" if self.device.type == "cuda" else None,
+            disable_compile=not (self.compile and self.device.type == "cuda"),
+        )
+        cuda = self.device.type == "cuda"
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        mask = torch.ones_like(ids) if mask is None else mask
+        with torch.no_grad(), amp:
+            out = self.model.generate(
+                ids.to(self.device), attention_mask=mask.to(self.device), generation_config=gen_cfg
+            )
+        return out.cpu()
+
+    def _documents(self, rows: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """Each row up to and including its first end token after the prompt (or all ``length``)."""
+        docs = []
+        for row in rows[:, : self.config.length]:
+            ends = (row[start:] == self.eos).nonzero() if self.eos is not None else row[:0]
+            docs.append(row[: start + int(ends[0]) + 1] if len(ends) else row)
+        return docs
+
+    # ----- files -------------------------------------------------------------------------------
+    def _write_settings(self) -> None:
+        path = self.dir / "settings.json"
+        if path.is_file():
+            if json.loads(path.read_text()) != json.loads(json.dumps(self.settings)):
+                raise LittleBitError(f"{self.dir} holds text generated with other settings: remove it")
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.settings, indent=1)))
+
+    def _write_shard(self, index: int, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        meta = {
+            "index": str(index),
+            "start": self.kinds[index % len(self.kinds)],
+            "tokens": str(tokens.numel()),
+        }
+        tensors = {"tokens": tokens, "lengths": lengths}
+        _atomic_write(self.shard_path(index), lambda tmp: save_file(tensors, str(tmp), meta))
+
+
+def _vocab(model: nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[0])
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` to a temporary sibling named for this process, renamed into place once complete; the
+    temporaries of killed writers are removed first."""
+    remove_stale_temporaries(path.parent, path.name)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-0")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
