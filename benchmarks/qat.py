@@ -37,7 +37,7 @@ from littlebit.evaluation.heldout import PARTS, RATIO_CONVENTION, headline, held
 from littlebit.evaluation.perplexity import tokenize_eval  # noqa: E402
 from littlebit.hf.models import load_model, load_tokenizer  # noqa: E402
 from littlebit.training.config import BlockConfig, LearningRates, TextGenConfig, TrainConfig  # noqa: E402
-from littlebit.training.data import default_data_spec  # noqa: E402
+from littlebit.training.data_spec import default_data_spec  # noqa: E402
 from littlebit.training.recipe import BLOCK_SHARE, plan_budget  # noqa: E402
 from littlebit.training.student import make_student  # noqa: E402
 from littlebit.training.trainer import train  # noqa: E402

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from littlebit.config import LittleBitError
 from littlebit.training.config import BlockConfig, TextGenConfig, TrainConfig
-from littlebit.training.data import mixture_counts, parse_data_spec, training_sequences
+from littlebit.training.data import training_sequences
+from littlebit.training.data_spec import mixture_counts, parse_data_spec
 from littlebit.training.recipe import describe, plan_budget, stages
 from littlebit.training.teacher_text import TextCache
 
@@ -197,7 +198,7 @@ def test_generate_data_command(tiny_dir, tmp_path, capsys):
 
 
 def test_default_data_is_generated_text_without_a_local_corpus(tmp_path, monkeypatch):
-    from littlebit.training.data import DEFAULT_WITH_LOCAL_CORPUS, GENERATED, default_data_spec
+    from littlebit.training.data_spec import DEFAULT_WITH_LOCAL_CORPUS, GENERATED, default_data_spec
 
     monkeypatch.delenv("LITTLEBIT_DATA", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -21,7 +21,7 @@ from littlebit.training.config import (
     TextGenConfig,
     TrainConfig,
 )
-from littlebit.training.data import DEFAULT_WITH_LOCAL_CORPUS, GENERATED, parse_data_spec
+from littlebit.training.data_spec import DEFAULT_WITH_LOCAL_CORPUS, GENERATED, parse_data_spec
 from littlebit.training.recipe import plan_budget
 
 # The budget the defaults spend (calibration, block stage and 1,080 global steps of 2 x 512).
