@@ -425,22 +425,29 @@ def run_checks() -> dict[str, float | str]:
     return results
 
 
-@pytest.fixture(scope="module")
-def triton_results():
+def interpreted_results(module: str, run, timeout: int) -> dict[str, float | str]:
+    """``run()`` here on a GPU; on a CPU, ``module.run_checks()`` in one child process under Triton's
+    interpreter (TRITON_INTERPRET must be set before triton is imported)."""
     if not HAVE_TRITON:
         pytest.skip("triton is not installed")
     if ON_GPU:
-        return run_checks()
+        return run()
     here = Path(__file__).resolve().parent
     code = (
         f"import json, sys; sys.path[:0] = [{str(here)!r}, {str(here.parent / 'src')!r}]; "
-        "import test_kernels as t; print('RESULTS', json.dumps(t.run_checks()))"
+        f"import {module} as t; print('RESULTS', json.dumps(t.run_checks()))"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-c", code]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     return json.loads(lines[-1][len("RESULTS ") :])
+
+
+@pytest.fixture(scope="module")
+def triton_results():
+    return interpreted_results("test_kernels", run_checks, timeout=600)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))

@@ -7,15 +7,9 @@ ranks are off the tile sizes; padding bits of the sign words are random.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from test_kernels import DEVICE, HAVE_TRITON, ON_GPU, TOL, make_layer, rel_err
+from test_kernels import DEVICE, HAVE_TRITON, TOL, interpreted_results, make_layer, rel_err
 
 from littlebit.core.packing import tile_order
 
@@ -106,20 +100,7 @@ def run_checks() -> dict[str, float | str]:
 
 @pytest.fixture(scope="module")
 def prefill_results():
-    if not HAVE_TRITON:
-        pytest.skip("triton is not installed")
-    if ON_GPU:
-        return run_checks()
-    here = Path(__file__).resolve().parent
-    code = (
-        f"import json, sys; sys.path[:0] = [{str(here)!r}, {str(here.parent / 'src')!r}]; "
-        "import test_prefill as t; print('RESULTS', json.dumps(t.run_checks()))"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULTS ") :])
+    return interpreted_results("test_prefill", run_checks, timeout=900)
 
 
 @pytest.mark.parametrize("name", ["sign-tile-float16", "sign-tile-bfloat16", *CASES])

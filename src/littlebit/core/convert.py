@@ -149,6 +149,22 @@ def budget(model: nn.Module, config: LittleBitConfig, targets: list[Target] | No
 InputScales = Callable[[str], torch.Tensor | None]
 
 
+def checked_plan(model: nn.Module, config: LittleBitConfig) -> tuple[list[Target], ModelBudget]:
+    """The layers to convert and their bit report, warning about layers that cannot meet their target."""
+    targets = plan(model, config)
+    report = budget(model, config, targets)
+    if (msg := report.warning()) is not None:
+        log.warning(msg)
+    return targets, report
+
+
+def default_compute_device(compute_device: torch.device | str | None) -> torch.device | str | None:
+    """Where initialisation runs: the device asked for, else the GPU when there is one."""
+    if compute_device is None and torch.cuda.is_available():
+        return "cuda"
+    return compute_device
+
+
 def convert(
     model: nn.Module,
     config: LittleBitConfig,
@@ -161,12 +177,8 @@ def convert(
     ``input_scales(module_name)`` may return a per-input-feature scale for activation-aware
     initialisation. Returns the bit report; warns about layers that cannot meet their target.
     """
-    targets = plan(model, config)
-    report = budget(model, config, targets)
-    if (msg := report.warning()) is not None:
-        log.warning(msg)
-    if compute_device is None and torch.cuda.is_available():
-        compute_device = "cuda"
+    targets, report = checked_plan(model, config)
+    compute_device = default_compute_device(compute_device)
     by_module = targets_by_module(targets)
     for i, (name, parts) in enumerate(tqdm(by_module.items(), desc="LittleBit init", disable=not progress)):
         scale = input_scales(name) if input_scales is not None else None

@@ -28,10 +28,10 @@ from littlebit.config import LittleBitConfig, LittleBitError, first_line
 from littlebit.core.budget import ModelBudget
 from littlebit.core.convert import (
     Target,
-    budget,
+    checked_plan,
     convert_module,
     decoder_block_names,
-    plan,
+    default_compute_device,
     targets_by_module,
 )
 from littlebit.hf.checkpoint import prepare_for_save
@@ -229,12 +229,8 @@ def compress_streamed(
     missing = missing_from(model, checkpoint)
     if missing:
         raise LittleBitError(f"{source} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
-    targets = plan(model, config)
-    report = budget(model, config, targets)
-    if (msg := report.warning()) is not None:
-        log.warning(msg)
-    if compute_device is None and torch.cuda.is_available():
-        compute_device = "cuda"
+    targets, report = checked_plan(model, config)
+    compute_device = default_compute_device(compute_device)
 
     blocks = decoder_block_names(model)
     by_module = targets_by_module(targets)

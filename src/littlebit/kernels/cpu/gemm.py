@@ -17,13 +17,11 @@ a call never holds a dense factor bigger than that (at 1.0 BPW the factors are a
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 
 from littlebit.kernels.cpu.lut import MAX_TOKENS as LUT_MAX_TOKENS
-from littlebit.kernels.cpu.lut import native_library
+from littlebit.kernels.cpu.lut import cpu_tokens, native_library
 
 # Expand at most this many factor entries at once (64 MiB in fp32).
 _CHUNK = 1 << 24
@@ -141,16 +139,6 @@ def littlebit_linear_cpu_gemm(
 
 
 def accepts(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor) -> bool:
-    """CPU tensors, fp32/bf16/fp16, int32 words, more tokens than the table path takes. Bytes of a word
-    are read as bits 0-7, 8-15, ... which holds on little-endian hosts only."""
-    return (
-        sys.byteorder == "little"
-        and x.device.type == "cpu"
-        and u_signs.device.type == "cpu"
-        and v_signs.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and u_signs.dtype == torch.int32
-        and v_signs.dtype == torch.int32
-        and x.shape[-1] > 0
-        and x.numel() // x.shape[-1] > LUT_MAX_TOKENS
-    )
+    """A CPU call of more tokens than the table path takes (``lut.cpu_tokens``)."""
+    tokens = cpu_tokens(x, u_signs, v_signs)
+    return tokens is not None and tokens > LUT_MAX_TOKENS

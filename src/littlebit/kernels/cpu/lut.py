@@ -356,12 +356,12 @@ def littlebit_linear_cpu_lut(
     return y if x.dim() == 2 else y.view(*x.shape[:-1], d_out)
 
 
-def accepts(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor) -> bool:
-    """CPU tensors, fp32/bf16/fp16, int32 words, at most ``MAX_TOKENS`` tokens (decoding).
+def cpu_tokens(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor) -> int | None:
+    """Tokens in a call the CPU backends can take (CPU tensors, fp32/bf16/fp16, int32 words), else None.
 
     Bytes of a word are read as bits 0-7, 8-15, ... which holds on little-endian hosts only.
     """
-    return (
+    ok = (
         sys.byteorder == "little"
         and x.device.type == "cpu"
         and u_signs.device.type == "cpu"
@@ -370,5 +370,11 @@ def accepts(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor) -> bo
         and u_signs.dtype == torch.int32
         and v_signs.dtype == torch.int32
         and x.shape[-1] > 0
-        and x.numel() // x.shape[-1] <= MAX_TOKENS
     )
+    return x.numel() // x.shape[-1] if ok else None
+
+
+def accepts(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor) -> bool:
+    """A CPU call of at most ``MAX_TOKENS`` tokens (decoding)."""
+    tokens = cpu_tokens(x, u_signs, v_signs)
+    return tokens is not None and tokens <= MAX_TOKENS

@@ -120,12 +120,13 @@ def _u_offsets(p, rows, cols, d_out, W_r, TILED: tl.constexpr):
 
 @triton.jit
 def _tc_u_body(
-    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, pid0, pid1, M, d_out, W_r, Rp, stride_ym,
+    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, pid0, pid1, M, d_out, W_r, Rp, stride_ym, n_split, split_stride,
     P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    OP_DT: tl.constexpr, PDL: tl.constexpr = False, TILED: tl.constexpr = False,
+    OP_DT: tl.constexpr, PDL: tl.constexpr, TILED: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
     """Stage 2 for program (pid0, pid1) of grid (cdiv(d_out, BO), n_mb); S_U in tile order with
-    ``TILED``."""
+    ``TILED``. With ``SPLITS`` t is ``n_split`` partial sums ``split_stride`` apart (one per split of
+    d_in in stage 1), added as they are loaded."""
     rows = pid0 * BO + tl.arange(0, BO)
     row_ok = rows < d_out
     toks = pid1 * BM + tl.arange(0, BM)
@@ -144,6 +145,10 @@ def _tc_u_body(
             tp = t_ptr + (toks[None, :] * P + p) * Rp + e[:, None]
             tmask = (e < Rp)[:, None] & tok_ok[None, :]
             tv = tl.load(tp, mask=tmask, other=0.0)
+            if SPLITS:
+                tv = tv.to(tl.float32)
+                for s in range(1, n_split):
+                    tv += tl.load(tp + s * split_stride, mask=tmask, other=0.0).to(tl.float32)
             acc = _dot(_sign_tile(w, BO, BKW, OP_DT), tv.to(OP_DT), acc, OP_DT)
         hv = tl.load(h_ptr + p * d_out + rows, mask=row_ok, other=0.0).to(tl.float32)
         y += acc * hv[:, None]
@@ -178,6 +183,6 @@ def _tc_u_kernel(
     _pdl_wait(PDL)
     _tc_u_body(
         t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, tl.program_id(0), tl.program_id(1), M, d_out, W_r, Rp, stride_ym,
-        P, BO, BKW, BM, HAS_BIAS, OP_DT, PDL, TILED,
+        1, 0, P, BO, BKW, BM, HAS_BIAS, OP_DT, PDL, TILED, False,
     )  # fmt: skip
     _release_t(t_ptr, cnt_ptr, M * P * Rp, tl.num_programs(0) * tl.num_programs(1), ZB)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from littlebit.kernels.gpu._tensorcore import _dot, _pair_slot, _sign_tile, _to_pair_order, _u_offsets
+from littlebit.kernels.gpu._tensorcore import _dot, _pair_slot, _sign_tile, _tc_u_body, _to_pair_order
 from littlebit.kernels.gpu.config import KernelConfig
 from littlebit.kernels.gpu.tiles import _split
 
@@ -67,34 +67,12 @@ def _pf_u_kernel(
     P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
     OP_DT: tl.constexpr, TILED: tl.constexpr,
 ):  # fmt: skip
-    """Stage 2: y for output rows ``BO`` x tokens ``BM``; S_U in tile order with ``TILED``."""
-    rows = tl.program_id(0) * BO + tl.arange(0, BO)
-    row_ok = rows < d_out
-    toks = tl.program_id(1) * BM + tl.arange(0, BM)
-    tok_ok = toks < M
-    y = tl.zeros((BO, BM), tl.float32)
-    for p in tl.static_range(P):
-        acc = tl.zeros((BO, BM), tl.float32)
-        for k0 in range(0, W_r, BKW):
-            cols = k0 + tl.arange(0, BKW)
-            w = tl.load(
-                u_ptr + _u_offsets(p, rows, cols, d_out, W_r, TILED),
-                mask=row_ok[:, None] & (cols < W_r)[None, :],
-                other=0,
-            )
-            e = k0 * 32 + tl.arange(0, BKW * 32)
-            tp = t_ptr + (toks[None, :] * P + p) * Rp + e[:, None]
-            tmask = (e < Rp)[:, None] & tok_ok[None, :]
-            tv = tl.load(tp, mask=tmask, other=0.0).to(tl.float32)
-            for s in range(1, n_split):
-                tv += tl.load(tp + s * split_stride, mask=tmask, other=0.0).to(tl.float32)
-            acc = _dot(_sign_tile(w, BO, BKW, OP_DT), tv.to(OP_DT), acc, OP_DT)
-        hv = tl.load(h_ptr + p * d_out + rows, mask=row_ok, other=0.0).to(tl.float32)
-        y += acc * hv[:, None]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    out = y_ptr + toks[None, :] * stride_ym + rows[:, None]
-    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & tok_ok[None, :])
+    """Stage 2: y for output rows ``BO`` x tokens ``BM``, adding stage 1's splits of d_in as t is read;
+    S_U in tile order with ``TILED``."""
+    _tc_u_body(
+        t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, tl.program_id(0), tl.program_id(1), M, d_out, W_r, Rp, stride_ym,
+        n_split, split_stride, P, BO, BKW, BM, HAS_BIAS, OP_DT, False, TILED, True,
+    )  # fmt: skip
 
 
 def prefill_tile(
