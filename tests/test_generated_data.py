@@ -198,10 +198,11 @@ def test_generate_data_command(tiny_dir, tmp_path, capsys):
 
 
 def test_default_data_is_generated_text_without_a_local_corpus(tmp_path, monkeypatch):
+    from littlebit.training import data_spec
     from littlebit.training.data_spec import DEFAULT_WITH_LOCAL_CORPUS, GENERATED, default_data_spec
 
-    monkeypatch.delenv("LITTLEBIT_DATA", raising=False)
-    monkeypatch.chdir(tmp_path)
+    # only tmp_path is searched: a shared/data above the test's folder must not count
+    monkeypatch.setattr(data_spec, "default_data_dirs", lambda: [tmp_path / "shared" / "data"])
     assert default_data_spec() == GENERATED
     (tmp_path / "shared" / "data" / "wikitext-2-raw").mkdir(parents=True)
     (tmp_path / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw").write_text("text\n")
