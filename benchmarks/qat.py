@@ -285,6 +285,10 @@ def main() -> int:
     )
     ap.add_argument("--save-every", type=int, default=0, help="global steps between checkpoints (0: none)")
     ap.add_argument("--model", default=None)
+    ap.add_argument(
+        "--fp-scores",
+        help="JSON file of the FP model's held-out scores: read if there, else written (parallel runs)",
+    )
     ap.add_argument("--out", default="benchmarks/results/qat.json")
     ap.add_argument("--work", default="/tmp/littlebit-qat")
     ap.add_argument("--logs", default=None, help="append every run's training log to this JSONL file")
@@ -323,7 +327,13 @@ def main() -> int:
         ctx["eval_sets"]["ptb"] = tokenize_eval(tokenizer, "ptb", "test")
     # The FP model once per process: every record carries it, and its ratios are to it.
     t0 = time.perf_counter()
-    ctx["fp"] = held_out(ctx["teacher"], ctx, args)
+    fp_file = Path(args.fp_scores) if args.fp_scores else None
+    if fp_file is not None and fp_file.is_file():
+        ctx["fp"] = json.loads(fp_file.read_text())
+    else:
+        ctx["fp"] = held_out(ctx["teacher"], ctx, args)
+        if fp_file is not None:
+            fp_file.write_text(json.dumps(ctx["fp"]))
     print(f"FP: {json.dumps(ctx['fp'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
     out = Path(args.out)
     records = json.loads(out.read_text()) if out.is_file() else []

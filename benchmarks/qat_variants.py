@@ -156,6 +156,7 @@ _RECIPE = {
     "residual-pair": {"littlebit": {"residual": True}},
     "seed1": {"seed": 1},
 }
-_RECIPE["data-generated-seed1"] = {**_RECIPE["data-generated"], "seed": 1}
+for _name in ("data-generated", "data-gen0.7", "data-gen0.5", "data-gen0.3"):
+    _RECIPE[f"{_name}-seed1"] = {**_RECIPE[_name], "seed": 1}  # another data order and generated text
 RECIPE = set(_RECIPE)
 VARIANTS.update(_RECIPE)

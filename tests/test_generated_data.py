@@ -243,3 +243,27 @@ def test_a_chat_start_gets_an_answer_after_the_user_turn(teacher, tmp_path, monk
             answered += ids[at + 1 : at + 1 + len(header)] == header
             break
     assert answered >= 1
+
+
+def test_gpu_batch_follows_the_models_cache_size() -> None:
+    """The default GPU batch is the power of two whose bf16 static cache fits the budget, from the
+    config alone (the default model's shape: 512 sequences of 512 tokens)."""
+    from types import SimpleNamespace
+
+    from littlebit.training.teacher_text import resolved
+
+    cuda = torch.device("cuda")
+    smol = SimpleNamespace(
+        config=SimpleNamespace(
+            num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576
+        )
+    )
+    assert resolved(TextGenConfig(length=512), cuda, smol).batch_size == 512
+    llama7b = SimpleNamespace(
+        config=SimpleNamespace(
+            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096
+        )
+    )
+    assert resolved(TextGenConfig(length=512), cuda, llama7b).batch_size == 32
+    assert resolved(TextGenConfig(length=512), torch.device("cpu"), smol).batch_size == 32
+    assert resolved(TextGenConfig(length=512, batch_size=3), cuda, smol).batch_size == 3

@@ -29,7 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--length", type=int, default=gen.length, help="tokens per sequence (the train seqlen)"
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences per shard (256 GPU, 32 CPU)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per shard (GPU: as many as an 8 GiB cache holds; CPU: 32)",
+    )
     parser.add_argument("--temperature", type=float, default=gen.temperature)
     parser.add_argument("--top-p", type=float, default=gen.top_p)
     parser.add_argument(

@@ -44,13 +44,39 @@ def default_cache_dir() -> Path:
     return Path(root) / "generated"
 
 
-def resolved(config: TextGenConfig, device: torch.device) -> TextGenConfig:
-    """The settings with the device-dependent default filled in: 256 sequences a shard on a GPU, where
-    one batched call is launch-bound well past that, and 32 on a CPU, where a decoding step reads
-    every weight once whatever the batch, so a larger batch is nearly free up to there."""
+# The static cache of one shard's batch may take this much GPU memory. Decoding a small model is
+# launch-bound, so a step costs about the same for 256 sequences as for 1024: the batch is as large as
+# this allows (the default model: 512 sequences of 512 tokens, 5.6 GiB), within [8, 1024].
+GPU_CACHE_BYTES = 8 * 2**30
+
+
+def resolved(config: TextGenConfig, device: torch.device, model: nn.Module | None = None) -> TextGenConfig:
+    """The settings with the device-dependent default batch filled in: on a GPU the power of two whose
+    static cache fits ``GPU_CACHE_BYTES`` (from the model's config, so it is the same on every GPU and
+    the cache key with it); 32 on a CPU, where a decoding step reads every weight once whatever the
+    batch, so a larger batch is nearly free up to there."""
     if config.batch_size is not None:
         return config
-    return dataclasses.replace(config, batch_size=256 if device.type == "cuda" else 32)
+    if device.type != "cuda":
+        return dataclasses.replace(config, batch_size=32)
+    per_sequence = _cache_bytes_per_sequence(model, config.length) if model is not None else None
+    if not per_sequence:
+        return dataclasses.replace(config, batch_size=256)
+    fits = max(1, GPU_CACHE_BYTES // per_sequence)
+    return dataclasses.replace(config, batch_size=max(8, min(1024, 1 << (fits.bit_length() - 1))))
+
+
+def _cache_bytes_per_sequence(model: nn.Module, length: int) -> int | None:
+    """Bytes of bf16 keys and values one sequence of ``length`` tokens holds, from a Llama-like config."""
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not (layers and heads and hidden):
+        return None
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return 2 * 2 * layers * kv_heads * head_dim * length
 
 
 def model_identity(model: nn.Module) -> dict:
@@ -126,7 +152,7 @@ class TextCache:
         # compilation up front and pays off over many shards; it does not change the cache key.
         self.model, self.tokenizer, self.compile = model, tokenizer, compile
         self.device = next(model.parameters()).device
-        self.config = resolved(config, self.device)
+        self.config = resolved(config, self.device, model)
         self.prompts = start_prompts(tokenizer, self.config)
         self.eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
