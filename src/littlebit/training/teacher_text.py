@@ -304,7 +304,7 @@ class TextCache:
             disable_compile=not (self.compile and self.device.type == "cuda"),
         )
         cuda = self.device.type == "cuda"
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        amp = contextlib.nullcontext()  # the static cache takes the model dtype: autocast would not match it
         mask = torch.ones_like(ids) if mask is None else mask
         with torch.no_grad(), amp:
             out = self.model.generate(
