@@ -59,18 +59,42 @@ def test_residual_path_reduces_error_and_rank_helps():
     assert e2 < e1 < 1.0 and e3 < e2
 
 
-def test_dual_svid_is_deterministic_and_randomized_svd_agrees(monkeypatch):
+def _low_rank_plus_noise(d_out: int, d_in: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    s = torch.arange(1, 65, dtype=torch.float32).pow(-0.5)
+    low = (torch.randn(d_out, 64, generator=g) * s) @ torch.randn(64, d_in, generator=g)
+    return low / low.norm() + torch.randn(d_out, d_in, generator=g) / (d_out * d_in) ** 0.5
+
+
+def test_randomized_svd_is_deterministic_and_ignores_the_global_rng(monkeypatch):
     import littlebit.core.init
 
-    monkeypatch.setattr(littlebit.core.init, "_EXACT_SVD_MAX_DIM", 64)  # take the randomized path cheaply
-    torch.manual_seed(0)
-    w = torch.randn(300, 200) @ torch.diag(torch.linspace(3, 0.01, 200))
+    monkeypatch.setattr(littlebit.core.init, "EXACT_SVD_MAX_DIM", 64)  # take the randomized path cheaply
+    w = _low_rank_plus_noise(300, 200)
+    assert littlebit.core.init.use_randomized_svd(w.shape, 32)
+    torch.manual_seed(1)
     a = initialise(w, 32, seed=3)
+    torch.manual_seed(2)  # a different global state must not change the sketch
     b = initialise(w, 32, seed=3)
     assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in "uvhlg")
-    _, s_fast, _ = truncated_svd(w, 32, seed=0)
-    s_exact = torch.linalg.svdvals(w)[:32]
-    assert rel(s_fast, s_exact) < 0.05
+    c = initialise(w, 32, seed=4)
+    assert not torch.equal(a.u, c.u)  # the seed does reach the sketch
+
+
+def test_randomized_svd_is_close_to_exact(monkeypatch):
+    import littlebit.core.init
+
+    w = _low_rank_plus_noise(512, 640)
+    exact = initialise(w, 64)
+    _, s_exact, _ = truncated_svd(w, 64, seed=0)
+    monkeypatch.setattr(littlebit.core.init, "EXACT_SVD_MAX_DIM", 256)
+    assert littlebit.core.init.use_randomized_svd(w.shape, 64)
+    assert not littlebit.core.init.use_randomized_svd(w.shape, 200)  # rank too large a share: exact
+    fast = initialise(w, 64)
+    _, s_fast, _ = truncated_svd(w, 64, seed=0)
+    assert rel(s_fast, s_exact) < 0.01
+    e_exact, e_fast = rel(exact.weight(), w), rel(fast.weight(), w)
+    assert abs(e_fast - e_exact) < 0.01 * e_exact
 
 
 def test_joint_itq_keeps_product_and_fits_signs_better():

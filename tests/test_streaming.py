@@ -81,6 +81,18 @@ def test_streamed_equals_in_memory(tmp_path, arch):
     assert not partial_dir(tmp_path / "streamed").exists()
 
 
+def test_streamed_equals_in_memory_with_the_randomized_svd(tmp_path, monkeypatch):
+    import littlebit.core.init as init
+
+    monkeypatch.setattr(init, "EXACT_SVD_MAX_DIM", 16)  # every tiny layer takes the sketch
+    monkeypatch.setattr(init, "RANDOMIZED_MAX_RANK_FRACTION", 1.0)
+    source = _source(tmp_path)
+    _in_memory(source, tmp_path / "whole")
+    torch.manual_seed(123)  # the sketch's own generator, not the global RNG, decides the result
+    compress_streamed(source, tmp_path / "streamed", CONFIG, compute_device="cpu", progress=False)
+    _assert_same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
+
+
 def test_float32_output_and_one_path(tmp_path):
     config = LittleBitConfig(bpw=0.8, residual=False, kv_rank_multiplier=2.0)
     source = _source(tmp_path)
