@@ -12,7 +12,6 @@ smaller. Every file is written to a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -303,10 +302,10 @@ class TextCache:
             cache_implementation="static" if self.device.type == "cuda" else None,
             disable_compile=not (self.compile and self.device.type == "cuda"),
         )
-        cuda = self.device.type == "cuda"
-        amp = contextlib.nullcontext()  # the static cache takes the model dtype: autocast would not match it
         mask = torch.ones_like(ids) if mask is None else mask
-        with torch.no_grad(), amp:
+        # No autocast: the static cache is allocated in the model's dtype, and autocast's bf16 keys
+        # and values could not be written into it.
+        with torch.no_grad():
             out = self.model.generate(
                 ids.to(self.device), attention_mask=mask.to(self.device), generation_config=gen_cfg
             )
