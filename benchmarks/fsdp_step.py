@@ -38,6 +38,11 @@ from littlebit.runtime.synthetic import SHAPES, llama_config
 from littlebit.training.config import BlockConfig, TrainConfig
 
 GB = 1e9
+# --tiny: the sharded path end to end on CPU processes over gloo (tests/test_distributed.py)
+TINY = dict(
+    hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+    vocab_size=256,
+)  # fmt: skip
 
 
 def _linears(cfg) -> list[tuple[int, int]]:
@@ -109,24 +114,38 @@ def _torchrun_env() -> None:
 
 
 def run(args) -> dict:
+    from torch.distributed.tensor import DTensor
     from transformers import LlamaForCausalLM
 
     from littlebit.training.distributed import Distributed, student_skeleton
     from littlebit.training.trainer import Trainer
 
     class RandomInit(Distributed):
-        """Random latents instead of the SVD initialisation; no checkpoints."""
+        """Both models built on the meta device and filled with random weights shard by shard after
+        sharding, so no rank ever holds either whole (a 70B teacher alone is 138 GB in bf16); random
+        latents instead of the SVD initialisation; no checkpoints."""
 
         def _build_student(self, trainer, fresh):
-            student = student_skeleton(trainer.teacher, trainer.lb_config)
-            gen = torch.Generator(self.device).manual_seed(0)
-            with torch.no_grad():
-                for name, p in student.named_parameters():
-                    if name.endswith((".u", ".v")):
-                        p.normal_(0.0, 0.02, generator=gen)
-                    elif name.endswith((".l",)):
-                        p.fill_(1.0 / p.shape[-1] ** 0.5)
-            return student
+            return student_skeleton(trainer.teacher, trainer.lb_config)  # on the meta device, as the teacher
+
+        def materialize(self, trainer):
+            gen = torch.Generator(self.device).manual_seed(1000 + self.rank)
+            for model in (trainer.student, trainer.teacher):
+                model.to_empty(device=self.device)
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        local = p.to_local() if isinstance(p, DTensor) else p
+                        leaf = name.rsplit(".", 1)[-1]
+                        if leaf == "l":  # outputs of the teacher's size: paths x r signed sums of d_in
+                            local.fill_(0.02 / p.numel() ** 0.5)
+                        elif leaf in ("h", "g") or "norm" in name:
+                            local.fill_(1.0)
+                        else:
+                            local.normal_(0.0, 0.02, generator=gen)
+                # to_empty left the rotary frequencies (a buffer, not sharded) uninitialised
+                inner = model.model
+                with torch.device(self.device):
+                    inner.rotary_emb = type(inner.rotary_emb)(model.config)
 
         def save(self, trainer):
             pass
@@ -134,10 +153,13 @@ def run(args) -> dict:
     _torchrun_env()
     d = RandomInit(offload_teacher=args.offload_teacher)
     torch.manual_seed(0)
-    cfg = llama_config(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    overrides = dict(TINY) if args.tiny else {}
+    if args.layers:
+        overrides["num_hidden_layers"] = args.layers
+    cfg = llama_config(args.shape, **overrides)
     t0 = time.perf_counter()
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device(d.device):
+    with torch.device("meta"):
         teacher = LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     train_cfg = TrainConfig(
@@ -177,6 +199,11 @@ def run(args) -> dict:
         mem[2] = torch.cuda.memory_allocated(d.device)
     gathered = [torch.zeros_like(mem) for _ in range(d.world_size)]
     torch.distributed.all_gather(gathered, mem)
+    params = [p for m in (trainer.student, trainer.teacher) for p in m.parameters()]
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+    share = torch.tensor([local / sum(p.numel() for p in params)], dtype=torch.float64, device=d.device)
+    fractions = [torch.zeros_like(share) for _ in range(d.world_size)]
+    torch.distributed.all_gather(fractions, share)
     record = {
         "shape": args.shape,
         "layers": cfg.num_hidden_layers,
@@ -198,7 +225,9 @@ def run(args) -> dict:
         "peak_reserved_gb_per_rank": [float(g[1]) / GB for g in gathered],
         "resident_gb_per_rank": [float(g[2]) / GB for g in gathered],
         "loss": [r["loss"] for r in steps if r.get("phase") == "global"],
-        "plan": plan(args.shape, args.bpw, d.world_size, args.batch_size, args.seqlen),
+        # what each rank holds of both models' parameters: its 1/N share, never the whole
+        "local_parameter_fraction_per_rank": [float(f) for f in fractions],
+        "plan": None if args.tiny else plan(args.shape, args.bpw, d.world_size, args.batch_size, args.seqlen),
     }
     d.close()
     return record
@@ -208,6 +237,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama-2-7b", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, help="fewer decoder layers (quick checks)")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide Llama (CPU checks)")
     p.add_argument("--bpw", type=float, default=0.55)
     p.add_argument("--batch-size", type=int, default=2, help="sequences per rank per step")
     p.add_argument("--seqlen", type=int, default=2048)

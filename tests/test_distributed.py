@@ -44,8 +44,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp: Path, name: str, *args: str) -> list[int]:
-    """Run the worker on RANKS processes with torchrun's environment; their exit codes."""
+def _launch(tmp: Path, name: str, *args: str, script: Path = WORKER) -> list[int]:
+    """Run ``script`` (the worker) on RANKS processes with torchrun's environment; their exit codes."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
     env["WORLD_SIZE"] = str(RANKS)
     env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU, whatever GPUs the machine has
@@ -54,7 +54,7 @@ def _launch(tmp: Path, name: str, *args: str) -> list[int]:
     try:
         for rank in range(RANKS):
             logs.append(open(tmp / f"{name}-rank{rank}.log", "w"))  # noqa: SIM115
-            cmd = [sys.executable, str(WORKER), *args]
+            cmd = [sys.executable, str(script), *args]
             env_r = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
             procs.append(subprocess.Popen(cmd, env=env_r, stdout=logs[-1], stderr=subprocess.STDOUT))
         for p in procs:
@@ -197,3 +197,18 @@ def test_train_command_refuses_what_several_processes_cannot_do_before_loading(c
         err = capsys.readouterr().err.strip()
         assert err.startswith("littlebit: error:") and "\n" not in err
         assert ("block reconstruction" if len(extra) == 2 else "multiple of the 2 processes") in err
+
+
+def test_sharded_benchmark_builds_on_meta_and_each_rank_holds_half(tmp_path):
+    """``benchmarks/fsdp_step.py`` builds teacher and student on the meta device and fills them shard
+    by shard after sharding (how a 70B run fits): each of two ranks holds half of every model's
+    parameters, and the steps train."""
+    script = Path(__file__).parents[1] / "benchmarks" / "fsdp_step.py"
+    out = tmp_path / "step.json"
+    args = ("--tiny", "--steps", "3", "--seqlen", "32", "--batch-size", "1", "--out", str(out))
+    codes = _launch(tmp_path, "bench", *args, script=script)
+    assert codes == [0] * RANKS, (tmp_path / "bench-rank0.log").read_text()[-3000:]
+    record = json.loads(out.read_text())["records"][0]
+    assert record["world_size"] == RANKS
+    assert all(abs(f - 1 / RANKS) < 0.05 for f in record["local_parameter_fraction_per_rank"])
+    assert len(record["loss"]) == 3 and all(0 < x < 100 for x in record["loss"])

@@ -136,6 +136,10 @@ def _largest_dim(param: nn.Parameter) -> Shard | None:
     return Shard(max(range(param.dim()), key=lambda d: param.shape[d]))
 
 
+def _reshard(module: nn.Module, args, output) -> None:
+    module.reshard()
+
+
 class _NoLog:
     """What ranks other than 0 log to: nothing (rank 0 writes the one log)."""
 
@@ -234,6 +238,7 @@ class Distributed:
             # is the caller's module anyway (fully_shard changes it in place).
             cast_floating(trainer.teacher, torch.bfloat16)
         self.shard(trainer.student, trainer.teacher, trainer.use_amp)
+        self.materialize(trainer)
         trainer.kinds = select_trainable(trainer.student, cfg.train_norms)
         if found is None:
             calib = trainer._calibration()
@@ -288,6 +293,14 @@ class Distributed:
             for layer in decoder_layers(model):
                 fully_shard(layer, **kw)
             fully_shard(model, **kw)
+        # FSDP keeps a root module's parameters gathered after its forward for the backward that
+        # follows; the teacher has none, so its embeddings and head would stay whole on every rank.
+        teacher.register_forward_hook(_reshard)
+
+    def materialize(self, trainer) -> None:
+        """After sharding: where models were built on the meta device (a model too large to build
+        whole on one device), allocate and fill each rank's shards here. The library's own runs build
+        real modules, so there is nothing to do; ``benchmarks/fsdp_step.py`` overrides it."""
 
     # ----- hooks of the training step ------------------------------------------------------------
     def shard_batches(self, batches) -> RankBatches:
