@@ -133,6 +133,9 @@ def main() -> None:
     layers = a.layers or full_layers
     # one source per shape and depth, so --keep lets later runs reuse it
     source, out = work / f"source-{a.shape}-{layers}", work / "compressed"
+    suffix = "" if a.shape == "llama2-7b" and layers == full_layers else f"_{a.shape}_{layers}l"
+    what = "reconstruct" if a.reconstruct else "compress"
+    name = a.name or f"stream_{what}_{'cuda' if a.device.startswith('cuda') else 'cpu'}{suffix}"
     try:
         t0 = time.perf_counter()
         if not source.is_dir():
@@ -141,7 +144,6 @@ def main() -> None:
         for stale in (out, work / f".{out.name}.partial"):  # an earlier, interrupted run's output
             shutil.rmtree(stale, ignore_errors=True)
         compress = _run_child("compress", a, source, out, work)
-        load = _run_child("load", a, source, out, work)
         record = {
             "shape": a.shape,
             "layers": layers,
@@ -161,15 +163,15 @@ def main() -> None:
                 if a.reconstruct
                 else {}
             ),  # fmt: skip
-            "load": load,
+            "load": None,
         }
+        # Written before the load check too, so a run stopped during it keeps its measurement.
+        write_results(name, [record])
+        record["load"] = load = _run_child("load", a, source, out, work)
+        path = write_results(name, [record])
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    suffix = "" if a.shape == "llama2-7b" and layers == full_layers else f"_{a.shape}_{layers}l"
-    what = "reconstruct" if a.reconstruct else "compress"
-    name = a.name or f"stream_{what}_{'cuda' if a.device.startswith('cuda') else 'cpu'}{suffix}"
-    path = write_results(name, [record])
     rows = [
         ("shape", f"{a.shape} ({layers}/{full_layers} layers)"),
         ("source (bf16)", f"{record['source_gb']:.2f} GB"),
