@@ -38,8 +38,11 @@ generate() {
   # The first shard eagerly, the rest with the decoding step compiled: the two rates side by side.
   # Shards are the same text either way (compilation is not part of the cache key).
   python -m littlebit.cli generate-data --tokens 1 --out "$GEN" > "$ROOT/generate-eager.log" 2>&1
-  timeout 420 python -m littlebit.cli generate-data --tokens "$1" --compile --out "$GEN" \
-    > "$ROOT/generate-compiled.log" 2>&1 && touch "$ROOT/generated.done"
+  # Eager again if the compiled decoding fails (the shards written so far are kept either way).
+  { timeout 420 python -m littlebit.cli generate-data --tokens "$1" --compile --out "$GEN" \
+      > "$ROOT/generate-compiled.log" 2>&1 \
+    || timeout 420 python -m littlebit.cli generate-data --tokens "$1" --out "$GEN" \
+      > "$ROOT/generate-eager-rest.log" 2>&1; } && touch "$ROOT/generated.done"
   tail -n 3 "$ROOT"/generate-*.log
   mkdir -p "$OUT/generated" && cp -r "$GEN"/. "$OUT/generated/"  # int32 tokens, small: carried next time
 }
