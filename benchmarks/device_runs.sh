@@ -2,7 +2,7 @@
 # the machine kept between commands only while they follow each other. Run from the repository root on
 # the GPU machine after benchmarks/device_env.sh; results land in $OUT as one results.tgz.
 #
-#   bash benchmarks/device_runs.sh scale                 # FSDP2 step (world 1), streamed 7B/70B compression
+#   bash benchmarks/device_runs.sh scale [WHAT...]       # FSDP2 step (world 1), streamed 7B/70B compression
 #   bash benchmarks/device_runs.sh generate TOKENS       # the teacher's text, one eager shard then compiled
 #   bash benchmarks/device_runs.sh queue SPEC...         # train SPECs one after another, detached
 #   bash benchmarks/device_runs.sh wait SECONDS          # wait for the queue, pack what finished
@@ -19,16 +19,24 @@ GEN=/root/lbgen
 mkdir -p "$ROOT"
 
 scale() {
+  # What to measure, any of: fsdp compress7b reconstruct7b reconstruct70b (default: all, about 9 minutes)
+  local what=${*:-fsdp compress7b reconstruct7b reconstruct70b}
   export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-  timeout 130 python benchmarks/fsdp_step.py --out "$ROOT/fsdp_step.json" > "$ROOT/fsdp_step.log" 2>&1
-  # 8 of the 32 layers: memory is the same as the whole model's, time is extrapolated from them
-  timeout 200 python benchmarks/stream_compress.py --device cuda --threads 16 --shape llama2-7b --layers 8 \
-    --workdir /root/sc7 > "$ROOT/stream7b.log" 2>&1
-  timeout 170 python benchmarks/stream_compress.py --device cuda --threads 16 --shape llama2-7b --layers 4 \
-    --reconstruct --workdir /root/sc7r > "$ROOT/stream7b_rec.log" 2>&1
-  timeout 110 python benchmarks/stream_compress.py --device cuda --threads 16 --shape llama2-70b --layers 1 \
-    --reconstruct --workdir /root/sc70 > "$ROOT/stream70b_rec.log" 2>&1
-  cp benchmarks/results/stream_*cuda*.json "$ROOT/" 2>/dev/null
+  local stream=(python benchmarks/stream_compress.py --device cuda --threads 16)
+  touch "$ROOT/.scale-start"  # the result files written after it are this run's
+  for w in $what; do
+    case $w in
+      fsdp) timeout 130 python benchmarks/fsdp_step.py --out "$ROOT/fsdp_step.json" > "$ROOT/fsdp_step.log" 2>&1 ;;
+      # 8 of the 32 layers: memory is the same as the whole model's, time is extrapolated from them
+      compress7b) timeout 200 "${stream[@]}" --layers 8 --workdir /root/sc7 > "$ROOT/stream7b.log" 2>&1 ;;
+      reconstruct7b) timeout 170 "${stream[@]}" --layers 4 --reconstruct --workdir /root/sc7r \
+        > "$ROOT/stream7b_rec.log" 2>&1 ;;
+      reconstruct70b) timeout 110 "${stream[@]}" --shape llama2-70b --layers 1 --reconstruct --workdir /root/sc70 \
+        > "$ROOT/stream70b_rec.log" 2>&1 ;;
+      *) echo "scale: unknown measurement $w" >&2 ;;
+    esac
+  done
+  find benchmarks/results -name 'stream_*cuda*.json' -newer "$ROOT/.scale-start" -exec cp {} "$ROOT/" \;
   pack
 }
 
@@ -86,10 +94,10 @@ pack() {
 }
 
 case ${1:-} in
-  scale) scale ;;
+  scale) shift; scale "$@" ;;
   generate) generate "$2" ;;
   queue) shift; queue "$@" ;;
   run-queue) shift; run_queue "$@" ;;
   wait) wait_queue "$2" ;;
-  *) echo "usage: device_runs.sh scale | generate TOKENS | queue SPEC... | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: device_runs.sh scale [WHAT...] | generate TOKENS | queue SPEC... | wait SECONDS" >&2; exit 2 ;;
 esac
