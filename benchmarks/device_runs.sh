@@ -19,19 +19,21 @@ GEN=/root/lbgen
 mkdir -p "$ROOT"
 
 scale() {
-  # What to measure, any of: fsdp compress7b reconstruct7b reconstruct70b (default: all, about 9 minutes)
+  # What to measure, any of: fsdp compress7b reconstruct7b reconstruct70b (default: all; their time
+  # limits add up to 560 s, under a command's 600)
   local what=${*:-fsdp compress7b reconstruct7b reconstruct70b}
   export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
   local stream=(python benchmarks/stream_compress.py --device cuda --threads 16)
   touch "$ROOT/.scale-start"  # the result files written after it are this run's
   for w in $what; do
     case $w in
-      fsdp) timeout 130 python benchmarks/fsdp_step.py --out "$ROOT/fsdp_step.json" > "$ROOT/fsdp_step.log" 2>&1 ;;
+      fsdp) rm -f "$ROOT/fsdp_step.json"
+        timeout 120 python benchmarks/fsdp_step.py --out "$ROOT/fsdp_step.json" > "$ROOT/fsdp_step.log" 2>&1 ;;
       # 8 of the 32 layers: memory is the same as the whole model's, time is extrapolated from them
-      compress7b) timeout 200 "${stream[@]}" --layers 8 --workdir /root/sc7 > "$ROOT/stream7b.log" 2>&1 ;;
+      compress7b) timeout 180 "${stream[@]}" --layers 8 --workdir /root/sc7 > "$ROOT/stream7b.log" 2>&1 ;;
       reconstruct7b) timeout 170 "${stream[@]}" --layers 4 --reconstruct --workdir /root/sc7r \
         > "$ROOT/stream7b_rec.log" 2>&1 ;;
-      reconstruct70b) timeout 110 "${stream[@]}" --shape llama2-70b --layers 1 --reconstruct --workdir /root/sc70 \
+      reconstruct70b) timeout 90 "${stream[@]}" --shape llama2-70b --layers 1 --reconstruct --workdir /root/sc70 \
         > "$ROOT/stream70b_rec.log" 2>&1 ;;
       *) echo "scale: unknown measurement $w" >&2 ;;
     esac
@@ -41,23 +43,35 @@ scale() {
 }
 
 generate() {
-  # Shards brought back from an earlier machine (carry .dev-generated) are not sampled again.
+  # Shards brought back from an earlier machine (generated.tgz unpacked into .dev-generated, carried)
+  # are not sampled again.
   [ -d .dev-generated ] && mkdir -p "$GEN" && cp -r .dev-generated/. "$GEN/"
-  # The first shard eagerly, the rest with the decoding step compiled: the two rates side by side.
-  # Shards are the same text either way (compilation is not part of the cache key).
-  python -m littlebit.cli generate-data --tokens 1 --out "$GEN" > "$ROOT/generate-eager.log" 2>&1
-  # Eager again if the compiled decoding fails (the shards written so far are kept either way).
-  { timeout 420 python -m littlebit.cli generate-data --tokens "$1" --compile --out "$GEN" \
-      > "$ROOT/generate-compiled.log" 2>&1 \
-    || timeout 420 python -m littlebit.cli generate-data --tokens "$1" --out "$GEN" \
-      > "$ROOT/generate-eager-rest.log" 2>&1; } && touch "$ROOT/generated.done"
+  # The first shard eagerly, the rest with the decoding step compiled: the two rates side by side
+  # (both write to the same cache folder; compilation is not part of its key).
+  timeout 120 python -m littlebit.cli generate-data --tokens 1 --out "$GEN" > "$ROOT/generate-eager.log" 2>&1
+  timeout 330 python -m littlebit.cli generate-data --tokens "$1" --compile --out "$GEN" \
+    > "$ROOT/generate-compiled.log" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then  # compilation failed (not the time limit): eagerly instead
+    timeout 300 python -m littlebit.cli generate-data --tokens "$1" --out "$GEN" \
+      > "$ROOT/generate-eager-rest.log" 2>&1
+    rc=$?
+  fi
+  [ $rc -eq 0 ] && touch "$ROOT/generated.done"
   tail -n 3 "$ROOT"/generate-*.log
-  mkdir -p "$OUT/generated" && cp -r "$GEN"/. "$OUT/generated/"  # int32 tokens, small: carried next time
+  # int32 tokens, a few MB: brought back whole (one file) and carried to later machines
+  [ -d "$GEN" ] && tar czf "$OUT/generated.tgz" -C "$GEN" .
+  pack
 }
 
 queue() {
-  if [ -f "$ROOT/queue.pid" ] && kill -0 "$(cat "$ROOT/queue.pid")" 2>/dev/null; then return; fi
-  OMP_NUM_THREADS=8 setsid nohup bash "$0" run-queue "$@" > "$ROOT/queue.log" 2>&1 < /dev/null &
+  if [ -f "$ROOT/queue.pid" ] && kill -0 "$(cat "$ROOT/queue.pid")" 2>/dev/null; then
+    echo "a queue is running already ($(cat "$ROOT/queue.pid")): wait for it, then queue these" >&2
+    return 1
+  fi
+  # The queue outlives this command, whose OUT goes away with it: results go under ROOT.
+  mkdir -p "$ROOT/out"
+  OUT=$ROOT/out OMP_NUM_THREADS=8 setsid nohup bash "$0" run-queue "$@" >> "$ROOT/queue.log" 2>&1 < /dev/null &
   echo $! > "$ROOT/queue.pid"
 }
 
@@ -95,9 +109,9 @@ pack() {
 
 case ${1:-} in
   scale) shift; scale "$@" ;;
-  generate) generate "$2" ;;
+  generate) generate "${2:?generate TOKENS}" ;;
   queue) shift; queue "$@" ;;
   run-queue) shift; run_queue "$@" ;;
-  wait) wait_queue "$2" ;;
+  wait) wait_queue "${2:?wait SECONDS}" ;;
   *) echo "usage: device_runs.sh scale [WHAT...] | generate TOKENS | queue SPEC... | wait SECONDS" >&2; exit 2 ;;
 esac

@@ -22,9 +22,11 @@ dominated by its sign matrices).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -129,9 +131,13 @@ def run(args) -> dict:
             return student_skeleton(trainer.teacher, trainer.lb_config)  # on the meta device, as the teacher
 
         def materialize(self, trainer):
-            gen = torch.Generator(self.device).manual_seed(1000 + self.rank)
-            for model in (trainer.student, trainer.teacher):
-                model.to_empty(device=self.device)
+            for i, model in enumerate((trainer.student, trainer.teacher)):
+                # FSDP's CPU offload wants the offloaded shards materialised on the CPU
+                where = (
+                    torch.device("cpu") if model is trainer.teacher and self.offload_teacher else self.device
+                )
+                gen = torch.Generator(where).manual_seed(1000 + 2 * self.rank + i)
+                model.to_empty(device=where)
                 with torch.no_grad():
                     for name, p in model.named_parameters():
                         local = p.to_local() if isinstance(p, DTensor) else p
@@ -142,7 +148,8 @@ def run(args) -> dict:
                             local.fill_(1.0)
                         else:
                             local.normal_(0.0, 0.02, generator=gen)
-                # to_empty left the rotary frequencies (a buffer, not sharded) uninitialised
+                # to_empty left the rotary frequencies (a buffer FSDP does not manage, used where the
+                # layers compute) uninitialised
                 inner = model.model
                 with torch.device(self.device):
                     inner.rotary_emb = type(inner.rotary_emb)(model.config)
@@ -260,9 +267,13 @@ def main() -> None:
         records = [run(args)]
         if int(os.environ.get("RANK", "0")) != 0:
             return
-    text = json.dumps(
-        {"device": common.device_name(), "torch": torch.__version__, "records": records}, indent=2
-    )
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device": common.device_name(),
+        "torch": torch.__version__,
+    }
+    meta["command"] = " ".join(["benchmarks/fsdp_step.py", *sys.argv[1:]])
+    text = json.dumps({**meta, "records": records}, indent=2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

@@ -2,7 +2,8 @@
 
 On Llama-2-7B-shaped matrices (a decaying low-rank part plus noise, as in ``synthetic_checkpoint``)
 at several bit budgets, runs Dual-SVID and Joint-ITQ once with the exact SVD and once with the
-randomized one, and reports the initial relative error ``|W - W_hat|_F / |W|_F`` of both, the
+randomized route (the range finder with the Gram-based rank-1 scale fits it switches on), and
+reports the initial relative error ``|W - W_hat|_F / |W|_F`` of both, the
 relative gap between them and the wall time of each.
 
     python benchmarks/init_svd.py --threads 2
@@ -13,16 +14,21 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from common import write_results
 from synthetic_checkpoint import spectral_matrix
+
+if TYPE_CHECKING:
+    import torch
 
 SHAPES = ((4096, 4096), (4096, 11008))  # d_out x d_in: attention projections, down_proj
 
 
 @contextmanager
-def svd_route(randomized: bool, oversampling: int, power_iterations: int):
+def svd_route(randomized: bool, oversampling: int, power_iterations: int) -> Iterator[None]:
     """Force every truncated SVD down one route, whatever the size rule would pick."""
     import littlebit.core.init as init
 
@@ -38,7 +44,9 @@ def svd_route(randomized: bool, oversampling: int, power_iterations: int):
             setattr(init, name, value)
 
 
-def measure(w, rank: int, method: str, randomized: bool, a: argparse.Namespace) -> tuple[float, float]:
+def measure(
+    w: torch.Tensor, rank: int, method: str, randomized: bool, a: argparse.Namespace
+) -> tuple[float, float]:
     from littlebit.core.init import initialise
 
     with svd_route(randomized, a.oversampling, a.power_iterations):

@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -327,13 +328,19 @@ def main() -> int:
         ctx["eval_sets"]["ptb"] = tokenize_eval(tokenizer, "ptb", "test")
     # The FP model once per process: every record carries it, and its ratios are to it.
     t0 = time.perf_counter()
+    # The FP scores of another run are reused only if they scored the same model on the same parts.
+    fp_key = {"model": args.model, "parts": list(ctx["parts"]), "final_windows": args.final_windows}
+    fp_key["piqa_limit"] = args.piqa_limit
     fp_file = Path(args.fp_scores) if args.fp_scores else None
-    if fp_file is not None and fp_file.is_file():
-        ctx["fp"] = json.loads(fp_file.read_text())
+    saved = json.loads(fp_file.read_text()) if fp_file is not None and fp_file.is_file() else {}
+    if saved.get("key") == fp_key:
+        ctx["fp"] = saved["scores"]
     else:
         ctx["fp"] = held_out(ctx["teacher"], ctx, args)
         if fp_file is not None:
-            fp_file.write_text(json.dumps(ctx["fp"]))
+            tmp = fp_file.with_name(f".{fp_file.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"key": fp_key, "scores": ctx["fp"]}))
+            os.replace(tmp, fp_file)
     print(f"FP: {json.dumps(ctx['fp'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
     out = Path(args.out)
     records = json.loads(out.read_text()) if out.is_file() else []

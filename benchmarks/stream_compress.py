@@ -163,11 +163,13 @@ def main() -> None:
                 if a.reconstruct
                 else {}
             ),  # fmt: skip
-            "load": None,
+            "load": None,  # filled in by the load check below
+            "load_checked": False,
         }
         # Written before the load check too, so a run stopped during it keeps its measurement.
         write_results(name, [record])
         record["load"] = load = _run_child("load", a, source, out, work)
+        record["load_checked"] = True
         path = write_results(name, [record])
     finally:
         if not a.keep:

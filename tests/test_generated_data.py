@@ -246,24 +246,27 @@ def test_a_chat_start_gets_an_answer_after_the_user_turn(teacher, tmp_path, monk
 
 
 def test_gpu_batch_follows_the_models_cache_size() -> None:
-    """The default GPU batch is the power of two whose bf16 static cache fits the budget, from the
-    config alone (the default model's shape: 512 sequences of 512 tokens)."""
+    """The default GPU batch is the power of two whose static caches (in the model's dtype, a chat
+    answer's pass counted at twice the length) fit the budget, from the config and dtype alone."""
     from types import SimpleNamespace
 
     from littlebit.training.teacher_text import resolved
 
+    def model(dtype, **config):
+        return SimpleNamespace(
+            config=SimpleNamespace(**config), parameters=lambda: iter([torch.zeros(1, dtype=dtype)])
+        )
+
     cuda = torch.device("cuda")
-    smol = SimpleNamespace(
-        config=SimpleNamespace(
-            num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576
-        )
+    smol = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    assert resolved(TextGenConfig(length=512), cuda, model(torch.float32, **smol)).batch_size == 256
+    assert resolved(TextGenConfig(length=512), cuda, model(torch.bfloat16, **smol)).batch_size == 512
+    llama7b = dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096)
+    assert resolved(TextGenConfig(length=512), cuda, model(torch.float32, **llama7b)).batch_size == 16
+    assert (
+        resolved(TextGenConfig(length=512), torch.device("cpu"), model(torch.float32, **smol)).batch_size
+        == 32
     )
-    assert resolved(TextGenConfig(length=512), cuda, smol).batch_size == 512
-    llama7b = SimpleNamespace(
-        config=SimpleNamespace(
-            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096
-        )
+    assert (
+        resolved(TextGenConfig(length=512, batch_size=3), cuda, model(torch.float32, **smol)).batch_size == 3
     )
-    assert resolved(TextGenConfig(length=512), cuda, llama7b).batch_size == 32
-    assert resolved(TextGenConfig(length=512), torch.device("cpu"), smol).batch_size == 32
-    assert resolved(TextGenConfig(length=512, batch_size=3), cuda, smol).batch_size == 3

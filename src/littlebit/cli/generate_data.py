@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=None,
-        help="sequences per shard (GPU: as many as an 8 GiB cache holds; CPU: 32)",
+        help="sequences per shard (GPU: as many as 16 GiB of cache holds; CPU: 32)",
     )
     parser.add_argument("--temperature", type=float, default=gen.temperature)
     parser.add_argument("--top-p", type=float, default=gen.top_p)

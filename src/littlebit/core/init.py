@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import torch
 
 # Exact SVD up to this smaller side (every recorded small-model number used it); above it, and for
-# ranks up to RANDOMIZED_MAX_RANK_FRACTION of that side, a randomized range finder is several times
-# faster at the same reconstruction error (benchmarks/init_svd.py measures both).
+# ranks up to RANDOMIZED_MAX_RANK_FRACTION of that side, a randomized range finder with Gram-based
+# rank-1 scale fits is faster at nearly the same reconstruction error: on 2 CPU threads 1.2-23x faster,
+# 0.05-0.40 % above the exact error (benchmarks/init_svd.py, init_svd_cpu.json).
 EXACT_SVD_MAX_DIM = 2048
 RANDOMIZED_MAX_RANK_FRACTION = 0.25
-# Extra sketch columns and power iterations: with 4, the initial reconstruction error is within 0.3 %
-# of the exact SVD's on a decaying spectrum plus noise (2 gave 0.7 %, mostly from the residual path,
-# whose spectrum is nearly flat; more oversampling helped less per second than an extra iteration).
+# Extra sketch columns and power iterations: the residual path's spectrum is nearly flat, and each
+# iteration sharpens its decay by two powers.
 OVERSAMPLING = 16
 POWER_ITERATIONS = 4
 

@@ -89,9 +89,8 @@ class TextGenConfig:
     temperature: float = 1.0
     top_p: float = 0.95
     length: int = 512  # tokens per sequence, start included (the training sequence length)
-    batch_size: int | None = (
-        None  # sequences per shard; None: by the model's cache size on a GPU, 32 on a CPU
-    )
+    # Sequences per shard; None: on a GPU as many as the model's static cache allows, on a CPU 32.
+    batch_size: int | None = None
     # BOS alone, BOS and one random token, or the chat template up to the user's words (instruct
     # models then write the question and the answer); kinds the tokenizer cannot make are skipped.
     starts: list[str] = field(default_factory=lambda: list(START_KINDS))

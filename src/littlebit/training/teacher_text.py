@@ -43,22 +43,24 @@ def default_cache_dir() -> Path:
     return Path(root) / "generated"
 
 
-# The static cache of one shard's batch may take this much GPU memory. Decoding a small model is
+# The static caches of one shard's batch may take this much GPU memory. Decoding a small model is
 # launch-bound, so a step costs about the same for 256 sequences as for 1024: the batch is as large as
-# this allows (the default model: 512 sequences of 512 tokens, 5.6 GiB), within [8, 1024].
-GPU_CACHE_BYTES = 8 * 2**30
+# this allows, within [8, 1024]. A chat start's answer pass can hold up to twice the length (the
+# question, then the answer), so that is what a sequence is counted for. The default model in fp32:
+# 256 sequences, 11.3 GiB at most; Llama-2-7B in fp32: 16.
+GPU_CACHE_BYTES = 16 * 2**30
 
 
 def resolved(config: TextGenConfig, device: torch.device, model: nn.Module | None = None) -> TextGenConfig:
     """The settings with the device-dependent default batch filled in: on a GPU the power of two whose
-    static cache fits ``GPU_CACHE_BYTES`` (from the model's config, so it is the same on every GPU and
-    the cache key with it); 32 on a CPU, where a decoding step reads every weight once whatever the
-    batch, so a larger batch is nearly free up to there."""
+    static caches fit ``GPU_CACHE_BYTES`` (from the model's config and dtype, so it is the same on every
+    GPU and the cache key with it); 32 on a CPU, where a decoding step reads every weight once whatever
+    the batch, so a larger batch is nearly free up to there."""
     if config.batch_size is not None:
         return config
     if device.type != "cuda":
         return dataclasses.replace(config, batch_size=32)
-    per_sequence = _cache_bytes_per_sequence(model, config.length) if model is not None else None
+    per_sequence = _cache_bytes_per_sequence(model, 2 * config.length) if model is not None else None
     if not per_sequence:
         return dataclasses.replace(config, batch_size=256)
     fits = max(1, GPU_CACHE_BYTES // per_sequence)
@@ -66,7 +68,8 @@ def resolved(config: TextGenConfig, device: torch.device, model: nn.Module | Non
 
 
 def _cache_bytes_per_sequence(model: nn.Module, length: int) -> int | None:
-    """Bytes of bf16 keys and values one sequence of ``length`` tokens holds, from a Llama-like config."""
+    """Bytes of keys and values one sequence of ``length`` tokens holds in the model's dtype (the
+    static cache's), from a Llama-like config."""
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", None)
     heads = getattr(cfg, "num_attention_heads", None)
@@ -75,7 +78,9 @@ def _cache_bytes_per_sequence(model: nn.Module, length: int) -> int | None:
         return None
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    return 2 * 2 * layers * kv_heads * head_dim * length
+    param = next(model.parameters(), None)
+    element = param.element_size() if param is not None else 2
+    return 2 * element * layers * kv_heads * head_dim * length
 
 
 def model_identity(model: nn.Module) -> dict:
@@ -303,8 +308,8 @@ class TextCache:
             disable_compile=not (self.compile and self.device.type == "cuda"),
         )
         mask = torch.ones_like(ids) if mask is None else mask
-        # No autocast: the static cache is allocated in the model's dtype, and autocast's bf16 keys
-        # and values could not be written into it.
+        # No autocast: under bf16 autocast on the H200 (transformers 5.17) the static cache, held in
+        # the fp32 model's dtype, refused the bf16 keys and values (an index_copy_ dtype mismatch).
         with torch.no_grad():
             out = self.model.generate(
                 ids.to(self.device), attention_mask=mask.to(self.device), generation_config=gen_cfg
