@@ -261,6 +261,27 @@ def relaunch(nproc: int) -> int:
     return subprocess.call([*torchrun, "-m", "littlebit.cli", *argv])
 
 
+def sharded_source(model: str | None, data: str | None, cfg: TrainConfig) -> Path | None:
+    """The safetensors directory a sharded run builds both models from, shard by shard: ``model``
+    when it is a local directory in the transformers layout, unless the data has generated text
+    (generation runs the whole teacher on each process). None: every process loads the teacher whole."""
+    from littlebit.hf.checkpoint import checkpoint_kind
+    from littlebit.hf.shards import is_safetensors_dir
+    from littlebit.training.data import generated_tokens_needed
+
+    if model is None or model.endswith(".gguf"):
+        return None
+    path = Path(model)
+    if not (is_safetensors_dir(path) and (path / "config.json").is_file()):
+        return None
+    if checkpoint_kind(path) == "littlebit":
+        return None  # refused by the whole-model loader, with its message
+    if generated_tokens_needed(data, cfg):
+        log.warning("generated training text needs the whole teacher: every process loads %s whole", model)
+        return None
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, train, save the compressed model to ``--out``; returns the exit code."""
     import torch
@@ -290,7 +311,11 @@ def run(args: argparse.Namespace) -> int:
         raise LittleBitError(f"no checkpoint {args.resume_from}")
     # Under torchrun every rank checks the directories above before any of them writes: the
     # process group's start waits for all ranks.
-    sharded = Distributed(offload_teacher=args.offload_teacher) if launched is not None else None
+    sharded = None
+    if launched is not None:
+        source = sharded_source(args.model, args.data, cfg)
+        trust = args.trust_remote_code
+        sharded = Distributed(offload_teacher=args.offload_teacher, source=source, trust_remote_code=trust)
     try:
         return _train(args, lb, cfg, out, work, resume, sharded)
     finally:
@@ -312,7 +337,10 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if sharded is not None:
         device = str(sharded.device)
-    teacher = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
+    if sharded is not None and sharded.source is not None:
+        teacher = sharded.meta_teacher()  # each rank fills its shards once sharded (``Distributed``)
+    else:
+        teacher = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     parameters = sum(p.numel() for p in teacher.parameters())
     plan = stages(

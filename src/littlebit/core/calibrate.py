@@ -13,32 +13,48 @@ from torch import nn
 from littlebit.core.convert import decoder_linear_names
 
 
-@torch.no_grad()
-def input_rms(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """``{linear name: RMS of each input feature}`` over all tokens of ``sequences`` (n, seqlen)."""
-    names = decoder_linear_names(model)
-    sums: dict[str, torch.Tensor] = {}
-    count = [0]
+class InputSquares:
+    """Per-feature sums of squares of the inputs of ``modules`` ({key: module}) over every forward
+    while the recorder is active (``with``); ``rms(tokens)`` turns them into RMS values."""
 
-    def hook(name):
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.sums: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
         def fn(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             acc = x.square().sum(0)
-            sums[name] = sums[name] + acc if name in sums else acc
+            self.sums[name] = self.sums[name] + acc if name in self.sums else acc
 
         return fn
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    def __enter__(self) -> InputSquares:
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def rms(self, tokens: int) -> dict[str, torch.Tensor]:
+        return {n: (s / tokens).sqrt().cpu() for n, s in self.sums.items()}
+
+
+@torch.no_grad()
+def input_rms(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """``{linear name: RMS of each input feature}`` over all tokens of ``sequences`` (n, seqlen)."""
+    modules = {n: model.get_submodule(n) for n in decoder_linear_names(model)}
     device = next(model.parameters()).device
-    try:
+    count = 0
+    with InputSquares(modules) as squares:
         for i in range(0, sequences.shape[0], batch_size):
             batch = sequences[i : i + batch_size].to(device)
             model(batch, use_cache=False)
-            count[0] += batch.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: (s / count[0]).sqrt().cpu() for n, s in sums.items()}
+            count += batch.numel()
+    return squares.rms(count)
 
 
 def scale_function(rms: dict[str, torch.Tensor], power: float = 1.0):

@@ -3,10 +3,16 @@
 Launched by ``torchrun --nproc-per-node N`` (or ``littlebit train --nproc N``), every process runs
 the same ``Trainer``; a ``Distributed`` object handed to it is the trainer's hooks:
 
-- ``setup``: the student is initialised once, on rank 0, and broadcast; then each decoder layer of
-  the student and of the teacher, and the rest of each model, is sharded with ``fully_shard``
-  (bf16 parameters with fp32 gradient reduction when training in bf16, the teacher optionally
-  offloaded to the CPU). A resumed run loads its sharded checkpoint (``sharded_checkpoints``).
+- ``setup``: each decoder layer of the student and of the teacher, and the rest of each model, is
+  sharded with ``fully_shard`` (bf16 parameters with fp32 gradient reduction when training in bf16,
+  the teacher optionally offloaded to the CPU). With a ``source`` (a safetensors directory) both
+  models are built on the meta device and no process holds either whole: after sharding each rank
+  reads its own slices of the teacher's tensors, and rank 0 initialises the student a decoder layer
+  at a time, broadcasting each layer for every rank to keep its shards (``sharded_init``). Without
+  one (a GGUF file, an in-memory model) every rank holds the teacher whole, and the student is
+  initialised whole on rank 0 and broadcast before sharding. A resumed run loads its sharded
+  checkpoint (``sharded_checkpoints``); with a source only the teacher's and the student's frozen
+  tensors are read from it.
 - ``shard_batches``: ``batch_size`` stays the *global* number of sequences per micro-step. Every
   rank draws the batch the single-process run would draw at the same position of the same seeded
   order and takes its contiguous 1/N share, so the position, the data order and a checkpoint mean
@@ -51,6 +57,8 @@ from torch.distributed.tensor import Shard
 from littlebit.config import LittleBitConfig, LittleBitError
 from littlebit.core.convert import SplitLinear, attach_config, plan, set_submodule
 from littlebit.core.layer import LittleBitLinear
+from littlebit.hf.shards import SafetensorsCheckpoint
+from littlebit.hf.streaming import meta_skeleton, missing_from
 from littlebit.training.blockwise import decoder_layers
 from littlebit.training.checkpoints import list_checkpoints, optimizer_to_flat
 from littlebit.training.config import TrainConfig
@@ -63,6 +71,12 @@ from littlebit.training.sharded_checkpoints import (
     position_meta,
     remove_partial,
     remove_sharded,
+)
+from littlebit.training.sharded_init import (
+    fill_from_checkpoint,
+    init_student_streamed,
+    local_shard,
+    rebuild_rotary,
 )
 from littlebit.training.student import cast_floating, make_student
 
@@ -173,7 +187,13 @@ class RankBatches:
 class Distributed:
     """The process group of a ``torchrun`` launch, and the trainer's hooks for a sharded run."""
 
-    def __init__(self, offload_teacher: bool = False, timeout_s: float = 1800.0) -> None:
+    def __init__(
+        self,
+        offload_teacher: bool = False,
+        timeout_s: float = 1800.0,
+        source: str | Path | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
         env = launch_env()
         if env is None:
             raise LittleBitError("not launched by torchrun: " + ", ".join(_TORCHRUN_ENV) + " must be set")
@@ -189,6 +209,23 @@ class Distributed:
         # On the CPU the shards already live in CPU memory: there is nothing to offload.
         self.offload_teacher = offload_teacher and cuda
         self._plain: nn.Module | None = None
+        # A safetensors directory: the teacher is built on the meta device (``meta_teacher``) and
+        # both models are filled shard by shard from it (``sharded_init``).
+        self.source = Path(source) if source is not None else None
+        self.trust_remote_code = trust_remote_code
+        self._fresh = True
+
+    def meta_teacher(self) -> nn.Module:
+        """The teacher of ``source`` on the meta device, for ``setup`` to shard and fill."""
+        if self.source is None:
+            raise LittleBitError("no safetensors source to build the teacher from")
+        teacher = meta_skeleton(self.source, self.trust_remote_code)
+        missing = missing_from(teacher, SafetensorsCheckpoint(self.source))
+        if missing:
+            raise LittleBitError(
+                f"{self.source} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}"
+            )
+        return teacher
 
     @property
     def is_main(self) -> bool:
@@ -232,6 +269,7 @@ class Distributed:
             dropped = remove_sharded(work, found[1] if found is not None else None)
             if dropped:
                 log.warning("deleted checkpoints past the starting point: %s", ", ".join(dropped))
+        self._fresh = found is None
         trainer.student = self._build_student(trainer, fresh=found is None)
         if trainer.use_amp and next(trainer.teacher.parameters()).dtype == torch.float32:
             # Cast in place, after the student was copied from the fp32 weights: a sharded teacher
@@ -255,7 +293,8 @@ class Distributed:
         trainer.log = TrainLog(work, resume_at, cfg.tensorboard) if self.is_main else _NoLog()
 
     def _build_student(self, trainer, fresh: bool) -> nn.Module:
-        """The unsharded student, the same on every rank.
+        """The unsharded student, the same on every rank (on the meta device with a ``source``: it is
+        filled after sharding, ``materialize``).
 
         The initialisation (calibration statistics, then a Dual-SVID or Joint-ITQ fit per layer) is
         computed once, on rank 0, and broadcast: it is a small part of a run, and one computation
@@ -264,6 +303,11 @@ class Distributed:
         would be faster on a very large model but needs the same broadcast afterwards.
         """
         cfg = trainer.config
+        if self.source is not None:  # filled after sharding (``materialize``)
+            student = student_skeleton(trainer.teacher, trainer.lb_config)
+            if self.is_main:
+                self._plain = _meta_copy(student)
+            return student
         if fresh and self.is_main:
             calib = trainer._calibration()
             student = make_student(
@@ -298,9 +342,35 @@ class Distributed:
         teacher.register_forward_hook(_reshard)
 
     def materialize(self, trainer) -> None:
-        """After sharding: where models were built on the meta device (a model too large to build
-        whole on one device), allocate and fill each rank's shards here. The library's own runs build
-        real modules, so there is nothing to do; ``benchmarks/fsdp_step.py`` overrides it."""
+        """After sharding: where models were built on the meta device (a ``source`` was given),
+        allocate each rank's shards and fill them from the checkpoint: the teacher's, then the
+        student's initialisation, or for a resumed run only what its checkpoint does not hold.
+        Without a source the modules are real already; ``benchmarks/fsdp_step.py`` overrides this."""
+        if self.source is None:
+            return
+        if self.is_main:
+            log.info("reading each rank's shards of both models from %s", self.source)
+        checkpoint = SafetensorsCheckpoint(self.source)
+        # FSDP's CPU offload wants the offloaded shards materialised on the CPU.
+        trainer.teacher.to_empty(device="cpu" if self.offload_teacher else self.device)
+        missing = fill_from_checkpoint(trainer.teacher, checkpoint)
+        if missing:
+            raise LittleBitError(f"{self.source} lacks {len(missing)} teacher tensor(s), e.g. {missing[0]}")
+        trainer.student.to_empty(device=self.device)
+        for model in (trainer.teacher, trainer.student):
+            rebuild_rotary(model, self.device)
+        cfg = trainer.config
+        if self._fresh:
+            init_student_streamed(
+                trainer.student, self.source, trainer.lb_config, trainer._calibration(), cfg.act_power,
+                cfg.latent_rms, self.device, self.trust_remote_code, trainer.progress,
+            )  # fmt: skip
+            return
+        # Resuming: the checkpoint loaded next holds every LittleBit tensor; the rest is the teacher's.
+        with torch.no_grad():
+            for p in trainer.student.parameters():
+                local_shard(p).zero_()
+        fill_from_checkpoint(trainer.student, checkpoint)
 
     # ----- hooks of the training step ------------------------------------------------------------
     def shard_batches(self, batches) -> RankBatches:
@@ -381,4 +451,6 @@ class Distributed:
             return None
         plain = self._plain
         plain.load_state_dict(full, assign=True)
+        if any(b.is_meta for b in plain.buffers()):  # built on the meta device: see ``materialize``
+            rebuild_rotary(plain, "cpu")
         return plain.to("cpu")
