@@ -28,6 +28,9 @@ from littlebit.training import log as train_log  # noqa: E402
 from littlebit.training.distributed import Distributed  # noqa: E402
 from littlebit.training.trainer import Trainer, train  # noqa: E402
 
+# Two calibration batches of the initialisation (8 sequences each), the second short.
+CALIB_SEQUENCES = 11
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -44,6 +47,7 @@ def main() -> None:
     d = Distributed(timeout_s=60, source=None if args.whole else args.model)
     cfg = config()
     cfg.act_power = args.act_power
+    cfg.calib_sequences = CALIB_SEQUENCES
     try:
         teacher = load_model(args.model) if args.whole else d.meta_teacher()
         if args.mode == "init":

@@ -4,6 +4,7 @@ shards are the checkpoint's, and training from it goes as from a teacher loaded 
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import transformers as tf
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from sharded_init_worker import CALIB_SEQUENCES, LB  # noqa: E402
 from test_distributed import RANKS, _launch, _log, pytestmark  # noqa: E402, F401
 
 from littlebit.hf.models import load_model  # noqa: E402
@@ -69,6 +71,7 @@ def test_streamed_sharded_initialisation_is_make_students(model_dir, untied_dir,
     state = load_file(str(_run(tmp_path, "init", model_dir, "init", "--act-power", str(act_power))))
     teacher = load_model(str(model_dir))
     cfg = worker.config()
+    cfg.calib_sequences = CALIB_SEQUENCES
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: the SVDs then sum in the same order
     try:
@@ -165,3 +168,51 @@ def test_train_command_on_two_processes_builds_a_local_checkpoint_shard_by_shard
     assert f"reading each rank's shards of both models from {tiny_dir}" in log
     model = load_compressed(out)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "phi3"])
+def test_layer_by_layer_initialisation_is_make_students_on_each_architecture(arch, tmp_path):
+    """One process, no process group: the initialisation a decoder layer at a time from the files
+    equals the whole-model one (fused q/k/v of Phi-3 included)."""
+    from conftest import tiny_model
+
+    from littlebit.training.distributed import student_skeleton
+    from littlebit.training.sharded_init import init_student_streamed
+
+    tiny_model(arch).save_pretrained(tmp_path / "m")
+    teacher = load_model(str(tmp_path / "m"))
+    calib = torch.randint(0, 256, (CALIB_SEQUENCES, 16), generator=torch.Generator().manual_seed(2))
+    expected = make_student(teacher, LB, calib, 1.0, 0.5, progress=False).state_dict()
+    with torch.device("meta"):
+        student = student_skeleton(copy.deepcopy(teacher).to("meta"), LB)
+    student.to_empty(device="cpu")
+    init_student_streamed(student, tmp_path / "m", LB, calib, 1.0, 0.5, torch.device("cpu"), progress=False)
+    got = student.state_dict()
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_models_the_layer_by_layer_path_cannot_build_are_loaded_whole(tmp_path):
+    """Layers of several attention kinds (sliding and full), or buffers other than rotary
+    frequencies (Gemma's embedding scale), send the run down the path that loads the model whole."""
+    import transformers as tf
+    from conftest import tiny_model
+
+    from littlebit.cli.train import sharded_source
+    from littlebit.hf.streaming import meta_skeleton
+    from littlebit.training.config import TrainConfig
+    from littlebit.training.sharded_init import unsupported
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("some text\n")
+    sliding = tf.Qwen2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1,
+    )  # fmt: skip
+    for name, model in (("gemma2", tiny_model("gemma2")), ("qwen2-sliding", tf.Qwen2ForCausalLM(sliding))):
+        model.save_pretrained(tmp_path / name)
+        assert unsupported(meta_skeleton(tmp_path / name)) is not None, name
+        assert sharded_source(str(tmp_path / name), str(text), TrainConfig()) is None, name
+    tiny_model("llama").save_pretrained(tmp_path / "llama")
+    assert unsupported(meta_skeleton(tmp_path / "llama")) is None

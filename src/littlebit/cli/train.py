@@ -261,10 +261,13 @@ def relaunch(nproc: int) -> int:
     return subprocess.call([*torchrun, "-m", "littlebit.cli", *argv])
 
 
-def sharded_source(model: str | None, data: str | None, cfg: TrainConfig) -> Path | None:
+def sharded_source(
+    model: str | None, data: str | None, cfg: TrainConfig, trust_remote_code: bool = False
+) -> Path | None:
     """The safetensors directory a sharded run builds both models from, shard by shard: ``model``
     when it is a local directory in the transformers layout, unless the data has generated text
-    (generation runs the whole teacher on each process). None: every process loads the teacher whole."""
+    (generation runs the whole teacher on each process) or the model is of a kind that path cannot
+    build (``sharded_init.unsupported``). None: every process loads the teacher whole."""
     from littlebit.hf.checkpoint import checkpoint_kind
     from littlebit.hf.shards import is_safetensors_dir
     from littlebit.training.data import generated_tokens_needed
@@ -278,6 +281,13 @@ def sharded_source(model: str | None, data: str | None, cfg: TrainConfig) -> Pat
         return None  # refused by the whole-model loader, with its message
     if generated_tokens_needed(data, cfg):
         log.warning("generated training text needs the whole teacher: every process loads %s whole", model)
+        return None
+    from littlebit.hf.streaming import meta_skeleton
+    from littlebit.training.sharded_init import unsupported
+
+    why = unsupported(meta_skeleton(path, trust_remote_code))
+    if why is not None:
+        log.warning("every process loads %s whole: %s", model, why)
         return None
     return path
 
@@ -313,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     # process group's start waits for all ranks.
     sharded = None
     if launched is not None:
-        source = sharded_source(args.model, args.data, cfg)
+        source = sharded_source(args.model, args.data, cfg, args.trust_remote_code)
         trust = args.trust_remote_code
         sharded = Distributed(offload_teacher=args.offload_teacher, source=source, trust_remote_code=trust)
     try:

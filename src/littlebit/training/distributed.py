@@ -356,6 +356,10 @@ class Distributed:
         missing = fill_from_checkpoint(trainer.teacher, checkpoint)
         if missing:
             raise LittleBitError(f"{self.source} lacks {len(missing)} teacher tensor(s), e.g. {missing[0]}")
+        if self.offload_teacher:  # offloaded parameters stay on the CPU; buffers go where it computes
+            for module in trainer.teacher.modules():
+                for name, b in module.named_buffers(recurse=False):
+                    setattr(module, name, b.to(self.device))
         trainer.student.to_empty(device=self.device)
         for model in (trainer.teacher, trainer.student):
             rebuild_rotary(model, self.device)
@@ -367,6 +371,8 @@ class Distributed:
             )  # fmt: skip
             return
         # Resuming: the checkpoint loaded next holds every LittleBit tensor; the rest is the teacher's.
+        # Zeroed first so that nothing of to_empty's uninitialised memory can reach the run, even a
+        # tensor a checkpoint of another layout would not cover (the load then fails on it cleanly).
         with torch.no_grad():
             for p in trainer.student.parameters():
                 local_shard(p).zero_()

@@ -36,7 +36,7 @@ from littlebit.core.convert import (
 )
 from littlebit.hf.shards import SafetensorsCheckpoint
 from littlebit.hf.streaming import meta_skeleton
-from littlebit.training.blockwise import _as_tensor, first_layer_inputs
+from littlebit.training.blockwise import _as_tensor, decoder_layers, first_layer_inputs
 from littlebit.training.student import rescale_latents
 
 # Batches of calibration sequences per forward, as ``input_rms`` runs them: the same batches give
@@ -48,6 +48,8 @@ def local_index(param: torch.Tensor) -> tuple[slice, ...]:
     """The slice of the full tensor that this rank's shard of ``param`` holds (all of a plain tensor)."""
     if not isinstance(param, DTensor):
         return tuple(slice(None) for _ in param.shape)
+    # torch's own placement arithmetic (a private module); ``_checked`` compares every slice it
+    # gives with the local shard's shape, so a change there is refused, not copied wrongly.
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
@@ -123,6 +125,22 @@ def fill_from_checkpoint(
         part = read_slice(checkpoint, sources[name], local_index(p))
         local.copy_(_checked(local, part, name).to(local.dtype))
     return missing
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why the meta-device path cannot build ``model`` (a meta-device skeleton), or None.
+
+    Its layers must all take the same attention inputs (the calibration pass hands every layer those
+    captured at the first), and every buffer ``to_empty`` loses must be rotary frequencies, the one
+    kind rebuilt from the config.
+    """
+    kinds = set(getattr(model.config, "layer_types", None) or [])
+    if len(kinds) > 1:
+        return f"its layers are of {len(kinds)} attention kinds ({', '.join(sorted(map(str, kinds)))})"
+    for name, module in model.named_modules():
+        if module._non_persistent_buffers_set and not hasattr(module, "inv_freq"):
+            return f"{name} holds buffers that cannot be rebuilt from the config"
+    return None
 
 
 def rebuild_rotary(model: nn.Module, device: torch.device | str) -> None:
@@ -230,6 +248,16 @@ def _init_layer(
     return block, states
 
 
+def _agree(failure: str, device: torch.device) -> None:
+    """Rank 0's outcome for a layer, on every rank: a failure there raises everywhere at once (the
+    other ranks would otherwise wait in the next broadcast until the process group timed out)."""
+    flag = torch.tensor([1 if failure else 0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(flag, src=0)
+    if flag.item():
+        raise LittleBitError(f"initialising the student failed on rank 0: {failure or 'see its log'}")
+
+
 @torch.no_grad()
 def _scatter(target: nn.Module, source: nn.Module | None, device: torch.device) -> None:
     """Every parameter of ``source`` (rank 0's whole layer) into the shards of ``target``."""
@@ -259,7 +287,9 @@ def init_student_streamed(
     """Fill the sharded, materialised ``student`` with ``make_student``'s initialisation of the
     teacher in ``source``; every rank calls it, rank 0 does the fitting (see the module docstring)."""
     checkpoint = SafetensorsCheckpoint(source)
-    blocks = decoder_block_names(student)
+    # By identity: fully_shard renames the layers' classes, which name-based lookups go by.
+    layer_ids = {id(m) for m in decoder_layers(student)}
+    blocks = [name for name, m in student.named_modules() if id(m) in layer_ids]
     missing = fill_from_checkpoint(student, checkpoint, skip=tuple(b + "." for b in blocks))
     if missing:
         raise LittleBitError(f"{source} lacks {len(missing)} tensor(s) the student needs, e.g. {missing[0]}")
@@ -272,14 +302,23 @@ def init_student_streamed(
         index_of = {name: i for i, name in enumerate(by_module)}
         if calibration is not None and calibration.numel() and act_power != 0:
             states = _first_inputs(plain, checkpoint, calibration, device, trust_remote_code)
+    done: set[str] = set()
     for block_name in tqdm(blocks, desc="LittleBit init", disable=not (main and progress)):
-        layer = None
+        layer, failure = None, ""
         if main:
             modules = [m for m in by_module if m.startswith(block_name + ".")]
             args = (config, act_power, latent_rms, device)
-            layer, states = _init_layer(
-                plain, block_name, checkpoint, states, modules, by_module, index_of, *args
-            )
+            try:
+                layer, states = _init_layer(
+                    plain, block_name, checkpoint, states, modules, by_module, index_of, *args
+                )
+                done.update(modules)
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait in a broadcast
+                failure = f"{block_name}: {e}"
+        _agree(failure, device)
         _scatter(student.get_submodule(block_name), layer, device)
         if layer is not None:
             layer.to("meta")  # frees it: rank 0 holds one layer at a time
+    if main and done != set(by_module):
+        left = sorted(set(by_module) - done)
+        raise LittleBitError(f"{len(left)} layer(s) were not initialised, e.g. {left[0]}")
