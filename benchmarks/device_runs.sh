@@ -3,6 +3,7 @@
 # the GPU machine after benchmarks/device_env.sh; results land in $OUT as one results.tgz.
 #
 #   bash benchmarks/device_runs.sh scale [WHAT...]       # FSDP2 step (world 1), streamed 7B/70B compression
+#   bash benchmarks/device_runs.sh speed [WHAT...]       # many-token kernels: prefill, eval (needs the model)
 #   bash benchmarks/device_runs.sh generate TOKENS       # the teacher's text, one eager shard then compiled
 #   bash benchmarks/device_runs.sh queue SPEC...         # train SPECs one after another, detached
 #   bash benchmarks/device_runs.sh wait SECONDS          # wait for the queue, pack what finished
@@ -39,6 +40,24 @@ scale() {
     esac
   done
   find benchmarks/results -name 'stream_*cuda*.json' -newer "$ROOT/.scale-start" -exec cp {} "$ROOT/" \;
+  pack
+}
+
+speed() {
+  # Any of: prefill (per layer, time to first token, serving; about 8 minutes) and eval (WikiText-2,
+  # every test window, and all of PIQA; the default model packed against FP, bf16; about 2 minutes).
+  local what=${*:-prefill eval}
+  export PYTHONUNBUFFERED=1
+  touch "$ROOT/.speed-start"
+  for w in $what; do
+    case $w in
+      prefill) timeout 480 python benchmarks/prefill.py --out "$ROOT/prefill.json" > "$ROOT/prefill.log" 2>&1 ;;
+      eval) timeout 240 python benchmarks/eval_speed.py --device cuda --dtype bf16 --windows 1000 --limit 1838 \
+        --reps 1 --tag eval_speed_gpu > "$ROOT/eval_speed.log" 2>&1 ;;
+      *) echo "speed: unknown measurement $w" >&2 ;;
+    esac
+  done
+  find benchmarks/results -name 'eval_speed_gpu*.json' -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
   pack
 }
 
@@ -109,9 +128,10 @@ pack() {
 
 case ${1:-} in
   scale) shift; scale "$@" ;;
+  speed) shift; speed "$@" ;;
   generate) generate "${2:?generate TOKENS}" ;;
   queue) shift; queue "$@" ;;
   run-queue) shift; run_queue "$@" ;;
   wait) wait_queue "${2:?wait SECONDS}" ;;
-  *) echo "usage: device_runs.sh scale [WHAT...] | generate TOKENS | queue SPEC... | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: device_runs.sh scale [WHAT...] | speed [WHAT...] | generate TOKENS | queue SPEC... | wait SECONDS" >&2; exit 2 ;;
 esac
