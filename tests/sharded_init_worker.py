@@ -78,6 +78,11 @@ def main() -> None:
             )
             student = d.gather_student(res.student)
             state = student.state_dict() if d.is_main else {}
+            # Gathered again, each decoder layer packed as it arrives (what ``littlebit train`` writes).
+            packed = d.gather_student(res.student, pack=True)
+            if d.is_main:
+                tensors = {k: v.contiguous().clone() for k, v in packed.state_dict().items()}
+                save_file(tensors, f"{args.out}.packed.safetensors")
         if d.is_main:
             save_file({k: v.contiguous().clone() for k, v in state.items()}, args.out)
     finally:

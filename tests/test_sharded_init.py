@@ -117,6 +117,17 @@ def test_training_from_the_streamed_setup_matches_a_teacher_loaded_whole(model_d
     assert a.keys() == b.keys()
     for name, tensor in a.items():
         assert torch.allclose(b[name], tensor, rtol=1e-4, atol=1e-6), name
+    # Packed a decoder layer at a time while gathered: the packing of the whole gathered student.
+    from littlebit.runtime.packed import pack_model
+    from littlebit.training.distributed import student_skeleton
+
+    student = student_skeleton(load_model(str(model_dir)), LB)
+    student.load_state_dict(b)
+    expected = pack_model(student).state_dict()
+    packed = load_file(f"{streamed}.packed.safetensors")
+    assert packed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(packed[name], tensor), name
     # Resumed from step 4 (its teacher and frozen tensors read again from the source): steps 5-6
     # give the unbroken run's weights.
     work = tmp_path / "streamed-work"

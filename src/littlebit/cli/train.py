@@ -368,7 +368,8 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
         distributed=sharded, data_cache=args.generated_dir,
     )  # fmt: skip
     if sharded is not None:
-        student = sharded.gather_student(result.student)  # every rank takes part; rank 0 gets it
+        # Every rank takes part; rank 0 gets the model, packed a decoder layer at a time.
+        student = sharded.gather_student(result.student, pack=True)
         if sharded.is_main:
             save_compressed(student, out, tokenizer=tokenizer)  # written once
         if not args.keep_state:

@@ -23,7 +23,8 @@ the same ``Trainer``; a ``Distributed`` object handed to it is the trainer's hoo
   FSDP averages the gradients over ranks, so the gradient is the single-process one.
 - ``mean``: the logged loss terms, averaged over ranks.
 - ``save``: ``torch.distributed.checkpoint`` of the trained tensors and the optimizer, every rank
-  its shards; ``gather_student``: the final model, whole, on rank 0 only, which writes it once.
+  its shards; ``gather_student``: the final model, whole, on rank 0 only (packed a decoder layer at
+  a time as it is gathered, for ``littlebit train``), which writes it once.
 
 The block-reconstruction stage runs on one process only (it trains one layer at a time against
 the whole teacher's layer outputs); a sharded run starts with the global phase.
@@ -52,13 +53,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from littlebit.config import LittleBitConfig, LittleBitError
 from littlebit.core.convert import SplitLinear, attach_config, plan, set_submodule
 from littlebit.core.layer import LittleBitLinear
 from littlebit.hf.shards import SafetensorsCheckpoint
 from littlebit.hf.streaming import meta_skeleton, missing_from
+from littlebit.runtime.packed import pack_model
 from littlebit.training.blockwise import decoder_layers
 from littlebit.training.checkpoints import list_checkpoints, optimizer_to_flat
 from littlebit.training.config import TrainConfig
@@ -148,6 +150,27 @@ def _largest_dim(param: nn.Parameter) -> Shard | None:
     if param.dim() == 0:
         return None
     return Shard(max(range(param.dim()), key=lambda d: param.shape[d]))
+
+
+def _gathered(named) -> dict[str, torch.Tensor]:
+    """``{name: the whole tensor on the CPU}``; every rank takes part in the same order (a tensor
+    shared under several names, such as a tied head, is gathered once)."""
+    out, seen = {}, {}
+    for name, p in named:
+        if id(p) not in seen:
+            whole = p.full_tensor() if isinstance(p, DTensor) else p
+            seen[id(p)] = whole.detach().cpu()
+        out[name] = seen[id(p)]
+    return out
+
+
+def _assign(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put ``tensors`` in place of ``module``'s parameters of those names (buffers stay as they are)."""
+    unexpected = module.load_state_dict(tensors, assign=True, strict=False).unexpected_keys
+    if unexpected:
+        raise LittleBitError(
+            f"gathering the student: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}"
+        )
 
 
 def _reshard(module: nn.Module, args, output) -> None:
@@ -450,13 +473,43 @@ class Distributed:
             remove_sharded(work_dir)
 
     # ----- the result ----------------------------------------------------------------------------
-    def gather_student(self, student: nn.Module) -> nn.Module | None:
-        """The trained student, whole and unsharded, on rank 0's CPU (None on the other ranks)."""
-        full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.is_main:
-            return None
-        plain = self._plain
-        plain.load_state_dict(full, assign=True)
+    def gather_student(
+        self, student: nn.Module, pack: bool = False, scale_dtype: torch.dtype = torch.float16
+    ) -> nn.Module | None:
+        """The trained student, whole and unsharded, on rank 0's CPU (None on the other ranks).
+
+        ``pack``: each decoder layer is gathered and packed in turn (``pack_model``), so rank 0
+        holds one layer's fp32 latents at a time besides the packed layers, not the whole trained
+        student (about 150 GB for a 70B model at 0.55 BPW).
+        """
+        if not pack:
+            full = get_model_state_dict(
+                student, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            if not self.is_main:
+                return None
+            plain = self._plain
+            plain.load_state_dict(full, assign=True)
+        else:
+            plain = self._plain if self.is_main else None
+            targets = decoder_layers(plain) if plain is not None else None
+            in_layers: set[int] = set()
+            for i, layer in enumerate(decoder_layers(student)):
+                gathered = _gathered(layer.named_parameters(remove_duplicate=False))
+                in_layers.update(id(p) for p in layer.parameters())
+                if plain is not None:
+                    _assign(targets[i], gathered)
+                    pack_model(targets[i], scale_dtype)
+            rest = [
+                (n, p) for n, p in student.named_parameters(remove_duplicate=False) if id(p) not in in_layers
+            ]
+            gathered = _gathered(rest)
+            if plain is None:
+                return None
+            _assign(plain, gathered)
+            left = [n for n, p in plain.named_parameters() if p.is_meta]
+            if left:
+                raise LittleBitError(f"gathering the student left {len(left)} tensor(s) out, e.g. {left[0]}")
         if any(b.is_meta for b in plain.buffers()):  # built on the meta device: see ``materialize``
             rebuild_rotary(plain, "cpu")
         return plain.to("cpu")
