@@ -41,3 +41,20 @@ def write_results(name: str, records: list[dict], **meta) -> Path:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"{name}.json").write_text(text)
     return path
+
+
+def capture_step(step):
+    """``step`` recorded as one CUDA graph (returned), after 3 warm-up calls on a side stream, as
+    CUDA graphs need; a step that cannot be captured raises here."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph

@@ -118,16 +118,8 @@ def bench(model: nn.Module, prompt_len: int, new_tokens: int, use_compile: bool,
             tok.copy_(logits[:, -1:].argmax(-1))
             pos.add_(1)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                step()
+            graph = common.capture_step(step)
             run, mode = graph.replay, "cuda-graph"
         except Exception as e:  # a step that cannot be captured is timed eagerly, and says so
             print(f"graph capture failed ({type(e).__name__}: {str(e)[:200]}); timing eagerly", flush=True)

@@ -116,10 +116,10 @@ def _torchrun_env() -> None:
 
 
 def run(args) -> dict:
-    from torch.distributed.tensor import DTensor
     from transformers import LlamaForCausalLM
 
     from littlebit.training.distributed import Distributed, student_skeleton
+    from littlebit.training.sharded_init import local_shard, rebuild_rotary
     from littlebit.training.trainer import Trainer
 
     class RandomInit(Distributed):
@@ -140,7 +140,7 @@ def run(args) -> dict:
                 model.to_empty(device=where)
                 with torch.no_grad():
                     for name, p in model.named_parameters():
-                        local = p.to_local() if isinstance(p, DTensor) else p
+                        local = local_shard(p)
                         leaf = name.rsplit(".", 1)[-1]
                         if leaf == "l":  # outputs of the teacher's size: paths x r signed sums of d_in
                             local.fill_(0.02 / p.numel() ** 0.5)
@@ -148,11 +148,7 @@ def run(args) -> dict:
                             local.fill_(1.0)
                         else:
                             local.normal_(0.0, 0.02, generator=gen)
-                # to_empty left the rotary frequencies (a buffer FSDP does not manage, used where the
-                # layers compute) uninitialised
-                inner = model.model
-                with torch.device(self.device):
-                    inner.rotary_emb = type(inner.rotary_emb)(model.config)
+                rebuild_rotary(model, self.device)  # on the device where the layers compute
 
         def save(self, trainer):
             pass
@@ -207,7 +203,7 @@ def run(args) -> dict:
     gathered = [torch.zeros_like(mem) for _ in range(d.world_size)]
     torch.distributed.all_gather(gathered, mem)
     params = [p for m in (trainer.student, trainer.teacher) for p in m.parameters()]
-    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+    local = sum(local_shard(p).numel() for p in params)
     share = torch.tensor([local / sum(p.numel() for p in params)], dtype=torch.float64, device=d.device)
     fractions = [torch.zeros_like(share) for _ in range(d.world_size)]
     torch.distributed.all_gather(fractions, share)

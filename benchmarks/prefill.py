@@ -270,15 +270,7 @@ def bench_serve(model, batch: int, prompt_len: int, steps: int, device: str) -> 
             tok.copy_(o.logits[:, -1:].argmax(-1))
             pos.add_(1)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph = common.capture_step(step)
         pos.fill_(start)
         torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -30,7 +30,7 @@ from littlebit.training.optim import make_optimizer
 STATE_VERSION = 2
 LEGACY_JSON = "train_state.json"  # version 1: optimizer state by position, no digests
 _NAME = re.compile(r"state-(blocks|global)-(\d+)\.json")
-_PHASES = ("blocks", "global")
+PHASES = ("blocks", "global")
 # Chosen by the optimizer's constructor from the device it runs on, not part of what was trained.
 _IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
@@ -45,11 +45,17 @@ class _Damaged(Exception):
     pass
 
 
-def _order(path: Path) -> tuple[int, int]:
-    m = _NAME.fullmatch(path.name)
+def phase_order(path: Path, name: re.Pattern, kind: str) -> tuple[int, int]:
+    """(phase, step) of a checkpoint whose file name ``name`` matches as (phase, step); a one-line
+    error naming ``kind`` for any other name."""
+    m = name.fullmatch(path.name)
     if m is None:
-        raise LittleBitError(f"{path} is not a training checkpoint (state-<phase>-<n>.json)")
-    return _PHASES.index(m.group(1)), int(m.group(2))
+        raise LittleBitError(f"{path} is not {kind}")
+    return PHASES.index(m.group(1)), int(m.group(2))
+
+
+def _order(path: Path) -> tuple[int, int]:
+    return phase_order(path, _NAME, "a training checkpoint (state-<phase>-<n>.json)")
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:

@@ -476,40 +476,31 @@ class Distributed:
     def gather_student(
         self, student: nn.Module, pack: bool = False, scale_dtype: torch.dtype = torch.float16
     ) -> nn.Module | None:
-        """The trained student, whole and unsharded, on rank 0's CPU (None on the other ranks).
+        """The trained student, whole and unsharded, on rank 0's CPU (None on the other ranks),
+        gathered a decoder layer at a time.
 
-        ``pack``: each decoder layer is gathered and packed in turn (``pack_model``), so rank 0
+        ``pack``: each decoder layer is packed (``pack_model``) as soon as it is gathered, so rank 0
         holds one layer's fp32 latents at a time besides the packed layers, not the whole trained
         student (about 150 GB for a 70B model at 0.55 BPW).
         """
-        if not pack:
-            full = get_model_state_dict(
-                student, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-            if not self.is_main:
-                return None
-            plain = self._plain
-            plain.load_state_dict(full, assign=True)
-        else:
-            plain = self._plain if self.is_main else None
-            targets = decoder_layers(plain) if plain is not None else None
-            in_layers: set[int] = set()
-            for i, layer in enumerate(decoder_layers(student)):
-                gathered = _gathered(layer.named_parameters(remove_duplicate=False))
-                in_layers.update(id(p) for p in layer.parameters())
-                if plain is not None:
-                    _assign(targets[i], gathered)
+        plain = self._plain if self.is_main else None
+        targets = decoder_layers(plain) if plain is not None else None
+        in_layers: set[int] = set()
+        for i, layer in enumerate(decoder_layers(student)):
+            gathered = _gathered(layer.named_parameters(remove_duplicate=False))
+            in_layers.update(id(p) for p in layer.parameters())
+            if plain is not None:
+                _assign(targets[i], gathered)
+                if pack:
                     pack_model(targets[i], scale_dtype)
-            rest = [
-                (n, p) for n, p in student.named_parameters(remove_duplicate=False) if id(p) not in in_layers
-            ]
-            gathered = _gathered(rest)
-            if plain is None:
-                return None
-            _assign(plain, gathered)
-            left = [n for n, p in plain.named_parameters() if p.is_meta]
-            if left:
-                raise LittleBitError(f"gathering the student left {len(left)} tensor(s) out, e.g. {left[0]}")
+        rest = [(n, p) for n, p in student.named_parameters(remove_duplicate=False) if id(p) not in in_layers]
+        gathered = _gathered(rest)
+        if plain is None:
+            return None
+        _assign(plain, gathered)
+        left = [n for n, p in plain.named_parameters() if p.is_meta]
+        if left:
+            raise LittleBitError(f"gathering the student left {len(left)} tensor(s) out, e.g. {left[0]}")
         if any(b.is_meta for b in plain.buffers()):  # built on the meta device: see ``materialize``
             rebuild_rotary(plain, "cpu")
         return plain.to("cpu")

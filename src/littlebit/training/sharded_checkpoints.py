@@ -21,19 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from littlebit.config import LittleBitError
+from littlebit.training.checkpoints import phase_order
 
 FORMAT_VERSION = 1
 META_NAME = "checkpoint.json"
 _NAME = re.compile(r"dcp-(blocks|global)-(\d+)")
-_PHASES = ("blocks", "global")
 _PARTIAL = ".partial"
 
 
 def _order(path: Path) -> tuple[int, int]:
-    m = _NAME.fullmatch(path.name)
-    if m is None:
-        raise LittleBitError(f"{path} is not a sharded training checkpoint (dcp-<phase>-<n>)")
-    return _PHASES.index(m.group(1)), int(m.group(2))
+    return phase_order(path, _NAME, "a sharded training checkpoint (dcp-<phase>-<n>)")
 
 
 def list_sharded(directory: str | Path) -> list[Path]:

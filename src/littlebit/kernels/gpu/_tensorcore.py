@@ -90,7 +90,7 @@ def _tc_v_body(
             x_ptr + toks[None, :] * stride_xm + e[:, None], mask=e_ok[:, None] & tok_ok[None, :], other=0.0
         )
         gv = tl.load(g_ptr + p * d_in + e, mask=e_ok, other=0.0)
-        # rounded once to the operand dtype from the fp32 product, as the prep kernel used to
+        # rounded once to the operand dtype, from the fp32 product
         xg = (xv.to(tl.float32) * gv.to(tl.float32)[:, None]).to(OP_DT)
         acc = _dot(_sign_tile(w, BR, BKW, OP_DT), _to_pair_order(xg, BKW, BM), acc, OP_DT)
     _pdl_launch_next(PDL)
