@@ -32,24 +32,13 @@ from torch import nn
 
 
 def build(name: str, device: str) -> nn.Module:
-    from littlebit.runtime.synthetic import llama_config, random_packed_llama
+    from littlebit.runtime.synthetic import random_dense_llama, random_packed_llama
 
     if name.startswith("7b-"):
         tag = name[3:]
         if tag != "fp16":
             return random_packed_llama("llama-2-7b", float(tag), device, torch.float16)
-        from transformers import LlamaForCausalLM
-
-        config = llama_config("llama-2-7b")
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config).half()
-        model = model.to_empty(device=device)
-        gen = torch.Generator(device=device).manual_seed(0)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.fill_(1.0) if "norm" in n else p.normal_(0, 0.02, generator=gen)
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
-        return model.eval()
+        return random_dense_llama("llama-2-7b", device, torch.float16)
     from littlebit import LittleBitConfig, pack_model
     from littlebit.core.convert import convert
     from littlebit.hf.format import cast_unquantized

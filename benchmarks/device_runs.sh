@@ -4,14 +4,15 @@
 #
 #   bash benchmarks/device_runs.sh scale [WHAT...]       # FSDP2 step (world 1), streamed 7B/70B compression
 #   bash benchmarks/device_runs.sh speed [WHAT...]       # many-token kernels: prefill, eval (needs the model)
-#   bash benchmarks/device_runs.sh generate TOKENS       # the teacher's text, one eager shard then compiled
+#   bash benchmarks/device_runs.sh generate TOKENS [SEED] # the teacher's text, one eager shard then compiled
 #   bash benchmarks/device_runs.sh queue SPEC...         # train SPECs one after another, detached
 #   bash benchmarks/device_runs.sh wait SECONDS          # wait for the queue, pack what finished
 #
-# A SPEC is BPW:VARIANT (benchmarks/qat_variants.py) or ptq. The queue runs one job at a time: runs of
-# the default model are launch-bound, and two processes on one GPU time-slice it, so side by side each
-# ran several times slower than alone (measured on the H200: 4 runs and the PTQ benchmark together
-# finished nothing but the PTQ benchmark in 9 minutes). The queue is detached so that it goes on
+# A SPEC is BPW:VARIANT[:INIT] (variants in benchmarks/qat_variants.py; INIT itq unless given) or
+# ptq. The queue runs one job at a time: runs of the default model are launch-bound, and two
+# processes on one GPU time-slice it, so side by side each ran several times slower than alone
+# (measured on the H200: 4 runs and the PTQ benchmark together finished nothing but the PTQ
+# benchmark in 9 minutes). The queue is detached so that it goes on
 # between commands; each run saves a checkpoint every 200 steps and resumes from it when restarted.
 set -u
 OUT=${OUT:?run on the device machine, where OUT is set}
@@ -44,39 +45,42 @@ scale() {
 }
 
 speed() {
-  # Any of: prefill (per layer, time to first token, serving; about 8 minutes) and eval (WikiText-2,
-  # every test window, and all of PIQA; the default model packed against FP, bf16; about 2 minutes).
-  local what=${*:-prefill eval}
+  # Any of: prefill (per layer, time to first token, serving; about 8 minutes), eval (WikiText-2,
+  # every test window, and all of PIQA; the default model packed against FP, bf16; about 2 minutes)
+  # and profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind).
+  local what=${*:-profile prefill eval}
   export PYTHONUNBUFFERED=1
   touch "$ROOT/.speed-start"
   for w in $what; do
     case $w in
+      profile) timeout 150 python benchmarks/dev/ttft_profile.py > "$ROOT/ttft_profile.log" 2>&1 ;;
       prefill) timeout 480 python benchmarks/prefill.py --out "$ROOT/prefill.json" > "$ROOT/prefill.log" 2>&1 ;;
       eval) timeout 240 python benchmarks/eval_speed.py --device cuda --dtype bf16 --windows 1000 --limit 1838 \
         --reps 1 --tag eval_speed_gpu > "$ROOT/eval_speed.log" 2>&1 ;;
       *) echo "speed: unknown measurement $w" >&2 ;;
     esac
   done
-  find benchmarks/results -name 'eval_speed_gpu*.json' -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
+  find benchmarks/results \( -name 'eval_speed_gpu*.json' -o -name 'ttft_profile.json' \) -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
   pack
 }
 
 generate() {
+  # TOKENS of the teacher's text for one data order (SEED, default 0: what runs without -seed1 use).
   # Shards brought back from an earlier machine (generated.tgz unpacked into .dev-generated, carried)
   # are not sampled again.
+  local tokens=$1 seed=${2:-0}
+  local gen=(python -m littlebit.cli generate-data --seed "$seed" --out "$GEN")
   [ -d .dev-generated ] && mkdir -p "$GEN" && cp -r .dev-generated/. "$GEN/"
   # The first shard eagerly, the rest with the decoding step compiled: the two rates side by side
   # (both write to the same cache folder; compilation is not part of its key).
-  timeout 120 python -m littlebit.cli generate-data --tokens 1 --out "$GEN" > "$ROOT/generate-eager.log" 2>&1
-  timeout 330 python -m littlebit.cli generate-data --tokens "$1" --compile --out "$GEN" \
-    > "$ROOT/generate-compiled.log" 2>&1
+  timeout 120 "${gen[@]}" --tokens 1 > "$ROOT/generate-eager-seed$seed.log" 2>&1
+  timeout 330 "${gen[@]}" --tokens "$tokens" --compile > "$ROOT/generate-compiled-seed$seed.log" 2>&1
   local rc=$?
   if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then  # compilation failed (not the time limit): eagerly instead
-    timeout 300 python -m littlebit.cli generate-data --tokens "$1" --out "$GEN" \
-      > "$ROOT/generate-eager-rest.log" 2>&1
+    timeout 300 "${gen[@]}" --tokens "$tokens" > "$ROOT/generate-eager-rest-seed$seed.log" 2>&1
     rc=$?
   fi
-  [ $rc -eq 0 ] && touch "$ROOT/generated.done"
+  [ $rc -eq 0 ] && touch "$ROOT/generated-seed$seed.done"
   tail -n 3 "$ROOT"/generate-*.log
   # int32 tokens, a few MB: brought back whole (one file) and carried to later machines
   [ -d "$GEN" ] && tar czf "$OUT/generated.tgz" -C "$GEN" .
@@ -96,16 +100,21 @@ queue() {
 
 run_queue() {
   for spec in "$@"; do
-    local name=${spec/:/-}
+    local name=${spec//:/-}
     [ -f "$ROOT/$name.done" ] && continue
     if [ "$spec" = ptq ]; then
       python benchmarks/ptq.py >> "$ROOT/ptq.log" 2>&1 && cp benchmarks/results/ptq.json "$ROOT/" && touch "$ROOT/ptq.done"
       continue
     fi
     case $spec in
-      *generated* | *gen0*) [ -f "$ROOT/generated.done" ] || { echo "$spec: no generated text" >> "$ROOT/$name.log"; continue; } ;;
+      *generated* | *gen0*)  # its text first: a run would otherwise sample it eagerly, on the clock
+        local seed=0
+        [[ $spec == *-seed1 ]] && seed=1
+        [ -f "$ROOT/generated-seed$seed.done" ] || { echo "$spec: no generated text" >> "$ROOT/$name.log"; continue; } ;;
     esac
-    python benchmarks/qat.py --runs "${spec%%:*}:itq" --variant "${spec#*:}" --generated-dir "$GEN" \
+    local bpw=${spec%%:*} rest=${spec#*:} init=itq
+    [[ $rest == *:* ]] && init=${rest#*:}
+    python benchmarks/qat.py --runs "$bpw:$init" --variant "${rest%%:*}" --generated-dir "$GEN" \
       --work "$ROOT/work-$name" --resume --save-every 200 --fp-scores "$ROOT/fp.json" \
       --out "$ROOT/$name.json" --logs "$ROOT/$name.jsonl" >> "$ROOT/$name.log" 2>&1 \
       && grep -q headline "$ROOT/$name.json" && touch "$ROOT/$name.done"
@@ -129,9 +138,9 @@ pack() {
 case ${1:-} in
   scale) shift; scale "$@" ;;
   speed) shift; speed "$@" ;;
-  generate) generate "${2:?generate TOKENS}" ;;
+  generate) generate "${2:?generate TOKENS [SEED]}" "${3:-0}" ;;
   queue) shift; queue "$@" ;;
   run-queue) shift; run_queue "$@" ;;
   wait) wait_queue "${2:?wait SECONDS}" ;;
-  *) echo "usage: device_runs.sh scale [WHAT...] | speed [WHAT...] | generate TOKENS | queue SPEC... | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: device_runs.sh scale [WHAT...] | speed [WHAT...] | generate TOKENS [SEED] | queue SPEC... | wait SECONDS" >&2; exit 2 ;;
 esac

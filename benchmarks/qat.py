@@ -87,7 +87,8 @@ def train_config(variant: str, args: argparse.Namespace, lb: LittleBitConfig) ->
         calib = cfg.calib_sequences * cfg.seqlen if cfg.act_power else 0
         left = args.tokens - calib - cfg.blocks.tokens(cfg.seqlen)
         cfg = dataclasses.replace(cfg, steps=max(0, left // cfg.tokens_per_step))
-    return dataclasses.replace(cfg, eval_every=max(1, cfg.steps // args.curve_points))
+    every = max(1, cfg.steps // args.curve_points) if args.curve_points > 0 else 0  # 0: no curve
+    return dataclasses.replace(cfg, eval_every=every)
 
 
 def data_spec(variant: str, args: argparse.Namespace) -> str:
@@ -105,6 +106,14 @@ def littlebit_config(bpw: float, init: str, variant: str) -> LittleBitConfig:
     return LittleBitConfig(bpw=bpw, init=init, **over)
 
 
+def _eval_flags(args) -> str:
+    """The flags that cut or change the evaluation, as given (a record must say how it was scored)."""
+    flags = [("--final-windows", args.final_windows), ("--piqa-limit", args.piqa_limit)]
+    flags += [("--curve-points", args.curve_points)] if args.curve_points != 4 else []
+    out = "".join(f" {flag} {value}" for flag, value in flags if value is not None)
+    return out + (" --no-ptb" if args.no_ptb else "") + (" --no-piqa" if args.no_piqa else "")
+
+
 def config_fields(teacher, lb: LittleBitConfig, cfg: TrainConfig, variant: str, history, args) -> dict:
     """A record's fields that follow from its configs and from the evaluations along the run."""
     return {
@@ -113,7 +122,7 @@ def config_fields(teacher, lb: LittleBitConfig, cfg: TrainConfig, variant: str, 
         f"piqa validation, {args.piqa_limit or 'all'} questions",
         "steps": cfg.steps,
         "command": f"python3 benchmarks/qat.py --runs {lb.bpw}:{lb.init} --variant {variant} "
-        f"--tokens {args.tokens}",
+        f"--tokens {args.tokens}" + _eval_flags(args),
         "curve": [
             {"tokens": h["tokens"], "ppl": round(h["ppl"], 3), "windows": args.curve_windows}
             for h in history
@@ -266,7 +275,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=1_638_400, help="training token budget per run")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=None, help="global batch, overriding the variant's")
-    ap.add_argument("--curve-points", type=int, default=4, help="evaluations along the run")
+    ap.add_argument("--curve-points", type=int, default=4, help="evaluations along the run (0: none)")
     ap.add_argument("--curve-windows", type=int, default=16, help="2048-token windows per curve point")
     ap.add_argument("--final-windows", type=int, default=None, help="cap the final evaluation (smoke tests)")
     ap.add_argument(

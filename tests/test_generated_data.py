@@ -153,7 +153,7 @@ def test_train_command_splits_its_budget():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     lb, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--tokens", "30000"]), "cpu")
-    assert lb.init == "dual-svid" and cfg.tokens == 30_000 and cfg.blocks.sequences == 4
+    assert lb.init == "itq-refined" and cfg.tokens == 30_000 and cfg.blocks.sequences == 4
     lb, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x"]), "cuda")
     assert lb.init == "itq" and (cfg.steps, cfg.blocks) == (TrainConfig().steps, TrainConfig().blocks)
     with pytest.raises(LittleBitError, match="--tokens"):

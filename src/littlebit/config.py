@@ -10,7 +10,7 @@ from typing import Any
 
 CONFIG_VERSION = 1
 SIGN_FUNCTIONS = ("smooth", "ste")
-INIT_METHODS = ("dual-svid", "itq")
+INIT_METHODS = ("dual-svid", "itq", "itq-refined")
 
 
 class LittleBitError(ValueError):

@@ -1,6 +1,7 @@
-"""Initialising the factors: Dual-SVID (the paper) and Joint-ITQ (a learned rotation before signs).
+"""Initialising the factors: Dual-SVID (the paper), Joint-ITQ (a learned rotation before signs), and
+Joint-ITQ with its signs and scales then refitted to the weight (``refine``).
 
-Both return real-valued latent factors whose signs are the binary matrices, plus the three scale
+All return real-valued latent factors whose signs are the binary matrices, plus the three scale
 vectors fitted to the latent magnitudes, for one or two (residual) paths.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from littlebit.core.refine import refine
 
 # Exact SVD up to this smaller side (every recorded small-model number used it); above it, and for
 # ranks up to RANDOMIZED_MAX_RANK_FRACTION of that side, a randomized range finder with Gram-based
@@ -187,7 +190,7 @@ def initialise(
     ``weight * input_scale`` and the column scale ``g`` is divided by it afterwards, which leaves
     the signs' meaning unchanged.
     """
-    if method not in ("dual-svid", "itq"):
+    if method not in ("dual-svid", "itq", "itq-refined"):
         raise ValueError(f"unknown initialisation {method!r}")
     w = weight.detach().to(torch.float32)
     if input_scale is not None:
@@ -196,7 +199,9 @@ def initialise(
     paths = []
     target = w
     for p in range(2 if residual else 1):
-        u, v, h, l, g = _one_path(target, rank, seed + p, method == "itq", itq_iters)
+        u, v, h, l, g = _one_path(target, rank, seed + p, method != "dual-svid", itq_iters)
+        if method == "itq-refined":
+            u, v, h, l, g = refine(target, u, v, h, l, g)
         paths.append((u, v, h, l, g))
         if p == 0 and residual:
             target = w - reconstruct(u[None], v[None], h[None], l[None], g[None])

@@ -54,6 +54,29 @@ def _fill_random(model: nn.Module, generator: torch.Generator) -> None:
                 t.copy_(torch.randn(t.shape, generator=generator) * 0.02)
 
 
+def random_dense_llama(
+    shape: str = "llama-2-7b",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float16,
+    seed: int = 0,
+    **config_overrides,
+) -> nn.Module:
+    """The dense Llama-shaped model that ``random_packed_llama`` compresses, with random weights
+    (N(0, 0.02), norms at 1), built on the meta device and allocated once on ``device``."""
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(shape, **config_overrides)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in n else p.normal_(0, 0.02, generator=gen)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+    return model.eval()
+
+
 def random_packed_llama(
     shape: str = "llama-2-7b",
     bpw: float = 0.1,

@@ -43,13 +43,15 @@ class Rates:
 # Joint-ITQ, block stage ~105 s for 524k tokens, global ~165 s for 1.1M); generation, eager at 512 x 512
 # a shard, ran at 1,900-3,900 tokens/s on an H200 that another benchmark shared
 # (benchmarks/results/generate_h200_shared.txt; 3,000 here until an unshared measurement replaces it).
-# CPU: 2 idle cores, from `benchmarks/train_budget.py --tokens 30000` (benchmarks/results/
-# train_budget.json: the whole run, Dual-SVID init and 30 blocks included, in 247 s; global steps at
-# 150 tokens/s); Joint-ITQ (~25 min on a shared CPU) and generation (under 8 tokens/s there) are
-# estimates from a CPU shared with other work, scaled by 4.
+# CPU: 2 cores; global steps at 150 tokens/s from `benchmarks/train_budget.py --tokens 30000`
+# (benchmarks/results/train_budget.json); calibration and initialisation 15 / 91 / 123 s for
+# Dual-SVID / Joint-ITQ / refitted signs (benchmarks/results/qat_init_cpu.json, setup); generation
+# at 104 tokens/s, 32 sequences a shard (benchmarks/results/generate_rate_cpu.json).
 RATES = {
     "cuda": Rates("an H100 (generation: an H200)", {"itq": 70.0, "dual-svid": 15.0}, 5000.0, 6700.0, 3000.0),
-    "cpu": Rates("2 idle CPU cores", {"itq": 1500.0, "dual-svid": 30.0}, 150.0, 150.0, 30.0),
+    "cpu": Rates(
+        "2 idle CPU cores", {"itq": 90.0, "itq-refined": 125.0, "dual-svid": 15.0}, 150.0, 150.0, 104.0
+    ),
 }
 
 

@@ -1,0 +1,69 @@
+"""How fast the default model writes its own training text here (``littlebit generate-data``).
+
+Samples ``--shards`` shards into a fresh cache with the default settings (on a GPU as many sequences a
+shard as 16 GiB of static cache holds, on a CPU 32) and records each shard's tokens and seconds.
+Shards rotate through the start kinds (BOS, a random first token, the chat template, whose answer
+pass doubles the length), so three shards cover each once. Writes
+``benchmarks/results/generate_rate_<device>.json``.
+
+    python benchmarks/generate_rate.py --shards 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import common
+import torch
+
+from littlebit.hf.models import load_model, load_tokenizer
+from littlebit.training.config import TextGenConfig
+from littlebit.training.teacher_text import TextCache
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shards", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="compile the decoding step (GPU)")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(None, device=device)
+    tok = load_tokenizer(None)
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = TextCache(model, tok, TextGenConfig(), tmp, compile=args.compile)
+        for k in range(args.shards):
+            t0 = time.perf_counter()
+            cache.ensure(cache.tokens_available() + 1, limit=1)
+            seconds = time.perf_counter() - t0
+            tokens = cache.shard_tokens(k)
+            start = cache.kinds[k % len(cache.kinds)]
+            rate = round(tokens / seconds, 1)
+            records.append(
+                {
+                    "shard": k,
+                    "start": start,
+                    "tokens": tokens,
+                    "seconds": round(seconds, 1),
+                    "tokens_per_s": rate,
+                }
+            )
+            print(records[-1], flush=True)
+        batch = cache.config.batch_size
+    total = sum(r["tokens"] for r in records) / sum(r["seconds"] for r in records)
+    print(f"{total:.1f} tokens/s over {len(records)} shards of {batch} sequences")
+    common.write_results(
+        f"generate_rate_{device}",
+        records,
+        tokens_per_s=round(total, 1),
+        batch_size=batch,
+        threads=torch.get_num_threads(),
+        compile=args.compile,
+        model="SmolLM2-135M-Instruct",
+    )
+
+
+if __name__ == "__main__":
+    main()
