@@ -59,11 +59,12 @@ def output_grad_rms(teacher, calib: torch.Tensor, batch: int = 4) -> dict[str, t
 
             hooks.append(m.register_full_backward_hook(hook))
     params = list(teacher.parameters())
+    device = params[0].device
     for q in params:
         q.requires_grad_(True)
     try:
         for i in range(0, calib.shape[0], batch):
-            x = calib[i : i + batch]
+            x = calib[i : i + batch].to(device)
             teacher(input_ids=x, labels=x).loss.backward()
     finally:
         for h in hooks:

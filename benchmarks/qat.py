@@ -60,6 +60,28 @@ def cached_make_student(teacher, config, calibration=None, act_power=1.0, latent
     return copy.deepcopy(_INIT_CACHE[key])
 
 
+def grad_weighted_make_student(power: float):
+    """``make_student`` with every layer refitted to diag(o) W diag(rms), o the teacher's output-gradient
+    RMS on the calibration sequences to ``power`` (``init_quality.py --grad-powers``): a benchmark-only
+    initialisation, to see whether what it gains before training holds after it."""
+    from init_quality import output_grad_rms, weight_rows
+
+    from littlebit.core.calibrate import input_rms, scale_function
+    from littlebit.training.student import rescale_latents
+
+    def build(teacher, config, calibration=None, act_power=1.0, latent_rms=None, progress=True):
+        student = make_student(teacher, config, calibration, act_power, None, progress)
+        scales = scale_function(input_rms(teacher, calibration), act_power)
+        names = [n for n, m in student.named_modules() if hasattr(m, "load_factors")]
+        grads = output_grad_rms(teacher, calibration)
+        weight_rows(student, teacher, {n: scales(n) for n in names}, grads, power, config.init)
+        if latent_rms is not None:
+            rescale_latents(student, latent_rms)
+        return student
+
+    return build
+
+
 def train_config(variant: str, args: argparse.Namespace, lb: LittleBitConfig) -> TrainConfig:
     base = TrainConfig(seqlen=args.seqlen, eval_seqlen=2048, eval_windows=args.curve_windows)
     over = dict(VARIANTS[variant])
@@ -110,6 +132,7 @@ def _eval_flags(args) -> str:
     """The flags that cut or change the evaluation, as given (a record must say how it was scored)."""
     flags = [("--final-windows", args.final_windows), ("--piqa-limit", args.piqa_limit)]
     flags += [("--curve-points", args.curve_points)] if args.curve_points != 4 else []
+    flags += [("--grad-power", args.grad_power)] if args.grad_power else []
     out = "".join(f" {flag} {value}" for flag, value in flags if value is not None)
     return out + (" --no-ptb" if args.no_ptb else "") + (" --no-piqa" if args.no_piqa else "")
 
@@ -205,6 +228,7 @@ def run_one(bpw: float, init: str, variant: str, ctx: dict, args: argparse.Names
         "timings_s": {k: round(v, 1) for k, v in res.timings.items()},
         "resumed": args.resume,
         "init_reused": _INIT_REUSED[0],
+        **({"init_grad_power": args.grad_power} if args.grad_power else {}),
         "device": ctx["name"],
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
@@ -303,6 +327,12 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/littlebit-qat")
     ap.add_argument("--logs", default=None, help="append every run's training log to this JSONL file")
     ap.add_argument(
+        "--grad-power",
+        type=float,
+        default=0.0,
+        help="also weight output rows by the teacher's output-gradient RMS to this power at init",
+    )
+    ap.add_argument(
         "--reuse-init", action="store_true", help="share one initial student among variants of a BPW/init"
     )
     ap.add_argument(
@@ -326,6 +356,8 @@ def main() -> int:
 
     if args.reuse_init:
         train_module.make_student = cached_make_student
+    if args.grad_power:
+        train_module.make_student = grad_weighted_make_student(args.grad_power)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ctx = {"device": device, "name": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     ctx["teacher"] = load_model(args.model, device=device)
