@@ -8,8 +8,8 @@
 #   bash benchmarks/device_runs.sh queue SPEC...         # train SPECs one after another, detached
 #   bash benchmarks/device_runs.sh wait SECONDS          # wait for the queue, pack what finished
 #
-# A SPEC is BPW:VARIANT[:INIT] (variants in benchmarks/qat_variants.py; INIT itq unless given) or
-# ptq. The queue runs one job at a time: runs of the default model are launch-bound, and two
+# A SPEC is BPW:VARIANT[:INIT[:GRAD]] (variants in benchmarks/qat_variants.py; INIT itq unless given;
+# GRAD the --grad-power of the initialisation, 0 unless given) or ptq. The queue runs one job at a time: runs of the default model are launch-bound, and two
 # processes on one GPU time-slice it, so side by side each ran several times slower than alone
 # (measured on the H200: 4 runs and the PTQ benchmark together finished nothing but the PTQ
 # benchmark in 9 minutes). The queue is detached so that it goes on
@@ -112,9 +112,10 @@ run_queue() {
         [[ $spec == *-seed1 ]] && seed=1
         [ -f "$ROOT/generated-seed$seed.done" ] || { echo "$spec: no generated text" >> "$ROOT/$name.log"; continue; } ;;
     esac
-    local bpw=${spec%%:*} rest=${spec#*:} init=itq
+    local bpw=${spec%%:*} rest=${spec#*:} init=itq grad=0
     [[ $rest == *:* ]] && init=${rest#*:}
-    python benchmarks/qat.py --runs "$bpw:$init" --variant "${rest%%:*}" --generated-dir "$GEN" \
+    [[ $init == *:* ]] && grad=${init#*:} && init=${init%%:*}
+    python benchmarks/qat.py --runs "$bpw:$init" --variant "${rest%%:*}" --grad-power "$grad" --generated-dir "$GEN" \
       --work "$ROOT/work-$name" --resume --save-every 200 --fp-scores "$ROOT/fp.json" \
       --out "$ROOT/$name.json" --logs "$ROOT/$name.jsonl" >> "$ROOT/$name.log" 2>&1 \
       && grep -q headline "$ROOT/$name.json" && touch "$ROOT/$name.done"

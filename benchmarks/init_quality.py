@@ -7,9 +7,10 @@ text), then scored without training: WikiText-2 and PTB test perplexity over the
 of the binary product |(W - W_hat) diag(rms)|_F / |W diag(rms)|_F, and the seconds the
 initialisation took (calibration included). Writes ``benchmarks/results/init_quality_<device>.json``.
 
-``--grad-powers`` also tries weighting each output row, by the RMS of the teacher's gradient at that
-output (next-token loss on the calibration sequences: a diagonal Fisher estimate) to that power: the
-factors are fitted to diag(o) W diag(rms) and h is divided by o afterwards. Not in the library.
+``--grad-powers`` also tries weighting each output row by the RMS of the teacher's gradient at that
+output (next-token loss on the calibration sequences: a diagonal Fisher estimate) to that power
+(``make_student(grad_power=...)``, ``littlebit train --grad-power``): the factors are fitted to
+diag(o) W diag(rms) and h is divided by o afterwards. The initialisation time includes both passes.
 
     python benchmarks/init_quality.py --bpw 1.0,0.55 --inits dual-svid,itq,itq-refined
     python benchmarks/init_quality.py --bpw 1.0 --inits itq-refined --grad-powers 0,0.5,1 \\
@@ -26,7 +27,6 @@ import torch
 
 from littlebit.config import LittleBitConfig
 from littlebit.core.calibrate import input_rms
-from littlebit.core.init import initialise
 from littlebit.core.layer import LittleBitLinear
 from littlebit.evaluation.perplexity import perplexity, tokenize_eval
 from littlebit.hf.models import load_model, load_tokenizer
@@ -46,56 +46,13 @@ def weighted_error(student, teacher, rms: dict[str, torch.Tensor]) -> float:
     return sum(errors) / len(errors)
 
 
-def output_grad_rms(teacher, calib: torch.Tensor, batch: int = 4) -> dict[str, torch.Tensor]:
-    """RMS over the calibration tokens of the next-token loss's gradient at each decoder linear's output."""
-    sums, count, hooks = {}, {}, []
-    for name, m in teacher.named_modules():
-        if isinstance(m, torch.nn.Linear) and ".layers." in name:
-
-            def hook(_m, _gin, gout, name=name):
-                g = gout[0].detach().reshape(-1, gout[0].shape[-1]).double()
-                sums[name] = sums.get(name, 0) + g.square().sum(0)
-                count[name] = count.get(name, 0) + g.shape[0]
-
-            hooks.append(m.register_full_backward_hook(hook))
-    params = list(teacher.parameters())
-    device = params[0].device
-    for q in params:
-        q.requires_grad_(True)
-    try:
-        for i in range(0, calib.shape[0], batch):
-            x = calib[i : i + batch].to(device)
-            teacher(input_ids=x, labels=x).loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
-        for q in params:
-            q.requires_grad_(False)
-            q.grad = None
-    return {n: (sums[n] / count[n]).sqrt().float() for n in sums}
-
-
-def weight_rows(student, teacher, rms, grad_rms, power: float, init: str) -> None:
-    """Refit every converted layer to diag(o) W diag(rms) with o = grad RMS ** power (mean 1)."""
-    dense = dict(teacher.named_modules())
-    for name, m in student.named_modules():
-        if isinstance(m, LittleBitLinear):
-            o = grad_rms[name].clamp_min(1e-12) ** power
-            o = o / o.mean()
-            w = dense[name].weight.detach().float()
-            f = initialise(o[:, None] * w, m.rank, m.n_paths == 2, init, 0, input_scale=rms[name])
-            f.h = f.h / o[None, :]
-            m.load_factors(f)
-
-
-def score(teacher, calib, ids, rms, grad_rms, bpw: float, init: str, power: float, windows: int) -> dict:
+def score(teacher, calib, ids, rms, bpw: float, init: str, power: float, windows: int) -> dict:
     device = calib.device.type
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    student = make_student(teacher, LittleBitConfig(bpw=bpw, init=init), calib, progress=False)
-    if power:
-        weight_rows(student, teacher, rms, grad_rms, power, init)
+    lb = LittleBitConfig(bpw=bpw, init=init)
+    student = make_student(teacher, lb, calib, progress=False, grad_power=power)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -128,12 +85,11 @@ def main() -> None:
     calib = stream[: args.calib_sequences * 512].view(args.calib_sequences, 512).to(device)
     rms = input_rms(teacher, calib)
     powers = [float(x) for x in args.grad_powers.split(",")]
-    grad_rms = output_grad_rms(teacher, calib) if any(powers) else {}
     records = []
     for bpw in (float(b) for b in args.bpw.split(",")):
         for init in args.inits.split(","):
             for power in powers:
-                records.append(score(teacher, calib, ids, rms, grad_rms, bpw, init, power, args.windows))
+                records.append(score(teacher, calib, ids, rms, bpw, init, power, args.windows))
                 print(records[-1], flush=True)
     common.write_results(
         args.name or f"init_quality_{device}",

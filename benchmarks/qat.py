@@ -45,45 +45,29 @@ from littlebit.training.trainer import train  # noqa: E402
 
 # Joint-ITQ initialisation of a 1.0 BPW student takes ~45 s on the H100; variants that differ only in
 # training reuse it (the initial student depends on the teacher, the LittleBit config, the
-# calibration tokens and the two init knobs, nothing else).
+# calibration tokens and the three init knobs, nothing else).
 _INIT_CACHE: dict[tuple, torch.nn.Module] = {}
 _INIT_REUSED = [False]  # whether the latest student came from the cache (its setup time is not init)
 
 
-def cached_make_student(teacher, config, calibration=None, act_power=1.0, latent_rms=None, progress=True):
+def cached_make_student(
+    teacher, config, calibration=None, act_power=1.0, latent_rms=None, progress=True, grad_power=0.0
+):
     calib_key = None if calibration is None else (tuple(calibration.shape), int(calibration.sum()))
-    key = (config.to_json(), calib_key, act_power, latent_rms)
+    key = (config.to_json(), calib_key, act_power, latent_rms, grad_power)
     _INIT_REUSED[0] = key in _INIT_CACHE
     if key not in _INIT_CACHE:
         _INIT_CACHE.clear()  # one cached student at a time: they are the size of the model
-        _INIT_CACHE[key] = make_student(teacher, config, calibration, act_power, latent_rms, progress)
+        _INIT_CACHE[key] = make_student(
+            teacher, config, calibration, act_power, latent_rms, progress, grad_power
+        )
     return copy.deepcopy(_INIT_CACHE[key])
 
 
-def grad_weighted_make_student(power: float):
-    """``make_student`` with every layer refitted to diag(o) W diag(rms), o the teacher's output-gradient
-    RMS on the calibration sequences to ``power`` (``init_quality.py --grad-powers``): a benchmark-only
-    initialisation, to see whether what it gains before training holds after it."""
-    from init_quality import output_grad_rms, weight_rows
-
-    from littlebit.core.calibrate import input_rms, scale_function
-    from littlebit.training.student import rescale_latents
-
-    def build(teacher, config, calibration=None, act_power=1.0, latent_rms=None, progress=True):
-        student = make_student(teacher, config, calibration, act_power, None, progress)
-        scales = scale_function(input_rms(teacher, calibration), act_power)
-        names = [n for n, m in student.named_modules() if hasattr(m, "load_factors")]
-        grads = output_grad_rms(teacher, calibration)
-        weight_rows(student, teacher, {n: scales(n) for n in names}, grads, power, config.init)
-        if latent_rms is not None:
-            rescale_latents(student, latent_rms)
-        return student
-
-    return build
-
-
 def train_config(variant: str, args: argparse.Namespace, lb: LittleBitConfig) -> TrainConfig:
-    base = TrainConfig(seqlen=args.seqlen, eval_seqlen=2048, eval_windows=args.curve_windows)
+    base = TrainConfig(
+        seqlen=args.seqlen, eval_seqlen=2048, eval_windows=args.curve_windows, grad_power=args.grad_power
+    )
     over = dict(VARIANTS[variant])
     if args.batch_size:  # the command line wins over the variant's pinned batch
         over["batch_size"] = args.batch_size
@@ -106,7 +90,7 @@ def train_config(variant: str, args: argparse.Namespace, lb: LittleBitConfig) ->
     if variant in RECIPE:
         cfg = plan_budget(cfg, args.tokens, VARIANTS[variant].get("block_share", BLOCK_SHARE))
     else:
-        calib = cfg.calib_sequences * cfg.seqlen if cfg.act_power else 0
+        calib = cfg.calib_sequences * cfg.seqlen if cfg.uses_calibration else 0
         left = args.tokens - calib - cfg.blocks.tokens(cfg.seqlen)
         cfg = dataclasses.replace(cfg, steps=max(0, left // cfg.tokens_per_step))
     every = max(1, cfg.steps // args.curve_points) if args.curve_points > 0 else 0  # 0: no curve
@@ -132,7 +116,7 @@ def _eval_flags(args) -> str:
     """The flags that cut or change the evaluation, as given (a record must say how it was scored)."""
     flags = [("--final-windows", args.final_windows), ("--piqa-limit", args.piqa_limit)]
     flags += [("--curve-points", args.curve_points)] if args.curve_points != 4 else []
-    flags += [("--grad-power", args.grad_power)] if args.grad_power else []
+    flags += [("--grad-power", args.grad_power)] if args.grad_power else []  # init, like BPW:INIT
     out = "".join(f" {flag} {value}" for flag, value in flags if value is not None)
     return out + (" --no-ptb" if args.no_ptb else "") + (" --no-piqa" if args.no_piqa else "")
 
@@ -228,7 +212,6 @@ def run_one(bpw: float, init: str, variant: str, ctx: dict, args: argparse.Names
         "timings_s": {k: round(v, 1) for k, v in res.timings.items()},
         "resumed": args.resume,
         "init_reused": _INIT_REUSED[0],
-        **({"init_grad_power": args.grad_power} if args.grad_power else {}),
         "device": ctx["name"],
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
@@ -330,7 +313,7 @@ def main() -> int:
         "--grad-power",
         type=float,
         default=0.0,
-        help="also weight output rows by the teacher's output-gradient RMS to this power at init",
+        help="weight output rows at init by the teacher's loss-gradient RMS to this power (every run)",
     )
     ap.add_argument(
         "--reuse-init", action="store_true", help="share one initial student among variants of a BPW/init"
@@ -356,8 +339,6 @@ def main() -> int:
 
     if args.reuse_init:
         train_module.make_student = cached_make_student
-    if args.grad_power:
-        train_module.make_student = grad_weighted_make_student(args.grad_power)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ctx = {"device": device, "name": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     ctx["teacher"] = load_model(args.model, device=device)

@@ -199,6 +199,7 @@ BAD_CONFIGS = [
     {"keep_checkpoints": -1},
     {"latent_rms": -0.02},
     {"act_power": -1.0},
+    {"grad_power": float("nan")},
     {"blocks": {"epochs": -1}},
 ]
 

@@ -151,6 +151,8 @@ def test_train_command_streams_local_safetensors_unless_the_teacher_must_generat
     assert sharded_source(str(tmp_path / "model.gguf"), str(text), cfg) is None
     assert sharded_source(str(tmp_path), str(text), cfg) is None  # no safetensors: loaded whole
     assert sharded_source(None, str(text), cfg) is None  # the default model is a GGUF file
+    # rows weighted by the loss gradient: a backward pass through the whole teacher
+    assert sharded_source(str(model_dir), str(text), TrainConfig(grad_power=0.5)) is None
 
 
 def test_train_command_on_two_processes_builds_a_local_checkpoint_shard_by_shard(
@@ -168,7 +170,7 @@ def test_train_command_on_two_processes_builds_a_local_checkpoint_shard_by_shard
     cli = Path(__file__).parents[1] / "src" / "littlebit" / "cli" / "__main__.py"
     args = (
         "-v", "train", str(tiny_dir), "--out", str(out), "--data", str(text),
-        "--bpw", "4", "--init", "dual-svid",
+        "--bpw", "4", "--init", "dual-svid", "--grad-power", "0",
         "--steps", "2", "--seqlen", "16", "--batch-size", "2", "--block-sequences", "0",
         "--calib-sequences", "2", "--eval-every", "0", "--eval-windows", "1", "--eval-seqlen", "16",
         "--no-compile", "--threads", "1",

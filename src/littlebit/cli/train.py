@@ -29,6 +29,8 @@ DEFAULT_TOKENS = 1_638_400
 
 log = logging.getLogger(__name__)
 
+CPU_GRAD_POWER = 0.5
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
@@ -36,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The initialisation follows the device unless asked for. On a CPU, Joint-ITQ with refitted signs:
     # after 40k training tokens of the default model its held-out headline was 9.7 against 38.1 with
     # Dual-SVID, for 2 more minutes of initialisation (benchmarks/results/qat_init_cpu.json). On a GPU,
-    # Joint-ITQ, the initialisation that the 1.6M-token recipe was tuned and measured with.
+    # Joint-ITQ, the initialisation that the 1.6M-token recipe was tuned and measured with. The rows
+    # weighted by the teacher's loss gradient (--grad-power) follow the same split: on a CPU, power 0.5
+    # took that headline from 9.7 to 7.5 (benchmarks/results/qat_grad_cpu.json).
     parser.set_defaults(init=None)
     for action in parser._actions:
         if action.dest == "init":
@@ -123,6 +127,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--act-power", type=float, default=None, help="activation-aware init exponent (0: off)"
     )
     parser.add_argument(
+        "--grad-power",
+        type=float,
+        default=None,
+        help="weight each layer's output rows at init by the teacher's loss-gradient RMS to this power "
+        f"(0: off; default: {CPU_GRAD_POWER} on a CPU, 0 on a GPU)",
+    )
+    parser.add_argument(
         "--latent-rms", type=float, default=None, help="rescale latents to this RMS (0: keep)"
     )
     parser.add_argument("--sign", choices=SIGN_FUNCTIONS, default="smooth", help="sign surrogate gradient")
@@ -190,6 +201,8 @@ def config_from_args(
         raise LittleBitError(f"--tokens must be >= 1, got {args.tokens}")
     if args.init is None:
         args.init = "itq" if device_type == "cuda" else "itq-refined"
+    if args.grad_power is None:
+        args.grad_power = 0.0 if device_type == "cuda" else CPU_GRAD_POWER
     lb = compression_config(args, seed_from_flag=False, sign_function=args.sign)
     d = TrainConfig()
     lrs = LearningRates(
@@ -215,6 +228,7 @@ def config_from_args(
         blocks=blocks,
         calib_sequences=d.calib_sequences if args.calib_sequences is None else args.calib_sequences,
         act_power=d.act_power if args.act_power is None else args.act_power,
+        grad_power=args.grad_power,
         latent_rms=d.latent_rms if args.latent_rms is None else (args.latent_rms or None),
         train_norms=not args.freeze_norms,
         seed=args.seed,
@@ -268,7 +282,8 @@ def sharded_source(
 ) -> Path | None:
     """The safetensors directory a sharded run builds both models from, shard by shard: ``model``
     when it is a local directory in the transformers layout, unless the data has generated text
-    (generation runs the whole teacher on each process) or the model is of a kind that path cannot
+    (generation runs the whole teacher on each process), the initialisation weights rows by the loss
+    gradient (a backward pass through the whole teacher) or the model is of a kind that path cannot
     build (``sharded_init.unsupported``). None: every process loads the teacher whole."""
     from littlebit.hf.checkpoint import checkpoint_kind
     from littlebit.hf.shards import is_safetensors_dir
@@ -283,6 +298,11 @@ def sharded_source(
         return None  # refused by the whole-model loader, with its message
     if generated_tokens_needed(data, cfg):
         log.warning("generated training text needs the whole teacher: every process loads %s whole", model)
+        return None
+    if cfg.grad_power:
+        log.warning(
+            "--grad-power runs a backward pass through the whole teacher: every process loads %s", model
+        )
         return None
     from littlebit.hf.streaming import meta_skeleton
     from littlebit.training.sharded_init import unsupported

@@ -146,7 +146,7 @@ def budget(model: nn.Module, config: LittleBitConfig, targets: list[Target] | No
     return ModelBudget(layers, n_params=n_params, n_other_params=n_params - converted)
 
 
-InputScales = Callable[[str], torch.Tensor | None]
+FeatureScales = Callable[[str], torch.Tensor | None]  # module name -> per-feature scale
 
 
 def checked_plan(model: nn.Module, config: LittleBitConfig) -> tuple[list[Target], ModelBudget]:
@@ -169,20 +169,23 @@ def convert(
     model: nn.Module,
     config: LittleBitConfig,
     compute_device: torch.device | str | None = None,
-    input_scales: InputScales | None = None,
+    input_scales: FeatureScales | None = None,
     progress: bool = True,
+    output_scales: FeatureScales | None = None,
 ) -> ModelBudget:
     """Replace the decoder's linear layers of ``model`` in place with initialised LittleBit layers.
 
     ``input_scales(module_name)`` may return a per-input-feature scale for activation-aware
-    initialisation. Returns the bit report; warns about layers that cannot meet their target.
+    initialisation, ``output_scales(module_name)`` a per-output-feature one (the whole module's, fused
+    parts included). Returns the bit report; warns about layers that cannot meet their target.
     """
     targets, report = checked_plan(model, config)
     compute_device = default_compute_device(compute_device)
     by_module = targets_by_module(targets)
     for i, (name, parts) in enumerate(tqdm(by_module.items(), desc="LittleBit init", disable=not progress)):
         scale = input_scales(name) if input_scales is not None else None
-        convert_module(model, name, parts, config, i, compute_device, scale)
+        out_scale = output_scales(name) if output_scales is not None else None
+        convert_module(model, name, parts, config, i, compute_device, scale, out_scale)
     attach_config(model, config)
     return report
 
@@ -203,6 +206,7 @@ def convert_module(
     index: int,
     compute_device: torch.device | str | None = None,
     input_scale: torch.Tensor | None = None,
+    output_scale: torch.Tensor | None = None,
 ) -> None:
     """Replace the linear ``name`` by its initialised LittleBit form; ``index`` is its position in
     ``targets_by_module`` (the seed offset), so one module converted alone matches a whole-model run."""
@@ -222,6 +226,7 @@ def convert_module(
             smooth_alpha=config.smooth_alpha,
             input_scale=input_scale,
             compute_device=compute_device,
+            output_scale=None if output_scale is None else output_scale[offset - t.d_out : offset],
         )
     module = new[None] if None in new else SplitLinear(new, linear.in_features)
     set_submodule(model, name, module)

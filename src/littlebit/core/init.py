@@ -182,13 +182,15 @@ def initialise(
     seed: int = 0,
     input_scale: torch.Tensor | None = None,
     itq_iters: int = 50,
+    output_scale: torch.Tensor | None = None,
 ) -> Factors:
     """Factors for ``weight`` (d_out x d_in), computed in fp32 on ``weight``'s device.
 
     ``input_scale`` (d_in, positive), e.g. the RMS of each input feature on calibration data, makes
     the fit minimise the error on the outputs rather than on the weights: the factorisation runs on
     ``weight * input_scale`` and the column scale ``g`` is divided by it afterwards, which leaves
-    the signs' meaning unchanged.
+    the signs' meaning unchanged. ``output_scale`` (d_out, positive) weights the rows the same way,
+    e.g. by how much each output feature moves the model's loss, and divides ``h`` afterwards.
     """
     if method not in ("dual-svid", "itq", "itq-refined"):
         raise ValueError(f"unknown initialisation {method!r}")
@@ -196,6 +198,9 @@ def initialise(
     if input_scale is not None:
         input_scale = input_scale.to(w).clamp_min(1e-8)
         w = w * input_scale
+    if output_scale is not None:
+        output_scale = output_scale.to(w).clamp_min(1e-8)
+        w = w * output_scale[:, None]
     paths = []
     target = w
     for p in range(2 if residual else 1):
@@ -208,4 +213,6 @@ def initialise(
     u, v, h, l, g = (torch.stack(t) for t in zip(*paths, strict=True))
     if input_scale is not None:
         g = g / input_scale
+    if output_scale is not None:
+        h = h / output_scale
     return Factors(u, v, h, l, g)

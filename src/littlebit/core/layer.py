@@ -87,10 +87,11 @@ class LittleBitLinear(nn.Linear):
         smooth_alpha: float = 100.0,
         input_scale: torch.Tensor | None = None,
         compute_device: torch.device | str | None = None,
+        output_scale: torch.Tensor | None = None,
     ) -> LittleBitLinear:
         w = linear.weight.detach()
         dev = torch.device(compute_device) if compute_device is not None else w.device
-        factors = initialise(w.to(dev), rank, residual, init, seed, input_scale)
+        factors = initialise(w.to(dev), rank, residual, init, seed, input_scale, output_scale=output_scale)
         layer = cls(
             linear.in_features,
             linear.out_features,

@@ -128,6 +128,8 @@ class TrainConfig:
     blocks: BlockConfig = field(default_factory=BlockConfig)
     calib_sequences: int = 16
     act_power: float = 1.0
+    # Output rows weighted at initialisation by the teacher's loss-gradient RMS to this power (0: off).
+    grad_power: float = 0.0
     latent_rms: float | None = 0.02
     train_norms: bool = True
     # Global-norm gradient clipping in the global phase: with steps of 2 sequences the gradient is
@@ -168,6 +170,8 @@ class TrainConfig:
             raise LittleBitError(f"latent-rms must be > 0 (0 on the command line: keep), got {rms}")
         if not (self.act_power >= 0 and math.isfinite(self.act_power)):
             raise LittleBitError(f"act-power must be >= 0, got {self.act_power}")
+        if not (self.grad_power >= 0 and math.isfinite(self.grad_power)):
+            raise LittleBitError(f"grad-power must be >= 0, got {self.grad_power}")
         if self.eval_windows is not None and self.eval_windows < 1:
             windows = self.eval_windows
             raise LittleBitError(f"eval-windows must be >= 1 (None: the whole split), got {windows}")
@@ -186,6 +190,11 @@ class TrainConfig:
             self.generation = TextGenConfig(**self.generation)
         if self.data_tokens is not None and self.data_tokens < 1:
             raise LittleBitError(f"data-tokens must be >= 1, got {self.data_tokens}")
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether the initialisation reads calibration sequences (weighted by their statistics)."""
+        return self.act_power != 0 or self.grad_power != 0
 
     @property
     def tokens_per_step(self) -> int:

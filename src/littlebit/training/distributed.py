@@ -303,7 +303,7 @@ class Distributed:
         trainer.kinds = select_trainable(trainer.student, cfg.train_norms)
         if found is None:
             calib = trainer._calibration()
-            trainer.tokens = calib.numel() if cfg.act_power != 0 else 0
+            trainer.tokens = calib.numel() if cfg.uses_calibration else 0
             trainer.log = TrainLog(work, None, cfg.tensorboard) if self.is_main else _NoLog()
             return
         meta, path = found
@@ -326,6 +326,8 @@ class Distributed:
         would be faster on a very large model but needs the same broadcast afterwards.
         """
         cfg = trainer.config
+        if self.source is not None and cfg.grad_power:
+            raise LittleBitError("grad-power needs a backward pass through the whole, loaded teacher")
         if self.source is not None:  # filled after sharding (``materialize``)
             student = student_skeleton(trainer.teacher, trainer.lb_config)
             if self.is_main:
@@ -334,8 +336,9 @@ class Distributed:
         if fresh and self.is_main:
             calib = trainer._calibration()
             student = make_student(
-                trainer.teacher, trainer.lb_config, calib, cfg.act_power, cfg.latent_rms, trainer.progress
-            )
+                trainer.teacher, trainer.lb_config, calib, cfg.act_power, cfg.latent_rms, trainer.progress,
+                cfg.grad_power,
+            )  # fmt: skip
         else:
             student = student_skeleton(trainer.teacher, trainer.lb_config)
         if fresh and self.world_size > 1:

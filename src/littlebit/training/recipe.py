@@ -37,6 +37,8 @@ class Rates:
     block_tokens_per_s: float
     global_tokens_per_s: float
     generate_tokens_per_s: float
+    # The teacher's forward and backward passes over the calibration tokens (``--grad-power``)
+    grad_tokens_per_s: float
 
 
 # GPU: the 1.6M-token default runs on an H100 (benchmarks/results/qat.json: setup 64-74 s with
@@ -46,11 +48,16 @@ class Rates:
 # CPU: 2 cores; global steps at 150 tokens/s from `benchmarks/train_budget.py --tokens 30000`
 # (benchmarks/results/train_budget.json); calibration and initialisation 15 / 91 / 123 s for
 # Dual-SVID / Joint-ITQ / refitted signs (benchmarks/results/qat_init_cpu.json, setup); generation
-# at 104 tokens/s, 32 sequences a shard (benchmarks/results/generate_rate_cpu.json).
+# at 104 tokens/s, 32 sequences a shard (benchmarks/results/generate_rate_cpu.json). The loss-gradient
+# pass of --grad-power: on the CPU 8-34 s (~21 s) more initialisation for 8,192 calibration tokens
+# (benchmarks/results/init_quality_grad_cpu.json, powers 0.5 and 1 against 0); not timed apart on a
+# GPU, where the global step's rate, which also runs the student, bounds it.
 RATES = {
-    "cuda": Rates("an H100 (generation: an H200)", {"itq": 70.0, "dual-svid": 15.0}, 5000.0, 6700.0, 3000.0),
+    "cuda": Rates(
+        "an H100 (generation: an H200)", {"itq": 70.0, "dual-svid": 15.0}, 5000.0, 6700.0, 3000.0, 6700.0
+    ),
     "cpu": Rates(
-        "2 idle CPU cores", {"itq": 90.0, "itq-refined": 125.0, "dual-svid": 15.0}, 150.0, 150.0, 104.0
+        "2 idle CPU cores", {"itq": 90.0, "itq-refined": 125.0, "dual-svid": 15.0}, 150.0, 150.0, 104.0, 380.0
     ),
 }
 
@@ -62,7 +69,7 @@ def plan_budget(config: TrainConfig, tokens: int, block_share: float = BLOCK_SHA
     seqlen, blocks = config.seqlen, config.blocks
     per_step = config.tokens_per_step
     calib = min(MAX_CALIB_SEQUENCES, max(MIN_CALIB_SEQUENCES, tokens // CALIB_TOKENS_PER_SEQUENCE))
-    calib_tokens = calib * seqlen if config.act_power != 0 else 0
+    calib_tokens = calib * seqlen if config.uses_calibration else 0
     epochs = blocks.epochs or 4
     block_seqs = round(tokens * block_share) // (epochs * seqlen)
     if block_seqs < blocks.batch_size:
@@ -88,7 +95,7 @@ def stages(
     """What the run will do, in order, with its tokens and estimated seconds."""
     rates = RATES["cuda" if device == "cuda" else "cpu"]
     size = parameters / DEFAULT_PARAMETERS
-    calib = config.calib_sequences * config.seqlen if config.act_power != 0 else 0
+    calib = config.calib_sequences * config.seqlen if config.uses_calibration else 0
     block = config.blocks.tokens(config.seqlen) if config.blocks.sequences else 0
     glob = config.steps * config.tokens_per_step
     out = []
@@ -97,6 +104,8 @@ def stages(
             Stage("generate text", generated_tokens, generated_tokens * size / rates.generate_tokens_per_s)
         )
     init_s = rates.init_s.get(init, rates.init_s["itq"]) * size
+    if config.grad_power and calib:
+        init_s += calib * size / rates.grad_tokens_per_s
     out.append(Stage(f"calibrate + {init} init", calib, init_s))
     if block:
         out.append(Stage("block reconstruction", block, block * size / rates.block_tokens_per_s))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from littlebit.config import LittleBitConfig
-from littlebit.core.calibrate import input_rms, scale_function
+from littlebit.core.calibrate import input_rms, output_grad_rms, scale_function
 from littlebit.core.convert import convert
 from littlebit.training.optim import littlebit_modules
 
@@ -20,18 +20,23 @@ def make_student(
     act_power: float = 1.0,
     latent_rms: float | None = None,
     progress: bool = True,
+    grad_power: float = 0.0,
 ) -> nn.Module:
     """Copy ``teacher`` in fp32, convert it, and rescale its latents (the teacher is untouched).
 
-    ``calibration`` (n, seqlen) token ids turn on activation-aware initialisation with input
-    scales ``rms ** act_power``; None or ``act_power == 0`` fits the weights alone.
+    ``calibration`` (n, seqlen) token ids turn on the weighted initialisation: input scales
+    ``rms ** act_power`` (activation RMS) and output scales ``rms ** grad_power`` (the loss
+    gradient's RMS at each output); None, or both powers 0, fits the weights alone.
     """
     student = cast_floating(copy.deepcopy(teacher), torch.float32)
-    scales = None
-    if calibration is not None and calibration.numel() and act_power != 0:
-        scales = scale_function(input_rms(teacher, calibration), act_power)
+    scales = out_scales = None
+    if calibration is not None and calibration.numel():
+        if act_power != 0:
+            scales = scale_function(input_rms(teacher, calibration), act_power)
+        if grad_power != 0:
+            out_scales = scale_function(output_grad_rms(teacher, calibration), grad_power)
     device = next(student.parameters()).device
-    convert(student, config, compute_device=device, input_scales=scales, progress=progress)
+    convert(student, config, device, scales, progress, out_scales)
     if latent_rms is not None:
         rescale_latents(student, latent_rms)
     return student

@@ -183,12 +183,13 @@ class Trainer:
         if dropped:
             log.warning("deleted checkpoints past the starting point: %s", ", ".join(dropped))
         calib = None if state is not None else self._calibration()
+        cfg = self.config
         self.student = make_student(
-            self.teacher, self.lb_config, calib, self.config.act_power, self.config.latent_rms, self.progress
+            self.teacher, self.lb_config, calib, cfg.act_power, cfg.latent_rms, self.progress, cfg.grad_power
         )
         self.kinds = select_trainable(self.student, self.config.train_norms)
         if state is None:
-            self.tokens = calib.numel() if self.config.act_power != 0 else 0
+            self.tokens = calib.numel() if cfg.uses_calibration else 0
             self.log = TrainLog(self.work_dir, None, self.config.tensorboard)
             return
         tensors, meta, _ = state
