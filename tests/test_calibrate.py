@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model
 
 from littlebit import LittleBitConfig, LittleBitLinear
-from littlebit.core.calibrate import input_rms, output_grad_rms
+from littlebit.core.calibrate import input_rms, linear_input_squares, output_grad_rms
 from littlebit.core.convert import SplitLinear, convert, decoder_linear_names
 from littlebit.core.init import initialise
 from littlebit.training.student import make_student
@@ -122,3 +122,16 @@ def test_make_student_with_grad_power_fits_the_gradient_weighted_weight():
         errs = [rel(o * m.get_submodule(name).factors().weight() * a, o * w * a) for m in (plain, weighted)]
         better += errs[1] < errs[0]
     assert better >= 0.8 * len(decoder_linear_names(teacher))
+
+
+def test_the_gradient_pass_records_the_same_input_rms():
+    """make_student takes both statistics from the gradient pass's forward."""
+    model = tiny_model("llama", seed=int(torch.randint(0, 1000, ())))
+    ids = torch.randint(0, model.config.vocab_size, (5, 16))
+    want = input_rms(model, ids)
+    with linear_input_squares(model) as squares:
+        output_grad_rms(model, ids)
+    got = squares.rms(ids.numel())
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert torch.allclose(got[name], value, rtol=1e-5), name

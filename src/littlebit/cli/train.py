@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Dual-SVID, for 2 more minutes of initialisation (benchmarks/results/qat_init_cpu.json). On a GPU,
     # Joint-ITQ, the initialisation that the 1.6M-token recipe was tuned and measured with. The rows
     # weighted by the teacher's loss gradient (--grad-power) follow the same split: on a CPU, power 0.5
-    # took that headline from 9.7 to 7.5 (benchmarks/results/qat_grad_cpu.json).
+    # took that headline from 9.7 to 7.7 (benchmarks/results/qat_grad_cpu.json).
     parser.set_defaults(init=None)
     for action in parser._actions:
         if action.dest == "init":

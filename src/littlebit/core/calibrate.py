@@ -46,13 +46,17 @@ class InputSquares:
         return {n: (s / tokens).sqrt().cpu() for n, s in self.sums.items()}
 
 
+def linear_input_squares(model: nn.Module) -> InputSquares:
+    """A recorder of the inputs of every decoder linear layer of ``model``."""
+    return InputSquares({n: model.get_submodule(n) for n in decoder_linear_names(model)})
+
+
 @torch.no_grad()
 def input_rms(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """``{linear name: RMS of each input feature}`` over all tokens of ``sequences`` (n, seqlen)."""
-    modules = {n: model.get_submodule(n) for n in decoder_linear_names(model)}
     device = next(model.parameters()).device
     count = 0
-    with InputSquares(modules) as squares:
+    with linear_input_squares(model) as squares:
         for i in range(0, sequences.shape[0], batch_size):
             batch = sequences[i : i + batch_size].to(device)
             model(batch, use_cache=False)

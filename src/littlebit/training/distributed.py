@@ -326,9 +326,9 @@ class Distributed:
         would be faster on a very large model but needs the same broadcast afterwards.
         """
         cfg = trainer.config
-        if self.source is not None and cfg.grad_power:
-            raise LittleBitError("grad-power needs a backward pass through the whole, loaded teacher")
         if self.source is not None:  # filled after sharding (``materialize``)
+            if cfg.grad_power:
+                raise LittleBitError("grad-power needs a backward pass through the whole, loaded teacher")
             student = student_skeleton(trainer.teacher, trainer.lb_config)
             if self.is_main:
                 self._plain = _meta_copy(student)

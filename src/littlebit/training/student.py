@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from littlebit.config import LittleBitConfig
-from littlebit.core.calibrate import input_rms, output_grad_rms, scale_function
+from littlebit.core.calibrate import input_rms, linear_input_squares, output_grad_rms, scale_function
 from littlebit.core.convert import convert
 from littlebit.training.optim import littlebit_modules
 
@@ -31,12 +31,16 @@ def make_student(
     student = cast_floating(copy.deepcopy(teacher), torch.float32)
     scales = out_scales = None
     if calibration is not None and calibration.numel():
+        if grad_power != 0:  # its forward pass records the inputs too
+            with linear_input_squares(teacher) as squares:
+                out_scales = scale_function(output_grad_rms(teacher, calibration), grad_power)
+            in_rms = squares.rms(calibration.numel())
+        else:
+            in_rms = input_rms(teacher, calibration) if act_power != 0 else {}
         if act_power != 0:
-            scales = scale_function(input_rms(teacher, calibration), act_power)
-        if grad_power != 0:
-            out_scales = scale_function(output_grad_rms(teacher, calibration), grad_power)
+            scales = scale_function(in_rms, act_power)
     device = next(student.parameters()).device
-    convert(student, config, device, scales, progress, out_scales)
+    convert(student, config, device, input_scales=scales, progress=progress, output_scales=out_scales)
     if latent_rms is not None:
         rescale_latents(student, latent_rms)
     return student
