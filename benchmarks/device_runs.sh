@@ -6,6 +6,7 @@
 #   bash benchmarks/device_runs.sh speed [WHAT...]       # many-token kernels: prefill, eval (needs the model)
 #   bash benchmarks/device_runs.sh generate TOKENS [SEED] # the teacher's text, one eager shard then compiled
 #   bash benchmarks/device_runs.sh queue SPEC...         # train SPECs one after another, detached
+#   bash benchmarks/device_runs.sh pipeline TOKENS SPEC... # generate TOKENS (seed 0), then the queue, detached
 #   bash benchmarks/device_runs.sh wait SECONDS          # wait for the queue, pack what finished
 #
 # A SPEC is BPW:VARIANT[:INIT[:GRAD]] (variants in benchmarks/qat_variants.py; INIT itq unless given;
@@ -73,11 +74,12 @@ generate() {
   [ -d .dev-generated ] && mkdir -p "$GEN" && cp -r .dev-generated/. "$GEN/"
   # The first shard eagerly, the rest with the decoding step compiled: the two rates side by side
   # (both write to the same cache folder; compilation is not part of its key).
-  timeout 120 "${gen[@]}" --tokens 1 > "$ROOT/generate-eager-seed$seed.log" 2>&1
-  timeout 330 "${gen[@]}" --tokens "$tokens" --compile > "$ROOT/generate-compiled-seed$seed.log" 2>&1
+  # Time limits that fit one 10-minute command; a detached pipeline lifts them (GEN_LIMIT_S).
+  timeout "${GEN_LIMIT_S:-120}" "${gen[@]}" --tokens 1 > "$ROOT/generate-eager-seed$seed.log" 2>&1
+  timeout "${GEN_LIMIT_S:-330}" "${gen[@]}" --tokens "$tokens" --compile > "$ROOT/generate-compiled-seed$seed.log" 2>&1
   local rc=$?
   if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then  # compilation failed (not the time limit): eagerly instead
-    timeout 300 "${gen[@]}" --tokens "$tokens" > "$ROOT/generate-eager-rest-seed$seed.log" 2>&1
+    timeout "${GEN_LIMIT_S:-300}" "${gen[@]}" --tokens "$tokens" > "$ROOT/generate-eager-rest-seed$seed.log" 2>&1
     rc=$?
   fi
   [ $rc -eq 0 ] && touch "$ROOT/generated-seed$seed.done"
@@ -88,13 +90,23 @@ generate() {
 }
 
 queue() {
+  _detach run-queue "$@"
+}
+
+pipeline() {
+  # The teacher's text and the runs that need it in one detached job: the generation goes on between
+  # commands instead of holding one, and the first run starts as soon as the text is there.
+  _detach run-pipeline "$@"
+}
+
+_detach() {
   if [ -f "$ROOT/queue.pid" ] && kill -0 "$(cat "$ROOT/queue.pid")" 2>/dev/null; then
     echo "a queue is running already ($(cat "$ROOT/queue.pid")): wait for it, then queue these" >&2
     return 1
   fi
   # The queue outlives this command, whose OUT goes away with it: results go under ROOT.
   mkdir -p "$ROOT/out"
-  OUT=$ROOT/out OMP_NUM_THREADS=8 setsid nohup bash "$0" run-queue "$@" >> "$ROOT/queue.log" 2>&1 < /dev/null &
+  OUT=$ROOT/out OMP_NUM_THREADS=8 setsid nohup bash "$0" "$@" >> "$ROOT/queue.log" 2>&1 < /dev/null &
   echo $! > "$ROOT/queue.pid"
 }
 
@@ -133,7 +145,10 @@ wait_queue() {
 
 pack() {
   # One archive: the machine returns a limited number of files per command.
-  tar czf "$OUT/results.tgz" -C "$ROOT" --exclude='work-*' .
+  tar czf "$OUT/results.tgz" -C "$ROOT" --exclude='work-*' --exclude=out .
+  # a detached pipeline's generated text, to carry to the next machine
+  [ "$OUT" != "$ROOT/out" ] && [ -f "$ROOT/out/generated.tgz" ] && cp "$ROOT/out/generated.tgz" "$OUT/"
+  return 0
 }
 
 case ${1:-} in
@@ -141,7 +156,9 @@ case ${1:-} in
   speed) shift; speed "$@" ;;
   generate) generate "${2:?generate TOKENS [SEED]}" "${3:-0}" ;;
   queue) shift; queue "$@" ;;
+  pipeline) shift; pipeline "$@" ;;
   run-queue) shift; run_queue "$@" ;;
+  run-pipeline) shift; tokens=$1; shift; GEN_LIMIT_S=3600 generate "$tokens" 0; run_queue "$@" ;;
   wait) wait_queue "${2:?wait SECONDS}" ;;
-  *) echo "usage: device_runs.sh scale [WHAT...] | speed [WHAT...] | generate TOKENS [SEED] | queue SPEC... | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: device_runs.sh scale [WHAT...] | speed [WHAT...] | generate TOKENS [SEED] | queue SPEC... | pipeline TOKENS SPEC... | wait SECONDS" >&2; exit 2 ;;
 esac
