@@ -29,10 +29,11 @@ from torch import nn
 from littlebit.atomic import remove_stale_temporaries
 from littlebit.config import LittleBitError
 from littlebit.training.config import TextGenConfig
+from littlebit.training.sampling import NucleusSampler
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2
+FORMAT = 3  # raised whenever the same settings would write other text (the sampler among them)
 _SHARD = "shard-{:05d}.safetensors"
 _PLACEHOLDER = "\x00littlebit\x00"
 
@@ -291,14 +292,13 @@ class TextCache:
         return done + out
 
     def _generate(self, ids: torch.Tensor, length: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
 
         cfg = self.config
+        # Greedy search over the scores of our own sampler (``sampling.NucleusSampler``), which draws
+        # the token: transformers' sampler sorted the vocabulary at every step, half a CPU step.
         gen_cfg = GenerationConfig(
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=0,
+            do_sample=False,
             max_new_tokens=max(1, length - ids.shape[1]),
             eos_token_id=self.eos,
             pad_token_id=self.pad,
@@ -312,7 +312,10 @@ class TextCache:
         # the fp32 model's dtype, refused the bf16 keys and values (an index_copy_ dtype mismatch).
         with torch.no_grad():
             out = self.model.generate(
-                ids.to(self.device), attention_mask=mask.to(self.device), generation_config=gen_cfg
+                ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                generation_config=gen_cfg,
+                logits_processor=LogitsProcessorList([NucleusSampler(cfg.temperature, cfg.top_p)]),
             )
         return out.cpu()
 

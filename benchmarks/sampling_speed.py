@@ -1,0 +1,91 @@
+"""Decoding step of the default model with transformers' sampler against littlebit's nucleus sampler.
+
+Both draw top-p 0.95, temperature 1 samples for a batch of ``--batch`` sequences from BOS, ``--steps``
+new tokens each (no early end): transformers' ``do_sample=True`` (it sorts every row of logits and
+draws with ``torch.multinomial``) against greedy search over ``littlebit.training.sampling``'s
+``NucleusSampler`` (what ``littlebit generate-data`` runs). Repetitions alternate in one process;
+medians. Also times ``nucleus_floor`` alone, by sort and by buckets, on random logits of the
+vocabulary's size. Writes ``benchmarks/results/sampling_speed_<device>.json``.
+
+    python benchmarks/sampling_speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import common
+import torch
+from transformers import GenerationConfig, LogitsProcessorList
+
+from littlebit.hf.models import load_model, load_tokenizer
+from littlebit.training.sampling import NucleusSampler, nucleus_floor
+
+
+def _sync(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(None, device=device)
+    tok = load_tokenizer(None)
+    ids = torch.full((args.batch, 1), tok.bos_token_id, device=device)
+    common_kw = dict(max_new_tokens=args.steps, min_new_tokens=args.steps, pad_token_id=tok.eos_token_id)
+    samplers = {
+        "transformers": (
+            GenerationConfig(do_sample=True, temperature=1.0, top_p=0.95, top_k=0, **common_kw),
+            {},
+        ),
+        "littlebit": (
+            GenerationConfig(do_sample=False, **common_kw),
+            {"logits_processor": LogitsProcessorList([NucleusSampler(1.0, 0.95)])},
+        ),
+    }
+    ms: dict[str, list[float]] = {name: [] for name in samplers}
+    for _ in range(args.reps):
+        for name, (cfg, kw) in samplers.items():
+            torch.manual_seed(0)
+            with torch.no_grad():
+                t0 = _sync(device)
+                model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg, **kw)
+                ms[name].append(1e3 * (_sync(device) - t0) / args.steps)
+    step = {name: round(statistics.median(v), 1) for name, v in ms.items()}
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    probs = torch.softmax(torch.randn(args.batch, vocab, generator=gen) * 3, -1).to(device)
+    floor_ms = {}
+    for method in ("sort", "buckets"):
+        times = []
+        for _ in range(5):
+            t0 = _sync(device)
+            nucleus_floor(probs, 0.95, method)
+            times.append(1e3 * (_sync(device) - t0))
+        floor_ms[method] = round(statistics.median(times), 2)
+    speedup = round(step["transformers"] / step["littlebit"], 2)
+    print(f"ms per decoding step (batch {args.batch}): {step}; littlebit {speedup}x")
+    print(f"nucleus_floor ms, {args.batch} x {vocab}: {floor_ms}")
+    common.write_results(
+        f"sampling_speed_{device}",
+        [{"sampler": n, "ms_per_step": step[n], "runs_ms": [round(x, 1) for x in ms[n]]} for n in ms],
+        batch=args.batch,
+        steps=args.steps,
+        threads=torch.get_num_threads(),
+        speedup=speedup,
+        tokens_per_s={n: round(args.batch * 1e3 / step[n], 1) for n in step},
+        nucleus_floor_ms=floor_ms,
+        model="SmolLM2-135M-Instruct",
+    )
+
+
+if __name__ == "__main__":
+    main()
