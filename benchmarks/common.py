@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,15 @@ def write_results(name: str, records: list[dict], **meta) -> Path:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"{name}.json").write_text(text)
     return path
+
+
+def clock() -> float:
+    """``time.perf_counter()`` once the GPU, if there is one, has finished the work queued so far."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def capture_step(step):

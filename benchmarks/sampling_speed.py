@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import common
 import torch
@@ -22,12 +21,6 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from littlebit.hf.models import load_model, load_tokenizer
 from littlebit.training.sampling import NucleusSampler, nucleus_floor
-
-
-def _sync(device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def main() -> None:
@@ -56,9 +49,9 @@ def main() -> None:
         for name, (cfg, kw) in samplers.items():
             torch.manual_seed(0)
             with torch.no_grad():
-                t0 = _sync(device)
+                t0 = common.clock()
                 model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg, **kw)
-                ms[name].append(1e3 * (_sync(device) - t0) / args.steps)
+                ms[name].append(1e3 * (common.clock() - t0) / args.steps)
     step = {name: round(statistics.median(v), 1) for name, v in ms.items()}
     gen = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -67,9 +60,9 @@ def main() -> None:
     for method in ("sort", "buckets"):
         times = []
         for _ in range(5):
-            t0 = _sync(device)
+            t0 = common.clock()
             nucleus_floor(probs, 0.95, method)
-            times.append(1e3 * (_sync(device) - t0))
+            times.append(1e3 * (common.clock() - t0))
         floor_ms[method] = round(statistics.median(times), 2)
     speedup = round(step["transformers"] / step["littlebit"], 2)
     print(f"ms per decoding step (batch {args.batch}): {step}; littlebit {speedup}x")

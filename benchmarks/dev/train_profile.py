@@ -17,11 +17,11 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402  (puts src on the path too)
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
@@ -34,12 +34,6 @@ from littlebit.training.config import (
 from littlebit.training.distill import distill_loss  # noqa: E402
 from littlebit.training.stream import Batches, load_tokens  # noqa: E402
 from littlebit.training.trainer import Trainer  # noqa: E402
-
-
-def _sync() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def main() -> int:
@@ -81,21 +75,21 @@ def main() -> int:
             return
         # Synced, eager parts of one step, to see where the time goes.
         batch = batches.next().to(device)
-        t0 = _sync()
+        t0 = common.clock()
         with torch.no_grad(), trainer.amp():
             t_out = t_model(batch, output_hidden_states=True, use_cache=False)
-        t1 = _sync()
+        t1 = common.clock()
         with trainer.amp():
             s_out = s_fwd(batch, output_hidden_states=True, use_cache=False)
-        t2 = _sync()
+        t2 = common.clock()
         s_hid, t_hid = s_out.hidden_states[1:], t_out.hidden_states[1:]
         loss, _ = distill_loss(s_out.logits, t_out.logits, s_hid, t_hid, cfg.loss)
-        t3 = _sync()
+        t3 = common.clock()
         loss.backward()
-        t4 = _sync()
+        t4 = common.clock()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=not trainer.use_graphs)
-        t5 = _sync()
+        t5 = common.clock()
         for k, v in zip(("teacher", "student_fwd", "loss", "backward", "optimizer"),
                         (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):  # fmt: skip
             parts.setdefault(k, []).append(v * 1e3)
@@ -108,15 +102,15 @@ def main() -> int:
             step(parts)
     walls = []
     for _ in range(args.steps):
-        t0 = _sync()
+        t0 = common.clock()
         step()
-        walls.append(_sync() - t0)
+        walls.append(common.clock() - t0)
     tokens = cfg.batch_size * cfg.seqlen
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = _sync()
+        t0 = common.clock()
         for _ in range(3):
             step()
-        prof_wall = _sync() - t0
+        prof_wall = common.clock() - t0
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or device == "cpu"]
     dev_us = sum(e.self_device_time_total for e in events)
     launches = sum(e.count for e in events)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,12 +51,6 @@ def build(tag: str, device: str, dtype: torch.dtype, overrides: dict):
     return random_packed_llama("llama-2-7b", float(tag), device, dtype, **overrides)
 
 
-def sync(device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def profile_forward(model, tokens: int, device: str, reps: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
 
@@ -69,14 +62,14 @@ def profile_forward(model, tokens: int, device: str, reps: int) -> dict:
         for _ in range(2):
             forward()
         for _ in range(reps):
-            t0 = sync(device)
+            t0 = common.clock()
             forward()
-            walls.append(sync(device) - t0)
+            walls.append(common.clock() - t0)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=activities) as prof:
             for _ in range(3):
                 forward()
-            sync(device)
+            common.clock()
     events = prof.key_averages()
     on_device = [e for e in events if e.device_type.name == "CUDA"] if device == "cuda" else []
     kinds: dict[str, dict] = {}

@@ -19,6 +19,7 @@ import torch
 # 49,152 entries), so the nucleus reaches into it only for top_p within that of 1 (then: the sort).
 _FLOOR_EXPONENT = 127 - 24
 _MANTISSA_BITS = 7  # buckets of 1/128 of a power of two
+_LOW_BITS = 23 - _MANTISSA_BITS  # the float32 mantissa bits below a bucket's
 
 
 def nucleus_floor(probs: torch.Tensor, top_p: float, method: str | None = None) -> torch.Tensor:
@@ -46,11 +47,11 @@ def nucleus_floor(probs: torch.Tensor, top_p: float, method: str | None = None) 
 def _floor_by_buckets(probs: torch.Tensor, top_p: float) -> torch.Tensor | None:
     """``nucleus_floor`` in a few passes over ``probs``; None where the nucleus reaches the lowest
     bucket."""
-    rows_n, vocab = probs.shape
+    rows_n = probs.shape[0]
     bits = probs.contiguous().view(torch.int32)
     base = _FLOOR_EXPONENT << _MANTISSA_BITS
     n_buckets = (127 << _MANTISSA_BITS) - base + 1  # up to the bucket of 1.0
-    key = ((bits >> (23 - _MANTISSA_BITS)) - base).clamp_(0, n_buckets - 1)
+    key = ((bits >> _LOW_BITS) - base).clamp_(0, n_buckets - 1)
     row = torch.arange(rows_n, device=probs.device)
     mass = probs.new_zeros(rows_n * n_buckets)
     mass.index_add_(0, (key + (row * n_buckets)[:, None]).flatten(), probs.flatten())
@@ -63,10 +64,9 @@ def _floor_by_buckets(probs: torch.Tensor, top_p: float) -> torch.Tensor | None:
     # Bisect the bit patterns of the edge bucket's entries: lo keeps enough mass, hi does not.
     r, c = (key == edge[:, None]).nonzero(as_tuple=True)
     vals, vbits = probs[r, c], bits[r, c].to(torch.int64)
-    shift = 23 - _MANTISSA_BITS
-    lo = (edge + base).to(torch.int64) << shift
-    hi = (edge + base + 1).to(torch.int64) << shift
-    for _ in range(shift):
+    lo = (edge + base).to(torch.int64) << _LOW_BITS
+    hi = (edge + base + 1).to(torch.int64) << _LOW_BITS
+    for _ in range(_LOW_BITS):
         mid = (lo + hi) // 2
         kept = torch.where(vbits >= mid[r], vals, vals.new_zeros(()))
         reach = above.index_add(0, r, kept) >= top_p
