@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/device_runs.sh scale [WHAT...]       # FSDP2 step (world 1), streamed 7B/70B compression
 #   bash benchmarks/device_runs.sh speed [WHAT...]       # many-token kernels: prefill, eval (needs the model)
-#   bash benchmarks/device_runs.sh generate TOKENS [SEED] # the teacher's text, one eager shard then compiled
+#   bash benchmarks/device_runs.sh generate TOKENS [SEED] # the teacher's text
 #   bash benchmarks/device_runs.sh queue SPEC...         # train SPECs one after another, detached
 #   bash benchmarks/device_runs.sh pipeline TOKENS SPEC... # generate TOKENS (seed 0), then the queue, detached
 #   bash benchmarks/device_runs.sh wait SECONDS          # wait for the queue, pack what finished
@@ -47,21 +47,26 @@ scale() {
 
 speed() {
   # Any of: prefill (per layer, time to first token, serving; about 8 minutes), eval (WikiText-2,
-  # every test window, and all of PIQA; the default model packed against FP, bf16; about 2 minutes)
-  # and profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind).
+  # every test window, and all of PIQA; the default model packed against FP, bf16; about 2 minutes),
+  # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind), tiles
+  # (benchmarks/dev/prefill_tiles.py: a finer prefill tile sweep, about a minute) and generate (the
+  # teacher's text, three shards, one of each start kind; needs the model).
   local what=${*:-profile prefill eval}
   export PYTHONUNBUFFERED=1
   touch "$ROOT/.speed-start"
   for w in $what; do
     case $w in
       profile) timeout 150 python benchmarks/dev/ttft_profile.py > "$ROOT/ttft_profile.log" 2>&1 ;;
+      tiles) timeout 200 python benchmarks/dev/prefill_tiles.py > "$ROOT/prefill_tiles.log" 2>&1 ;;
       prefill) timeout 480 python benchmarks/prefill.py --out "$ROOT/prefill.json" > "$ROOT/prefill.log" 2>&1 ;;
       eval) timeout 240 python benchmarks/eval_speed.py --device cuda --dtype bf16 --windows 1000 --limit 1838 \
         --reps 1 --tag eval_speed_gpu > "$ROOT/eval_speed.log" 2>&1 ;;
+      generate) timeout 240 python benchmarks/generate_rate.py --shards 3 > "$ROOT/generate_rate.log" 2>&1 ;;
       *) echo "speed: unknown measurement $w" >&2 ;;
     esac
   done
-  find benchmarks/results \( -name 'eval_speed_gpu*.json' -o -name 'ttft_profile.json' \) -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
+  find benchmarks/results \( -name 'eval_speed_gpu*.json' -o -name 'ttft_profile.json' -o -name 'prefill_tiles.json' \
+    -o -name 'generate_rate_cuda.json' \) -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
   pack
 }
 
@@ -70,19 +75,10 @@ generate() {
   # Shards brought back from an earlier machine (generated.tgz unpacked into .dev-generated, carried)
   # are not sampled again.
   local tokens=$1 seed=${2:-0}
-  local gen=(python -m littlebit.cli generate-data --seed "$seed" --out "$GEN")
   [ -d .dev-generated ] && mkdir -p "$GEN" && cp -r .dev-generated/. "$GEN/"
-  # The first shard eagerly, the rest with the decoding step compiled: the two rates side by side
-  # (both write to the same cache folder; compilation is not part of its key).
-  # Time limits that fit one 10-minute command; a detached pipeline lifts them (GEN_LIMIT_S).
-  timeout "${GEN_LIMIT_S:-120}" "${gen[@]}" --tokens 1 > "$ROOT/generate-eager-seed$seed.log" 2>&1
-  timeout "${GEN_LIMIT_S:-330}" "${gen[@]}" --tokens "$tokens" --compile > "$ROOT/generate-compiled-seed$seed.log" 2>&1
-  local rc=$?
-  if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then  # compilation failed (not the time limit): eagerly instead
-    timeout "${GEN_LIMIT_S:-300}" "${gen[@]}" --tokens "$tokens" > "$ROOT/generate-eager-rest-seed$seed.log" 2>&1
-    rc=$?
-  fi
-  [ $rc -eq 0 ] && touch "$ROOT/generated-seed$seed.done"
+  # A time limit that fits one 10-minute command; a detached pipeline lifts it (GEN_LIMIT_S).
+  timeout "${GEN_LIMIT_S:-540}" python -m littlebit.cli generate-data --seed "$seed" --out "$GEN" \
+    --tokens "$tokens" > "$ROOT/generate-seed$seed.log" 2>&1 && touch "$ROOT/generated-seed$seed.done"
   tail -n 3 "$ROOT"/generate-*.log
   # int32 tokens, a few MB: brought back whole (one file) and carried to later machines
   [ -d "$GEN" ] && tar czf "$OUT/generated.tgz" -C "$GEN" .

@@ -26,14 +26,13 @@ from littlebit.training.teacher_text import TextCache
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shards", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="compile the decoding step (GPU)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(None, device=device)
     tok = load_tokenizer(None)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        cache = TextCache(model, tok, TextGenConfig(), tmp, compile=args.compile)
+        cache = TextCache(model, tok, TextGenConfig(), tmp)
         for k in range(args.shards):
             t0 = time.perf_counter()
             cache.ensure(cache.tokens_available() + 1, limit=1)
@@ -60,7 +59,6 @@ def main() -> None:
         tokens_per_s=round(total, 1),
         batch_size=batch,
         threads=torch.get_num_threads(),
-        compile=args.compile,
         model="SmolLM2-135M-Instruct",
     )
 

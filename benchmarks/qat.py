@@ -104,7 +104,7 @@ def data_spec(variant: str, args: argparse.Namespace) -> str:
         return args.data
     if "data" in VARIANTS[variant]:
         return VARIANTS[variant]["data"]
-    return default_data_spec() if variant in RECIPE else "wikitext2:valid"
+    return default_data_spec(args.tokens) if variant in RECIPE else "wikitext2:valid"
 
 
 def littlebit_config(bpw: float, init: str, variant: str) -> LittleBitConfig:
@@ -125,8 +125,9 @@ def config_fields(teacher, lb: LittleBitConfig, cfg: TrainConfig, variant: str, 
     """A record's fields that follow from its configs and from the evaluations along the run."""
     return {
         "bpw_linear": round(budget(teacher, lb).bpw_linear, 4),
-        "eval": f"test splits, seqlen 2048, {args.final_windows or 'all'} windows; "
-        f"piqa validation, {args.piqa_limit or 'all'} questions",
+        "eval": f"test splits ({'wikitext2' if args.no_ptb else 'wikitext2, ptb'}), seqlen 2048, "
+        f"{args.final_windows or 'all'} windows"
+        + ("" if args.no_piqa else f"; piqa validation, {args.piqa_limit or 'all'} questions"),
         "steps": cfg.steps,
         "command": f"python3 benchmarks/qat.py --runs {lb.bpw}:{lb.init} --variant {variant} "
         f"--tokens {args.tokens}" + _eval_flags(args),

@@ -156,7 +156,7 @@ _RECIPE = {
     "residual-pair": {"littlebit": {"residual": True}},
     "seed1": {"seed": 1},
 }
-for _name in ("data-generated", "data-gen0.7", "data-gen0.5", "data-gen0.3"):
-    _RECIPE[f"{_name}-seed1"] = {**_RECIPE[_name], "seed": 1}  # another data order and generated text
+for _name in ("data-generated", "data-gen0.7", "data-gen0.5", "data-gen0.3", "hidden-0-recipe"):
+    _RECIPE[f"{_name}-seed1"] = {**_RECIPE[_name], "seed": 1}  # another data order (and generated text)
 RECIPE = set(_RECIPE)
 VARIANTS.update(_RECIPE)

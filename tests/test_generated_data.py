@@ -208,14 +208,39 @@ def test_generate_data_command(tiny_dir, tmp_path, capsys):
 
 def test_default_data_is_generated_text_without_a_local_corpus(tmp_path, monkeypatch):
     from littlebit.training import data_spec
-    from littlebit.training.data_spec import DEFAULT_WITH_LOCAL_CORPUS, GENERATED, default_data_spec
+    from littlebit.training.data_spec import (
+        DEFAULT_MIXTURE,
+        DEFAULT_WITH_LOCAL_CORPUS,
+        GENERATED,
+        MIXTURE_FROM_TOKENS,
+        default_data_spec,
+    )
 
     # only tmp_path is searched: a shared/data above the test's folder must not count
     monkeypatch.setattr(data_spec, "default_data_dirs", lambda: [tmp_path / "shared" / "data"])
     assert default_data_spec() == GENERATED
+    assert default_data_spec(10 * MIXTURE_FROM_TOKENS) == GENERATED
     (tmp_path / "shared" / "data" / "wikitext-2-raw").mkdir(parents=True)
     (tmp_path / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw").write_text("text\n")
     assert default_data_spec() == DEFAULT_WITH_LOCAL_CORPUS
+    # the split alone while the run reads it at most once, the mixture when it would repeat
+    assert default_data_spec(MIXTURE_FROM_TOKENS) == DEFAULT_WITH_LOCAL_CORPUS
+    assert default_data_spec(MIXTURE_FROM_TOKENS + 1) == DEFAULT_MIXTURE
+    assert [s.source for s in data_spec.parse_data_spec(DEFAULT_MIXTURE)] == [GENERATED, "wikitext2:valid"]
+
+
+def test_a_large_budget_reads_the_default_mixture(tmp_path, monkeypatch):
+    from littlebit.training import data_spec
+    from littlebit.training.config import TrainConfig
+    from littlebit.training.data import generated_tokens_needed
+
+    monkeypatch.setattr(data_spec, "default_data_dirs", lambda: [tmp_path])
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.valid.raw").write_text("text\n")
+    small = TrainConfig(steps=10, batch_size=2, seqlen=512, calib_sequences=0, blocks={"sequences": 0})
+    assert generated_tokens_needed(None, small) == 0
+    large = TrainConfig(steps=1000, batch_size=2, seqlen=512, calib_sequences=0, blocks={"sequences": 0})
+    assert generated_tokens_needed(None, large) == 1400 * 512  # 70 % of the 2000 sequences
 
 
 def test_train_command_prints_its_plan_and_keeps_to_its_budget(tiny_dir, tmp_path, capsys):

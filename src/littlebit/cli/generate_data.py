@@ -42,9 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="the same as train's --seed to share its cache")
     parser.add_argument("--device", help="where to sample (default: cuda when available)")
-    parser.add_argument(
-        "--compile", action="store_true", help="compile the decoding step (GPU: slower start, faster shards)"
-    )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
 
@@ -79,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    cache = TextCache(model, tokenizer, config, args.out, compile=args.compile)
+    cache = TextCache(model, tokenizer, config, args.out)
     shards_before, have = cache.available(), cache.tokens_available()
     print(f"{cache.dir}: {have:,} tokens in {shards_before} shards there", file=sys.stderr, flush=True)
     last = [have]

@@ -21,7 +21,13 @@ from littlebit.training.config import (
     TextGenConfig,
     TrainConfig,
 )
-from littlebit.training.data_spec import DEFAULT_WITH_LOCAL_CORPUS, GENERATED, parse_data_spec
+from littlebit.training.data_spec import (
+    DEFAULT_MIXTURE,
+    DEFAULT_WITH_LOCAL_CORPUS,
+    GENERATED,
+    MIXTURE_FROM_TOKENS,
+    parse_data_spec,
+)
 from littlebit.training.recipe import plan_budget
 
 # The budget the defaults spend (calibration, block stage and 1,080 global steps of 2 x 512).
@@ -64,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         default=None,
         help=f"SOURCE[:WEIGHT],...: {GENERATED} (text the teacher writes), wikitext2:valid, a text file or "
-        f"a folder (default: {DEFAULT_WITH_LOCAL_CORPUS} when it is here, else {GENERATED})",
+        f"a folder (default where a local WikiText-2 is: {DEFAULT_WITH_LOCAL_CORPUS} up to "
+        f"{MIXTURE_FROM_TOKENS:,} tokens, else {DEFAULT_MIXTURE}; without one: {GENERATED})",
     )
     parser.add_argument(
         "--data-tokens",

@@ -30,7 +30,7 @@ _MIX_SEED = 0x5EED
 
 def generated_tokens_needed(spec: str | None, config: TrainConfig) -> int:
     """Generated tokens a run on ``spec`` reads (0 when it reads none)."""
-    sources = parse_data_spec(spec or default_data_spec())
+    sources = parse_data_spec(spec or default_data_spec(config.sequences_read() * config.seqlen))
     if not any(s.generated for s in sources):
         return 0
     counts = mixture_counts([s.weight for s in sources], _total_sequences(config))
@@ -58,7 +58,8 @@ def training_sequences(
     """The run's packed ``(n, seqlen)`` training sequences for ``data`` (token ids or a spec)."""
     if isinstance(data, torch.Tensor):
         return pack_sequences(load_tokens(data), config.seqlen)
-    sources = parse_data_spec(str(data) if data is not None else default_data_spec())
+    spec = str(data) if data is not None else default_data_spec(config.sequences_read() * config.seqlen)
+    sources = parse_data_spec(spec)
     if len(sources) == 1 and not sources[0].generated:
         return pack_sequences(load_tokens(sources[0].source, tokenizer), config.seqlen)
     counts = mixture_counts([s.weight for s in sources], _total_sequences(config))

@@ -151,11 +151,8 @@ class TextCache:
         tokenizer,
         config: TextGenConfig,
         root: str | Path | None = None,
-        compile: bool = False,
     ) -> None:
-        # ``compile``: let transformers compile the decoding step (GPU, static cache). It costs a
-        # compilation up front and pays off over many shards; it does not change the cache key.
-        self.model, self.tokenizer, self.compile = model, tokenizer, compile
+        self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.config = resolved(config, self.device, model)
         self.prompts = start_prompts(tokenizer, self.config)
@@ -305,7 +302,9 @@ class TextCache:
             # A static cache on the GPU: one preallocated buffer, no growing copies over 512 steps.
             # The CPU keeps the dynamic cache, which is quicker there for short requests.
             cache_implementation="static" if self.device.type == "cuda" else None,
-            disable_compile=not (self.compile and self.device.type == "cuda"),
+            # Eager: with transformers compiling the decoding step a shard took 1.34x as long (H100,
+            # benchmarks/results/generate_h100.txt).
+            disable_compile=True,
         )
         mask = torch.ones_like(ids) if mask is None else mask
         # No autocast: under bf16 autocast on the H200 (transformers 5.17) the static cache, held in
