@@ -155,6 +155,24 @@ def test_train_command_streams_local_safetensors_unless_the_teacher_must_generat
     assert sharded_source(str(model_dir), str(text), TrainConfig(grad_power=0.5)) is None
 
 
+def test_default_data_under_torchrun_keeps_local_safetensors_shard_by_shard(model_dir, tmp_path, monkeypatch):
+    from littlebit.cli.train import sharded_default_data
+    from littlebit.training import data_spec
+    from littlebit.training.config import TrainConfig
+
+    large = TrainConfig(steps=1000, batch_size=2, seqlen=512)  # beyond the split: the default mixes
+    small = TrainConfig(steps=10, batch_size=2, seqlen=512)
+    monkeypatch.setattr(data_spec, "default_data_dirs", lambda: [tmp_path / "data"])
+    # no local corpus: generated text is the only default, so it stays (the teacher loads whole)
+    assert sharded_default_data(str(model_dir), None, large) is None
+    (tmp_path / "data" / "wikitext-2-raw").mkdir(parents=True)
+    (tmp_path / "data" / "wikitext-2-raw" / "wiki.valid.raw").write_text("text\n")
+    assert sharded_default_data(str(model_dir), None, large) == data_spec.DEFAULT_WITH_LOCAL_CORPUS
+    assert sharded_default_data(str(model_dir), None, small) is None  # the default reads no generated text
+    assert sharded_default_data(str(model_dir), "generated", large) == "generated"  # asked for
+    assert sharded_default_data(None, None, large) is None  # the GGUF default model loads whole anyway
+
+
 def test_train_command_on_two_processes_builds_a_local_checkpoint_shard_by_shard(
     tiny_dir, tmp_path, monkeypatch
 ):

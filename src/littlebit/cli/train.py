@@ -321,6 +321,32 @@ def sharded_source(
     return path
 
 
+def sharded_default_data(
+    model: str | None, data: str | None, cfg: TrainConfig, trust_remote_code: bool = False
+) -> str | None:
+    """The data spec of a run under torchrun. Without ``--data``, where the default would mix in
+    generated text but the model could be built shard by shard (``sharded_source``), the local corpus
+    alone: generating takes the whole teacher on every process, which that path exists to avoid (a
+    model too large for one GPU). Otherwise ``data`` as given."""
+    from littlebit.training.data import generated_tokens_needed
+    from littlebit.training.data_spec import default_data_spec
+
+    if data is not None or not generated_tokens_needed(None, cfg):
+        return data
+    if (
+        default_data_spec() != DEFAULT_WITH_LOCAL_CORPUS
+        or sharded_source(model, DEFAULT_WITH_LOCAL_CORPUS, cfg, trust_remote_code) is None
+    ):
+        return data  # no local corpus, or every process loads the teacher whole anyway
+    log.warning(
+        "under torchrun the default data is %s alone (generated text needs the whole teacher on every "
+        "process); pass --data %s for the mixture",
+        DEFAULT_WITH_LOCAL_CORPUS,
+        DEFAULT_MIXTURE,
+    )
+    return DEFAULT_WITH_LOCAL_CORPUS
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, train, save the compressed model to ``--out``; returns the exit code."""
     import torch
@@ -352,6 +378,7 @@ def run(args: argparse.Namespace) -> int:
     # process group's start waits for all ranks.
     sharded = None
     if launched is not None:
+        args.data = sharded_default_data(args.model, args.data, cfg, args.trust_remote_code)
         source = sharded_source(args.model, args.data, cfg, args.trust_remote_code)
         trust = args.trust_remote_code
         sharded = Distributed(offload_teacher=args.offload_teacher, source=source, trust_remote_code=trust)
