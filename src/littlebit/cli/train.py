@@ -329,15 +329,12 @@ def sharded_default_data(
     alone: generating takes the whole teacher on every process, which that path exists to avoid (a
     model too large for one GPU). Otherwise ``data`` as given."""
     from littlebit.training.data import generated_tokens_needed
-    from littlebit.training.data_spec import default_data_spec
+    from littlebit.training.data_spec import has_local_corpus
 
-    if data is not None or not generated_tokens_needed(None, cfg):
+    if data is not None or not generated_tokens_needed(None, cfg) or not has_local_corpus():
         return data
-    if (
-        default_data_spec() != DEFAULT_WITH_LOCAL_CORPUS
-        or sharded_source(model, DEFAULT_WITH_LOCAL_CORPUS, cfg, trust_remote_code) is None
-    ):
-        return data  # no local corpus, or every process loads the teacher whole anyway
+    if sharded_source(model, DEFAULT_WITH_LOCAL_CORPUS, cfg, trust_remote_code) is None:
+        return data  # every process loads the teacher whole anyway
     log.warning(
         "under torchrun the default data is %s alone (generated text needs the whole teacher on every "
         "process); pass --data %s for the mixture",

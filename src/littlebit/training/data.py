@@ -30,11 +30,16 @@ _MIX_SEED = 0x5EED
 
 def generated_tokens_needed(spec: str | None, config: TrainConfig) -> int:
     """Generated tokens a run on ``spec`` reads (0 when it reads none)."""
-    sources = parse_data_spec(spec or default_data_spec(config.sequences_read() * config.seqlen))
+    sources = parse_data_spec(_spec(spec or None, config))
     if not any(s.generated for s in sources):
         return 0
     counts = mixture_counts([s.weight for s in sources], _total_sequences(config))
     return sum(c for s, c in zip(sources, counts, strict=True) if s.generated) * config.seqlen
+
+
+def _spec(data: str | Path | None, config: TrainConfig) -> str:
+    """``data`` as a spec, or the default for the tokens this run reads."""
+    return str(data) if data is not None else default_data_spec(config.sequences_read() * config.seqlen)
 
 
 def _total_sequences(config: TrainConfig) -> int:
@@ -58,8 +63,7 @@ def training_sequences(
     """The run's packed ``(n, seqlen)`` training sequences for ``data`` (token ids or a spec)."""
     if isinstance(data, torch.Tensor):
         return pack_sequences(load_tokens(data), config.seqlen)
-    spec = str(data) if data is not None else default_data_spec(config.sequences_read() * config.seqlen)
-    sources = parse_data_spec(spec)
+    sources = parse_data_spec(_spec(data, config))
     if len(sources) == 1 and not sources[0].generated:
         return pack_sequences(load_tokens(sources[0].source, tokenizer), config.seqlen)
     counts = mixture_counts([s.weight for s in sources], _total_sequences(config))

@@ -60,12 +60,16 @@ def parse_data_spec(spec: str) -> list[DataSource]:
     return [DataSource(name, w / total) for name, w in sources]
 
 
+def has_local_corpus() -> bool:
+    """The WikiText-2 validation split is in one of the local data folders."""
+    return any((d / "wikitext-2-raw" / "wiki.valid.raw").is_file() for d in default_data_dirs())
+
+
 def default_data_spec(tokens: int | None = None) -> str:
     """The default data for a run reading ``tokens`` training tokens: where the local WikiText-2
     validation split is, the split alone up to ``MIXTURE_FROM_TOKENS``, else ``DEFAULT_MIXTURE``;
     generated text alone where no corpus is."""
-    local = any((d / "wikitext-2-raw" / "wiki.valid.raw").is_file() for d in default_data_dirs())
-    if not local:
+    if not has_local_corpus():
         return GENERATED
     repeats = tokens is not None and tokens > MIXTURE_FROM_TOKENS
     return DEFAULT_MIXTURE if repeats else DEFAULT_WITH_LOCAL_CORPUS
