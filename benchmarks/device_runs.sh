@@ -9,8 +9,8 @@
 #   bash benchmarks/device_runs.sh pipeline TOKENS SPEC... # generate TOKENS (seed 0), then the queue, detached
 #   bash benchmarks/device_runs.sh wait SECONDS          # wait for the queue, pack what finished
 #
-# A SPEC is BPW:VARIANT[:INIT[:GRAD]] (variants in benchmarks/qat_variants.py; INIT itq unless given;
-# GRAD the --grad-power of the initialisation, 0 unless given) or ptq. The queue runs one job at a time: runs of the default model are launch-bound, and two
+# A SPEC is BPW:VARIANT[:INIT[:GRAD]] (variants in benchmarks/qat_variants.py; INIT and GRAD, the
+# --grad-power of the initialisation, those of littlebit train, itq-refined and 0.5, unless given) or ptq. The queue runs one job at a time: runs of the default model are launch-bound, and two
 # processes on one GPU time-slice it, so side by side each ran several times slower than alone
 # (measured on the H200: 4 runs and the PTQ benchmark together finished nothing but the PTQ
 # benchmark in 9 minutes). The queue is detached so that it goes on
@@ -48,16 +48,14 @@ scale() {
 speed() {
   # Any of: prefill (per layer, time to first token, serving; about 8 minutes), eval (WikiText-2,
   # every test window, and all of PIQA; the default model packed against FP, bf16; about 2 minutes),
-  # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind), tiles
-  # (benchmarks/dev/prefill_tiles.py: a finer prefill tile sweep, about a minute) and generate (the
-  # teacher's text, three shards, one of each start kind; needs the model).
+  # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
+  # generate (the teacher's text, three shards, one of each start kind; needs the model).
   local what=${*:-profile prefill eval}
   export PYTHONUNBUFFERED=1
   touch "$ROOT/.speed-start"
   for w in $what; do
     case $w in
       profile) timeout 150 python benchmarks/dev/ttft_profile.py > "$ROOT/ttft_profile.log" 2>&1 ;;
-      tiles) timeout 200 python benchmarks/dev/prefill_tiles.py > "$ROOT/prefill_tiles.log" 2>&1 ;;
       prefill) timeout 480 python benchmarks/prefill.py --out "$ROOT/prefill.json" > "$ROOT/prefill.log" 2>&1 ;;
       eval) timeout 240 python benchmarks/eval_speed.py --device cuda --dtype bf16 --windows 1000 --limit 1838 \
         --reps 1 --tag eval_speed_gpu > "$ROOT/eval_speed.log" 2>&1 ;;
@@ -65,8 +63,8 @@ speed() {
       *) echo "speed: unknown measurement $w" >&2 ;;
     esac
   done
-  find benchmarks/results \( -name 'eval_speed_gpu*.json' -o -name 'ttft_profile.json' -o -name 'prefill_tiles.json' \
-    -o -name 'generate_rate_cuda.json' \) -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
+  find benchmarks/results \( -name 'eval_speed_gpu*.json' -o -name 'ttft_profile.json' -o -name 'generate_rate_cuda.json' \) \
+    -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
   pack
 }
 
@@ -120,7 +118,7 @@ run_queue() {
         [[ $spec == *-seed1 ]] && seed=1
         [ -f "$ROOT/generated-seed$seed.done" ] || { echo "$spec: no generated text" >> "$ROOT/$name.log"; continue; } ;;
     esac
-    local bpw=${spec%%:*} rest=${spec#*:} init=itq grad=0
+    local bpw=${spec%%:*} rest=${spec#*:} init=itq-refined grad=0.5
     [[ $rest == *:* ]] && init=${rest#*:}
     [[ $init == *:* ]] && grad=${init#*:} && init=${init%%:*}
     python benchmarks/qat.py --runs "$bpw:$init" --variant "${rest%%:*}" --grad-power "$grad" --generated-dir "$GEN" \

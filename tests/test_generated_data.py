@@ -151,19 +151,20 @@ def test_budget_split_reproduces_the_defaults_and_stays_within_small_budgets():
 def test_train_command_splits_its_budget():
     import argparse
 
-    from littlebit.cli.train import CPU_GRAD_POWER, add_arguments, config_from_args
+    from littlebit.cli.train import DEFAULT_GRAD_POWER, add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    lb, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--tokens", "30000"]), "cpu")
+    lb, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--tokens", "30000"]))
     assert lb.init == "itq-refined" and cfg.tokens == 30_000 and cfg.blocks.sequences == 4
-    assert cfg.grad_power == CPU_GRAD_POWER > 0 and cfg.uses_calibration
-    lb, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x"]), "cuda")
-    assert lb.init == "itq" and (cfg.steps, cfg.blocks) == (TrainConfig().steps, TrainConfig().blocks)
+    assert cfg.grad_power == DEFAULT_GRAD_POWER > 0 and cfg.uses_calibration
+    lb, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x"]))
+    assert lb.init == "itq-refined" and (cfg.steps, cfg.blocks) == (TrainConfig().steps, TrainConfig().blocks)
+    lb, _ = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--init", "itq"]))
+    assert lb.init == "itq"
+    _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--grad-power", "0"]))
     assert cfg.grad_power == 0
-    _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--grad-power", "0"]), "cpu")
-    assert cfg.grad_power == 0
-    _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--grad-power", "1"]), "cuda")
+    _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--grad-power", "1"]))
     assert cfg.grad_power == 1
     with pytest.raises(LittleBitError, match="--tokens"):
         config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--tokens", "9", "--steps", "3"]))

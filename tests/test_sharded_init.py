@@ -5,6 +5,7 @@ shards are the checkpoint's, and training from it goes as from a teacher loaded 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -155,22 +156,29 @@ def test_train_command_streams_local_safetensors_unless_the_teacher_must_generat
     assert sharded_source(str(model_dir), str(text), TrainConfig(grad_power=0.5)) is None
 
 
-def test_default_data_under_torchrun_keeps_local_safetensors_shard_by_shard(model_dir, tmp_path, monkeypatch):
-    from littlebit.cli.train import sharded_default_data
+def test_defaults_under_torchrun_keep_local_safetensors_shard_by_shard(model_dir, tmp_path, monkeypatch):
+    from littlebit.cli.train import DEFAULT_GRAD_POWER, sharded_plan
     from littlebit.training import data_spec
     from littlebit.training.config import TrainConfig
 
-    large = TrainConfig(steps=1000, batch_size=2, seqlen=512)  # beyond the split: the default mixes
-    small = TrainConfig(steps=10, batch_size=2, seqlen=512)
+    # beyond the split the default data mixes in generated text; the default init weights rows
+    large = TrainConfig(steps=1000, batch_size=2, seqlen=512, grad_power=DEFAULT_GRAD_POWER)
+    small = TrainConfig(steps=10, batch_size=2, seqlen=512, grad_power=DEFAULT_GRAD_POWER)
+    model = str(model_dir)
     monkeypatch.setattr(data_spec, "default_data_dirs", lambda: [tmp_path / "data"])
-    # no local corpus: generated text is the only default, so it stays (the teacher loads whole)
-    assert sharded_default_data(str(model_dir), None, large) is None
+    # no local corpus: generated text is the only default, so it stays and the teacher loads whole
+    assert sharded_plan(model, None, large, False) == (None, large, None)
     (tmp_path / "data" / "wikitext-2-raw").mkdir(parents=True)
     (tmp_path / "data" / "wikitext-2-raw" / "wiki.valid.raw").write_text("text\n")
-    assert sharded_default_data(str(model_dir), None, large) == data_spec.DEFAULT_WITH_LOCAL_CORPUS
-    assert sharded_default_data(str(model_dir), None, small) is None  # the default reads no generated text
-    assert sharded_default_data(str(model_dir), "generated", large) == "generated"  # asked for
-    assert sharded_default_data(None, None, large) is None  # the GGUF default model loads whole anyway
+    data, cfg, source = sharded_plan(model, None, large, False)
+    assert (data, cfg.grad_power, source) == (data_spec.DEFAULT_WITH_LOCAL_CORPUS, 0.0, model_dir)
+    assert cfg == dataclasses.replace(large, grad_power=0.0)  # nothing else changes
+    data, cfg, source = sharded_plan(model, None, small, False)  # the default reads no generated text
+    assert (data, cfg.grad_power, source) == (None, 0.0, model_dir)
+    # asked for: kept, and the teacher loads whole
+    assert sharded_plan(model, "generated", large, False) == ("generated", large, None)
+    assert sharded_plan(model, None, small, True) == (None, small, None)
+    assert sharded_plan(None, None, large, False) == (None, large, None)  # the GGUF default model loads whole
 
 
 def test_train_command_on_two_processes_builds_a_local_checkpoint_shard_by_shard(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import subprocess
@@ -35,22 +36,18 @@ DEFAULT_TOKENS = 1_638_400
 
 log = logging.getLogger(__name__)
 
-CPU_GRAD_POWER = 0.5
+# The initialisation: Joint-ITQ with its signs refitted to the weight, rows weighted by the teacher's
+# loss gradient to this power. At 1.6M tokens on a GPU (default data, 1.0 BPW) it took WikiText-2 / PTB
+# from 74.1 / 177.9 with plain Joint-ITQ to 67.1 / 146.0 (benchmarks/results/qat_recipe_gpu.json); after
+# 40k tokens on a CPU the held-out headline went from 13.0 (Joint-ITQ) to 9.7 with refitted signs
+# and 7.7 with the weighting (qat_init_cpu.json, qat_grad_cpu.json).
+DEFAULT_INIT = "itq-refined"
+DEFAULT_GRAD_POWER = 0.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
-    add_compression_arguments(parser, init_default="itq")
-    # The initialisation follows the device unless asked for. On a CPU, Joint-ITQ with refitted signs:
-    # after 40k training tokens of the default model its held-out headline was 9.7 against 38.1 with
-    # Dual-SVID, for 2 more minutes of initialisation (benchmarks/results/qat_init_cpu.json). On a GPU,
-    # Joint-ITQ, the initialisation that the 1.6M-token recipe was tuned and measured with. The rows
-    # weighted by the teacher's loss gradient (--grad-power) follow the same split: on a CPU, power 0.5
-    # took that headline from 9.7 to 7.7 (benchmarks/results/qat_grad_cpu.json).
-    parser.set_defaults(init=None)
-    for action in parser._actions:
-        if action.dest == "init":
-            action.help = "initialisation (default: itq on a GPU, itq-refined on a CPU)"
+    add_compression_arguments(parser, init_default=DEFAULT_INIT)
     parser.add_argument(
         "--tokens",
         type=int,
@@ -138,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="weight each layer's output rows at init by the teacher's loss-gradient RMS to this power "
-        f"(0: off; default: {CPU_GRAD_POWER} on a CPU, 0 on a GPU)",
+        f"(0: off; default: {DEFAULT_GRAD_POWER}; under torchrun 0 where the model is built shard by shard)",
     )
     parser.add_argument(
         "--latent-rms", type=float, default=None, help="rescale latents to this RMS (0: keep)"
@@ -184,13 +181,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(
-    args: argparse.Namespace, device_type: str = "cuda"
-) -> tuple[LittleBitConfig, TrainConfig]:
+def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainConfig]:
     """The configs the arguments ask for; bad values raise ``LittleBitError`` before anything is loaded.
 
     Without ``--steps`` (or the block-stage and calibration sizes) the recipe splits ``--tokens``
-    (default ``DEFAULT_TOKENS``) among the stages. ``device_type`` picks the default initialisation.
+    (default ``DEFAULT_TOKENS``) among the stages.
     """
     # 0 means "off" or "all" for these on the command line and None in the configs: refuse the
     # negative values here, before they could be read as something else.
@@ -206,10 +201,8 @@ def config_from_args(
         raise LittleBitError(f"--tokens sizes the stages itself: leave out --{flag}, or --tokens")
     if args.tokens is not None and args.tokens < 1:
         raise LittleBitError(f"--tokens must be >= 1, got {args.tokens}")
-    if args.init is None:
-        args.init = "itq" if device_type == "cuda" else "itq-refined"
     if args.grad_power is None:
-        args.grad_power = 0.0 if device_type == "cuda" else CPU_GRAD_POWER
+        args.grad_power = DEFAULT_GRAD_POWER
     lb = compression_config(args, seed_from_flag=False, sign_function=args.sign)
     d = TrainConfig()
     lrs = LearningRates(
@@ -321,27 +314,45 @@ def sharded_source(
     return path
 
 
-def sharded_default_data(
-    model: str | None, data: str | None, cfg: TrainConfig, trust_remote_code: bool = False
-) -> str | None:
-    """The data spec of a run under torchrun. Without ``--data``, where the default would mix in
-    generated text but the model could be built shard by shard (``sharded_source``), the local corpus
-    alone: generating takes the whole teacher on every process, which that path exists to avoid (a
-    model too large for one GPU). Otherwise ``data`` as given."""
+def sharded_plan(
+    model: str | None,
+    data: str | None,
+    cfg: TrainConfig,
+    grad_power_asked: bool,
+    trust_remote_code: bool = False,
+) -> tuple[str | None, TrainConfig, Path | None]:
+    """The data spec, config and shard source (``sharded_source``) of a run under torchrun.
+
+    Two defaults need the whole teacher on every process: generated text in the default data
+    (budgets above ``MIXTURE_FROM_TOKENS`` with a local corpus) and rows weighted by the loss gradient
+    at initialisation. Where the model could otherwise be built shard by shard (a model too large for
+    one GPU, which that path exists for), those defaults give way, each with one warning: the local
+    corpus alone, rows unweighted. What the command line asked for stays.
+    """
     from littlebit.training.data import generated_tokens_needed
     from littlebit.training.data_spec import has_local_corpus
 
-    if data is not None or not generated_tokens_needed(None, cfg) or not has_local_corpus():
-        return data
-    if sharded_source(model, DEFAULT_WITH_LOCAL_CORPUS, cfg, trust_remote_code) is None:
-        return data  # every process loads the teacher whole anyway
-    log.warning(
-        "under torchrun the default data is %s alone (generated text needs the whole teacher on every "
-        "process); pass --data %s for the mixture",
-        DEFAULT_WITH_LOCAL_CORPUS,
-        DEFAULT_MIXTURE,
-    )
-    return DEFAULT_WITH_LOCAL_CORPUS
+    shard_data = data
+    if data is None and generated_tokens_needed(None, cfg) and has_local_corpus():
+        shard_data = DEFAULT_WITH_LOCAL_CORPUS
+    shard_cfg = cfg if grad_power_asked else dataclasses.replace(cfg, grad_power=0.0)
+    source = sharded_source(model, shard_data, shard_cfg, trust_remote_code)
+    if source is None:
+        return data, cfg, None  # every process loads the teacher whole: the defaults cost nothing more
+    if shard_data != data:
+        log.warning(
+            "under torchrun the default data is %s alone (generated text needs the whole teacher on every "
+            "process); pass --data %s for the mixture",
+            DEFAULT_WITH_LOCAL_CORPUS,
+            DEFAULT_MIXTURE,
+        )
+    if shard_cfg.grad_power != cfg.grad_power:
+        log.warning(
+            "under torchrun the initialisation does not weight rows by the loss gradient (a backward pass "
+            "through the whole teacher); pass --grad-power %s for it",
+            cfg.grad_power,
+        )
+    return shard_data, shard_cfg, source
 
 
 def run(args: argparse.Namespace) -> int:
@@ -355,8 +366,8 @@ def run(args: argparse.Namespace) -> int:
             raise LittleBitError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     launched = launch_env()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    lb, cfg = config_from_args(args, torch.device(device).type)
+    grad_power_asked = args.grad_power is not None
+    lb, cfg = config_from_args(args)
     if args.nproc is not None:
         check_config(cfg, max(1, args.nproc))  # refused here in one line, not once per process
         return relaunch(args.nproc)
@@ -375,9 +386,8 @@ def run(args: argparse.Namespace) -> int:
     # process group's start waits for all ranks.
     sharded = None
     if launched is not None:
-        args.data = sharded_default_data(args.model, args.data, cfg, args.trust_remote_code)
-        source = sharded_source(args.model, args.data, cfg, args.trust_remote_code)
         trust = args.trust_remote_code
+        args.data, cfg, source = sharded_plan(args.model, args.data, cfg, grad_power_asked, trust)
         sharded = Distributed(offload_teacher=args.offload_teacher, source=source, trust_remote_code=trust)
     try:
         return _train(args, lb, cfg, out, work, resume, sharded)

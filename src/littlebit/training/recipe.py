@@ -42,7 +42,8 @@ class Rates:
 
 
 # GPU: the 1.6M-token default runs on an H100 (benchmarks/results/qat.json: setup 64-74 s with
-# Joint-ITQ, block stage ~105 s for 524k tokens, global ~165 s for 1.1M); generation, eager at 256 x 512
+# Joint-ITQ, block stage ~105 s for 524k tokens, global ~165 s for 1.1M; qat_recipe_gpu.json: setup
+# 65 and 71 s with refitted signs and the loss-gradient pass, 1.0 BPW); generation, eager at 256 x 512
 # a shard on an H100: 4,700 tokens/s for a shard of BOS starts alone (benchmarks/results/generate_h100.txt),
 # and a 1.6M-token run that sampled four shards itself (BOS, random, chat, BOS: 400k tokens) took 139 s
 # longer than the same run finding its text (qat_data_gpu.json), ~2,900 tokens/s: 3,000 here.
@@ -55,7 +56,9 @@ class Rates:
 # (benchmarks/results/init_quality_grad_cpu.json, powers 0.5 and 1 against 0); not timed apart on a
 # GPU, where the global step's rate, which also runs the student, bounds it.
 RATES = {
-    "cuda": Rates("an H100", {"itq": 70.0, "dual-svid": 15.0}, 5000.0, 6700.0, 3000.0, 6700.0),
+    "cuda": Rates(
+        "an H100", {"itq": 70.0, "itq-refined": 67.0, "dual-svid": 15.0}, 5000.0, 6700.0, 3000.0, 6700.0
+    ),
     "cpu": Rates(
         "2 idle CPU cores", {"itq": 90.0, "itq-refined": 125.0, "dual-svid": 15.0}, 150.0, 150.0, 84.0, 380.0
     ),
