@@ -6,7 +6,8 @@
 #   bash benchmarks/device_runs.sh speed [WHAT...]       # many-token kernels: prefill, eval (needs the model)
 #   bash benchmarks/device_runs.sh generate TOKENS [SEED] # the teacher's text
 #   bash benchmarks/device_runs.sh queue SPEC...         # train SPECs one after another, detached
-#   bash benchmarks/device_runs.sh pipeline TOKENS SPEC... # generate TOKENS (seed 0), then the queue, detached
+#   bash benchmarks/device_runs.sh pipeline TOKENS SPEC... # the queue, detached, each data order's TOKENS of
+#                                                          # text generated before its first run
 #   bash benchmarks/device_runs.sh wait SECONDS          # wait for the queue, pack what finished
 #
 # A SPEC is BPW:VARIANT[:INIT[:GRAD]] (variants in benchmarks/qat_variants.py; INIT and GRAD, the
@@ -112,10 +113,15 @@ run_queue() {
       python benchmarks/ptq.py >> "$ROOT/ptq.log" 2>&1 && cp benchmarks/results/ptq.json "$ROOT/" && touch "$ROOT/ptq.done"
       continue
     fi
+    local seed=0
+    [[ $spec == *seed1* ]] && seed=1
+    # A pipeline writes the text of each data order before its first run (nothing to do when it is
+    # there); a run would otherwise sample it eagerly, on the clock.
+    if [ -n "${GEN_TOKENS:-}" ] && [ ! -f "$ROOT/generated-seed$seed.done" ]; then
+      GEN_LIMIT_S=3600 generate "$GEN_TOKENS" "$seed"
+    fi
     case $spec in
-      *generated* | *gen0*)  # its text first: a run would otherwise sample it eagerly, on the clock
-        local seed=0
-        [[ $spec == *-seed1 ]] && seed=1
+      *generated* | *gen0*)
         [ -f "$ROOT/generated-seed$seed.done" ] || { echo "$spec: no generated text" >> "$ROOT/$name.log"; continue; } ;;
     esac
     local bpw=${spec%%:*} rest=${spec#*:} init=itq-refined grad=0.5
@@ -152,7 +158,7 @@ case ${1:-} in
   queue) shift; queue "$@" ;;
   pipeline) shift; pipeline "$@" ;;
   run-queue) shift; run_queue "$@" ;;
-  run-pipeline) shift; tokens=$1; shift; GEN_LIMIT_S=3600 generate "$tokens" 0; run_queue "$@" ;;
+  run-pipeline) shift; GEN_TOKENS=$1; shift; run_queue "$@" ;;
   wait) wait_queue "${2:?wait SECONDS}" ;;
   *) echo "usage: device_runs.sh scale [WHAT...] | speed [WHAT...] | generate TOKENS [SEED] | queue SPEC... | pipeline TOKENS SPEC... | wait SECONDS" >&2; exit 2 ;;
 esac

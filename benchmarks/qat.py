@@ -36,6 +36,7 @@ from littlebit.config import LittleBitConfig  # noqa: E402
 from littlebit.core.convert import budget  # noqa: E402
 from littlebit.evaluation.heldout import PARTS, RATIO_CONVENTION, headline, held_out_scores, ratios  # noqa: E402
 from littlebit.evaluation.perplexity import tokenize_eval  # noqa: E402
+from littlebit.evaluation.tasks import load_tasks  # noqa: E402
 from littlebit.hf.models import load_model, load_tokenizer  # noqa: E402
 from littlebit.training.config import BlockConfig, LearningRates, TextGenConfig, TrainConfig  # noqa: E402
 from littlebit.training.data_spec import default_data_spec  # noqa: E402
@@ -349,6 +350,8 @@ def main() -> int:
     ctx["eval_sets"] = {"wikitext2": ctx["eval_ids"]}
     if "ptb" in ctx["parts"]:
         ctx["eval_sets"]["ptb"] = tokenize_eval(tokenizer, "ptb", "test")
+    if "piqa" in ctx["parts"]:  # its data checked now, not after minutes of training (FP may be cached)
+        load_tasks(["piqa"])
     # The FP model once per process: every record carries it, and its ratios are to it.
     t0 = time.perf_counter()
     # The FP scores of another run are reused only if they scored the same model on the same parts.

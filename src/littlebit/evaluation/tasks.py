@@ -59,8 +59,10 @@ def import_lm_eval():
     return lm_eval
 
 
-def _load_tasks(names: list[str], data_dir: str | Path | None):
-    """lm-eval Task objects keyed by the name the user gave, local definitions where data is found."""
+def load_tasks(names: list[str], data_dir: str | Path | None = None) -> dict:
+    """lm-eval Task objects keyed by the name the user gave, local definitions where data is found;
+    ``LittleBitError`` in one line when a task's data is neither local nor fetchable. Loading them
+    before a long run (training, then scoring) makes missing data fail at the start."""
     from lm_eval.tasks import TaskManager
 
     loaded = {}
@@ -115,7 +117,7 @@ def evaluate_tasks(
     lm_eval = import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    tasks = _load_tasks(names, data_dir)
+    tasks = load_tasks(names, data_dir)
     by_object = {id(t): name for name, t in tasks.items()}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(
