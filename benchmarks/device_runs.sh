@@ -10,8 +10,9 @@
 #                                                          # text generated before its first run
 #   bash benchmarks/device_runs.sh wait SECONDS          # wait for the queue, pack what finished
 #
-# A SPEC is BPW:VARIANT[:INIT[:GRAD]] (variants in benchmarks/qat_variants.py; INIT and GRAD, the
-# --grad-power of the initialisation, those of littlebit train, itq-refined and 0.5, unless given) or ptq. The queue runs one job at a time: runs of the default model are launch-bound, and two
+# A SPEC is BPW:VARIANT[+VARIANT...][:INIT[:GRAD]] (variants in benchmarks/qat_variants.py, those joined
+# by + in one process from one initial student; INIT and GRAD, the --grad-power of the initialisation,
+# those of littlebit train, itq-refined and 0.5, unless given) or ptq. The queue runs one job at a time: runs of the default model are launch-bound, and two
 # processes on one GPU time-slice it, so side by side each ran several times slower than alone
 # (measured on the H200: 4 runs and the PTQ benchmark together finished nothing but the PTQ
 # benchmark in 9 minutes). The queue is detached so that it goes on
@@ -113,24 +114,30 @@ run_queue() {
       python benchmarks/ptq.py >> "$ROOT/ptq.log" 2>&1 && cp benchmarks/results/ptq.json "$ROOT/" && touch "$ROOT/ptq.done"
       continue
     fi
-    local seed=0
-    [[ $spec == *seed1* ]] && seed=1
+    local seeds=0
+    [[ $spec == *seed1* ]] && seeds="0 1"
     # A pipeline writes the text of each data order before its first run (nothing to do when it is
     # there); a run would otherwise sample it eagerly, on the clock.
-    if [ -n "${GEN_TOKENS:-}" ] && [ ! -f "$ROOT/generated-seed$seed.done" ]; then
-      GEN_LIMIT_S=3600 generate "$GEN_TOKENS" "$seed"
-    fi
+    for seed in $seeds; do
+      if [ -n "${GEN_TOKENS:-}" ] && [ ! -f "$ROOT/generated-seed$seed.done" ]; then
+        GEN_LIMIT_S=3600 generate "$GEN_TOKENS" "$seed"
+      fi
+    done
     case $spec in
       *generated* | *gen0*)
+        local seed=${seeds##* }
         [ -f "$ROOT/generated-seed$seed.done" ] || { echo "$spec: no generated text" >> "$ROOT/$name.log"; continue; } ;;
     esac
     local bpw=${spec%%:*} rest=${spec#*:} init=itq-refined grad=0.5
     [[ $rest == *:* ]] && init=${rest#*:}
     [[ $init == *:* ]] && grad=${init#*:} && init=${init%%:*}
-    python benchmarks/qat.py --runs "$bpw:$init" --variant "${rest%%:*}" --grad-power "$grad" --generated-dir "$GEN" \
-      --work "$ROOT/work-$name" --resume --save-every 200 --fp-scores "$ROOT/fp.json" \
+    local variants=${rest%%:*}
+    # VARIANT+VARIANT...: one process, one initial student (--reuse-init), one model load and FP score
+    python benchmarks/qat.py --runs "$bpw:$init" --variant ${variants//+/ } --reuse-init --grad-power "$grad" \
+      --generated-dir "$GEN" --work "$ROOT/work-$name" --resume --save-every 200 --fp-scores "$ROOT/fp.json" \
       --out "$ROOT/$name.json" --logs "$ROOT/$name.jsonl" >> "$ROOT/$name.log" 2>&1 \
-      && grep -q headline "$ROOT/$name.json" && touch "$ROOT/$name.done"
+      && python -c 'import json, sys; sys.exit(len({r["variant"] for r in json.load(open(sys.argv[1])) if "headline" in r}) < int(sys.argv[2]))' \
+        "$ROOT/$name.json" "$(tr '+' '\n' <<< "$variants" | wc -l)" && touch "$ROOT/$name.done"
   done
 }
 
