@@ -208,7 +208,8 @@ def run_one(bpw: float, init: str, variant: str, ctx: dict, args: argparse.Names
         "data": data,
         "tokens": res.tokens,
         **quality_fields(scores, ctx["fp"]),
-        "tokens_per_s": round(res.tokens_per_s, 1),
+        # None where no global step was timed (a run resumed after its last step): JSON has no NaN
+        "tokens_per_s": round(res.tokens_per_s, 1) if math.isfinite(res.tokens_per_s) else None,
         "seconds": round(time.perf_counter() - t0, 1),
         "eval_seconds": round(eval_seconds, 1),
         "timings_s": {k: round(v, 1) for k, v in res.timings.items()},
