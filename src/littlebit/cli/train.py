@@ -201,8 +201,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         raise LittleBitError(f"--tokens sizes the stages itself: leave out --{flag}, or --tokens")
     if args.tokens is not None and args.tokens < 1:
         raise LittleBitError(f"--tokens must be >= 1, got {args.tokens}")
-    if args.grad_power is None:
-        args.grad_power = DEFAULT_GRAD_POWER
     lb = compression_config(args, seed_from_flag=False, sign_function=args.sign)
     d = TrainConfig()
     lrs = LearningRates(
@@ -228,7 +226,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         blocks=blocks,
         calib_sequences=d.calib_sequences if args.calib_sequences is None else args.calib_sequences,
         act_power=d.act_power if args.act_power is None else args.act_power,
-        grad_power=args.grad_power,
+        grad_power=DEFAULT_GRAD_POWER if args.grad_power is None else args.grad_power,
         latent_rms=d.latent_rms if args.latent_rms is None else (args.latent_rms or None),
         train_norms=not args.freeze_norms,
         seed=args.seed,
@@ -366,7 +364,6 @@ def run(args: argparse.Namespace) -> int:
             raise LittleBitError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     launched = launch_env()
-    grad_power_asked = args.grad_power is not None
     lb, cfg = config_from_args(args)
     if args.nproc is not None:
         check_config(cfg, max(1, args.nproc))  # refused here in one line, not once per process
@@ -387,6 +384,7 @@ def run(args: argparse.Namespace) -> int:
     sharded = None
     if launched is not None:
         trust = args.trust_remote_code
+        grad_power_asked = args.grad_power is not None
         args.data, cfg, source = sharded_plan(args.model, args.data, cfg, grad_power_asked, trust)
         sharded = Distributed(offload_teacher=args.offload_teacher, source=source, trust_remote_code=trust)
     try:
