@@ -1,4 +1,4 @@
-# Run here (with PyPI access) before a GPU session: the wheels the GPU image lacks, into .dev-wheels/ (git
+# Run here (with PyPI access) before staging a GPU machine: the wheels the GPU image lacks, into .dev-wheels/ (git
 # ignores it), at the versions of requirements/lock.txt. The image has torch, transformers, triton,
 # pandas, pyarrow, scikit-learn and sacrebleu but not gguf (the default model's loader) nor lm-eval and
 # the part of its dependencies outside that list (PIQA in every training benchmark needs it).
