@@ -52,33 +52,22 @@ _INIT_REUSED = [False]  # whether the latest student came from the cache (its se
 
 
 def cached_make_student(
-    teacher,
-    config,
-    calibration=None,
-    act_power=1.0,
-    latent_rms=None,
-    progress=True,
-    grad_power=0.0,
-    input_covariance=False,
+    teacher, config, calibration=None, act_power=1.0, latent_rms=None, progress=True, grad_power=0.0
 ):
     calib_key = None if calibration is None else (tuple(calibration.shape), int(calibration.sum()))
-    key = (config.to_json(), calib_key, act_power, latent_rms, grad_power, input_covariance)
+    key = (config.to_json(), calib_key, act_power, latent_rms, grad_power)
     _INIT_REUSED[0] = key in _INIT_CACHE
     if key not in _INIT_CACHE:
         _INIT_CACHE.clear()  # one cached student at a time: they are the size of the model
         _INIT_CACHE[key] = make_student(
-            teacher, config, calibration, act_power, latent_rms, progress, grad_power, input_covariance
+            teacher, config, calibration, act_power, latent_rms, progress, grad_power
         )
     return copy.deepcopy(_INIT_CACHE[key])
 
 
 def train_config(variant: str, args: argparse.Namespace, lb: LittleBitConfig) -> TrainConfig:
     base = TrainConfig(
-        seqlen=args.seqlen,
-        eval_seqlen=2048,
-        eval_windows=args.curve_windows,
-        grad_power=args.grad_power,
-        input_covariance=args.input_covariance,
+        seqlen=args.seqlen, eval_seqlen=2048, eval_windows=args.curve_windows, grad_power=args.grad_power
     )
     over = dict(VARIANTS[variant])
     if args.batch_size:  # the command line wins over the variant's pinned batch
@@ -130,7 +119,6 @@ def _eval_flags(args) -> str:
     flags += [("--curve-points", args.curve_points)] if args.curve_points != 4 else []
     flags += [("--grad-power", args.grad_power)] if args.grad_power else []  # init, like BPW:INIT
     out = "".join(f" {flag} {value}" for flag, value in flags if value is not None)
-    out += " --input-covariance" if args.input_covariance else ""
     return out + (" --no-ptb" if args.no_ptb else "") + (" --no-piqa" if args.no_piqa else "")
 
 
@@ -329,11 +317,6 @@ def main() -> int:
         type=float,
         default=0.0,
         help="weight output rows at init by the teacher's loss-gradient RMS to this power (every run)",
-    )
-    ap.add_argument(
-        "--input-covariance",
-        action="store_true",
-        help="itq-refined refits each layer to its outputs on the calibration tokens (every run)",
     )
     ap.add_argument(
         "--reuse-init", action="store_true", help="share one initial student among variants of a BPW/init"

@@ -14,7 +14,7 @@ from littlebit.config import LittleBitError
 from littlebit.training.config import BlockConfig, TextGenConfig, TrainConfig
 from littlebit.training.data import training_sequences
 from littlebit.training.data_spec import mixture_counts, parse_data_spec
-from littlebit.training.recipe import RATES, describe, plan_budget, stages
+from littlebit.training.recipe import describe, plan_budget, stages
 from littlebit.training.teacher_text import TextCache
 
 GEN = TextGenConfig(length=32, batch_size=2)  # the chat start alone is 24 tokens
@@ -146,25 +146,12 @@ def test_budget_split_reproduces_the_defaults_and_stays_within_small_budgets():
     # the loss-gradient pass over the calibration tokens is part of the initialisation's time
     weighted = stages(dataclasses.replace(small, grad_power=0.5), "dual-svid", 0, "cpu")
     assert weighted[0].seconds > stages(small, "dual-svid", 0, "cpu")[0].seconds
-    # so is the refit to the layers' outputs, where it has been timed; elsewhere the plan says so
-    refit = dataclasses.replace(small, input_covariance=True)
-    for device in ("cpu", "cuda"):
-        plain, fitted = stages(small, "itq-refined", 0, device)[0], stages(refit, "itq-refined", 0, device)[0]
-        timed = RATES[device].covariance_refit_s is not None
-        assert "output refit" in fitted.name and ("untimed" in fitted.name) != timed
-        assert fitted.seconds > plain.seconds if timed else fitted.seconds == plain.seconds
-    assert "output refit" not in stages(refit, "itq", 0, "cpu")[0].name  # only itq-refined refits
 
 
 def test_train_command_splits_its_budget():
     import argparse
 
-    from littlebit.cli.train import (
-        DEFAULT_GRAD_POWER,
-        DEFAULT_INPUT_COVARIANCE,
-        add_arguments,
-        config_from_args,
-    )
+    from littlebit.cli.train import DEFAULT_GRAD_POWER, add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -179,11 +166,6 @@ def test_train_command_splits_its_budget():
     assert cfg.grad_power == 0
     _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--grad-power", "1"]))
     assert cfg.grad_power == 1
-    _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x"]))
-    assert cfg.input_covariance == DEFAULT_INPUT_COVARIANCE
-    for flag, value in (("--input-covariance", True), ("--no-input-covariance", False)):
-        _, cfg = config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", flag]))
-        assert cfg.input_covariance is value and cfg.uses_calibration
     with pytest.raises(LittleBitError, match="--tokens"):
         config_from_args(parser.parse_args(["--bpw", "1", "--out", "x", "--tokens", "9", "--steps", "3"]))
 

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 # and 7.7 with the weighting (qat_init_cpu.json, qat_grad_cpu.json).
 DEFAULT_INIT = "itq-refined"
 DEFAULT_GRAD_POWER = 0.5
-DEFAULT_INPUT_COVARIANCE = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,13 +138,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(0: off; default: {DEFAULT_GRAD_POWER}; under torchrun 0 where the model is built shard by shard)",
     )
     parser.add_argument(
-        "--input-covariance",
-        action=argparse.BooleanOptionalAction,
-        default=DEFAULT_INPUT_COVARIANCE,
-        help="with --init itq-refined, refit each layer to its outputs on the calibration tokens (their "
-        "inputs' whole second moment), not to its weight weighted per input feature",
-    )
-    parser.add_argument(
         "--latent-rms", type=float, default=None, help="rescale latents to this RMS (0: keep)"
     )
     parser.add_argument("--sign", choices=SIGN_FUNCTIONS, default="smooth", help="sign surrogate gradient")
@@ -235,7 +227,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         calib_sequences=d.calib_sequences if args.calib_sequences is None else args.calib_sequences,
         act_power=d.act_power if args.act_power is None else args.act_power,
         grad_power=DEFAULT_GRAD_POWER if args.grad_power is None else args.grad_power,
-        input_covariance=args.input_covariance,
         latent_rms=d.latent_rms if args.latent_rms is None else (args.latent_rms or None),
         train_norms=not args.freeze_norms,
         seed=args.seed,

@@ -1,6 +1,5 @@
 """Calibration statistics of every decoder linear layer on sample text: the RMS of its input
-features (or their whole second moment), and the RMS of the next-token loss's gradient at its output
-features.
+features, and the RMS of the next-token loss's gradient at its output features.
 
 They feed the weighted initialisation (``init.initialise(input_scale=..., output_scale=...)``):
 fitting ``diag(o) W diag(s)`` instead of ``W`` weights each column by how strongly its input is
@@ -47,82 +46,21 @@ class InputSquares:
         return {n: (s / tokens).sqrt().cpu() for n, s in self.sums.items()}
 
 
-class InputSecondMoments:
-    """Per-layer second moments ``X^T X / tokens`` (d_in x d_in, float32, on the inputs' device) of
-    the inputs of ``modules`` over every forward while the recorder is active (``with``).
-
-    Layers fed the very same tensor right after one another (q, k and v; gate and up) share one
-    matrix: on a Llama-2-7B shape that saves 6.4 GB of the 22 GB.
-    """
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.modules = modules
-        self.sums: dict[str, torch.Tensor] = {}
-        self.same_as: dict[str, str] = {}
-        self.tokens: dict[str, int] = {}
-        self._last: tuple[str, torch.Tensor] | None = None
-        self._handles: list = []
-
-    def _hook(self, name: str):
-        def fn(module, args):
-            x = args[0]  # the object itself: its identity tells a shared input
-            last, self._last = self._last, (name, x)
-            if last is not None and last[1] is x:
-                self.same_as.setdefault(name, self.same_as.get(last[0], last[0]))
-            if name in self.same_as:
-                self._last = (self.same_as[name], x)
-                return
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            acc = flat.T @ flat
-            self.sums[name] = self.sums[name] + acc if name in self.sums else acc
-            self.tokens[name] = self.tokens.get(name, 0) + flat.shape[0]
-
-        return fn
-
-    def __enter__(self) -> InputSecondMoments:
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._last = [], None
-
-    def __call__(self, name: str) -> torch.Tensor | None:
-        """The second moment of ``name``'s inputs; None for a layer the forwards never reached."""
-        key = self.same_as.get(name, name)
-        return self.sums[key] / self.tokens[key] if key in self.sums else None
-
-    def rms(self) -> dict[str, torch.Tensor]:
-        """``{name: RMS of each input feature}`` (on the CPU), as ``InputSquares.rms`` gives it."""
-        moments = {n: self(n) for n in self.modules}
-        return {n: torch.diagonal(m).clamp_min(0).sqrt().cpu() for n, m in moments.items() if m is not None}
-
-
-def linear_input_second_moments(model: nn.Module) -> InputSecondMoments:
-    """A recorder of the inputs' second moments of every decoder linear layer of ``model``."""
-    return InputSecondMoments({n: model.get_submodule(n) for n in decoder_linear_names(model)})
-
-
 def linear_input_squares(model: nn.Module) -> InputSquares:
     """A recorder of the inputs of every decoder linear layer of ``model``."""
     return InputSquares({n: model.get_submodule(n) for n in decoder_linear_names(model)})
 
 
 @torch.no_grad()
-def run_forwards(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> int:
-    """Run ``model`` over ``sequences`` (n, seqlen) for the recorders active around it; returns the
-    number of tokens."""
-    device = next(model.parameters()).device
-    for i in range(0, sequences.shape[0], batch_size):
-        model(sequences[i : i + batch_size].to(device), use_cache=False)
-    return sequences.numel()
-
-
 def input_rms(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """``{linear name: RMS of each input feature}`` over all tokens of ``sequences`` (n, seqlen)."""
+    device = next(model.parameters()).device
+    count = 0
     with linear_input_squares(model) as squares:
-        count = run_forwards(model, sequences, batch_size)
+        for i in range(0, sequences.shape[0], batch_size):
+            batch = sequences[i : i + batch_size].to(device)
+            model(batch, use_cache=False)
+            count += batch.numel()
     return squares.rms(count)
 
 

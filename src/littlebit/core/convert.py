@@ -147,7 +147,6 @@ def budget(model: nn.Module, config: LittleBitConfig, targets: list[Target] | No
 
 
 FeatureScales = Callable[[str], torch.Tensor | None]  # module name -> per-feature scale
-SecondMoments = Callable[[str], torch.Tensor | None]  # module name -> its inputs' d_in x d_in moment
 
 
 def checked_plan(model: nn.Module, config: LittleBitConfig) -> tuple[list[Target], ModelBudget]:
@@ -173,15 +172,12 @@ def convert(
     input_scales: FeatureScales | None = None,
     progress: bool = True,
     output_scales: FeatureScales | None = None,
-    input_covariances: SecondMoments | None = None,
 ) -> ModelBudget:
     """Replace the decoder's linear layers of ``model`` in place with initialised LittleBit layers.
 
     ``input_scales(module_name)`` may return a per-input-feature scale for activation-aware
     initialisation, ``output_scales(module_name)`` a per-output-feature one (the whole module's, fused
-    parts included), ``input_covariances(module_name)`` the second moment of its inputs (d_in x d_in,
-    ``itq-refined`` only: see ``init.initialise``). Returns the bit report; warns about layers that
-    cannot meet their target.
+    parts included). Returns the bit report; warns about layers that cannot meet their target.
     """
     targets, report = checked_plan(model, config)
     compute_device = default_compute_device(compute_device)
@@ -189,8 +185,7 @@ def convert(
     for i, (name, parts) in enumerate(tqdm(by_module.items(), desc="LittleBit init", disable=not progress)):
         scale = input_scales(name) if input_scales is not None else None
         out_scale = output_scales(name) if output_scales is not None else None
-        cov = input_covariances(name) if input_covariances is not None else None
-        convert_module(model, name, parts, config, i, compute_device, scale, out_scale, cov)
+        convert_module(model, name, parts, config, i, compute_device, scale, out_scale)
     attach_config(model, config)
     return report
 
@@ -212,7 +207,6 @@ def convert_module(
     compute_device: torch.device | str | None = None,
     input_scale: torch.Tensor | None = None,
     output_scale: torch.Tensor | None = None,
-    input_covariance: torch.Tensor | None = None,
 ) -> None:
     """Replace the linear ``name`` by its initialised LittleBit form; ``index`` is its position in
     ``targets_by_module`` (the seed offset), so one module converted alone matches a whole-model run."""
@@ -233,7 +227,6 @@ def convert_module(
             input_scale=input_scale,
             compute_device=compute_device,
             output_scale=None if output_scale is None else output_scale[offset - t.d_out : offset],
-            input_covariance=input_covariance,
         )
     module = new[None] if None in new else SplitLinear(new, linear.in_features)
     set_submodule(model, name, module)

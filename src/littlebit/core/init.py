@@ -183,7 +183,6 @@ def initialise(
     input_scale: torch.Tensor | None = None,
     itq_iters: int = 50,
     output_scale: torch.Tensor | None = None,
-    input_covariance: torch.Tensor | None = None,
 ) -> Factors:
     """Factors for ``weight`` (d_out x d_in), computed in fp32 on ``weight``'s device.
 
@@ -192,14 +191,9 @@ def initialise(
     ``weight * input_scale`` and the column scale ``g`` is divided by it afterwards, which leaves
     the signs' meaning unchanged. ``output_scale`` (d_out, positive) weights the rows the same way,
     e.g. by how much each output feature moves the model's loss, and divides ``h`` afterwards.
-    ``input_covariance`` (d_in x d_in, the inputs' second moment; ``itq-refined`` only) then refits
-    each path to the error of the layer's outputs on those inputs, correlations between input features
-    included, where ``input_scale`` sees each feature's size alone.
     """
     if method not in ("dual-svid", "itq", "itq-refined"):
         raise ValueError(f"unknown initialisation {method!r}")
-    if input_covariance is not None and method != "itq-refined":
-        raise ValueError(f"an input covariance refines itq-refined's fit, not {method!r}'s")
     w = weight.detach().to(torch.float32)
     if input_scale is not None:
         input_scale = input_scale.to(w).clamp_min(1e-8)
@@ -213,10 +207,6 @@ def initialise(
         u, v, h, l, g = _one_path(target, rank, seed + p, method != "dual-svid", itq_iters)
         if method == "itq-refined":
             u, v, h, l, g = refine(target, u, v, h, l, g)
-        if input_covariance is not None:  # from the weighted fit, to the outputs (unscaled columns)
-            col = input_scale if input_scale is not None else torch.ones_like(g)
-            u, v, h, l, g = refine(target / col, u, v, h, l, g / col, covariance=input_covariance.to(w))
-            g = g * col
         paths.append((u, v, h, l, g))
         if p == 0 and residual:
             target = w - reconstruct(u[None], v[None], h[None], l[None], g[None])

@@ -88,15 +88,10 @@ class LittleBitLinear(nn.Linear):
         input_scale: torch.Tensor | None = None,
         compute_device: torch.device | str | None = None,
         output_scale: torch.Tensor | None = None,
-        input_covariance: torch.Tensor | None = None,
     ) -> LittleBitLinear:
         w = linear.weight.detach()
         dev = torch.device(compute_device) if compute_device is not None else w.device
-        cov = None if input_covariance is None else input_covariance.to(dev)
-        factors = initialise(
-            w.to(dev), rank, residual, init, seed, input_scale, output_scale=output_scale,
-            input_covariance=cov,
-        )  # fmt: skip
+        factors = initialise(w.to(dev), rank, residual, init, seed, input_scale, output_scale=output_scale)
         layer = cls(
             linear.in_features,
             linear.out_features,

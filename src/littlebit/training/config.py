@@ -130,9 +130,6 @@ class TrainConfig:
     act_power: float = 1.0
     # Output rows weighted at initialisation by the teacher's loss-gradient RMS to this power (0: off).
     grad_power: float = 0.0
-    # itq-refined's refit aims at each layer's outputs on the calibration tokens (their inputs' whole
-    # second moment) instead of its weight weighted per input feature.
-    input_covariance: bool = False
     latent_rms: float | None = 0.02
     train_norms: bool = True
     # Global-norm gradient clipping in the global phase: with steps of 2 sequences the gradient is
@@ -197,7 +194,7 @@ class TrainConfig:
     @property
     def uses_calibration(self) -> bool:
         """Whether the initialisation reads calibration sequences (weighted by their statistics)."""
-        return self.act_power != 0 or self.grad_power != 0 or self.input_covariance
+        return self.act_power != 0 or self.grad_power != 0
 
     @property
     def tokens_per_step(self) -> int:

@@ -337,7 +337,7 @@ class Distributed:
             calib = trainer._calibration()
             student = make_student(
                 trainer.teacher, trainer.lb_config, calib, cfg.act_power, cfg.latent_rms, trainer.progress,
-                cfg.grad_power, cfg.input_covariance,
+                cfg.grad_power,
             )  # fmt: skip
         else:
             student = student_skeleton(trainer.teacher, trainer.lb_config)
@@ -393,7 +393,7 @@ class Distributed:
         if self._fresh:
             init_student_streamed(
                 trainer.student, self.source, trainer.lb_config, trainer._calibration(), cfg.act_power,
-                cfg.latent_rms, self.device, self.trust_remote_code, trainer.progress, cfg.input_covariance,
+                cfg.latent_rms, self.device, self.trust_remote_code, trainer.progress,
             )  # fmt: skip
             return
         # Resuming: the checkpoint loaded next holds every LittleBit tensor; the rest is the teacher's.

@@ -39,9 +39,6 @@ class Rates:
     generate_tokens_per_s: float
     # The teacher's forward and backward passes over the calibration tokens (``--grad-power``)
     grad_tokens_per_s: float
-    # itq-refined's refit to each layer's outputs (``--input-covariance``), on top of ``init_s``;
-    # None where it has not been timed (the plan then says so instead of guessing)
-    covariance_refit_s: float | None = None
 
 
 # GPU: the 1.6M-token default runs on an H100 (benchmarks/results/qat.json: setup 64-74 s with
@@ -112,14 +109,7 @@ def stages(
     init_s = rates.init_s.get(init, rates.init_s["itq"]) * size
     if config.grad_power and calib:
         init_s += calib * size / rates.grad_tokens_per_s
-    name = f"calibrate + {init} init"
-    if config.input_covariance and init == "itq-refined" and calib:
-        if rates.covariance_refit_s is None:
-            name += " + output refit (untimed here)"
-        else:
-            name += " + output refit"
-            init_s += rates.covariance_refit_s * size
-    out.append(Stage(name, calib, init_s))
+    out.append(Stage(f"calibrate + {init} init", calib, init_s))
     if block:
         out.append(Stage("block reconstruction", block, block * size / rates.block_tokens_per_s))
     out.append(Stage("global distillation", glob, glob * size / rates.global_tokens_per_s))
@@ -130,12 +120,11 @@ def describe(plan: list[Stage], device: str) -> str:
     """The plan as a few lines for the terminal."""
     rates = RATES["cuda" if device == "cuda" else "cpu"]
     lines = ["plan:"]
-    width = max([28] + [len(s.name) for s in plan])
     for s in plan:
-        lines.append(f"  {s.name:<{width}} {s.tokens:>11,} tokens  ~{_duration(s.seconds)}")
+        lines.append(f"  {s.name:<28} {s.tokens:>11,} tokens  ~{_duration(s.seconds)}")
     trained = sum(s.tokens for s in plan if s.name != "generate text")
     total = sum(s.seconds for s in plan)
-    lines.append(f"  {'total':<{width}} {trained:>11,} tokens  ~{_duration(total)} (rates of {rates.where})")
+    lines.append(f"  {'total':<28} {trained:>11,} tokens  ~{_duration(total)} (rates of {rates.where})")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from littlebit.config import LittleBitConfig, LittleBitError
-from littlebit.core.calibrate import InputSecondMoments, InputSquares, scale_function
+from littlebit.core.calibrate import InputSquares, scale_function
 from littlebit.core.convert import (
     checked_plan,
     convert_module,
@@ -227,30 +227,22 @@ def _init_layer(
     act_power: float,
     latent_rms: float | None,
     device: torch.device,
-    input_covariance: bool = False,
 ) -> tuple[nn.Module, list[tuple[torch.Tensor, dict]] | None]:
     """Rank 0: layer ``block_name`` of the student, and the calibration states after the teacher's layer."""
     block = _teacher_layer(plain, block_name, checkpoint, device)
-    scales = moments = None
+    scales = None
     if states is not None:
         moved, tokens = [], 0
-        linears = {n: plain.get_submodule(n) for n in modules}
-        recorder = InputSecondMoments(linears) if input_covariance else InputSquares(linears)
-        with recorder:
+        with InputSquares({n: plain.get_submodule(n) for n in modules}) as squares:
             for x, kwargs in states:
                 y = _as_tensor(block(x.to(device), **kwargs))
                 tokens += x.shape[0] * x.shape[1]
                 moved.append((y.cpu(), kwargs))
         states = moved
-        if input_covariance:
-            moments, rms = recorder, recorder.rms()
-        else:
-            rms = recorder.rms(tokens)
-        scales = scale_function(rms, act_power)
+        scales = scale_function(squares.rms(tokens), act_power)
     for name in modules:
         scale = scales(name) if scales is not None else None
-        cov = moments(name) if moments is not None else None
-        convert_module(plain, name, by_module[name], config, index_of[name], device, scale, None, cov)
+        convert_module(plain, name, by_module[name], config, index_of[name], device, scale)
     if latent_rms is not None:
         rescale_latents(block, latent_rms)
     return block, states
@@ -291,12 +283,9 @@ def init_student_streamed(
     device: torch.device,
     trust_remote_code: bool = False,
     progress: bool = True,
-    input_covariance: bool = False,
 ) -> None:
     """Fill the sharded, materialised ``student`` with ``make_student``'s initialisation of the
-    teacher in ``source``; every rank calls it, rank 0 does the fitting (see the module docstring).
-    ``input_covariance`` (with ``itq-refined``) refits each layer to its outputs on the calibration
-    states, as ``make_student`` does."""
+    teacher in ``source``; every rank calls it, rank 0 does the fitting (see the module docstring)."""
     checkpoint = SafetensorsCheckpoint(source)
     # By identity: fully_shard renames the layers' classes, which name-based lookups go by.
     layer_ids = {id(m) for m in decoder_layers(student)}
@@ -311,15 +300,14 @@ def init_student_streamed(
         targets, _ = checked_plan(plain, config)
         by_module = targets_by_module(targets)
         index_of = {name: i for i, name in enumerate(by_module)}
-    input_covariance = input_covariance and config.init == "itq-refined"
-    if main and calibration is not None and calibration.numel() and (act_power != 0 or input_covariance):
-        states = _first_inputs(plain, checkpoint, calibration, device, trust_remote_code)
+        if calibration is not None and calibration.numel() and act_power != 0:
+            states = _first_inputs(plain, checkpoint, calibration, device, trust_remote_code)
     done: set[str] = set()
     for block_name in tqdm(blocks, desc="LittleBit init", disable=not (main and progress)):
         layer, failure = None, ""
         if main:
             modules = [m for m in by_module if m.startswith(block_name + ".")]
-            args = (config, act_power, latent_rms, device, input_covariance)
+            args = (config, act_power, latent_rms, device)
             try:
                 layer, states = _init_layer(
                     plain, block_name, checkpoint, states, modules, by_module, index_of, *args

@@ -8,14 +8,7 @@ import torch
 from torch import nn
 
 from littlebit.config import LittleBitConfig
-from littlebit.core.calibrate import (
-    InputSecondMoments,
-    linear_input_second_moments,
-    linear_input_squares,
-    output_grad_rms,
-    run_forwards,
-    scale_function,
-)
+from littlebit.core.calibrate import input_rms, linear_input_squares, output_grad_rms, scale_function
 from littlebit.core.convert import convert
 from littlebit.training.optim import littlebit_modules
 
@@ -28,44 +21,26 @@ def make_student(
     latent_rms: float | None = None,
     progress: bool = True,
     grad_power: float = 0.0,
-    input_covariance: bool = False,
 ) -> nn.Module:
     """Copy ``teacher`` in fp32, convert it, and rescale its latents (the teacher is untouched).
 
     ``calibration`` (n, seqlen) token ids turn on the weighted initialisation: input scales
     ``rms ** act_power`` (activation RMS) and output scales ``rms ** grad_power`` (the loss
     gradient's RMS at each output); None, or both powers 0, fits the weights alone.
-    ``input_covariance`` (with ``itq-refined``) then refits every layer to its outputs on the
-    calibration tokens (``init.initialise(input_covariance=...)``).
     """
     student = cast_floating(copy.deepcopy(teacher), torch.float32)
-    scales = out_scales = moments = None
+    scales = out_scales = None
     if calibration is not None and calibration.numel():
-        if input_covariance and config.init == "itq-refined":
-            recorder = linear_input_second_moments(teacher)
-        else:
-            recorder = linear_input_squares(teacher)
-        with recorder:  # the pass below records the inputs
-            if grad_power != 0:
+        if grad_power != 0:  # its forward pass records the inputs too
+            with linear_input_squares(teacher) as squares:
                 out_scales = scale_function(output_grad_rms(teacher, calibration), grad_power)
-            elif act_power != 0 or isinstance(recorder, InputSecondMoments):
-                run_forwards(teacher, calibration)
-        if isinstance(recorder, InputSecondMoments):
-            moments, in_rms = recorder, recorder.rms()
+            in_rms = squares.rms(calibration.numel())
         else:
-            in_rms = recorder.rms(calibration.numel())
+            in_rms = input_rms(teacher, calibration) if act_power != 0 else {}
         if act_power != 0:
             scales = scale_function(in_rms, act_power)
     device = next(student.parameters()).device
-    convert(
-        student,
-        config,
-        device,
-        input_scales=scales,
-        progress=progress,
-        output_scales=out_scales,
-        input_covariances=moments,
-    )
+    convert(student, config, device, input_scales=scales, progress=progress, output_scales=out_scales)
     if latent_rms is not None:
         rescale_latents(student, latent_rms)
     return student

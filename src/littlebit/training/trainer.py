@@ -185,9 +185,8 @@ class Trainer:
         calib = None if state is not None else self._calibration()
         cfg = self.config
         self.student = make_student(
-            self.teacher, self.lb_config, calib, cfg.act_power, cfg.latent_rms, self.progress, cfg.grad_power,
-            cfg.input_covariance,
-        )  # fmt: skip
+            self.teacher, self.lb_config, calib, cfg.act_power, cfg.latent_rms, self.progress, cfg.grad_power
+        )
         self.kinds = select_trainable(self.student, self.config.train_norms)
         if state is None:
             self.tokens = calib.numel() if cfg.uses_calibration else 0
