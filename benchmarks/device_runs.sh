@@ -12,8 +12,8 @@
 #
 # A SPEC is BPW:VARIANT[+VARIANT...][:INIT[:GRAD]] (variants in benchmarks/qat_variants.py, those joined
 # by + in one process from one initial student; INIT and GRAD, the --grad-power of the initialisation,
-# those of littlebit train, itq-refined and 0.5, unless given) or ptq. The queue runs one job at a time: runs of the default model are launch-bound, and two
-# processes on one GPU time-slice it, so side by side each ran several times slower than alone
+# those of littlebit train, itq-refined and 0.5, unless given) or ptq. The queue runs one job at a
+# time: runs of the default model are launch-bound, and two processes on one GPU time-slice it, so side by side each ran several times slower than alone
 # (measured on the H200: 4 runs and the PTQ benchmark together finished nothing but the PTQ
 # benchmark in 9 minutes). The queue is detached so that it goes on
 # between commands; each run saves a checkpoint every 200 steps and resumes from it when restarted.
