@@ -94,27 +94,4 @@ def refine(
     # a zero latent reads as +1: give every latent a magnitude so that it can carry a -1
     floor_u = 1e-6 * u.abs().max().clamp_min(1e-30)
     floor_v = 1e-6 * v.abs().max().clamp_min(1e-30)
-    import os
-    q = float(os.environ.get("LB_FLIP_MAG", "-1"))
-    mu, mv = u.abs().clamp_min(floor_u), v.abs().clamp_min(floor_v)
-    if q >= 0:
-        mu, mv = _flipped_small(s_u, u, mu, q), _flipped_small(s_v, v, mv, q)
-    return s_u * mu, s_v * mv, h, l, g
-
-
-_FLIP_STATS = []
-
-
-def _flipped_small(s, x, mag, q):
-    d = s * _signs(x)
-    row = _signs(d.sum(1))
-    col = _signs((d * row[:, None]).sum(0))
-    flipped = (d * row[:, None] * col[None, :]) < 0
-    _FLIP_STATS.append(float(flipped.float().mean()))
-    small = torch.quantile(mag.flatten().float()[:1_000_000], q).to(mag.dtype)
-    return torch.where(flipped, torch.minimum(mag, small) if q < 0.5 else torch.maximum(mag, small), mag)
-
-
-import atexit  # noqa: E402
-
-atexit.register(lambda: _FLIP_STATS and print(f"flipped fraction: mean {sum(_FLIP_STATS)/len(_FLIP_STATS):.4f} max {max(_FLIP_STATS):.4f} n {len(_FLIP_STATS)}", flush=True))
+    return s_u * u.abs().clamp_min(floor_u), s_v * v.abs().clamp_min(floor_v), h, l, g
