@@ -92,14 +92,21 @@ def gpu_us(fn, device: str) -> float:
 
 def time_case(x, layer, w_dense, a16, b16, device: str) -> dict:
     from littlebit.kernels.gpu import triton_littlebit as tk
+    from littlebit.kernels.gpu.route import kernel_family
 
     x16 = x.half()
-    return {
+    times = {
+        "family": kernel_family(x.shape[0], tk.DEFAULT_CONFIG),
         "packed_us": gpu_us(lambda: tk.littlebit_linear_triton(x, *layer), device),
         "packed_fp16_us": gpu_us(lambda: tk.littlebit_linear_triton(x16, *layer), device),
         "dense_us": gpu_us(lambda: F.linear(x, w_dense), device),
         "lowrank_us": gpu_us(lambda: F.linear(F.linear(x, a16), b16), device),
     }
+    if times["family"] == "gemm":  # the prefill kernels the GEMM path replaces there, side by side
+        cfg = dataclasses.replace(tk.DEFAULT_CONFIG, gemm_min_tokens=1 << 30)
+        kernels = gpu_us(lambda: tk.littlebit_linear_triton(x, *layer, config=cfg), device)
+        times["prefill_kernels_us"] = kernels
+    return times
 
 
 def rel_err(x, layer, a32, b32) -> float:
@@ -148,8 +155,11 @@ def bench_layers(args, device: str, save) -> list[dict]:
                     flops_ratio=flops_dense / flops_lr,
                 )
                 records.append(rec)
+                if "prefill_kernels_us" in rec:
+                    rec["speedup_vs_prefill_kernels"] = rec["prefill_kernels_us"] / rec["packed_us"]
                 print(
-                    f"{name:<9} {bpw:>4} {m:>5}  packed {rec['packed_us']:>9.1f} µs "
+                    f"{name:<9} {bpw:>4} {m:>5}  {rec['family']:<8} packed {rec['packed_us']:>9.1f} µs "
+                    f"(prefill kernels {rec.get('prefill_kernels_us', float('nan')):>9.1f}) "
                     f"(fp16 {rec['packed_fp16_us']:>9.1f}) "
                     f"({rec['packed_tflops']:>5.1f} TF/s)  dense {rec['dense_us']:>9.1f}  "
                     f"low-rank {rec['lowrank_us']:>9.1f}  x{rec['speedup_vs_dense']:.2f} vs dense  "
@@ -218,6 +228,39 @@ def sweep_tiles(device: str, save) -> list[dict]:
                 )
             except Exception as e:  # recorded, the others still run
                 rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            records.append(rec)
+            print(rec, flush=True)
+            save()
+    return records
+
+
+# where the GEMM path takes over from the prefill kernels: both, on these layers and BPW, at these tokens
+GEMM_THRESHOLD_CASES = [("7b-qo", 0.1), ("7b-up", 0.1), ("7b-up", 1.0), ("70b-up", 0.1), ("70b-up", 1.0)]
+GEMM_THRESHOLD_TOKENS = [65, 96, 128, 192, 256, 512]
+
+
+def gemm_threshold(device: str, save) -> list[dict]:
+    """µs of the GEMM path and of the prefill kernels on ``GEMM_THRESHOLD_CASES``, for choosing
+    ``KernelConfig.gemm_min_tokens``."""
+    from littlebit.kernels.gpu import triton_littlebit as tk
+
+    records = []
+    for name, bpw in GEMM_THRESHOLD_CASES:
+        d_in, d_out = LAYERS[name]
+        layer = random_layer(d_in, d_out, bpw, device, seed=3)
+        for m in GEMM_THRESHOLD_TOKENS:
+            x = torch.randn(m, d_in, device=device).bfloat16()
+            rec = {"layer": name, "bpw": bpw, "tokens": m}
+            for family, cfg in [
+                ("gemm", tk.KernelConfig(gemm_min_tokens=1)),
+                ("prefill", tk.KernelConfig(gemm_min_tokens=1 << 30)),
+            ]:
+                try:
+                    rec[f"{family}_us"] = gpu_us(
+                        lambda c=cfg, x=x, t=layer: tk.littlebit_linear_triton(x, *t, config=c), device
+                    )
+                except Exception as e:  # recorded, the others still run
+                    rec[f"{family}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             records.append(rec)
             print(rec, flush=True)
             save()
@@ -301,7 +344,8 @@ def main() -> None:
     p.add_argument(
         "--order",
         default="models,layers",
-        help="sections in the order they run: layers, models, sweep (tiles and the threshold; --quick)",
+        help="sections in the order they run: layers, models, sweep (tiles and the threshold; --quick), "
+        "gemm-threshold (the GEMM path against the prefill kernels around its threshold)",
     )
     p.add_argument("--out", default=str(common.RESULTS / "prefill.json"))
     args = p.parse_args()
@@ -338,6 +382,8 @@ def main() -> None:
             payload["layers"] = bench_layers(args, device, save)
         elif section == "sweep" and device == "cuda":
             payload["sweep"] = sweep_tiles(device, save)
+        elif section == "gemm-threshold" and device == "cuda":
+            payload["gemm_threshold"] = gemm_threshold(device, save)
         elif section == "models" and device == "cuda":
             bench_models(args, device, payload, save)
         save()

@@ -18,7 +18,8 @@ def _run(tk, m, d_in, r, d_out, paths, dtype, bias=True, config=None, tiled=Fals
     seed = (m * 7919 + d_in * 104729 + r * 31 + d_out * 17 + paths + groups) % 2**31
     layers = [make_layer(d_in, r, d_out, paths, dtype, DEVICE, seed + j) for j in range(groups)]
     x = torch.randn(m, d_in, generator=torch.Generator().manual_seed(seed + 99)).to(dtype).to(DEVICE)
-    cfg = tk.KernelConfig(**(config or {}))
+    # the prefill kernels unless a case asks for the GEMM path (``GEMM_CASES``)
+    cfg = tk.KernelConfig(**{"gemm_min_tokens": 1 << 30, **(config or {})})
     u, v, h, l, g = (torch.cat([layer[i] for layer in layers]) for i in range(5))
     b = torch.cat([layer[5] for layer in layers]) if bias else None
     y = tk.littlebit_linear_triton(
@@ -52,6 +53,18 @@ CASES = {
     # the threshold itself: 65 tokens take prefill, fewer the tensor-core path (both checked)
     "min-tokens-lowered": (20, 100, 40, 72, 2, F16, {"config": {"prefill_min_tokens": 2}}),
 }  # fmt: skip
+# The factors expanded per call and two GEMMs (``kernels.gpu.gemm``): widths and ranks off the
+# expansion's 32 x 256 blocks and off whole words, one and two paths, grouped layers, the threshold.
+_GEMM = {"gemm_min_tokens": 128}
+GEMM_CASES = {
+    "gemm-128-f16-p2": (128, 100, 40, 72, 2, F16, {"config": _GEMM}),
+    "gemm-130-bf16-p1-nobias": (130, 300, 24, 200, 1, BF16, {"bias": False, "config": _GEMM}),
+    "gemm-wide": (129, 600, 136, 290, 2, BF16, {"config": _GEMM}),
+    # 10 words a row: one block of 8 in fragment order, then a tail of 2
+    "gemm-tiled-u": (140, 200, 300, 48, 2, F16, {"tiled": True, "config": _GEMM}),
+    "gemm-grouped": (150, 120, 40, 56, 2, BF16, {"groups": 3, "config": _GEMM}),
+    "gemm-min-tokens-lowered": (3, 100, 40, 72, 2, F16, {"config": {"gemm_min_tokens": 2}}),
+}  # fmt: skip
 
 
 if HAVE_TRITON:  # a kernel that stores the decoded tile (module level: jit code sees module globals)
@@ -80,6 +93,23 @@ def _check_sign_tile(dtype) -> float:
     return 0.0 if torch.equal(out.cpu(), unpack_signs(w.cpu(), 64)[:, order]) else float("inf")
 
 
+def _check_factors() -> float:
+    """The expanded factors (S_U row-ordered and tile-ordered) against ``unpack_signs`` with the scales
+    multiplied in, in fp32: their
+    largest absolute difference (0.0 when every entry, padding bits ignored, is in its place)."""
+    from littlebit.core.packing import unpack_signs
+    from littlebit.kernels.gpu.gemm import expanded_factors
+
+    d_in, r, d_out = 300, 300, 290
+    u, v, h, l, g, _ = make_layer(d_in, r, d_out, 2, torch.float32, DEVICE, seed=5)
+    a, b = expanded_factors(u, v, h, l, g, torch.float32)
+    _, b_tiled = expanded_factors(tile_order(u[:, :288]), v, h[:, :288], l, g, torch.float32, u_tiled=True)
+    ref_a = torch.cat([unpack_signs(v[p].cpu(), d_in) * l[p].cpu()[:, None] * g[p].cpu() for p in range(2)])
+    ref_b = torch.cat([unpack_signs(u[p].cpu(), r) * h[p].cpu()[:, None] for p in range(2)], dim=1)
+    diffs = [a.cpu() - ref_a, b.cpu() - ref_b, b_tiled.cpu() - ref_b[:288]]
+    return max(d.abs().max().item() for d in diffs)
+
+
 def run_checks() -> dict[str, float | str]:
     from littlebit.kernels.gpu import triton_littlebit as tk
 
@@ -90,7 +120,11 @@ def run_checks() -> dict[str, float | str]:
             results[name] = _check_sign_tile(dtype)
         except Exception as e:  # reported by the test that owns the check
             results[name] = repr(e)
-    for name, (m, d_in, r, d_out, paths, dtype, kw) in CASES.items():
+    try:
+        results["gemm-factors"] = _check_factors()
+    except Exception as e:  # reported by the test that owns the check
+        results["gemm-factors"] = repr(e)
+    for name, (m, d_in, r, d_out, paths, dtype, kw) in {**CASES, **GEMM_CASES}.items():
         try:
             results[name] = _run(tk, m, d_in, r, d_out, paths, dtype, **kw)
         except Exception as e:  # reported by the test that owns the check
@@ -103,7 +137,9 @@ def prefill_results():
     return interpreted_results("test_prefill", run_checks, timeout=900)
 
 
-@pytest.mark.parametrize("name", ["sign-tile-float16", "sign-tile-bfloat16", *CASES])
+@pytest.mark.parametrize(
+    "name", ["sign-tile-float16", "sign-tile-bfloat16", "gemm-factors", *CASES, *GEMM_CASES]
+)
 def test_prefill_matches_reference(name, prefill_results):
     err = prefill_results[name]
     assert isinstance(err, float), err
@@ -115,8 +151,8 @@ def test_prefill_routing():
     from littlebit.kernels.gpu.route import kernel_family
 
     cfg = KernelConfig()
-    assert [kernel_family(m, cfg) for m in (1, 2, 64, 65, 8192)] == [
-        "gemv", "tensor-core", "tensor-core", "prefill", "prefill"
+    assert [kernel_family(m, cfg) for m in (1, 2, 64, 65, 127, 128, 8192)] == [
+        "gemv", "tensor-core", "tensor-core", "prefill", "prefill", "gemm", "gemm"
     ]  # fmt: skip
 
 

@@ -73,6 +73,9 @@ class KernelConfig:
     prefill_warps: int = 0  # 0: 8 for 128-token tiles, else 4
     prefill_stages: int = 0  # software pipeline depth; 0: 3
     prefill_waves: float = 2.0  # programs per SM aimed for, by smaller token blocks, then splits of d_in
+    # from this many tokens on, the factors expanded per call and two cuBLAS GEMMs (``gemm``) instead of
+    # the prefill kernels
+    gemm_min_tokens: int = 128
 
 
 DEFAULT_CONFIG = KernelConfig()

@@ -1,5 +1,7 @@
 """Routing policy: which kernel family a call takes, by tokens, shape and dtype.
 
+- at least ``KernelConfig.gemm_min_tokens`` tokens (default 128): the factors expanded per call and
+  two cuBLAS GEMMs (``gemm``), one layer of a grouped call after another;
 - at least ``KernelConfig.prefill_min_tokens`` tokens (default 65): the prefill kernels (``prefill``,
   GEMM-shaped tiles, no atomics), one layer of a grouped call after another;
 - more than ``KernelConfig.gemv_max_tokens`` tokens (default 1): Triton tensor-core kernels
@@ -95,7 +97,9 @@ def _use_mma(
 
 
 def kernel_family(M: int, cfg: KernelConfig) -> str:
-    """``"gemv"``, ``"tensor-core"`` or ``"prefill"`` for a call of ``M`` tokens."""
+    """``"gemv"``, ``"tensor-core"``, ``"prefill"`` or ``"gemm"`` for a call of ``M`` tokens."""
+    if M >= cfg.gemm_min_tokens:
+        return "gemm"
     if M >= cfg.prefill_min_tokens:
         return "prefill"
     return "gemv" if M <= cfg.gemv_max_tokens else "tensor-core"

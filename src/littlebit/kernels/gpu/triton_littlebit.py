@@ -1,6 +1,7 @@
 """The packed LittleBit product on the GPU (math and layout: ``littlebit.op``, ``littlebit.core.packing``).
 
-Signs are read as packed words and decoded in registers; no unpacked matrix ever reaches memory. A call
+Up to ``KernelConfig.gemm_min_tokens`` tokens, signs are read as packed words and decoded in registers;
+no unpacked matrix ever reaches memory. Such a call
 has two stages: stage 1 (t = l * S_V^T (g*x), g*x built from x and g in the kernel, split over d_in so
 small ranks still fill the GPU) and stage 2 (y = sum_p h_p * S_U,p t_p + bias), each a launch, the
 second a programmatic dependent launch of the first on sm_90+ (``_sync``). Which kernels run is
@@ -12,7 +13,8 @@ launches them:
   stage 2, the fp16 tensor-core stage 2 (``cuda_mma``) or the bit-serial one (``cuda_bitserial``,
   whose stage 1 may be bit-serial too, ``_gemv_bitserial``);
 - tensor cores (``_tensor_cores``, a few to 64 tokens): Triton ``tl.dot`` on signs decoded in registers;
-- prefill (``prefill``, 65 tokens and more): the same decoding in GEMM-shaped tiles, no atomics.
+- prefill (``prefill``, 65 tokens and more): the same decoding in GEMM-shaped tiles, no atomics;
+- GEMMs (``gemm``, 128 tokens and more): the factors expanded per call, then cuBLAS.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from littlebit.kernels.gpu import cuda_bitserial, cuda_mma
 from littlebit.kernels.gpu._gemv import _gemv_u_kernel, _gemv_v_kernel
 from littlebit.kernels.gpu._tensorcore import _tc_u_kernel, _tc_v_kernel
 from littlebit.kernels.gpu.config import DEFAULT_CONFIG, KernelConfig
+from littlebit.kernels.gpu.gemm import gemm
 from littlebit.kernels.gpu.prefill import prefill
 from littlebit.kernels.gpu.route import (
     _BITSERIAL_RANK_WORDS,
@@ -290,7 +293,9 @@ def littlebit_linear_triton(
             for j in range(groups):  # the kernels write through y's row stride, so a column slice works
                 layer, bj = group_layer(tensors, b, groups, j)
                 out = y[:, j * d_out : (j + 1) * d_out]
-                if family == "prefill":
+                if family == "gemm":
+                    gemm(x2, *layer, bj, out, _op_dtype(x2), u_tiled)
+                elif family == "prefill":
                     op_dt = _TL_DTYPES[_op_dtype(x2)]
                     prefill(x2, *layer, bj, out, cfg, sms, op_dt, u_tiled)
                 else:

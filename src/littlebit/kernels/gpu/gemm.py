@@ -1,0 +1,114 @@
+"""Many tokens on the GPU: the factors expanded per call, then two cuBLAS GEMMs.
+
+From a few hundred tokens on, a packed layer is bound by its multiply-adds, and cuBLAS does those at
+several times the rate of the prefill kernels (``prefill``), whose inner loops decode signs between
+their MMAs. So such a call writes the dense factors once, scales folded in, into memory that PyTorch's
+allocator hands back after the call (nothing stays resident: the layer is still its sign words), and
+runs
+
+    t = x @ A^T,   A = [l_p * S_V,p^T * g_p]_p    (P*r x d_in: both paths' latents side by side)
+    y = t @ B^T + bias,   B = [h_p * S_U,p]_p      (d_out x P*r: one GEMM sums the paths)
+
+as the CPU's ``cpu-gemm`` backend does. Writing the factors costs (d_in + d_out) * P*r entries, the
+GEMMs 2 * tokens times as many multiply-adds, so the expansion is paid back once the token count is
+a small multiple of what the memory-to-FLOP ratio of the GPU allows (``KernelConfig.gemm_min_tokens``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# rows and entries of a factor per program of the expansion
+_ROWS, _COLS = 32, 256
+
+
+@triton.jit
+def _expand_kernel(
+    w_ptr, rs_ptr, cs_ptr, out_ptr, rows, n, W, stride_out, row_off, col_off, n_rb,
+    HAS_CS: tl.constexpr, TILED: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    """out[p * row_off + i, p * col_off + j] = rs[p, i] * cs[p, j] * (+-1 of bit j of row i of path p);
+    the words in tile order (``packing.tile_order``) with ``TILED``."""
+    pid0, pid1 = tl.program_id(0), tl.program_id(1)
+    p = pid0 // n_rb
+    i = (pid0 % n_rb) * BR + tl.arange(0, BR)
+    e = pid1 * BE + tl.arange(0, BE)
+    i_ok, e_ok = i < rows, e < n
+    ok = i_ok[:, None] & e_ok[None, :]
+    k = (e // 32)[None, :]
+    if TILED:  # word k of row i: its 16-row tile's blocks of 8 words in fragment order, then the tail
+        full = W // 8 * 8
+        g16 = (i % 16)[:, None]
+        q = k % 8
+        head = (k // 8) * 128 + (g16 % 8) * 16 + (q // 2) * 4 + (q % 2) * 2 + g16 // 8
+        tail = 16 * full + g16 * (W - full) + (k - full)
+        word = (i // 16)[:, None] * (16 * W) + tl.where(k < full, head, tail)
+    else:
+        word = i[:, None] * W + k
+    # each word is read by the 32 entries it holds: from L1, the words are 1/16 of the bytes written
+    w = tl.load(w_ptr + p * rows * W + word, mask=ok, other=0)
+    val = tl.where(((w >> (e % 32)[None, :]) & 1) != 0, 1.0, -1.0)
+    val = val * tl.load(rs_ptr + p * rows + i, mask=i_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_CS:
+        val = val * tl.load(cs_ptr + p * n + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    dst = out_ptr + (p * row_off + i)[:, None] * stride_out + (p * col_off + e)[None, :]
+    tl.store(dst, val.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _expand(words, rs, cs, out, n: int, row_off: int, col_off: int, tiled: bool = False) -> None:
+    P, rows, W = words.shape
+    words, rs = words.contiguous(), rs.contiguous()  # indexed as dense (P, rows, ...) below
+    cs = None if cs is None else cs.contiguous()
+    n_rb = triton.cdiv(rows, _ROWS)
+    _expand_kernel[(P * n_rb, triton.cdiv(n, _COLS))](
+        words, rs, rs if cs is None else cs, out, rows, n, W, out.stride(0), row_off, col_off, n_rb,
+        HAS_CS=cs is not None, TILED=tiled, BR=_ROWS, BE=_COLS, num_warps=4,
+    )  # fmt: skip
+
+
+def expanded_factors(
+    u: torch.Tensor,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    l: torch.Tensor,
+    g: torch.Tensor,
+    dtype: torch.dtype,
+    u_tiled: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (P*r x d_in) and B (d_out x P*r) of one layer in ``dtype``, with y = x A^T B^T + bias;
+    ``u_tiled``: S_U's words in tile order."""
+    P, d_out, _ = u.shape
+    r, d_in = l.shape[-1], g.shape[-1]
+    a = torch.empty((P * r, d_in), dtype=dtype, device=u.device)
+    b = torch.empty((d_out, P * r), dtype=dtype, device=u.device)
+    _expand(v, l, g, a, d_in, r, 0)
+    _expand(u, h, None, b, r, 0, r, u_tiled)
+    return a, b
+
+
+def gemm(
+    x2: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    l: torch.Tensor,
+    g: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    dtype: torch.dtype,
+    u_tiled: bool = False,
+) -> None:
+    """y (M, d_out, any row stride) = the packed product of x2 (M, d_in) for one layer, the GEMMs in
+    ``dtype`` (the activations' dtype; fp32 under Triton's interpreter, which rounds bf16 by truncation)."""
+    a, b = expanded_factors(u, v, h, l, g, dtype, u_tiled)
+    t = torch.mm(x2.to(dtype), a.T)
+    # cuBLAS writes through y's row stride (a column slice of a grouped call's output is no copy)
+    out = y if y.dtype == dtype else torch.empty(y.shape, dtype=dtype, device=y.device)
+    if bias is None:
+        torch.mm(t, b.T, out=out)
+    else:
+        torch.addmm(bias.to(dtype), t, b.T, out=out)
+    if out is not y:
+        y.copy_(out)
