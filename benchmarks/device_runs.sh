@@ -66,10 +66,10 @@ speed() {
       # the many-token kernels on the GPU itself, then the GEMM path against the prefill kernels: per
       # layer, time to first token and batch-256 decoding of the 7B shape, and around its threshold
       tests) timeout 100 python -m pytest -q tests/test_prefill.py > "$ROOT/test_prefill.log" 2>&1 ;;
-      gemm) timeout 300 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-qo,7b-down --tokens 128,2048 \
+      gemm) timeout 280 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 128,2048 \
         --models fp16,0.1,0.55,1.0 --ttft 2048 --serve 256 --steps 16 --reference-ttft 0 \
         --order layers,models,gemm-threshold --out "$ROOT/prefill_gemm.json" > "$ROOT/prefill_gemm.log" 2>&1 ;;
-      compile) timeout 160 python benchmarks/dev/ttft_compile.py --layers 8 --models fp16,0.1,0.55,1.0 \
+      compile) timeout 150 python benchmarks/dev/ttft_compile.py --layers 8 --models fp16,0.1,0.55,1.0 \
         --name ttft_compile_gemm > "$ROOT/ttft_compile_gemm.log" 2>&1 ;;
       *) echo "speed: unknown measurement $w" >&2 ;;
     esac

@@ -235,8 +235,8 @@ def sweep_tiles(device: str, save) -> list[dict]:
 
 
 # where the GEMM path takes over from the prefill kernels: both, on these layers and BPW, at these tokens
-GEMM_THRESHOLD_CASES = [("7b-qo", 0.1), ("7b-up", 0.1), ("7b-up", 1.0), ("70b-up", 0.1), ("70b-up", 1.0)]
-GEMM_THRESHOLD_TOKENS = [65, 96, 128, 192, 256, 512]
+GEMM_THRESHOLD_CASES = [("7b-qo", 0.1), ("7b-up", 0.1), ("7b-up", 1.0), ("70b-up", 1.0)]
+GEMM_THRESHOLD_TOKENS = [65, 96, 128, 192, 256]
 
 
 def gemm_threshold(device: str, save) -> list[dict]:
