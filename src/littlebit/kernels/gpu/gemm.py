@@ -1,7 +1,7 @@
 """Many tokens on the GPU: the factors expanded per call, then two cuBLAS GEMMs.
 
-From a few hundred tokens on, a packed layer is bound by its multiply-adds, and cuBLAS does those at
-several times the rate of the prefill kernels (``prefill``), whose inner loops decode signs between
+With many tokens a packed layer is bound by its multiply-adds, and cuBLAS does those at several times
+the rate of the prefill kernels (``prefill``), whose inner loops decode signs between
 their MMAs. So such a call writes the dense factors once, scales folded in, into memory that PyTorch's
 allocator hands back after the call (nothing stays resident: the layer is still its sign words), and
 runs
@@ -9,9 +9,9 @@ runs
     t = x @ A^T,   A = [l_p * S_V,p^T * g_p]_p    (P*r x d_in: both paths' latents side by side)
     y = t @ B^T + bias,   B = [h_p * S_U,p]_p      (d_out x P*r: one GEMM sums the paths)
 
-as the CPU's ``cpu-gemm`` backend does. Writing the factors costs (d_in + d_out) * P*r entries, the
-GEMMs 2 * tokens times as many multiply-adds, so the expansion is paid back once the token count is
-a small multiple of what the memory-to-FLOP ratio of the GPU allows (``KernelConfig.gemm_min_tokens``).
+as the CPU's ``cpu-gemm`` backend does. Writing the factors costs one 16-bit store per entry, the GEMMs
+2 * tokens multiply-adds per entry, so from about a hundred tokens on the expansion is a small share of
+the call (``KernelConfig.gemm_min_tokens``; docs/kernels.md gives the numbers).
 """
 
 from __future__ import annotations
