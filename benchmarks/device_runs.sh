@@ -13,10 +13,11 @@
 # A SPEC is BPW:VARIANT[+VARIANT...][:INIT[:GRAD]] (variants in benchmarks/qat_variants.py, those joined
 # by + in one process from one initial student; INIT and GRAD, the --grad-power of the initialisation,
 # those of littlebit train, itq-refined and 0.5, unless given) or ptq. The queue runs one job at a
-# time: runs of the default model are launch-bound, and two processes on one GPU time-slice it, so side by side each ran several times slower than alone
-# (measured on the H200: 4 runs and the PTQ benchmark together finished nothing but the PTQ
-# benchmark in 9 minutes). The queue is detached so that it goes on
-# between commands; each run saves a checkpoint every 200 steps and resumes from it when restarted.
+# time: runs of the default model are launch-bound, and two processes on one GPU time-slice it, so
+# side by side each ran several times slower than alone (measured on the H200: 4 runs and the PTQ
+# benchmark together finished nothing but the PTQ benchmark in 9 minutes). The queue is detached so
+# that it goes on between commands; each run saves a checkpoint every 200 steps and resumes from it
+# when restarted.
 set -u
 OUT=${OUT:?run on the device machine, where OUT is set}
 ROOT=/root/lbruns
@@ -49,8 +50,8 @@ scale() {
 
 speed() {
   # Any of: tests, gemm, compile (below), prefill (per layer, time to first token, serving; about 8
-  # minutes), eval (WikiText-2,
-  # every test window, and all of PIQA; the default model packed against FP, bf16; about 2 minutes),
+  # minutes), eval (WikiText-2, every test window, and all of PIQA; the default model packed against
+  # FP, bf16; about 2 minutes),
   # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
   # generate (the teacher's text, three shards, one of each start kind; needs the model).
   local what=${*:-profile prefill eval}

@@ -95,8 +95,8 @@ def _check_sign_tile(dtype) -> float:
 
 def _check_factors() -> float:
     """The expanded factors (S_U row-ordered and tile-ordered) against ``unpack_signs`` with the scales
-    multiplied in, in fp32: their
-    largest absolute difference (0.0 when every entry, padding bits ignored, is in its place)."""
+    multiplied in, in fp32: their largest absolute difference (0.0 when every entry, padding bits
+    ignored, is in its place)."""
     from littlebit.core.packing import unpack_signs
     from littlebit.kernels.gpu.gemm import expanded_factors
 

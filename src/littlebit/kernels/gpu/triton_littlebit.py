@@ -1,12 +1,11 @@
 """The packed LittleBit product on the GPU (math and layout: ``littlebit.op``, ``littlebit.core.packing``).
 
-Up to ``KernelConfig.gemm_min_tokens`` tokens, signs are read as packed words and decoded in registers;
-no unpacked matrix ever reaches memory. Such a call
-has two stages: stage 1 (t = l * S_V^T (g*x), g*x built from x and g in the kernel, split over d_in so
-small ranks still fill the GPU) and stage 2 (y = sum_p h_p * S_U,p t_p + bias), each a launch, the
-second a programmatic dependent launch of the first on sm_90+ (``_sync``). Which kernels run is
-``route``'s policy, their tiles ``tiles``' rules, their scratch memory ``workspace``'s; this module
-launches them:
+Below ``KernelConfig.gemm_min_tokens`` tokens, signs are read as packed words and decoded in registers;
+no unpacked matrix ever reaches memory. Such a call has two stages: stage 1 (t = l * S_V^T (g*x), g*x
+built from x and g in the kernel, split over d_in so small ranks still fill the GPU) and stage 2
+(y = sum_p h_p * S_U,p t_p + bias), each a launch, the second a programmatic dependent launch of the
+first on sm_90+ (``_sync``). Which kernels run is ``route``'s policy, their tiles ``tiles``' rules,
+their scratch memory ``workspace``'s; this module launches them:
 
 - GEMV (``_gemv``, up to ``KernelConfig.gemv_max_tokens`` tokens): Triton stage 1 (fp32 atomics into
   a zero ``t``, or per-split partials summed by the last program of each row block), then the Triton
