@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import needs_wikitext2, tiny_model
 
-from littlebit.config import LittleBitError
+from littlebit.config import LittleBitConfig, LittleBitError
 from littlebit.training.checkpoints import (
     list_checkpoints,
     load_checkpoint,
@@ -315,6 +315,45 @@ def test_train_command_arguments():
     assert cfg.blocks.batch_size == 3
     with pytest.raises(SystemExit):  # a usage error, refused while parsing
         parser.parse_args(["--bpw", "20", "--out", "x"])
+
+
+def test_path_layout_defaults_and_flags(tmp_path):
+    """train: one path at 0.55 BPW and below, the residual pair above; compress: the pair. The flags
+    win over both, and a config file's layout over the command's default."""
+    import argparse
+
+    from littlebit.cli.common import compression_config
+    from littlebit.cli.compress import add_arguments as add_compress_arguments
+    from littlebit.cli.train import add_arguments as add_train_arguments
+    from littlebit.cli.train import config_from_args
+
+    train = argparse.ArgumentParser()
+    add_train_arguments(train)
+    compress = argparse.ArgumentParser()
+    add_compress_arguments(compress)
+
+    def layout(parser, *argv):
+        args = parser.parse_args(["--out", "x", *argv])
+        return (config_from_args(args)[0] if parser is train else compression_config(args)).residual
+
+    assert [layout(train, "--bpw", b) for b in ("0.1", "0.3", "0.55", "0.56", "1", "2")] == [
+        False, False, False, True, True, True
+    ]  # fmt: skip
+    assert layout(compress, "--bpw", "0.55") is True
+    assert layout(train, "--bpw", "0.55", "--residual") is True
+    assert layout(train, "--bpw", "1", "--no-residual") is False
+    assert layout(compress, "--bpw", "0.3", "--no-residual") is False
+    for residual in (True, False):
+        path = tmp_path / f"c{residual}.json"
+        path.write_text(LittleBitConfig(bpw=0.3, residual=residual).to_json())
+        assert layout(train, "--bpw", "1", "--config", str(path)) is residual
+        assert layout(compress, "--bpw", "0.3", "--config", str(path)) is residual
+        assert layout(train, "--bpw", "1", "--config", str(path), "--residual") is True
+    # a config file without the field leaves the command's default
+    path = tmp_path / "bare.json"
+    path.write_text(LittleBitConfig(bpw=0.3).to_json().replace('"residual": true,', ""))
+    assert '"residual"' not in path.read_text()
+    assert layout(train, "--bpw", "0.3", "--config", str(path)) is False
 
 
 def _tiny_global_run(tmp_path: Path, **overrides):

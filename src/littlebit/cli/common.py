@@ -7,6 +7,8 @@ import what they need when they run.
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 from littlebit.config import INIT_METHODS, LittleBitConfig, LittleBitError, check_bpw, first_line
@@ -53,12 +55,18 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def add_compression_arguments(p: argparse.ArgumentParser, init_default: str) -> None:
-    """The source model, the output, and what the LittleBitConfig is made of."""
+def add_compression_arguments(p: argparse.ArgumentParser, init_default: str, paths_default: str) -> None:
+    """The source model, the output, and what the LittleBitConfig is made of; ``paths_default`` says
+    in the help which layout the command picks without ``--residual``/``--no-residual``."""
     p.add_argument("model", nargs="?", help=DEFAULT_MODEL_HELP)
     p.add_argument("--bpw", type=bpw_type, required=True, help="bits per weight of each compressed layer")
     p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
-    p.add_argument("--no-residual", action="store_true", help="one path per layer instead of two")
+    p.add_argument(
+        "--residual",
+        action=argparse.BooleanOptionalAction,
+        help=f"two paths per layer (the residual pair) or one of about twice the rank "
+        f"(default: {paths_default})",
+    )
     p.add_argument(
         "--init", choices=INIT_METHODS, default=init_default, help=f"initialisation (default: {init_default})"
     )
@@ -76,16 +84,29 @@ def add_compression_arguments(p: argparse.ArgumentParser, init_default: str) -> 
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
 
 
-def compression_config(args: argparse.Namespace, seed_from_flag: bool = True, **extra) -> LittleBitConfig:
+def compression_config(
+    args: argparse.Namespace,
+    seed_from_flag: bool = True,
+    default_residual: Callable[[float], bool] = lambda bpw: True,
+    **extra,
+) -> LittleBitConfig:
     """The LittleBitConfig the flags ask for (``--config`` first, the flags over it). ``train`` keeps
-    ``--seed`` for its data order (``seed_from_flag=False``): its initialisation seed is the config's."""
+    ``--seed`` for its data order (``seed_from_flag=False``): its initialisation seed is the config's.
+    The path layout: ``--residual``/``--no-residual``, else the config file's, else
+    ``default_residual(bpw)``."""
     base: dict = {}
+    residual = default_residual(args.bpw)
     if args.config:
         try:
-            base = LittleBitConfig.from_json(Path(args.config).read_text(encoding="utf-8")).to_dict()
+            text = Path(args.config).read_text(encoding="utf-8")
+            base = LittleBitConfig.from_json(text).to_dict()
         except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
             raise LittleBitError(f"cannot read the config {args.config}: {first_line(e)}") from e
-    base.update(bpw=args.bpw, residual=not args.no_residual, init=args.init, **extra)
+        if "residual" in json.loads(text):
+            residual = base["residual"]
+    if args.residual is not None:
+        residual = args.residual
+    base.update(bpw=args.bpw, residual=residual, init=args.init, **extra)
     if seed_from_flag:
         base["seed"] = args.seed
     if args.kv_rank_multiplier is not None:

@@ -30,7 +30,7 @@ RECONSTRUCT_HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_compression_arguments(p, init_default="dual-svid")
+    add_compression_arguments(p, init_default="dual-svid", paths_default="two")
     p.add_argument(
         "--dtype", default="bfloat16", choices=DTYPES, help="precision of the uncompressed weights saved"
     )

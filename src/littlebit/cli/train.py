@@ -29,7 +29,7 @@ from littlebit.training.data_spec import (
     MIXTURE_FROM_TOKENS,
     parse_data_spec,
 )
-from littlebit.training.recipe import plan_budget
+from littlebit.training.recipe import SINGLE_PATH_MAX_BPW, default_residual, plan_budget
 
 # The budget the defaults spend (calibration, block stage and 1,080 global steps of 2 x 512).
 DEFAULT_TOKENS = 1_638_400
@@ -47,7 +47,8 @@ DEFAULT_GRAD_POWER = 0.5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
-    add_compression_arguments(parser, init_default=DEFAULT_INIT)
+    paths = f"two above {SINGLE_PATH_MAX_BPW} BPW, one at and below"
+    add_compression_arguments(parser, init_default=DEFAULT_INIT, paths_default=paths)
     parser.add_argument(
         "--tokens",
         type=int,
@@ -201,7 +202,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         raise LittleBitError(f"--tokens sizes the stages itself: leave out --{flag}, or --tokens")
     if args.tokens is not None and args.tokens < 1:
         raise LittleBitError(f"--tokens must be >= 1, got {args.tokens}")
-    lb = compression_config(args, seed_from_flag=False, sign_function=args.sign)
+    lb = compression_config(
+        args, seed_from_flag=False, default_residual=default_residual, sign_function=args.sign
+    )
     d = TrainConfig()
     lrs = LearningRates(
         latent=args.latent_lr if args.latent_lr is not None else d.lrs.latent,
