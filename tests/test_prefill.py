@@ -115,6 +115,27 @@ def _check_factors(by_words: bool) -> float:
     return max(d.abs().max().item() for d in diffs)
 
 
+def _check_kv_cache_factors() -> float:
+    """The latent KV cache's factors of a packed layer by the Triton expansion (what it uses on the
+    GPU) against its own unpacking on the CPU, S_U row-ordered and tile-ordered: largest difference."""
+    from littlebit.runtime.kvcache import _expanded_on_gpu, _folded_factors
+    from littlebit.runtime.packed import PackedLittleBitLinear
+
+    d_in, r, d_out = 200, 300, 96  # 10 words a row of S_U: tile order differs from row order
+    proj = PackedLittleBitLinear(d_in, d_out, r, 2, scale_dtype=torch.float32)
+    tensors = make_layer(d_in, r, d_out, 2, torch.float32, "cpu", 9)[:5]
+    for name, t in zip(("u_signs", "v_signs", "h", "l", "g"), tensors, strict=True):
+        setattr(proj, name, t)
+    diffs = []
+    for tiled in (False, True):
+        proj.tile_u_signs(tiled)
+        ref = _folded_factors(proj, torch.float32)
+        got = _expanded_on_gpu(proj.to(DEVICE), torch.float32)
+        proj.to("cpu")
+        diffs += [(g.cpu() - e).abs().max().item() for g, e in zip(got, ref, strict=True)]
+    return max(diffs)
+
+
 def run_checks() -> dict[str, float | str]:
     from littlebit.kernels.gpu import triton_littlebit as tk
 
@@ -125,9 +146,14 @@ def run_checks() -> dict[str, float | str]:
             results[name] = _check_sign_tile(dtype)
         except Exception as e:  # reported by the test that owns the check
             results[name] = repr(e)
-    for name, by_words in (("gemm-factors", False), ("gemm-factors-by-words", True)):
+    checks = {
+        "gemm-factors": lambda: _check_factors(False),
+        "gemm-factors-by-words": lambda: _check_factors(True),
+        "kv-cache-factors": _check_kv_cache_factors,
+    }
+    for name, check in checks.items():
         try:
-            results[name] = _check_factors(by_words)
+            results[name] = check()
         except Exception as e:  # reported by the test that owns the check
             results[name] = repr(e)
     for name, (m, d_in, r, d_out, paths, dtype, kw) in {**CASES, **GEMM_CASES}.items():
@@ -145,7 +171,17 @@ def prefill_results():
 
 @pytest.mark.parametrize(
     "name",
-    ["sign-tile-float16", "sign-tile-bfloat16", "gemm-factors", "gemm-factors-by-words", *CASES, *GEMM_CASES],
+    [
+        *(
+            "sign-tile-float16",
+            "sign-tile-bfloat16",
+            "gemm-factors",
+            "gemm-factors-by-words",
+            "kv-cache-factors",
+        ),
+        *CASES,
+        *GEMM_CASES,
+    ],
 )
 def test_prefill_matches_reference(name, prefill_results):
     err = prefill_results[name]

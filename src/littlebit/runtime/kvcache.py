@@ -29,7 +29,8 @@ Qwen2) keep every token; the attention mask, not the cache, applies the window, 
 
 The dense factors ``A`` (P*r x d_in) and ``B`` (d_kv x P*r) turn both steps into plain GEMMs (tensor
 cores at long contexts); they are built once per layer and held by the cache (``workspace_bytes``),
-or rebuilt from the packed bits at every call with ``keep_factors=False``.
+or rebuilt from the packed bits at every call with ``keep_factors=False`` (on the GPU in one Triton
+pass per factor, the GEMM path's expansion).
 
 The price is compute: every decoding step rebuilds K and V for the whole context (BENCHMARKS.md,
 "Latent KV cache"). In fp32 the result matches a ``DynamicCache`` to rounding; in 16-bit the rebuilt K
@@ -49,11 +50,20 @@ from transformers.cache_utils import Cache, DynamicLayer
 from littlebit.config import LittleBitError
 from littlebit.core.layer import LittleBitLinear
 from littlebit.core.packing import unpack_signs, untile_order
+from littlebit.kernels import triton_available
 from littlebit.runtime.packed import PackedLittleBitLinear
 
 SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 _LITTLEBIT = (PackedLittleBitLinear, LittleBitLinear)
 _HOOK_ATTR = "_littlebit_latent_kv_hook"
+
+
+def _expanded_on_gpu(proj: PackedLittleBitLinear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_folded_factors`` of a packed layer by the GEMM path's Triton expansion: one pass per factor
+    writing ``dtype`` (also on CPU tensors under Triton's interpreter, as the tests run it)."""
+    from littlebit.kernels.gpu.gemm import expanded_factors
+
+    return expanded_factors(proj.u_signs, proj.v_signs, proj.h, proj.l, proj.g, dtype, proj.u_tiled)
 
 
 def _folded_factors(proj: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +72,10 @@ def _folded_factors(proj: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, 
         if isinstance(proj, LittleBitLinear):
             a, b = proj.folded_factors(torch.float32)
             return a.T.contiguous().to(dtype), b.to(dtype)
+        # on the GPU in 16 bits: the unpacking below writes fp32 (P, r, d_in) and (P, d_out, r) first,
+        # which ``keep_factors=False`` pays at every decoding step
+        if proj.u_signs.is_cuda and dtype in (torch.float16, torch.bfloat16) and triton_available():
+            return _expanded_on_gpu(proj, dtype)
         p, r = proj.n_paths, proj.rank
         sv = unpack_signs(proj.v_signs, proj.in_features)  # (P, r, d_in)
         at = sv * proj.l.float()[:, :, None] * proj.g.float()[:, None, :]
