@@ -38,7 +38,17 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--name", default="ttft_compile")
+    ap.add_argument(
+        "--kernel-config",
+        help='JSON KernelConfig fields for the packed layers, e.g. {"expand_by_words": true}',
+    )
     args = ap.parse_args()
+    if args.kernel_config:
+        import json
+
+        from littlebit.kernels.gpu import triton_littlebit as tk
+
+        tk.DEFAULT_CONFIG = tk.KernelConfig(**json.loads(args.kernel_config))
     records = []
     for tag in args.models.split(","):
         kw = {"num_hidden_layers": args.layers}
@@ -74,7 +84,7 @@ def main() -> int:
         del model, compiled
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-    common.write_results(args.name, records)
+    common.write_results(args.name, records, kernel_config=args.kernel_config)
     return 0
 
 
