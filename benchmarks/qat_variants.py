@@ -156,11 +156,6 @@ _RECIPE = {
     "single-path": {"littlebit": {"residual": False}},
     "residual-pair": {"littlebit": {"residual": True}},
     "seed1": {"seed": 1},
-    # Errors per token: from layer 11 on, the first position's massive activations hold 72-98 % of a
-    # hidden state's squared norm, so relative over the whole batch they are nearly all that counts.
-    "block-per-token": {"blocks": {"error": "per-token"}},
-    "hidden-per-token": {"loss": {"form": "per-token"}},
-    "per-token": {"blocks": {"error": "per-token"}, "loss": {"form": "per-token"}},
     # Learning rates for text that does not repeat: the latent rate (6e-5) was chosen on the WikiText-2
     # split read six times over.
     "latent-lr-1.5x": {"lrs": {"latent": 9e-5}},

@@ -55,28 +55,6 @@ def test_hidden_error_forms():
     assert torch.allclose(norm, scaled, rtol=1e-4)
 
 
-def test_per_token_relative_error_counts_every_token_alike():
-    """One token 100x larger than the rest (an attention sink's massive activation): over the whole
-    tensor its error is all that counts; per token, an error on the others counts as much."""
-    from littlebit.training.config import BlockConfig
-    from littlebit.training.distill import relative_error
-
-    torch.manual_seed(0)
-    t = torch.randn(2, 16, 32)
-    t[:, 0] *= 100
-    s = t.clone()
-    s[:, 1:] += 0.1 * torch.randn_like(t[:, 1:])  # 1 % relative error on every token but the first
-    whole, per_token = relative_error(s, t, False), relative_error(s, t, True)
-    assert whole.item() < 1e-4  # the sink's norm swamps the others' errors
-    manual = ((s - t).square().sum(-1) / t.square().sum(-1)).mean()
-    assert torch.allclose(per_token, manual) and 0.005 < per_token.item() < 0.015
-    assert torch.allclose(whole, (s - t).square().sum() / t.square().sum())
-    layers = hidden_error([s, s * 3], [t, t * 3], "per-token")
-    assert torch.allclose(layers, per_token, rtol=1e-5)  # scale-free per layer too
-    with pytest.raises(LittleBitError):
-        BlockConfig(error="nope")
-
-
 def test_distill_loss_combines_terms_and_validates():
     torch.manual_seed(0)
     s_logits, t_logits = torch.randn(1, 3, 7, requires_grad=True), torch.randn(1, 3, 7)
@@ -411,18 +389,6 @@ def test_frozen_signs_train_only_scales(tmp_path):
         from littlebit.training.config import TrainConfig
 
         TrainConfig(freeze_signs_frac=1.5)
-
-
-def test_per_token_errors_train_block_stage_and_global_steps(tmp_path):
-    """The per-token block error and loss form run through both stages, logging finite falling losses."""
-    from littlebit.training.config import BlockConfig, DistillConfig
-
-    blocks = BlockConfig(sequences=8, epochs=2, batch_size=4, error="per-token")
-    _, trainer, log = _tiny_global_run(tmp_path, blocks=blocks, loss=DistillConfig(form="per-token"), steps=8)
-    assert trainer.config.blocks.error == "per-token" and trainer.config.loss.form == "per-token"
-    hidden = [r["hidden"] for r in log]
-    assert len(hidden) == 8 and all(math.isfinite(h) and h > 0 for h in hidden)
-    assert sum(hidden[-3:]) < sum(hidden[:3])
 
 
 def test_failed_graph_recording_falls_back_to_eager(monkeypatch, caplog):

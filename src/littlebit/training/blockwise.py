@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from littlebit.config import LittleBitError
 from littlebit.core.convert import decoder_layer_classes
 from littlebit.training.config import BlockConfig, LearningRates
-from littlebit.training.distill import relative_error
 from littlebit.training.optim import (
     lr_factor,
     make_optimizer,
@@ -160,7 +159,8 @@ def _fit_layer(layer, x, y, kwargs, config, lrs, amp, train_norms, index, total,
     def forward_backward(idx: torch.Tensor) -> dict[str, torch.Tensor]:
         with amp():
             out = _as_tensor(layer(x[idx], **kwargs)).float()
-        loss = relative_error(out, y[idx], per_token=config.error == "per-token")
+        target = y[idx]
+        loss = (out - target).square().sum() / target.square().sum().clamp_min(1e-12)
         loss.backward()
         return {"loss": loss.detach()}
 

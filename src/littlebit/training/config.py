@@ -11,11 +11,8 @@ from littlebit.config import LittleBitError
 
 BLOCK_INPUTS = ("student", "teacher")
 START_KINDS = ("bos", "random", "chat")
-LOSS_FORMS = ("normalized", "per-token", "paper")
-_DEFAULT_HIDDEN_WEIGHT = {"normalized": 1.0, "per-token": 1.0, "paper": 10.0}
-# How the block stage measures a layer's output error: relative over the whole batch, or per token
-# (``distill.relative_error``)
-BLOCK_ERRORS = ("whole", "per-token")
+LOSS_FORMS = ("normalized", "paper")
+_DEFAULT_HIDDEN_WEIGHT = {"normalized": 1.0, "paper": 10.0}
 
 
 @dataclass
@@ -69,13 +66,10 @@ class BlockConfig:
     # Each layer gets only epochs x sequences / batch_size steps (512 by default, against 1080 global
     # ones), so it takes larger ones. (x5 was tuned with 32 steps per layer; not re-tuned since.)
     lr_multiplier: float = 5.0
-    error: str = "whole"
 
     def __post_init__(self) -> None:
         if self.inputs not in BLOCK_INPUTS:
             raise LittleBitError(f"block inputs must be one of {BLOCK_INPUTS}, got {self.inputs!r}")
-        if self.error not in BLOCK_ERRORS:
-            raise LittleBitError(f"block error must be one of {BLOCK_ERRORS}, got {self.error!r}")
         if self.sequences < 0 or self.epochs < 0 or self.batch_size < 1:
             raise LittleBitError("block reconstruction needs sequences >= 0, epochs >= 0, batch size >= 1")
 

@@ -6,8 +6,6 @@ Two forms:
   of the element-wise MSE between hidden states (LITTLEBIT.md section 3).
 - ``normalized`` (default): the same per-token KL, plus ``hidden_weight`` x the *mean* over layers
   of each layer's relative squared error ``|h_s - h_t|^2 / |h_t|^2``.
-- ``per-token``: the same, each layer's relative error taken per token and averaged over tokens
-  (``relative_error``).
 
 Why the default differs: the residual stream's norm grows through the depth and a few channels
 carry very large activations, so the paper's summed MSE is dominated by the last layers and is
@@ -40,27 +38,13 @@ def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def relative_error(s: torch.Tensor, t: torch.Tensor, per_token: bool) -> torch.Tensor:
-    """|s - t|^2 / |t|^2 over the whole tensor, or (``per_token``) the mean over tokens (all but the
-    last dimension) of each token's own ratio.
-
-    Why per token: on the default model the first position's massive activations (the attention sink)
-    hold 72-98 % of a hidden state's squared norm from layer 11 to 27 of 30, so over the whole tensor
-    the other tokens' errors barely count there; per token, every token counts the same."""
-    s, t = s.float(), t.float()
-    if per_token:
-        return ((s - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)).mean()
-    return (s - t).square().sum() / t.square().sum().clamp_min(1e-12)
-
-
 def hidden_error(
     student_hidden: Sequence[torch.Tensor],
     teacher_hidden: Sequence[torch.Tensor],
     form: str,
     reduce: Reduce | None = None,
 ) -> torch.Tensor:
-    """Summed MSE (``paper``) or the mean over layers of the relative squared error, over each layer's
-    whole tensor (``normalized``) or per token (``per-token``).
+    """Summed MSE (``paper``) or mean relative squared error (``normalized``) over layers.
 
     ``reduce`` (a sharded run) averages the relative error's denominators over the ranks, each of
     which holds an equal share of the batch: the error is then the whole batch's, not a mean of ratios.
@@ -70,15 +54,13 @@ def hidden_error(
     if not student_hidden:
         raise LittleBitError("no hidden states to compare")
     dens = None
-    if form == "normalized" and reduce is not None:  # one collective for all layers
+    if form != "paper" and reduce is not None:  # one collective for all layers
         dens = reduce(torch.stack([t.float().detach().square().sum() for t in teacher_hidden]))
     terms = []
     for i, (s, t) in enumerate(zip(student_hidden, teacher_hidden, strict=True)):
         s, t = s.float(), t.float().detach()
         if form == "paper":
             terms.append(F.mse_loss(s, t))
-        elif form == "per-token":  # a mean over tokens: equal shards average to the whole batch's
-            terms.append(relative_error(s, t, per_token=True))
         else:
             den = t.square().sum() if dens is None else dens[i]
             terms.append((s - t).square().sum() / den.clamp_min(1e-12))
