@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import statistics
 import sys
@@ -364,6 +365,7 @@ def main() -> None:
         tk.DEFAULT_CONFIG = tk.KernelConfig(**json.loads(args.kernel_config))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     payload = {
+        "date": datetime.date.today().isoformat(),
         "kernel_config": dataclasses.asdict(tk.DEFAULT_CONFIG),
         "device": common.device_name(),
         "torch": torch.__version__,
