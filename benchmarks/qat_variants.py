@@ -156,6 +156,8 @@ _RECIPE = {
     "single-path": {"littlebit": {"residual": False}},
     "residual-pair": {"littlebit": {"residual": True}},
     "seed1": {"seed": 1},
+    # The block stage's error: the mean of the whole batch's relative error and the per-token one.
+    "block-mixed-error": {"blocks": {"error": "mixed"}},
     # Learning rates for text that does not repeat: the latent rate (6e-5) was chosen on the WikiText-2
     # split read six times over.
     "latent-lr-1.5x": {"lrs": {"latent": 9e-5}},

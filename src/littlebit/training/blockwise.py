@@ -161,6 +161,9 @@ def _fit_layer(layer, x, y, kwargs, config, lrs, amp, train_norms, index, total,
             out = _as_tensor(layer(x[idx], **kwargs)).float()
         target = y[idx]
         loss = (out - target).square().sum() / target.square().sum().clamp_min(1e-12)
+        if config.error == "mixed":
+            per_token = (out - target).square().sum(-1) / target.square().sum(-1).clamp_min(1e-12)
+            loss = 0.5 * (loss + per_token.mean())
         loss.backward()
         return {"loss": loss.detach()}
 
