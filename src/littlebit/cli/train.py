@@ -13,6 +13,7 @@ from pathlib import Path
 from littlebit.cli.common import add_compression_arguments, compression_config
 from littlebit.config import SIGN_FUNCTIONS, LittleBitConfig, LittleBitError
 from littlebit.training.config import (
+    BLOCK_ERRORS,
     BLOCK_INPUTS,
     LOSS_FORMS,
     START_KINDS,
@@ -126,6 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-batch-size", type=int, default=None, help="sequences per block-stage step")
     parser.add_argument("--block-inputs", choices=BLOCK_INPUTS, default="student")
     parser.add_argument(
+        "--block-error",
+        choices=BLOCK_ERRORS,
+        default="whole",
+        help="a block's output error: relative over the whole batch, or mixed with the per-token one",
+    )
+    parser.add_argument(
         "--calib-sequences", type=int, default=None, help="sequences for activation statistics"
     )
     parser.add_argument(
@@ -216,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         epochs=d.blocks.epochs if args.block_epochs is None else args.block_epochs,
         batch_size=d.blocks.batch_size if args.block_batch_size is None else args.block_batch_size,
         inputs=args.block_inputs,
+        error=args.block_error,
     )
     cfg = TrainConfig(
         steps=d.steps if args.steps is None else args.steps,

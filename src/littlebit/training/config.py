@@ -12,6 +12,7 @@ from littlebit.config import LittleBitError
 BLOCK_INPUTS = ("student", "teacher")
 START_KINDS = ("bos", "random", "chat")
 LOSS_FORMS = ("normalized", "paper")
+BLOCK_ERRORS = ("whole", "mixed")
 _DEFAULT_HIDDEN_WEIGHT = {"normalized": 1.0, "paper": 10.0}
 
 
@@ -72,8 +73,8 @@ class BlockConfig:
     error: str = "whole"
 
     def __post_init__(self) -> None:
-        if self.error not in ("whole", "mixed"):
-            raise LittleBitError(f"block error must be 'whole' or 'mixed', got {self.error!r}")
+        if self.error not in BLOCK_ERRORS:
+            raise LittleBitError(f"block error must be one of {BLOCK_ERRORS}, got {self.error!r}")
         if self.inputs not in BLOCK_INPUTS:
             raise LittleBitError(f"block inputs must be one of {BLOCK_INPUTS}, got {self.inputs!r}")
         if self.sequences < 0 or self.epochs < 0 or self.batch_size < 1:
