@@ -429,6 +429,9 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
         cfg, lb.init, generated_tokens_needed(args.data, cfg), torch.device(device).type, parameters
     )
     # Before the slow part (generation, initialisation), on stderr: stdout carries the JSON summary.
+    # The layout is printed because its default depends on the BPW (``recipe.default_residual``).
+    paths = "two paths (the residual pair)" if lb.residual else "one path"
+    print(f"layers: {lb.bpw:g} BPW, {paths} each", file=sys.stderr)
     print(describe(plan, torch.device(device).type), file=sys.stderr, flush=True)
     try:
         eval_ids = tokenize_eval(tokenizer, "wikitext2", "test")
