@@ -98,11 +98,11 @@ def compression_config(
     residual = default_residual(args.bpw)
     if args.config:
         try:
-            text = Path(args.config).read_text(encoding="utf-8")
-            base = LittleBitConfig.from_json(text).to_dict()
+            given = json.loads(Path(args.config).read_text(encoding="utf-8"))
+            base = LittleBitConfig.from_dict(given).to_dict()
         except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
             raise LittleBitError(f"cannot read the config {args.config}: {first_line(e)}") from e
-        if "residual" in json.loads(text):
+        if "residual" in given:
             residual = base["residual"]
     if args.residual is not None:
         residual = args.residual

@@ -25,6 +25,23 @@ _ROWS, _COLS = 32, 256
 
 
 @triton.jit
+def _word_index(i, k, W, TILED: tl.constexpr):
+    """Where word ``k`` (a row of word numbers) of rows ``i`` (a column) sits among a path's W-word
+    rows: row-ordered, or with ``TILED`` in tile order (``packing.tile_order``: each 16-row tile's
+    blocks of 8 words in fragment order, then the tail)."""
+    if TILED:
+        full = W // 8 * 8
+        g16 = (i % 16)[:, None]
+        q = k % 8
+        head = (k // 8) * 128 + (g16 % 8) * 16 + (q // 2) * 4 + (q % 2) * 2 + g16 // 8
+        tail = 16 * full + g16 * (W - full) + (k - full)
+        word = (i // 16)[:, None] * (16 * W) + tl.where(k < full, head, tail)
+    else:
+        word = i[:, None] * W + k
+    return word
+
+
+@triton.jit
 def _expand_kernel(
     w_ptr, rs_ptr, cs_ptr, out_ptr, rows, n, W, stride_out, row_off, col_off, n_rb,
     HAS_CS: tl.constexpr, TILED: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr,
@@ -37,16 +54,7 @@ def _expand_kernel(
     e = pid1 * BE + tl.arange(0, BE)
     i_ok, e_ok = i < rows, e < n
     ok = i_ok[:, None] & e_ok[None, :]
-    k = (e // 32)[None, :]
-    if TILED:  # word k of row i: its 16-row tile's blocks of 8 words in fragment order, then the tail
-        full = W // 8 * 8
-        g16 = (i % 16)[:, None]
-        q = k % 8
-        head = (k // 8) * 128 + (g16 % 8) * 16 + (q // 2) * 4 + (q % 2) * 2 + g16 // 8
-        tail = 16 * full + g16 * (W - full) + (k - full)
-        word = (i // 16)[:, None] * (16 * W) + tl.where(k < full, head, tail)
-    else:
-        word = i[:, None] * W + k
+    word = _word_index(i, (e // 32)[None, :], W, TILED)
     # each word is read by the 32 entries it holds: from L1, the words are 1/16 of the bytes written
     w = tl.load(w_ptr + p * rows * W + word, mask=ok, other=0)
     val = tl.where(((w >> (e % 32)[None, :]) & 1) != 0, 1.0, -1.0)
@@ -69,17 +77,8 @@ def _expand_words_kernel(
     i = (pid0 % n_rb) * BR + tl.arange(0, BR)
     k = pid1 * BW + tl.arange(0, BW)
     i_ok = i < rows
-    kk = k[None, :]
-    if TILED:  # as in _expand_kernel, on (rows, words)
-        full = W // 8 * 8
-        g16 = (i % 16)[:, None]
-        q = kk % 8
-        head = (kk // 8) * 128 + (g16 % 8) * 16 + (q // 2) * 4 + (q % 2) * 2 + g16 // 8
-        tail = 16 * full + g16 * (W - full) + (kk - full)
-        word = (i // 16)[:, None] * (16 * W) + tl.where(kk < full, head, tail)
-    else:
-        word = i[:, None] * W + kk
-    w = tl.load(w_ptr + p * rows * W + word, mask=i_ok[:, None] & (kk < W), other=0)
+    word = _word_index(i, k[None, :], W, TILED)
+    w = tl.load(w_ptr + p * rows * W + word, mask=i_ok[:, None] & (k < W)[None, :], other=0)
     bit = tl.arange(0, 32)
     e = k[:, None] * 32 + bit[None, :]  # (words, bits): entry index in the row
     e_ok = e < n
