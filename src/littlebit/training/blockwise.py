@@ -151,9 +151,9 @@ def block_error(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Ten
 
     ``whole``: |out - target|^2 / |target|^2 over the batch. On the default model the first position's
     massive activations (the attention sink) hold 72-98 % of |target|^2 from decoder layer 11 to 27
-    of 30, so there it measures that token and little else. ``mixed``: the mean of that and the same
-    ratio per token averaged over tokens, which counts every token while the sink stays fitted (per
-    token alone lost: docs/recipe.md)."""
+    of 30 (``benchmarks/dev/hidden_norms.py``), so there it measures that token and little else.
+    ``mixed``: the mean of that and the same ratio per token averaged over tokens, which counts every
+    token while the sink stays fitted (per token alone lost: docs/recipe.md)."""
     diff = (out - target).square()
     whole = diff.sum() / target.square().sum().clamp_min(1e-12)
     if kind == "whole":
