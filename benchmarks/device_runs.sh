@@ -66,8 +66,8 @@ speed() {
       generate) timeout 240 python benchmarks/generate_rate.py --shards 3 > "$ROOT/generate_rate.log" 2>&1 ;;
       # the many-token kernels on the GPU itself, then the GEMM path against the prefill kernels: per
       # layer, time to first token and batch-256 decoding of the 7B shape, and around its threshold;
-      # expand: its two expansion kernels alone and in the whole call (about a minute); compile-words:
-      # compiled time to first token with the word-wise expansion
+      # expand: its expansion alone and in the whole call (about a minute); compile: compiled time to
+      # first token of 8 layers
       tests) timeout 100 python -m pytest -q tests/test_prefill.py > "$ROOT/test_prefill.log" 2>&1 ;;
       gemm) timeout 280 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 128,2048 \
         --models fp16,0.1,0.55,1.0 --ttft 2048 --serve 256 --steps 16 --reference-ttft 0 \
@@ -75,13 +75,11 @@ speed() {
       expand) timeout 150 python benchmarks/dev/gemm_expand.py > "$ROOT/gemm_expand.log" 2>&1 ;;
       compile) timeout 150 python benchmarks/dev/ttft_compile.py --layers 8 --models fp16,0.1,0.55,1.0 \
         --name ttft_compile_gemm > "$ROOT/ttft_compile_gemm.log" 2>&1 ;;
-      compile-words) timeout 150 python benchmarks/dev/ttft_compile.py --layers 8 --models fp16,0.1,0.55,1.0 \
-        --kernel-config '{"expand_by_words": true}' --name ttft_compile_words > "$ROOT/ttft_compile_words.log" 2>&1 ;;
       *) echo "speed: unknown measurement $w" >&2 ;;
     esac
   done
   find benchmarks/results \( -name 'eval_speed_gpu*.json' -o -name 'ttft_profile.json' -o -name 'generate_rate_cuda.json' \
-    -o -name 'ttft_compile_gemm.json' -o -name 'ttft_compile_words.json' -o -name 'gemm_expand.json' \) \
+    -o -name 'ttft_compile_gemm.json' -o -name 'gemm_expand.json' \) \
     -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
   pack
 }

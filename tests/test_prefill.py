@@ -56,7 +56,6 @@ CASES = {
 # The factors expanded per call and two GEMMs (``kernels.gpu.gemm``): widths and ranks off the
 # expansion's 32 x 256 blocks and off whole words, one and two paths, grouped layers, the threshold.
 _GEMM = {"gemm_min_tokens": 128}
-_BY_WORDS = {**_GEMM, "expand_by_words": True}
 GEMM_CASES = {
     "gemm-128-f16-p2": (128, 100, 40, 72, 2, F16, {"config": _GEMM}),
     "gemm-130-bf16-p1-nobias": (130, 300, 24, 200, 1, BF16, {"bias": False, "config": _GEMM}),
@@ -65,9 +64,7 @@ GEMM_CASES = {
     "gemm-tiled-u": (140, 200, 300, 48, 2, F16, {"tiled": True, "config": _GEMM}),
     "gemm-grouped": (150, 120, 40, 56, 2, BF16, {"groups": 3, "config": _GEMM}),
     "gemm-min-tokens-lowered": (3, 100, 40, 72, 2, F16, {"config": {"gemm_min_tokens": 2}}),
-    # the word-wise expansion kernel: tile-ordered S_U of 10 words a row, and grouped layers
-    "gemm-by-words-tiled-u": (140, 200, 300, 48, 2, F16, {"tiled": True, "config": _BY_WORDS}),
-    "gemm-by-words-grouped": (150, 120, 40, 56, 1, BF16, {"groups": 3, "config": _BY_WORDS}),
+    "gemm-grouped-p1": (150, 120, 40, 56, 1, BF16, {"groups": 3, "config": _GEMM}),
 }  # fmt: skip
 
 
@@ -97,18 +94,18 @@ def _check_sign_tile(dtype) -> float:
     return 0.0 if torch.equal(out.cpu(), unpack_signs(w.cpu(), 64)[:, order]) else float("inf")
 
 
-def _check_factors(by_words: bool) -> float:
+def _check_factors() -> float:
     """The expanded factors (S_U row-ordered and tile-ordered) against ``unpack_signs`` with the scales
     multiplied in, in fp32: their largest absolute difference (0.0 when every entry, padding bits
-    ignored, is in its place). ``by_words``: the word-wise expansion kernel."""
+    ignored, is in its place)."""
     from littlebit.core.packing import unpack_signs
     from littlebit.kernels.gpu.gemm import expanded_factors
 
     d_in, r, d_out = 300, 300, 290
     u, v, h, l, g, _ = make_layer(d_in, r, d_out, 2, torch.float32, DEVICE, seed=5)
-    a, b = expanded_factors(u, v, h, l, g, torch.float32, by_words=by_words)
+    a, b = expanded_factors(u, v, h, l, g, torch.float32)
     tiled = tile_order(u[:, :288])
-    _, b_tiled = expanded_factors(tiled, v, h[:, :288], l, g, torch.float32, u_tiled=True, by_words=by_words)
+    _, b_tiled = expanded_factors(tiled, v, h[:, :288], l, g, torch.float32, u_tiled=True)
     ref_a = torch.cat([unpack_signs(v[p].cpu(), d_in) * l[p].cpu()[:, None] * g[p].cpu() for p in range(2)])
     ref_b = torch.cat([unpack_signs(u[p].cpu(), r) * h[p].cpu()[:, None] for p in range(2)], dim=1)
     diffs = [a.cpu() - ref_a, b.cpu() - ref_b, b_tiled.cpu() - ref_b[:288]]
@@ -147,8 +144,7 @@ def run_checks() -> dict[str, float | str]:
         except Exception as e:  # reported by the test that owns the check
             results[name] = repr(e)
     checks = {
-        "gemm-factors": lambda: _check_factors(False),
-        "gemm-factors-by-words": lambda: _check_factors(True),
+        "gemm-factors": _check_factors,
         "kv-cache-factors": _check_kv_cache_factors,
     }
     for name, check in checks.items():
@@ -176,7 +172,6 @@ def prefill_results():
             "sign-tile-float16",
             "sign-tile-bfloat16",
             "gemm-factors",
-            "gemm-factors-by-words",
             "kv-cache-factors",
         ),
         *CASES,

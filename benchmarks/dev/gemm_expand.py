@@ -1,9 +1,8 @@
-"""How fast does the GEMM path write its factors? Both expansion kernels of ``kernels.gpu.gemm``
-(``_expand_kernel``, per entry; ``_expand_words_kernel``, per sign word) on the Llama-2-7B and -70B
-shapes at 0.1/0.55/1.0 BPW, S_U row-ordered and in tile order: µs for A and B together (median of a
-replayed CUDA graph), the bandwidth that makes (16-bit entries written plus sign words read), and the
-whole GEMM-path call at ``--tokens`` with each kernel. Prints one line per case and writes
-``benchmarks/results/<--name>.json``; ``KernelConfig.expand_by_words`` is chosen from it.
+"""How fast does the GEMM path write its factors? The expansion of ``kernels.gpu.gemm`` on the
+Llama-2-7B and -70B shapes at 0.1/0.55/1.0 BPW, S_U row-ordered and in tile order: µs for A and B
+together (median of a replayed CUDA graph), the bandwidth that makes (16-bit entries written plus sign
+words read), and the whole GEMM-path call at ``--tokens``. Prints one line per case and writes
+``benchmarks/results/<--name>.json``.
 
     python benchmarks/dev/gemm_expand.py      # GPU: about a minute
     TRITON_INTERPRET=1 python benchmarks/dev/gemm_expand.py --layers smoke-a,smoke-b --tokens 64 --name x
@@ -22,16 +21,14 @@ import torch  # noqa: E402
 from prefill import LAYERS, SMOKE_LAYERS, gpu_us, random_layer  # noqa: E402
 
 
-def time_kernel(
-    layer: list[torch.Tensor], x: torch.Tensor, tiled: bool, by_words: bool, device: str
-) -> tuple:
-    """µs of the expansion alone and of the whole GEMM-path call, with one expansion kernel."""
+def time_kernel(layer: list[torch.Tensor], x: torch.Tensor, tiled: bool, device: str) -> tuple:
+    """µs of the expansion alone and of the whole GEMM-path call."""
     from littlebit.kernels.gpu import triton_littlebit as tk
     from littlebit.kernels.gpu.gemm import expanded_factors
 
     u, v, h, l, g = layer
-    cfg = tk.KernelConfig(gemm_min_tokens=1, expand_by_words=by_words)
-    expand_us = gpu_us(lambda: expanded_factors(u, v, h, l, g, torch.bfloat16, tiled, by_words), device)
+    cfg = tk.KernelConfig(gemm_min_tokens=1)
+    expand_us = gpu_us(lambda: expanded_factors(u, v, h, l, g, torch.bfloat16, tiled), device)
     call_us = gpu_us(lambda: tk.littlebit_linear_triton(x, u, v, h, l, g, config=cfg, u_tiled=tiled), device)
     return expand_us, call_us
 
@@ -57,18 +54,13 @@ def main() -> int:
             for tiled in (False, True) if d_out % 16 == 0 else (False,):  # tile order: 16-row tiles
                 layer = [tile_order(u) if tiled else u, v, h, l, g]
                 rec = {"layer": name, "d_in": d_in, "d_out": d_out, "bpw": bpw, "rank": r, "u_tiled": tiled}
-                for kernel, by_words in (("entries", False), ("words", True)):
-                    us, call_us = time_kernel(layer, x, tiled, by_words, device)
-                    rec[f"{kernel}_us"], rec[f"{kernel}_call_us"] = us, call_us
-                    rec[f"{kernel}_tb_per_s"] = moved / us / 1e6
-                rec["words_speedup"] = rec["entries_us"] / rec["words_us"]
+                rec["expand_us"], rec["call_us"] = time_kernel(layer, x, tiled, device)
+                rec["expand_tb_per_s"] = moved / rec["expand_us"] / 1e6
                 records.append(rec)
                 print(
                     f"{name:8} {bpw:5} {'tiled' if tiled else 'rows ':5}"
-                    f"  entries {rec['entries_us']:8.1f} µs ({rec['entries_tb_per_s']:.2f} TB/s)"
-                    f"  words {rec['words_us']:8.1f} µs ({rec['words_tb_per_s']:.2f} TB/s)"
-                    f"  x{rec['words_speedup']:.2f}   call at {args.tokens} tokens"
-                    f" {rec['entries_call_us']:8.1f} / {rec['words_call_us']:8.1f} µs",
+                    f"  expansion {rec['expand_us']:8.1f} µs ({rec['expand_tb_per_s']:.2f} TB/s)"
+                    f"   call at {args.tokens} tokens {rec['call_us']:8.1f} µs",
                     flush=True,
                 )
     print(common.write_results(args.name, records, tokens=args.tokens))

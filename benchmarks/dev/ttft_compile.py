@@ -40,7 +40,7 @@ def main() -> int:
     ap.add_argument("--name", default="ttft_compile")
     ap.add_argument(
         "--kernel-config",
-        help='JSON KernelConfig fields for the packed layers, e.g. {"expand_by_words": true}',
+        help='JSON KernelConfig fields for the packed layers, e.g. {"gemm_min_tokens": 192}',
     )
     args = ap.parse_args()
     if args.kernel_config:

@@ -6,7 +6,9 @@ to first token times), and profiles three such forwards. Per model it reports th
 the device's busy time, and that time split by kind of kernel: the packed layers' two stages, cuBLAS
 GEMMs, attention, and everything else (norms, rotary, activations, residual adds, copies). Wall time
 well above busy time means the forward waits on the host (launches, Python), not on kernels. Also the
-host time inside ``littlebit::linear`` per call. Writes ``benchmarks/results/ttft_profile.json``.
+host time inside ``littlebit::linear`` per call, and the host events (PyTorch ops and CUDA runtime
+calls such as launches, allocations and synchronisations) that take the most of it. Writes
+``benchmarks/results/ttft_profile.json``.
 
     python benchmarks/dev/ttft_profile.py                                   # H200: about a minute
     python benchmarks/dev/ttft_profile.py --device cpu --tiny --tokens 96   # CPU smoke test
@@ -87,6 +89,13 @@ def profile_forward(model, tokens: int, device: str, reps: int) -> dict:
             {"name": e.key[:100], "ms": round(e.self_device_time_total / 3e3, 3), "calls": e.count / 3}
             for e in sorted(on_device, key=lambda e: -e.self_device_time_total)[:12]
         ],
+        # where the host's time goes: self time of PyTorch ops and CUDA runtime calls per forward
+        "top_host_events": [
+            {"name": e.key[:100], "self_ms": round(e.self_cpu_time_total / 3e3, 3), "calls": e.count / 3}
+            for e in sorted(
+                (e for e in events if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total
+            )[:12]
+        ],
         "packed_op_calls": calls,
         "packed_op_host_us_per_call": round(op[0].cpu_time_total / op[0].count, 1) if op else None,
     }
@@ -114,6 +123,9 @@ def main() -> int:
             + "  ".join(f"{k} {v['ms']:.2f} ms/{v['launches']}" for k, v in rec["kernels"].items())
             + f"  op host {rec['packed_op_host_us_per_call']} us x {rec['packed_op_calls']}"
         )
+        print("  host, self ms a forward: " + ", ".join(
+            f"{e['name']} {e['self_ms']:.2f} ({e['calls']:.0f})" for e in rec["top_host_events"][:8]
+        ))  # fmt: skip
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -77,10 +77,6 @@ class KernelConfig:
     # the prefill kernels: on the H100 the prefill kernels were faster at 192 tokens on three of four
     # layers, the GEMMs at 256 on three of four and within 5 % on the fourth (``prefill_gemm_h100.json``)
     gemm_min_tokens: int = 256
-    # the GEMM path's factors written by ``_expand_words_kernel`` (each sign word loaded once) instead
-    # of ``_expand_kernel`` (loaded and addressed per entry); off until timed on a GPU
-    # (``benchmarks/prefill.py --order expand``)
-    expand_by_words: bool = False
 
 
 DEFAULT_CONFIG = KernelConfig()

@@ -44,34 +44,12 @@ def _word_index(i, k, W, TILED: tl.constexpr):
 @triton.jit
 def _expand_kernel(
     w_ptr, rs_ptr, cs_ptr, out_ptr, rows, n, W, stride_out, row_off, col_off, n_rb,
-    HAS_CS: tl.constexpr, TILED: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr,
-):  # fmt: skip
-    """out[p * row_off + i, p * col_off + j] = rs[p, i] * cs[p, j] * (+-1 of bit j of row i of path p);
-    the words in tile order (``packing.tile_order``) with ``TILED``."""
-    pid0, pid1 = tl.program_id(0), tl.program_id(1)
-    p = pid0 // n_rb
-    i = (pid0 % n_rb) * BR + tl.arange(0, BR)
-    e = pid1 * BE + tl.arange(0, BE)
-    i_ok, e_ok = i < rows, e < n
-    ok = i_ok[:, None] & e_ok[None, :]
-    word = _word_index(i, (e // 32)[None, :], W, TILED)
-    # each word is read by the 32 entries it holds: from L1, the words are 1/16 of the bytes written
-    w = tl.load(w_ptr + p * rows * W + word, mask=ok, other=0)
-    val = tl.where(((w >> (e % 32)[None, :]) & 1) != 0, 1.0, -1.0)
-    val = val * tl.load(rs_ptr + p * rows + i, mask=i_ok, other=0.0).to(tl.float32)[:, None]
-    if HAS_CS:
-        val = val * tl.load(cs_ptr + p * n + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
-    dst = out_ptr + (p * row_off + i)[:, None] * stride_out + (p * col_off + e)[None, :]
-    tl.store(dst, val.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _expand_words_kernel(
-    w_ptr, rs_ptr, cs_ptr, out_ptr, rows, n, W, stride_out, row_off, col_off, n_rb,
     HAS_CS: tl.constexpr, TILED: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
 ):  # fmt: skip
-    """``_expand_kernel``'s output from (rows, words, bits) tiles: each word loaded and its address
-    computed once, then shifted into its 32 entries, where ``_expand_kernel`` does both per entry."""
+    """out[p * row_off + i, p * col_off + j] = rs[p, i] * cs[p, j] * (+-1 of bit j of row i of path p),
+    the words in tile order (``packing.tile_order``) with ``TILED``. A program takes (rows, words,
+    bits) tiles: each word is loaded and addressed once, then shifted into its 32 entries (per entry,
+    the expansion wrote at a third of the bandwidth: docs/kernels.md)."""
     pid0, pid1 = tl.program_id(0), tl.program_id(1)
     p = pid0 // n_rb
     i = (pid0 % n_rb) * BR + tl.arange(0, BR)
@@ -90,22 +68,15 @@ def _expand_words_kernel(
     tl.store(dst, val.to(out_ptr.dtype.element_ty), mask=i_ok[:, None, None] & e_ok[None, :, :])
 
 
-def _expand(
-    words, rs, cs, out, n: int, row_off: int, col_off: int, tiled: bool = False, by_words: bool = False
-) -> None:
+def _expand(words, rs, cs, out, n: int, row_off: int, col_off: int, tiled: bool = False) -> None:
     P, rows, W = words.shape
     words, rs = words.contiguous(), rs.contiguous()  # indexed as dense (P, rows, ...) below
     cs = None if cs is None else cs.contiguous()
     n_rb = triton.cdiv(rows, _ROWS)
     args = (words, rs, rs if cs is None else cs, out, rows, n, W, out.stride(0), row_off, col_off, n_rb)
-    if by_words:
-        _expand_words_kernel[(P * n_rb, triton.cdiv(W, _COLS // 32))](
-            *args, HAS_CS=cs is not None, TILED=tiled, BR=_ROWS, BW=_COLS // 32, num_warps=4
-        )
-    else:
-        _expand_kernel[(P * n_rb, triton.cdiv(n, _COLS))](
-            *args, HAS_CS=cs is not None, TILED=tiled, BR=_ROWS, BE=_COLS, num_warps=4
-        )
+    _expand_kernel[(P * n_rb, triton.cdiv(W, _COLS // 32))](
+        *args, HAS_CS=cs is not None, TILED=tiled, BR=_ROWS, BW=_COLS // 32, num_warps=4
+    )
 
 
 def expanded_factors(
@@ -116,16 +87,15 @@ def expanded_factors(
     g: torch.Tensor,
     dtype: torch.dtype,
     u_tiled: bool = False,
-    by_words: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A (P*r x d_in) and B (d_out x P*r) of one layer in ``dtype``, with y = x A^T B^T + bias;
-    ``u_tiled``: S_U's words in tile order; ``by_words``: ``_expand_words_kernel`` writes them."""
+    ``u_tiled``: S_U's words in tile order."""
     P, d_out, _ = u.shape
     r, d_in = l.shape[-1], g.shape[-1]
     a = torch.empty((P * r, d_in), dtype=dtype, device=u.device)
     b = torch.empty((d_out, P * r), dtype=dtype, device=u.device)
-    _expand(v, l, g, a, d_in, r, 0, by_words=by_words)
-    _expand(u, h, None, b, r, 0, r, u_tiled, by_words)
+    _expand(v, l, g, a, d_in, r, 0)
+    _expand(u, h, None, b, r, 0, r, u_tiled)
     return a, b
 
 
@@ -140,11 +110,10 @@ def gemm(
     y: torch.Tensor,
     dtype: torch.dtype,
     u_tiled: bool = False,
-    by_words: bool = False,
 ) -> None:
     """y (M, d_out, any row stride) = the packed product of x2 (M, d_in) for one layer, the GEMMs in
     ``dtype`` (the activations' dtype; fp32 under Triton's interpreter, which rounds bf16 by truncation)."""
-    a, b = expanded_factors(u, v, h, l, g, dtype, u_tiled, by_words)
+    a, b = expanded_factors(u, v, h, l, g, dtype, u_tiled)
     t = torch.mm(x2.to(dtype), a.T)
     # cuBLAS writes through y's row stride (a column slice of a grouped call's output is no copy)
     out = y if y.dtype == dtype else torch.empty(y.shape, dtype=dtype, device=y.device)
