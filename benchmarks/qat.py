@@ -40,7 +40,7 @@ from littlebit.evaluation.tasks import load_tasks  # noqa: E402
 from littlebit.hf.models import load_model, load_tokenizer  # noqa: E402
 from littlebit.training.config import BlockConfig, LearningRates, TextGenConfig, TrainConfig  # noqa: E402
 from littlebit.training.data_spec import default_data_spec  # noqa: E402
-from littlebit.training.recipe import BLOCK_SHARE, default_residual, plan_budget  # noqa: E402
+from littlebit.training.recipe import BLOCK_SHARE, TRAIN_RESIDUAL, plan_budget  # noqa: E402
 from littlebit.training.student import make_student  # noqa: E402
 from littlebit.training.trainer import train  # noqa: E402
 
@@ -109,11 +109,11 @@ def data_spec(variant: str, args: argparse.Namespace) -> str:
 
 
 def littlebit_config(bpw: float, init: str, variant: str) -> LittleBitConfig:
-    """Recipe variants take ``littlebit train``'s path layout for ``bpw`` unless they name one; the
-    older ones the residual pair they were measured with."""
+    """Recipe variants take ``littlebit train``'s path layout unless they name one; the older ones the
+    residual pair they were measured with."""
     over = dict(VARIANTS[variant].get("littlebit", {}))
     if variant in RECIPE:
-        over.setdefault("residual", default_residual(bpw))
+        over.setdefault("residual", TRAIN_RESIDUAL)
     return LittleBitConfig(bpw=bpw, init=init, **over)
 
 

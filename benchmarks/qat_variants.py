@@ -151,13 +151,11 @@ _RECIPE = {
     # sequence a step, twice the tokens, so half the steps.
     "seq1024": {"seqlen": 1024, "batch_size": 1, "blocks": {"batch_size": 1}},
     "seq2048": {"seqlen": 2048, "batch_size": 1, "blocks": {"batch_size": 1}},
-    # The path layout, whichever the BPW's default (``littlebit.training.recipe.default_residual``): one
-    # path of about twice the rank, or the residual pair.
+    # The path layout, whichever the default (``littlebit.training.recipe.TRAIN_RESIDUAL``): one path
+    # of about twice the rank, or the residual pair.
     "single-path": {"littlebit": {"residual": False}},
     "residual-pair": {"littlebit": {"residual": True}},
     "seed1": {"seed": 1},
-    # The block stage's error: the mean of the whole batch's relative error and the per-token one.
-    "block-mixed-error": {"blocks": {"error": "mixed"}},
     # Learning rates for text that does not repeat: the latent rate (6e-5) was chosen on the WikiText-2
     # split read six times over.
     "latent-lr-1.5x": {"lrs": {"latent": 9e-5}},

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from littlebit.config import INIT_METHODS, LittleBitConfig, LittleBitError, check_bpw, first_line
@@ -87,15 +86,15 @@ def add_compression_arguments(p: argparse.ArgumentParser, init_default: str, pat
 def compression_config(
     args: argparse.Namespace,
     seed_from_flag: bool = True,
-    default_residual: Callable[[float], bool] = lambda bpw: True,
+    default_residual: bool = True,
     **extra,
 ) -> LittleBitConfig:
     """The LittleBitConfig the flags ask for (``--config`` first, the flags over it). ``train`` keeps
     ``--seed`` for its data order (``seed_from_flag=False``): its initialisation seed is the config's.
     The path layout: ``--residual``/``--no-residual``, else the config file's, else
-    ``default_residual(bpw)``."""
+    ``default_residual``."""
     base: dict = {}
-    residual = default_residual(args.bpw)
+    residual = default_residual
     if args.config:
         try:
             given = json.loads(Path(args.config).read_text(encoding="utf-8"))

@@ -13,7 +13,6 @@ from pathlib import Path
 from littlebit.cli.common import add_compression_arguments, compression_config
 from littlebit.config import SIGN_FUNCTIONS, LittleBitConfig, LittleBitError
 from littlebit.training.config import (
-    BLOCK_ERRORS,
     BLOCK_INPUTS,
     LOSS_FORMS,
     START_KINDS,
@@ -30,7 +29,7 @@ from littlebit.training.data_spec import (
     MIXTURE_FROM_TOKENS,
     parse_data_spec,
 )
-from littlebit.training.recipe import SINGLE_PATH_MAX_BPW, default_residual, plan_budget
+from littlebit.training.recipe import TRAIN_RESIDUAL, plan_budget
 
 # The budget the defaults spend (calibration, block stage and 1,080 global steps of 2 x 512).
 DEFAULT_TOKENS = 1_638_400
@@ -48,7 +47,7 @@ DEFAULT_GRAD_POWER = 0.5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
-    paths = f"two above {SINGLE_PATH_MAX_BPW} BPW, one at and below"
+    paths = "two" if TRAIN_RESIDUAL else "one"
     add_compression_arguments(parser, init_default=DEFAULT_INIT, paths_default=paths)
     parser.add_argument(
         "--tokens",
@@ -127,12 +126,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-batch-size", type=int, default=None, help="sequences per block-stage step")
     parser.add_argument("--block-inputs", choices=BLOCK_INPUTS, default="student")
     parser.add_argument(
-        "--block-error",
-        choices=BLOCK_ERRORS,
-        default="whole",
-        help="a block's output error: relative over the whole batch, or mixed with the per-token one",
-    )
-    parser.add_argument(
         "--calib-sequences", type=int, default=None, help="sequences for activation statistics"
     )
     parser.add_argument(
@@ -210,7 +203,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
     if args.tokens is not None and args.tokens < 1:
         raise LittleBitError(f"--tokens must be >= 1, got {args.tokens}")
     lb = compression_config(
-        args, seed_from_flag=False, default_residual=default_residual, sign_function=args.sign
+        args, seed_from_flag=False, default_residual=TRAIN_RESIDUAL, sign_function=args.sign
     )
     d = TrainConfig()
     lrs = LearningRates(
@@ -223,7 +216,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         epochs=d.blocks.epochs if args.block_epochs is None else args.block_epochs,
         batch_size=d.blocks.batch_size if args.block_batch_size is None else args.block_batch_size,
         inputs=args.block_inputs,
-        error=args.block_error,
     )
     cfg = TrainConfig(
         steps=d.steps if args.steps is None else args.steps,
@@ -429,7 +421,7 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
         cfg, lb.init, generated_tokens_needed(args.data, cfg), torch.device(device).type, parameters
     )
     # Before the slow part (generation, initialisation), on stderr: stdout carries the JSON summary.
-    # The layout is printed because its default depends on the BPW (``recipe.default_residual``).
+    # The layout is printed because training's default differs from the paper's and compress's pair.
     paths = "two paths (the residual pair)" if lb.residual else "one path"
     print(f"layers: {lb.bpw:g} BPW, {paths} each", file=sys.stderr)
     print(describe(plan, torch.device(device).type), file=sys.stderr, flush=True)

@@ -12,7 +12,6 @@ from littlebit.config import LittleBitError
 BLOCK_INPUTS = ("student", "teacher")
 START_KINDS = ("bos", "random", "chat")
 LOSS_FORMS = ("normalized", "paper")
-BLOCK_ERRORS = ("whole", "mixed")
 _DEFAULT_HIDDEN_WEIGHT = {"normalized": 1.0, "paper": 10.0}
 
 
@@ -67,14 +66,8 @@ class BlockConfig:
     # Each layer gets only epochs x sequences / batch_size steps (512 by default, against 1080 global
     # ones), so it takes larger ones. (x5 was tuned with 32 steps per layer; not re-tuned since.)
     lr_multiplier: float = 5.0
-    # "whole": |out - target|^2 / |target|^2 over the batch; "mixed": the mean of that and the same
-    # ratio per token averaged over tokens, so the first position's massive activations stay fitted
-    # while the other tokens count too
-    error: str = "whole"
 
     def __post_init__(self) -> None:
-        if self.error not in BLOCK_ERRORS:
-            raise LittleBitError(f"block error must be one of {BLOCK_ERRORS}, got {self.error!r}")
         if self.inputs not in BLOCK_INPUTS:
             raise LittleBitError(f"block inputs must be one of {BLOCK_INPUTS}, got {self.inputs!r}")
         if self.sequences < 0 or self.epochs < 0 or self.batch_size < 1:

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from littlebit.config import LittleBitError
 from littlebit.training.config import TrainConfig
 
-# At this budget and below, training's default layout is one path of about twice the rank instead of
-# the residual pair: after 1.6M tokens it won on all three held-out scores at 0.55 BPW (WikiText-2 96.5
-# against 109.8, PTB 259 against 341, PIQA 0.543 against 0.540; benchmarks/results/qat_paths_gpu.json)
-# and on WikiText-2 at 0.3 (142 against 175, qat.json); at 1.0 BPW the pair won on WikiText-2 (qat.json).
-SINGLE_PATH_MAX_BPW = 0.55
+# Training's path layout: one path of about twice the rank, not the residual pair. After 1.6M tokens on
+# an H100 one path won on the held-out scores at 0.55 BPW (WikiText-2 96.5 against 109.8, PTB 259
+# against 341, PIQA 0.543 against 0.540; benchmarks/results/qat_paths_gpu.json) and at 1.0 BPW
+# (66.3 / 142.0 / 0.549, headline 2.44, against two runs of the pair, 67.1 / 146.0 / 0.550 and
+# 67.9 / 148.3 / 0.549, 2.47 and 2.50; qat_1bpw_gpu.json), and on WikiText-2 at 0.3 (qat.json).
+TRAIN_RESIDUAL = False
 # The block stage's share of a budget (524,288 of 1,638,400 tokens).
 BLOCK_SHARE = 0.32
 MAX_CALIB_SEQUENCES = 16
@@ -31,11 +32,6 @@ MIN_CALIB_SEQUENCES = 2
 # One calibration sequence per this many budget tokens (1.6M tokens: 16).
 CALIB_TOKENS_PER_SEQUENCE = 102_400
 DEFAULT_PARAMETERS = 134_515_008  # SmolLM2-135M, the model the rates were measured on
-
-
-def default_residual(bpw: float) -> bool:
-    """Whether training at ``bpw`` keeps the residual pair of paths when the user does not choose."""
-    return bpw > SINGLE_PATH_MAX_BPW
 
 
 @dataclass(frozen=True)
