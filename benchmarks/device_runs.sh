@@ -53,7 +53,8 @@ speed() {
   # minutes), eval (WikiText-2, every test window, and all of PIQA; the default model packed against
   # FP, bf16; about 2 minutes),
   # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
-  # generate (the teacher's text, three shards, one of each start kind; needs the model).
+  # generate (the teacher's text, three shards, one of each start kind, decoding steps recorded and eager;
+  # then one decoding step of each sampler and loop at batch 256; needs the model).
   local what=${*:-profile prefill eval}
   export PYTHONUNBUFFERED=1
   touch "$ROOT/.speed-start"
@@ -63,12 +64,15 @@ speed() {
       prefill) timeout 480 python benchmarks/prefill.py --out "$ROOT/prefill.json" > "$ROOT/prefill.log" 2>&1 ;;
       eval) timeout 240 python benchmarks/eval_speed.py --device cuda --dtype bf16 --windows 1000 --limit 1838 \
         --reps 1 --tag eval_speed_gpu > "$ROOT/eval_speed.log" 2>&1 ;;
-      generate) timeout 240 python benchmarks/generate_rate.py --shards 3 > "$ROOT/generate_rate.log" 2>&1 ;;
-      # the many-token kernels on the GPU itself, then the GEMM path against the prefill kernels: per
+      generate) timeout 300 python benchmarks/generate_rate.py --shards 3 > "$ROOT/generate_rate.log" 2>&1
+        timeout 120 python benchmarks/sampling_speed.py --batch 256 > "$ROOT/sampling_speed.log" 2>&1 ;;
+      # the many-token kernels and the recorded decoding step on the GPU itself (the latter needs the
+      # model's tokenizer), then the GEMM path against the prefill kernels: per
       # layer, time to first token and batch-256 decoding of the 7B shape, and around its threshold;
       # expand: its expansion alone and in the whole call (about a minute); compile: compiled time to
       # first token of 8 layers
-      tests) timeout 100 python -m pytest -q tests/test_prefill.py > "$ROOT/test_prefill.log" 2>&1 ;;
+      tests) timeout 150 python -m pytest -q tests/test_prefill.py tests/test_batch_decoding.py \
+        > "$ROOT/test_prefill.log" 2>&1 ;;
       gemm) timeout 280 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 128,2048 \
         --models fp16,0.1,0.55,1.0 --ttft 2048 --serve 256 --steps 16 --reference-ttft 0 \
         --order layers,models,gemm-threshold --out "$ROOT/prefill_gemm.json" > "$ROOT/prefill_gemm.log" 2>&1 ;;
@@ -79,7 +83,7 @@ speed() {
     esac
   done
   find benchmarks/results \( -name 'eval_speed_gpu*.json' -o -name 'ttft_profile.json' -o -name 'generate_rate_cuda.json' \
-    -o -name 'ttft_compile_gemm.json' -o -name 'gemm_expand.json' \) \
+    -o -name 'ttft_compile_gemm.json' -o -name 'gemm_expand.json' -o -name 'sampling_speed_cuda.json' \) \
     -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
   pack
 }

@@ -3,8 +3,9 @@
 Samples ``--shards`` shards into a fresh cache with the default settings (on a GPU as many sequences a
 shard as 16 GiB of static cache holds, on a CPU 32) and records each shard's tokens and seconds.
 Shards rotate through the start kinds (BOS, a random first token, the chat template, whose answer
-pass doubles the length), so three shards cover each once. Writes
-``benchmarks/results/generate_rate_<device>.json``.
+pass doubles the length), so three shards cover each once. On a GPU the same shards are sampled twice,
+each decoding step replayed as a recorded CUDA graph (the default) and launched eagerly, into two fresh
+caches. Writes ``benchmarks/results/generate_rate_<device>.json``.
 
     python benchmarks/generate_rate.py --shards 3
 """
@@ -31,32 +32,35 @@ def main() -> None:
     model = load_model(None, device=device)
     tok = load_tokenizer(None)
     records = []
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = TextCache(model, tok, TextGenConfig(), tmp)
-        for k in range(args.shards):
-            t0 = time.perf_counter()
-            cache.ensure(cache.tokens_available() + 1, limit=1)
-            seconds = time.perf_counter() - t0
-            tokens = cache.shard_tokens(k)
-            start = cache.kinds[k % len(cache.kinds)]
-            rate = round(tokens / seconds, 1)
-            records.append(
-                {
-                    "shard": k,
-                    "start": start,
-                    "tokens": tokens,
-                    "seconds": round(seconds, 1),
-                    "tokens_per_s": rate,
-                }
-            )
-            print(records[-1], flush=True)
-        batch = cache.config.batch_size
-    total = sum(r["tokens"] for r in records) / sum(r["seconds"] for r in records)
-    print(f"{total:.1f} tokens/s over {len(records)} shards of {batch} sequences")
+    for recorded in (True, False) if device == "cuda" else (False,):
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = TextCache(model, tok, TextGenConfig(), tmp, record_steps=recorded)
+            for k in range(args.shards):
+                t0 = time.perf_counter()
+                cache.ensure(cache.tokens_available() + 1, limit=1)
+                seconds = time.perf_counter() - t0
+                tokens = cache.shard_tokens(k)
+                records.append(
+                    {
+                        "steps": "recorded" if recorded else "eager",
+                        "shard": k,
+                        "start": cache.kinds[k % len(cache.kinds)],
+                        "tokens": tokens,
+                        "seconds": round(seconds, 1),
+                        "tokens_per_s": round(tokens / seconds, 1),
+                    }
+                )
+                print(records[-1], flush=True)
+            batch = cache.config.batch_size
+    rates = {}
+    for steps in dict.fromkeys(r["steps"] for r in records):
+        mine = [r for r in records if r["steps"] == steps]
+        rates[steps] = round(sum(r["tokens"] for r in mine) / sum(r["seconds"] for r in mine), 1)
+        print(f"{steps}: {rates[steps]:.1f} tokens/s over {len(mine)} shards of {batch} sequences")
     common.write_results(
         f"generate_rate_{device}",
         records,
-        tokens_per_s=round(total, 1),
+        tokens_per_s=rates,
         batch_size=batch,
         threads=torch.get_num_threads(),
         model="SmolLM2-135M-Instruct",

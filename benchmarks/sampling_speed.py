@@ -1,11 +1,14 @@
-"""Decoding step of the default model with transformers' sampler against littlebit's nucleus sampler.
+"""Decoding step of the default model: transformers' sampler, littlebit's nucleus sampler, and
+littlebit's own decoding loop.
 
-Both draw top-p 0.95, temperature 1 samples for a batch of ``--batch`` sequences from BOS, ``--steps``
-new tokens each (no early end): transformers' ``do_sample=True`` (it sorts every row of logits and
-draws with ``torch.multinomial``) against greedy search over ``littlebit.training.sampling``'s
-``NucleusSampler`` (what ``littlebit generate-data`` runs). Repetitions alternate in one process;
-medians. Also times ``nucleus_floor`` alone, by sort and by buckets, on random logits of the
-vocabulary's size. Writes ``benchmarks/results/sampling_speed_<device>.json``.
+All draw top-p 0.95, temperature 1 samples for a batch of ``--batch`` sequences from BOS, ``--steps``
+new tokens each (no early end): transformers' ``generate`` with ``do_sample=True`` (it sorts every row
+of logits and draws with ``torch.multinomial``); ``generate``'s greedy search over
+``littlebit.training.sampling``'s ``NucleusSampler``; and ``littlebit.training.batch_decoding``'s
+loop with a static cache and the same sampler (what ``littlebit generate-data`` runs; on a GPU each
+step a replayed CUDA graph). Repetitions alternate in one process; medians. Also times
+``nucleus_floor`` alone, by sort and by buckets, on random logits of the vocabulary's size. Writes
+``benchmarks/results/sampling_speed_<device>.json``.
 
     python benchmarks/sampling_speed.py
 """
@@ -20,6 +23,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 from littlebit.hf.models import load_model, load_tokenizer
+from littlebit.training.batch_decoding import sample_batch
 from littlebit.training.sampling import NucleusSampler, nucleus_floor
 
 
@@ -34,23 +38,28 @@ def main() -> None:
     tok = load_tokenizer(None)
     ids = torch.full((args.batch, 1), tok.bos_token_id, device=device)
     common_kw = dict(max_new_tokens=args.steps, min_new_tokens=args.steps, pad_token_id=tok.eos_token_id)
-    samplers = {
-        "transformers": (
-            GenerationConfig(do_sample=True, temperature=1.0, top_p=0.95, top_k=0, **common_kw),
-            {},
+    mask = torch.ones_like(ids)
+
+    def generate(cfg: GenerationConfig, **kw):
+        return lambda: model.generate(ids, attention_mask=mask, generation_config=cfg, **kw)
+
+    runs = {
+        "transformers": generate(
+            GenerationConfig(do_sample=True, temperature=1.0, top_p=0.95, top_k=0, **common_kw)
         ),
-        "littlebit": (
+        "littlebit": generate(
             GenerationConfig(do_sample=False, **common_kw),
-            {"logits_processor": LogitsProcessorList([NucleusSampler(1.0, 0.95)])},
+            logits_processor=LogitsProcessorList([NucleusSampler(1.0, 0.95)]),
         ),
+        "littlebit-loop": lambda: sample_batch(model, ids, mask, 1 + args.steps, 1.0, 0.95, eos=None),
     }
-    ms: dict[str, list[float]] = {name: [] for name in samplers}
+    ms: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.reps):
-        for name, (cfg, kw) in samplers.items():
+        for name, run in runs.items():
             torch.manual_seed(0)
             with torch.no_grad():
                 t0 = common.clock()
-                model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg, **kw)
+                run()
                 ms[name].append(1e3 * (common.clock() - t0) / args.steps)
     step = {name: round(statistics.median(v), 1) for name, v in ms.items()}
     gen = torch.Generator().manual_seed(0)
@@ -65,7 +74,8 @@ def main() -> None:
             times.append(1e3 * (common.clock() - t0))
         floor_ms[method] = round(statistics.median(times), 2)
     speedup = round(step["transformers"] / step["littlebit"], 2)
-    print(f"ms per decoding step (batch {args.batch}): {step}; littlebit {speedup}x")
+    loop_speedup = round(step["littlebit"] / step["littlebit-loop"], 2)
+    print(f"ms per step (batch {args.batch}): {step}; littlebit {speedup}x, its loop {loop_speedup}x more")
     print(f"nucleus_floor ms, {args.batch} x {vocab}: {floor_ms}")
     common.write_results(
         f"sampling_speed_{device}",
@@ -74,6 +84,7 @@ def main() -> None:
         steps=args.steps,
         threads=torch.get_num_threads(),
         speedup=speedup,
+        loop_speedup=loop_speedup,
         tokens_per_s={n: round(args.batch * 1e3 / step[n], 1) for n in step},
         nucleus_floor_ms=floor_ms,
         model="SmolLM2-135M-Instruct",

@@ -33,8 +33,8 @@ class GraphedMicroStep:
     tensors are copies, valid after the next replay.
     """
 
-    def __init__(self, fn: MicroStep, warmup: int = 2) -> None:
-        self.fn, self.warmup = fn, warmup
+    def __init__(self, fn: MicroStep, warmup: int = 2, what: str = "training step") -> None:
+        self.fn, self.warmup, self.what = fn, warmup, what
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed = False
@@ -68,6 +68,6 @@ class GraphedMicroStep:
             self._out, self._batch = {}, None
             torch.cuda.synchronize()
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            log.warning("training step not recorded as a CUDA graph, staying eager: %s", reason)
+            log.warning("%s not recorded as a CUDA graph, staying eager: %s", self.what, reason)
             return
         self.graph = graph

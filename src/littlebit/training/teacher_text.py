@@ -28,12 +28,12 @@ from torch import nn
 
 from littlebit.atomic import remove_stale_temporaries
 from littlebit.config import LittleBitError
+from littlebit.training.batch_decoding import sample_batch
 from littlebit.training.config import TextGenConfig
-from littlebit.training.sampling import NucleusSampler
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3  # raised whenever the same settings would write other text (the sampler among them)
+FORMAT = 4  # raised whenever the same settings would write other text (the sampler among them)
 _SHARD = "shard-{:05d}.safetensors"
 _PLACEHOLDER = "\x00littlebit\x00"
 
@@ -151,8 +151,11 @@ class TextCache:
         tokenizer,
         config: TextGenConfig,
         root: str | Path | None = None,
+        record_steps: bool | None = None,
     ) -> None:
+        """``record_steps``: replay each decoding step as a CUDA graph (default: on a GPU)."""
         self.model, self.tokenizer = model, tokenizer
+        self.record_steps = record_steps
         self.device = next(model.parameters()).device
         self.config = resolved(config, self.device, model)
         self.prompts = start_prompts(tokenizer, self.config)
@@ -289,32 +292,14 @@ class TextCache:
         return done + out
 
     def _generate(self, ids: torch.Tensor, length: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        from transformers import GenerationConfig, LogitsProcessorList
-
         cfg = self.config
-        # Greedy search over the scores of our own sampler (``sampling.NucleusSampler``), which draws
-        # the token: transformers' sampler sorted the vocabulary at every step, half a CPU step.
-        gen_cfg = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=max(1, length - ids.shape[1]),
-            eos_token_id=self.eos,
-            pad_token_id=self.pad,
-            # A static cache on the GPU: one preallocated buffer, no growing copies over 512 steps.
-            # The CPU keeps the dynamic cache, which is quicker there for short requests.
-            cache_implementation="static" if self.device.type == "cuda" else None,
-            # Eager: with transformers compiling the decoding step a shard took 1.34x as long (H100,
-            # benchmarks/results/generate_h100.txt).
-            disable_compile=True,
-        )
         mask = torch.ones_like(ids) if mask is None else mask
         # No autocast: under bf16 autocast on the H200 (transformers 5.17) the static cache, held in
         # the fp32 model's dtype, refused the bf16 keys and values (an index_copy_ dtype mismatch).
         with torch.no_grad():
-            out = self.model.generate(
-                ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                generation_config=gen_cfg,
-                logits_processor=LogitsProcessorList([NucleusSampler(cfg.temperature, cfg.top_p)]),
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            out = sample_batch(
+                self.model, ids, mask, length, cfg.temperature, cfg.top_p, self.eos, self.record_steps
             )
         return out.cpu()
 

@@ -48,8 +48,8 @@ def _expand_kernel(
 ):  # fmt: skip
     """out[p * row_off + i, p * col_off + j] = rs[p, i] * cs[p, j] * (+-1 of bit j of row i of path p),
     the words in tile order (``packing.tile_order``) with ``TILED``. A program takes (rows, words,
-    bits) tiles: each word is loaded and addressed once, then shifted into its 32 entries (per entry,
-    the expansion wrote at a third of the bandwidth: docs/kernels.md)."""
+    bits) tiles: each word is loaded and addressed once, then shifted into its 32 entries (loaded and
+    addressed per entry, the expansion was 1.8-5.2x slower: docs/kernels.md)."""
     pid0, pid1 = tl.program_id(0), tl.program_id(1)
     p = pid0 // n_rb
     i = (pid0 % n_rb) * BR + tl.arange(0, BR)
