@@ -69,7 +69,7 @@ class _Decoder:
         B, L = ids.shape
         dev = ids.device
         self.model, self.temperature, self.top_p, self.eos = model, temperature, top_p, eos
-        # transformers renamed the forward's cache argument (``past_key_values`` before 5.2x)
+        # the forward's cache argument: ``cache`` in transformers 5.25, ``past_key_values`` in 5.17
         names = inspect.signature(type(model).forward).parameters
         self.cache_arg = "cache" if "cache" in names else "past_key_values"
         self.cache = StaticCache(config=model.config, max_cache_len=total)
@@ -83,8 +83,8 @@ class _Decoder:
         self.boolean = attention == "sdpa"
         self.dtype = next(model.parameters()).dtype
         self.ended = torch.zeros(B, dtype=torch.bool, device=dev)
-        # The prompts: each attends to its own earlier tokens; a padding query attends to itself
-        # only, which keeps its states finite (no key of a real token ever attends to it).
+        # The prompts: each token attends to its row's earlier real tokens; a padding token attends
+        # to itself only, which keeps its states finite (no real token ever attends to it).
         queries = torch.arange(L, device=dev)
         allowed = (self.keys[None, :] <= queries[:, None])[None] & self.valid[:, None, :]
         allowed[:, queries, queries] = True
