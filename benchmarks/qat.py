@@ -40,7 +40,7 @@ from littlebit.evaluation.tasks import load_tasks  # noqa: E402
 from littlebit.hf.models import load_model, load_tokenizer  # noqa: E402
 from littlebit.training.config import BlockConfig, LearningRates, TextGenConfig, TrainConfig  # noqa: E402
 from littlebit.training.data_spec import default_data_spec  # noqa: E402
-from littlebit.training.recipe import BLOCK_SHARE, TRAIN_RESIDUAL, plan_budget  # noqa: E402
+from littlebit.training.recipe import BLOCK_SHARE, default_residual, plan_budget  # noqa: E402
 from littlebit.training.student import make_student  # noqa: E402
 from littlebit.training.trainer import train  # noqa: E402
 
@@ -108,12 +108,12 @@ def data_spec(variant: str, args: argparse.Namespace) -> str:
     return default_data_spec(args.tokens) if variant in RECIPE else "wikitext2:valid"
 
 
-def littlebit_config(bpw: float, init: str, variant: str) -> LittleBitConfig:
-    """Recipe variants take ``littlebit train``'s path layout unless they name one; the older ones the
-    residual pair they were measured with."""
+def littlebit_config(bpw: float, init: str, variant: str, tokens: int) -> LittleBitConfig:
+    """Recipe variants take ``littlebit train``'s path layout for a budget of ``tokens`` unless they
+    name one; the older ones the residual pair they were measured with."""
     over = dict(VARIANTS[variant].get("littlebit", {}))
     if variant in RECIPE:
-        over.setdefault("residual", TRAIN_RESIDUAL)
+        over.setdefault("residual", default_residual(tokens))
     return LittleBitConfig(bpw=bpw, init=init, **over)
 
 
@@ -174,7 +174,7 @@ def quality_fields(scores: dict, fp: dict) -> dict:
 
 def run_one(bpw: float, init: str, variant: str, ctx: dict, args: argparse.Namespace) -> dict:
     """Train and evaluate one student; returns its record (an ``error`` record if it failed)."""
-    lb = littlebit_config(bpw, init, variant)
+    lb = littlebit_config(bpw, init, variant, args.tokens)
     cfg = train_config(variant, args, lb)
     data = data_spec(variant, args)
     tag = f"{bpw}-{init}-{variant}"
@@ -259,7 +259,7 @@ def records_from_logs(folder: Path, like: dict, args: argparse.Namespace) -> lis
         if not lines or "error" in lines[-1] or not evals.is_file():
             continue
         rec = lines[-1]
-        lb = littlebit_config(rec["bpw_target"], rec["init"], rec["variant"])
+        lb = littlebit_config(rec["bpw_target"], rec["init"], rec["variant"], args.tokens)
         cfg = train_config(rec["variant"], args, lb)
         history = [json.loads(x) for x in evals.read_text().splitlines()]
         steps_run = sum(h.get("phase") == "global" for h in history)

@@ -151,8 +151,8 @@ _RECIPE = {
     # sequence a step, twice the tokens, so half the steps.
     "seq1024": {"seqlen": 1024, "batch_size": 1, "blocks": {"batch_size": 1}},
     "seq2048": {"seqlen": 2048, "batch_size": 1, "blocks": {"batch_size": 1}},
-    # The path layout, whichever the default (``littlebit.training.recipe.TRAIN_RESIDUAL``): one path
-    # of about twice the rank, or the residual pair.
+    # The path layout, whichever the budget's default (``littlebit.training.recipe.default_residual``):
+    # one path of about twice the rank, or the residual pair.
     "single-path": {"littlebit": {"residual": False}},
     "residual-pair": {"littlebit": {"residual": True}},
     "seed1": {"seed": 1},

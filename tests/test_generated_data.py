@@ -249,7 +249,7 @@ def test_train_command_prints_its_plan_and_keeps_to_its_budget(tiny_dir, tmp_pat
     argv += ["--data", "generated", "--seqlen", "32", "--gen-batch-size", "16", "--eval-windows", "1"]
     code, out, err = run_cli(capsys, *argv, "--generated-dir", str(tmp_path / "g"), "--device", "cpu")
     assert code == 0, err
-    assert "layers: 4 BPW, one path each" in err
+    assert "layers: 4 BPW, two paths (the residual pair) each" in err  # 2,000 tokens: the pair
     plan = err[err.index("plan:") :].splitlines()[:6]
     assert [line.split()[0] for line in plan[1:]] == ["generate", "calibrate", "block", "global", "total"]
     assert 2000 - 64 < json.loads(out.splitlines()[-1])["tokens"] <= 2000

@@ -318,8 +318,9 @@ def test_train_command_arguments():
 
 
 def test_path_layout_defaults_and_flags(tmp_path):
-    """train: one path at every BPW; compress: the residual pair. The flags win over both, and a config
-    file's layout over the command's default."""
+    """train: one path from 409,600 training tokens (the default budget among them), the residual pair
+    below, counted from --tokens or from stages sized by hand; compress: the pair. The flags win over
+    both, and a config file's layout over the command's default."""
     import argparse
 
     from littlebit.cli.common import compression_config
@@ -337,6 +338,12 @@ def test_path_layout_defaults_and_flags(tmp_path):
         return (config_from_args(args)[0] if parser is train else compression_config(args)).residual
 
     assert not any(layout(train, "--bpw", b) for b in ("0.1", "0.3", "0.55", "1", "2"))
+    assert layout(train, "--bpw", "1", "--tokens", "409600") is False
+    assert layout(train, "--bpw", "1", "--tokens", "409599") is True
+    assert layout(train, "--bpw", "0.55", "--tokens", "30000") is True
+    # 100 steps of 2 x 512 and 16 calibration sequences: 110,592 tokens
+    assert layout(train, "--bpw", "1", "--steps", "100", "--block-sequences", "0") is True
+    assert layout(train, "--bpw", "1", "--steps", "1000", "--block-sequences", "0") is False
     assert layout(compress, "--bpw", "0.55") is True
     assert layout(train, "--bpw", "0.55", "--residual") is True
     assert layout(train, "--bpw", "1", "--no-residual") is False
@@ -345,6 +352,7 @@ def test_path_layout_defaults_and_flags(tmp_path):
         path = tmp_path / f"c{residual}.json"
         path.write_text(LittleBitConfig(bpw=0.3, residual=residual).to_json())
         assert layout(train, "--bpw", "1", "--config", str(path)) is residual
+        assert layout(train, "--bpw", "1", "--tokens", "30000", "--config", str(path)) is residual
         assert layout(compress, "--bpw", "0.3", "--config", str(path)) is residual
         assert layout(train, "--bpw", "1", "--config", str(path), "--residual") is True
     # a config file without the field leaves the command's default

@@ -29,7 +29,7 @@ from littlebit.training.data_spec import (
     MIXTURE_FROM_TOKENS,
     parse_data_spec,
 )
-from littlebit.training.recipe import TRAIN_RESIDUAL, plan_budget
+from littlebit.training.recipe import SINGLE_PATH_MIN_TOKENS, default_residual, plan_budget, training_tokens
 
 # The budget the defaults spend (calibration, block stage and 1,080 global steps of 2 x 512).
 DEFAULT_TOKENS = 1_638_400
@@ -47,7 +47,7 @@ DEFAULT_GRAD_POWER = 0.5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
-    paths = "two" if TRAIN_RESIDUAL else "one"
+    paths = f"one from {SINGLE_PATH_MIN_TOKENS:,} training tokens, two below"
     add_compression_arguments(parser, init_default=DEFAULT_INIT, paths_default=paths)
     parser.add_argument(
         "--tokens",
@@ -202,9 +202,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         raise LittleBitError(f"--tokens sizes the stages itself: leave out --{flag}, or --tokens")
     if args.tokens is not None and args.tokens < 1:
         raise LittleBitError(f"--tokens must be >= 1, got {args.tokens}")
-    lb = compression_config(
-        args, seed_from_flag=False, default_residual=TRAIN_RESIDUAL, sign_function=args.sign
-    )
     d = TrainConfig()
     lrs = LearningRates(
         latent=args.latent_lr if args.latent_lr is not None else d.lrs.latent,
@@ -255,6 +252,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
     )
     if not explicit:
         cfg = plan_budget(cfg, DEFAULT_TOKENS if args.tokens is None else args.tokens)
+    residual = default_residual(training_tokens(cfg))
+    lb = compression_config(args, seed_from_flag=False, default_residual=residual, sign_function=args.sign)
     return lb, cfg
 
 
@@ -421,7 +420,7 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
         cfg, lb.init, generated_tokens_needed(args.data, cfg), torch.device(device).type, parameters
     )
     # Before the slow part (generation, initialisation), on stderr: stdout carries the JSON summary.
-    # The layout is printed because training's default differs from the paper's and compress's pair.
+    # The layout is printed because its default depends on the budget (``recipe.default_residual``).
     paths = "two paths (the residual pair)" if lb.residual else "one path"
     print(f"layers: {lb.bpw:g} BPW, {paths} each", file=sys.stderr)
     print(describe(plan, torch.device(device).type), file=sys.stderr, flush=True)

@@ -19,12 +19,15 @@ from dataclasses import dataclass
 from littlebit.config import LittleBitError
 from littlebit.training.config import TrainConfig
 
-# Training's path layout: one path of about twice the rank, not the residual pair. After 1.6M tokens on
-# an H100 one path won on the held-out scores at 0.55 BPW (WikiText-2 96.5 against 109.8, PTB 259
-# against 341, PIQA 0.543 against 0.540; benchmarks/results/qat_paths_gpu.json) and at 1.0 BPW
-# (66.3 / 142.0 / 0.549, headline 2.44, against two runs of the pair, 67.1 / 146.0 / 0.550 and
-# 67.9 / 148.3 / 0.549, 2.47 and 2.50; qat_1bpw_gpu.json), and on WikiText-2 at 0.3 (qat.json).
-TRAIN_RESIDUAL = False
+# Training's path layout follows the budget: one path of about twice the rank from this many tokens,
+# the residual pair below. After 1.6M tokens on an H100 one path won on the held-out scores at 0.55 BPW
+# (WikiText-2 96.5 against 109.8, PTB 259 against 341, PIQA 0.543 against 0.540;
+# benchmarks/results/qat_paths_gpu.json) and at 1.0 BPW (66.3 / 142.0 / 0.549, headline 2.44, against
+# two runs of the pair, 2.47 and 2.50; qat_1bpw_gpu.json), and on WikiText-2 at 0.3 (qat.json). On two
+# CPU cores the pair won at 40,960 tokens (0.55 BPW, headline 15.56 against 17.08; qat_path_cpu.json)
+# and at 30,000 (1.0 BPW, WikiText-2 391 against 524 over 8 windows, in 6.8 against 10.3 minutes;
+# train_budget.json). Between those budgets nothing is measured: the switch sits at 0.4M tokens.
+SINGLE_PATH_MIN_TOKENS = 409_600
 # The block stage's share of a budget (524,288 of 1,638,400 tokens).
 BLOCK_SHARE = 0.32
 MAX_CALIB_SEQUENCES = 16
@@ -32,6 +35,19 @@ MIN_CALIB_SEQUENCES = 2
 # One calibration sequence per this many budget tokens (1.6M tokens: 16).
 CALIB_TOKENS_PER_SEQUENCE = 102_400
 DEFAULT_PARAMETERS = 134_515_008  # SmolLM2-135M, the model the rates were measured on
+
+
+def default_residual(tokens: int) -> bool:
+    """Whether a run of ``tokens`` training tokens keeps the residual pair when the user does not say."""
+    return tokens < SINGLE_PATH_MIN_TOKENS
+
+
+def training_tokens(config: TrainConfig) -> int:
+    """The tokens a run trains on: its budget, or what its stages add up to when sized by hand."""
+    if config.tokens is not None:
+        return config.tokens
+    calib = config.calib_sequences * config.seqlen if config.uses_calibration else 0
+    return calib + config.blocks.tokens(config.seqlen) + config.steps * config.tokens_per_step
 
 
 @dataclass(frozen=True)
