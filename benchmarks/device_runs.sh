@@ -10,9 +10,10 @@
 #                                                          # text generated before its first run
 #   bash benchmarks/device_runs.sh wait SECONDS          # wait for the queue, pack what finished
 #
-# A SPEC is BPW:VARIANT[+VARIANT...][:INIT[:GRAD]] (variants in benchmarks/qat_variants.py, those joined
-# by + in one process from one initial student; INIT and GRAD, the --grad-power of the initialisation,
-# those of littlebit train, itq-refined and 0.5, unless given) or ptq. The queue runs one job at a
+# A SPEC is BPW[@TOKENS]:VARIANT[+VARIANT...][:INIT[:GRAD]] (variants in benchmarks/qat_variants.py, those
+# joined by + in one process from one initial student; TOKENS, the run's budget, 1,638,400 unless given;
+# INIT and GRAD, the --grad-power of the initialisation, those of littlebit train, itq-refined and 0.5,
+# unless given) or ptq. The queue runs one job at a
 # time: runs of the default model are launch-bound, and two processes on one GPU time-slice it, so
 # side by side each ran several times slower than alone (measured on the H200: 4 runs and the PTQ
 # benchmark together finished nothing but the PTQ benchmark in 9 minutes). The queue is detached so
@@ -146,12 +147,13 @@ run_queue() {
         local seed=${seeds##* }
         [ -f "$ROOT/generated-seed$seed.done" ] || { echo "$spec: no generated text" >> "$ROOT/$name.log"; continue; } ;;
     esac
-    local bpw=${spec%%:*} rest=${spec#*:} init=itq-refined grad=0.5
+    local bpw=${spec%%:*} rest=${spec#*:} init=itq-refined grad=0.5 budget=()
+    [[ $bpw == *@* ]] && budget=(--tokens "${bpw#*@}") && bpw=${bpw%@*}
     [[ $rest == *:* ]] && init=${rest#*:}
     [[ $init == *:* ]] && grad=${init#*:} && init=${init%%:*}
     local variants=${rest%%:*}
     # VARIANT+VARIANT...: one process, one initial student (--reuse-init), one model load and FP score
-    python benchmarks/qat.py --runs "$bpw:$init" --variant ${variants//+/ } --reuse-init --grad-power "$grad" \
+    python benchmarks/qat.py --runs "$bpw:$init" --variant ${variants//+/ } "${budget[@]}" --reuse-init --grad-power "$grad" \
       --generated-dir "$GEN" --work "$ROOT/work-$name" --resume --save-every 200 --fp-scores "$ROOT/fp.json" \
       --out "$ROOT/$name.json" --logs "$ROOT/$name.jsonl" >> "$ROOT/$name.log" 2>&1 \
       && python -c 'import json, sys; sys.exit(len({r["variant"] for r in json.load(open(sys.argv[1])) if "headline" in r}) < int(sys.argv[2]))' \
