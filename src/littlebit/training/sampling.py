@@ -1,4 +1,5 @@
-"""Nucleus (top-p) sampling for the teacher's text, as a logits processor for greedy search.
+"""Nucleus (top-p) sampling for the teacher's text: ``sample_nucleus``, which ``batch_decoding`` draws
+with, and ``NucleusSampler``, the same as a logits processor for transformers' greedy search.
 
 transformers' own sampler sorts the whole vocabulary at every step and draws with
 ``torch.multinomial``; on a CPU those two took over half of a decoding step of the default model
