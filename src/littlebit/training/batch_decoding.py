@@ -93,8 +93,12 @@ class _Decoder:
         logits = self._forward(ids, self._mask(allowed[:, None]), positions)
         self.slot = torch.tensor(L, device=dev)  # where the token the next step feeds sits
         self.position = positions[:, -1:] + 1  # that token's position in its row
-        self.mask = self._mask(self.valid[:, None, None, :] & (self.keys <= L))
+        self.mask = self._step_mask()  # the step's mask, rewritten in place by each step
         self._emit(sample_nucleus(logits, temperature, top_p))
+
+    def _step_mask(self) -> torch.Tensor:
+        """What the token at ``slot`` attends to: its row's real tokens up to itself."""
+        return self._mask(self.valid[:, None, None, :] & (self.keys <= self.slot))
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         if self.boolean:
@@ -121,8 +125,7 @@ class _Decoder:
     def step(self, _tick: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Feed the token at ``slot``, draw the next one into ``slot + 1``."""
         token = self.out.index_select(1, self.slot.view(1))
-        allowed = self.valid[:, None, None, :] & (self.keys <= self.slot)
-        self.mask.copy_(self._mask(allowed))
+        self.mask.copy_(self._step_mask())
         logits = self._forward(token, self.mask, self.position)
         self.slot += 1
         self.position += 1
