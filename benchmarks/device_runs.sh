@@ -55,7 +55,8 @@ speed() {
   # FP, bf16; about 2 minutes),
   # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
   # generate (the teacher's text, three shards, one of each start kind, decoding steps recorded and eager;
-  # then one decoding step of each sampler and loop at batch 256; needs the model).
+  # then one decoding step of each sampler and loop at batch 256, and the loop's attention against
+  # transformers' over 448 steps; needs the model).
   local what=${*:-profile prefill eval}
   export PYTHONUNBUFFERED=1
   touch "$ROOT/.speed-start"
@@ -66,7 +67,10 @@ speed() {
       eval) timeout 240 python benchmarks/eval_speed.py --device cuda --dtype bf16 --windows 1000 --limit 1838 \
         --reps 1 --tag eval_speed_gpu > "$ROOT/eval_speed.log" 2>&1 ;;
       generate) timeout 300 python benchmarks/generate_rate.py --shards 3 > "$ROOT/generate_rate.log" 2>&1
-        timeout 120 python benchmarks/sampling_speed.py --batch 256 > "$ROOT/sampling_speed.log" 2>&1 ;;
+        timeout 120 python benchmarks/sampling_speed.py --batch 256 > "$ROOT/sampling_speed.log" 2>&1
+        # the loop's grouped attention against transformers' own over a cache of 449 slots
+        timeout 150 python benchmarks/sampling_speed.py --batch 256 --steps 448 \
+          --routes littlebit-loop,littlebit-loop-transformers-sdpa >> "$ROOT/sampling_speed.log" 2>&1 ;;
       # the many-token kernels and the recorded decoding step on the GPU itself (the latter needs the
       # model's tokenizer), then the GEMM path against the prefill kernels: per
       # layer, time to first token and batch-256 decoding of the 7B shape, and around its threshold;
@@ -84,7 +88,7 @@ speed() {
     esac
   done
   find benchmarks/results \( -name 'eval_speed_gpu*.json' -o -name 'ttft_profile.json' -o -name 'generate_rate_cuda.json' \
-    -o -name 'ttft_compile_gemm.json' -o -name 'gemm_expand.json' -o -name 'sampling_speed_cuda.json' \) \
+    -o -name 'ttft_compile_gemm.json' -o -name 'gemm_expand.json' -o -name 'sampling_speed_cuda*.json' \) \
     -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
   pack
 }

@@ -98,3 +98,22 @@ def run_cli(capsys, *argv):
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture
+def watch_recorded_steps(monkeypatch):
+    """``watch(module)``: from then on, the ``GraphedMicroStep``s that ``module`` makes are listed in the
+    returned list (to check that steps were replayed from a recording, not the eager fallback)."""
+
+    def watch(module) -> list:
+        made = []
+
+        class Watched(module.GraphedMicroStep):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                made.append(self)
+
+        monkeypatch.setattr(module, "GraphedMicroStep", Watched)
+        return made
+
+    return watch

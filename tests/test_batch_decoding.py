@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from littlebit.config import LittleBitError
-from littlebit.training.batch_decoding import sample_batch
+from littlebit.training import batch_decoding
+from littlebit.training.batch_decoding import _grouped_sdpa, sample_batch
 from littlebit.training.sampling import NucleusSampler
 
 
@@ -87,12 +88,50 @@ def test_other_attention_is_refused_in_one_line(tiny_dir):
         sample_batch(model, ids, mask, 10, 1.0, 1.0, eos=None, graphs=False)
 
 
+@pytest.mark.parametrize("queries", [1, 5])
+def test_grouped_attention_matches_attention_on_the_copied_cache(queries):
+    """Fresh random queries, cache and mask: one query a row runs each key/value head's group of
+    query heads against the cache itself; more than one goes to transformers' sdpa. Both give what
+    attention over keys and values copied once per query head gives."""
+    rows, heads, kv_heads, slots, dim = 3, 6, 2, 11, 8
+    query = torch.randn(rows, heads, queries, dim, dtype=torch.float64)
+    key, value = (torch.randn(rows, kv_heads, slots, dim, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(rows, 1, queries, slots) < 0.7
+    mask[..., 0] = True  # every query attends to something
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    out, _ = _grouped_sdpa(module, query, key, value, mask, scaling=0.3)
+    groups = heads // kv_heads
+    copied = [t.repeat_interleave(groups, dim=1) for t in (key, value)]
+    ref = torch.nn.functional.scaled_dot_product_attention(query, *copied, attn_mask=mask, scale=0.3)
+    assert out.shape == (rows, queries, heads, dim)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+
+
+def test_the_model_keeps_its_attention_after_sampling_and_after_a_failure(tiny_dir, monkeypatch):
+    model = _model(tiny_dir, "sdpa")
+    ids, mask = _prompts(model.config.vocab_size)
+    sample_batch(model, ids, mask, 10, 1.0, 1.0, eos=None, graphs=False)
+    assert model.config._attn_implementation == "sdpa"
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "forward", fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sample_batch(model, ids, mask, 10, 1.0, 1.0, eos=None, graphs=False)
+    assert model.config._attn_implementation == "sdpa"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_recorded_steps_draw_what_eager_steps_draw(tiny_dir):
+def test_recorded_steps_draw_what_eager_steps_draw(tiny_dir, watch_recorded_steps):
     """Nearly greedy (temperature 1e-4), so the draws do not depend on how the generator's stream is
-    split between recorded replays: the recorded decoding gives the eager one's tokens."""
+    split between recorded replays: the recorded decoding gives the eager one's tokens, and the steps
+    were replayed from a recording (not the eager fallback)."""
+    steps = watch_recorded_steps(batch_decoding)
     model = _model(tiny_dir, "sdpa").cuda()
     ids, mask = (t.cuda() for t in _prompts(model.config.vocab_size))
     eager = sample_batch(model, ids, mask, 64, 1e-4, 1.0, eos=None, graphs=False)
     recorded = sample_batch(model, ids, mask, 64, 1e-4, 1.0, eos=None, graphs=True)
+    assert len(steps) == 1 and steps[0].active
     assert torch.equal(eager, recorded)

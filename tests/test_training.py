@@ -436,19 +436,11 @@ def test_recorded_steps_match_eager_steps(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_recorded_block_steps_match_eager_steps(tmp_path, monkeypatch):
+def test_recorded_block_steps_match_eager_steps(tmp_path, watch_recorded_steps):
     import littlebit.training.blockwise as blockwise
     from littlebit.training.config import BlockConfig
 
-    made = []
-
-    class Recorded(blockwise.GraphedMicroStep):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-    monkeypatch.setattr(blockwise, "GraphedMicroStep", Recorded)
-
+    made = watch_recorded_steps(blockwise)
     blocks = BlockConfig(sequences=8, epochs=3, batch_size=2)
     run = {"device": "cuda", "compile": False, "steps": 0, "blocks": blocks}
     before, eager, _ = _tiny_global_run(tmp_path / "e", cuda_graphs=False, **run)

@@ -13,13 +13,21 @@ left-padded), and the attention mask, handed to the model as a ready 4-D mask so
 builds none. Rows go on sampling after their end token (callers cut there); every ``CHECK_EVERY``
 steps the host checks whether all have ended. On the CPU, or where recording fails, the same step
 runs eagerly.
+
+Under a mask, transformers 5.17's sdpa copies each layer's cached keys and values once per query head
+of a group (``repeat_kv``) on every step, a cost that grows with the cache: about 18 GB a step for
+256 rows of 512 slots of the default model. With sdpa the loop's steps therefore run each key/value
+head's group of queries as the rows of one product against the cache itself (``_grouped_sdpa``),
+which transformers 5.25 does itself for single-token steps, with the same result.
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from littlebit.config import LittleBitError
@@ -27,6 +35,7 @@ from littlebit.training.sampling import sample_nucleus
 from littlebit.training.step_graph import GraphedMicroStep
 
 CHECK_EVERY = 16
+GROUPED_SDPA = "littlebit_grouped_sdpa"  # the attention implementation the loop runs under sdpa
 
 
 def sample_batch(
@@ -44,17 +53,52 @@ def sample_batch(
     nucleus, up to ``length`` in all (at least one new token), or fewer once every row has drawn
     ``eos``. ``graphs``: record the decoding step as a CUDA graph (default: on a GPU)."""
     total = max(length, ids.shape[1] + 1)
-    decoder = _Decoder(model, ids, mask, total, temperature, top_p, eos)
-    graphs = ids.is_cuda if graphs is None else graphs
-    step = GraphedMicroStep(decoder.step, what="decoding step") if graphs else decoder.step
-    tick = torch.zeros(1, device=ids.device)  # the recorded step's (unused) input
-    slot = ids.shape[1]  # the host's copy of ``decoder.slot``
-    while slot < total - 1:
-        step(tick)
-        slot += 1
-        if (slot - ids.shape[1]) % CHECK_EVERY == 0 and bool(decoder.ended.all()):
-            break
+    with _grouped_attention(model):
+        decoder = _Decoder(model, ids, mask, total, temperature, top_p, eos)
+        graphs = ids.is_cuda if graphs is None else graphs
+        step = GraphedMicroStep(decoder.step, what="decoding step") if graphs else decoder.step
+        tick = torch.zeros(1, device=ids.device)  # the recorded step's (unused) input
+        slot = ids.shape[1]  # the host's copy of ``decoder.slot``
+        while slot < total - 1:
+            step(tick)
+            slot += 1
+            if (slot - ids.shape[1]) % CHECK_EVERY == 0 and bool(decoder.ended.all()):
+                break
     return decoder.out[:, : slot + 1]
+
+
+@contextmanager
+def _grouped_attention(model: nn.Module):
+    """Within: a model on sdpa runs ``_grouped_sdpa``; other implementations are left alone."""
+    config = model.config
+    before = getattr(config, "_attn_implementation", "sdpa")
+    if before != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
+    config._attn_implementation = GROUPED_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _grouped_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' sdpa attention, except for one query token a row: then the group of query heads
+    that shares a key/value head forms the rows of one product against that head's cache."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1:
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    rows, heads, _, dim = query.shape
+    grouped = query.reshape(rows, heads // groups, groups, dim)
+    # the (rows, 1, 1, slots) mask broadcasts over the key/value heads and their groups
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
 class _Decoder:
@@ -64,7 +108,7 @@ class _Decoder:
         from transformers import StaticCache
 
         attention = getattr(model.config, "_attn_implementation", "sdpa")
-        if attention not in ("sdpa", "eager"):
+        if attention not in ("sdpa", "eager", GROUPED_SDPA):
             raise LittleBitError(f"sampling needs sdpa or eager attention, not {attention!r}")
         B, L = ids.shape
         dev = ids.device
@@ -80,7 +124,7 @@ class _Decoder:
         self.valid[:, :L] = mask
         self.keys = torch.arange(total, device=dev)
         # sdpa takes a boolean mask (True: attend); eager attention adds it to the scores
-        self.boolean = attention == "sdpa"
+        self.boolean = attention != "eager"
         self.dtype = next(model.parameters()).dtype
         self.ended = torch.zeros(B, dtype=torch.bool, device=dev)
         # The prompts: each token attends to its row's earlier real tokens; a padding token attends

@@ -63,12 +63,11 @@ class Rates:
     grad_tokens_per_s: float
 
 
-# GPU: the 1.6M-token default runs on an H100 (benchmarks/results/qat.json: setup 64-74 s with
-# Joint-ITQ, block stage ~105 s for 524k tokens, global ~165 s for 1.1M; qat_recipe_gpu.json: setup
-# 65 and 71 s with refitted signs and the loss-gradient pass, 1.0 BPW); generation, eager at 256 x 512
-# a shard on an H100: 4,700 tokens/s for a shard of BOS starts alone (benchmarks/results/generate_h100.txt),
-# and a 1.6M-token run that sampled four shards itself (BOS, random, chat, BOS: 400k tokens) took 139 s
-# longer than the same run finding its text (qat_data_gpu.json), ~2,900 tokens/s: 3,000 here.
+# GPU: the 1.6M-token default runs at 1.0 BPW on an H100 (benchmarks/results/qat_1bpw_gpu.json,
+# qat_paths_gpu.json, qat_default_gpu.json: setup 44-67 s with refitted signs and the loss-gradient
+# pass, block stage 82-100 s for 524k tokens, global 85-95 s for 1.1M); generation at 256 x 512 a shard
+# on an H100 with littlebit's decoding loop: 871,424 tokens, BOS, random and chat starts, in 272.8 and
+# 273.1 s for two seeds, 3,300 tokens/s (benchmarks/results/generate_rate_h100.json has the shards).
 # CPU: 2 cores; global steps at 150 tokens/s from `benchmarks/train_budget.py --tokens 30000`
 # (benchmarks/results/train_budget.json); calibration and initialisation 15 / 91 / 123 s for
 # Dual-SVID / Joint-ITQ / refitted signs (benchmarks/results/qat_init_cpu.json, setup); generation
@@ -79,7 +78,7 @@ class Rates:
 # GPU, where the global step's rate, which also runs the student, bounds it.
 RATES = {
     "cuda": Rates(
-        "an H100", {"itq": 70.0, "itq-refined": 67.0, "dual-svid": 15.0}, 5000.0, 6700.0, 3000.0, 6700.0
+        "an H100", {"itq": 70.0, "itq-refined": 60.0, "dual-svid": 15.0}, 5700.0, 12000.0, 3300.0, 12000.0
     ),
     "cpu": Rates(
         "2 idle CPU cores", {"itq": 90.0, "itq-refined": 125.0, "dual-svid": 15.0}, 150.0, 150.0, 84.0, 380.0
