@@ -1,4 +1,4 @@
-"""Named training recipes for benchmarks/qat.py: the default, today's and earlier ablations.
+"""Named training recipes for benchmarks/qat.py: the default and its ablations.
 
 Each entry overrides ``TrainConfig`` fields (nested dicts merge into ``lrs``, ``blocks``, ``loss`` and
 ``generation``); three keys are not ``TrainConfig`` fields: ``littlebit`` (``LittleBitConfig``
