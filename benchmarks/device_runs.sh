@@ -78,8 +78,8 @@ speed() {
       # first token of 8 layers
       tests) timeout 150 python -m pytest -q tests/test_prefill.py tests/test_batch_decoding.py \
         > "$ROOT/test_prefill.log" 2>&1 ;;
-      gemm) timeout 280 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 128,2048 \
-        --models fp16,0.1,0.55,1.0 --ttft 2048 --serve 256 --steps 16 --reference-ttft 0 \
+      gemm) timeout 450 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 128,512,2048,8192 \
+        --models fp16,0.1,0.55,1.0 --ttft 128,2048,8192 --serve 64,256 --steps 16 --reference-ttft 0 \
         --order layers,models,gemm-threshold --out "$ROOT/prefill_gemm.json" > "$ROOT/prefill_gemm.log" 2>&1 ;;
       expand) timeout 150 python benchmarks/dev/gemm_expand.py > "$ROOT/gemm_expand.log" 2>&1 ;;
       compile) timeout 150 python benchmarks/dev/ttft_compile.py --layers 8 --models fp16,0.1,0.55,1.0 \
