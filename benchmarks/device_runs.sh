@@ -13,7 +13,8 @@
 # A SPEC is BPW[@TOKENS]:VARIANT[+VARIANT...][:INIT[:GRAD]] (variants in benchmarks/qat_variants.py, those
 # joined by + in one process from one initial student; TOKENS, the run's budget, 1,638,400 unless given;
 # INIT and GRAD, the --grad-power of the initialisation, those of littlebit train, itq-refined and 0.5,
-# unless given) or ptq. The queue runs one job at a
+# unless given), ptq, or speed=WHAT[+WHAT...] (the speed measurements below, in the queue's turn, so
+# that they do not share the GPU with a training run). The queue runs one job at a
 # time: runs of the default model are launch-bound, and two processes on one GPU time-slice it, so
 # side by side each ran several times slower than alone (measured on the H200: 4 runs and the PTQ
 # benchmark together finished nothing but the PTQ benchmark in 9 minutes). The queue is detached so
@@ -133,6 +134,11 @@ run_queue() {
   for spec in "$@"; do
     local name=${spec//:/-}
     [ -f "$ROOT/$name.done" ] && continue
+    if [[ $spec == speed=* ]]; then  # speed measurements after (or between) the training runs
+      local what=${spec#speed=}
+      speed ${what//+/ } && touch "$ROOT/$name.done"
+      continue
+    fi
     if [ "$spec" = ptq ]; then
       python benchmarks/ptq.py >> "$ROOT/ptq.log" 2>&1 && cp benchmarks/results/ptq.json "$ROOT/" && touch "$ROOT/ptq.done"
       continue
