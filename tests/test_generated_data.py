@@ -127,6 +127,19 @@ def test_mixture_has_the_asked_proportions(teacher, tmp_path):
     assert cache.tokens_available() >= 640
 
 
+def test_a_missing_text_source_fails_before_any_text_is_generated(teacher, tmp_path, monkeypatch):
+    model, tok = teacher
+    import littlebit.training.teacher_text as teacher_text
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated text before reading the text source")
+
+    monkeypatch.setattr(teacher_text.TextCache, "ensure", no_generation)
+    cfg = TrainConfig(seqlen=32, generation=GEN, data_tokens=32 * 20)
+    with pytest.raises(LittleBitError, match="not found"):
+        training_sequences(f"generated:0.5,{tmp_path / 'missing.txt'}:0.5", cfg, tok, model, tmp_path / "c")
+
+
 def test_budget_split_reproduces_the_defaults_and_stays_within_small_budgets():
     d = TrainConfig()
     planned = plan_budget(TrainConfig(steps=1), 1_638_400)

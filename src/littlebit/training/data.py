@@ -67,15 +67,15 @@ def training_sequences(
     if len(sources) == 1 and not sources[0].generated:
         return pack_sequences(load_tokens(sources[0].source, tokenizer), config.seqlen)
     counts = mixture_counts([s.weight for s in sources], _total_sequences(config))
+    used = [(s, c) for s, c in zip(sources, counts, strict=True) if c > 0]
+    # Text first: a missing file or dataset fails in seconds, not after minutes of generated text.
+    texts = {s.source: load_tokens(s.source, tokenizer) for s, _ in used if not s.generated}
     parts = []
-    for source, count in zip(sources, counts, strict=True):
-        if count == 0:
-            continue
+    for source, count in used:
         if source.generated:
             parts.append(_generated(count, config, tokenizer, teacher, cache_root, on_shard))
         else:
-            packed = pack_sequences(load_tokens(source.source, tokenizer), config.seqlen)
-            parts.append(_cycled(packed, count))
+            parts.append(_cycled(pack_sequences(texts[source.source], config.seqlen), count))
     mixed = torch.cat(parts)
     order = torch.randperm(mixed.shape[0], generator=torch.Generator().manual_seed(_MIX_SEED))
     return mixed[order]
