@@ -79,7 +79,7 @@ def test_eval_baselines(tiny_dir, data_dir, capsys):
         (["compress", "{tiny}", "--bpw", "1", "--out", "{out}", "--skip", "*"], "no linear layers"),
         (["compress", "{tiny}", "--bpw", "1", "--out", "{busy}"], "not empty"),
         (["eval", "{tiny}", "--data-dir", "{empty}"], "data file not found"),
-        (["eval", "{tiny}", "--ppl", "c5"], "unknown dataset"),
+        (["eval", "{tiny}", "--ppl", "c5"], "unknown test set"),
         (["info", "{tiny}"], "not a LittleBit checkpoint"),
         (["info", "{missing}"], "no config.json"),
     ],

@@ -17,14 +17,16 @@ from littlebit.cli.common import (
     torch_dtype,
 )
 from littlebit.config import LittleBitError
-from littlebit.evaluation.data import DATASETS
+from littlebit.evaluation.data import DATASETS, check_test_set
+from littlebit.evaluation.hub import HUB_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help=f"a LittleBit directory, or {DEFAULT_MODEL_HELP}")
     p.add_argument(
         "--ppl",
-        help=f"comma-separated test sets: {','.join(DATASETS)} (default: wikitext2, none with --tasks)",
+        help=f"comma-separated test sets: {','.join(DATASETS)} (their test splits), a text file or folder, "
+        f"or {HUB_HELP} (default: wikitext2, none with --tasks)",
     )
     p.add_argument(
         "--tasks", help="comma-separated lm-eval tasks, e.g. piqa,hellaswag,arc_easy (needs lm-eval)"
@@ -57,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
     ppl = args.ppl if args.ppl is not None else (None if task_names else "wikitext2")
     names = _split(ppl)
     for n in names:
-        if n not in DATASETS:
-            raise LittleBitError(f"unknown dataset {n!r}; choose from {', '.join(DATASETS)}")
+        check_test_set(n)
     if task_names:
         from littlebit.evaluation.tasks import check_task_data, import_lm_eval
 
@@ -98,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
         _print_scores(scores)
     for name, r in results.items():
         part = "" if r["windows"] == r["windows_in_split"] else f" of {r['windows_in_split']}"
+        label = f"{name} {r['split']}" if r["split"] else name
         print(
-            f"{name} test: perplexity {r['perplexity']:,.2f} over {r['windows']}{part} windows of "
+            f"{label}: perplexity {r['perplexity']:,.2f} over {r['windows']}{part} windows of "
             f"{r['seqlen']} tokens"
         )
     return 0

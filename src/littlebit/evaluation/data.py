@@ -1,4 +1,5 @@
-"""Evaluation and training text: WikiText-2 and PTB from local files or Hugging Face ``datasets``.
+"""Evaluation and training text: WikiText-2 and PTB from local files or Hugging Face ``datasets``,
+the user's own text files, and any Hugging Face dataset (``evaluation.hub``).
 
 Local files follow the layout of the shared data folder::
 
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 
 from littlebit.config import LittleBitError
+from littlebit.evaluation.hub import HUB_HELP, hub_text, is_hub_source, parse_hub_source
 
 DATASETS = ("wikitext2", "ptb")
 _FILES = {
@@ -90,8 +92,12 @@ def eval_text(name: str, split: str = "test", data_dir: str | Path | None = None
     return "\n\n".join(rows)
 
 
-def training_text(source: str | Path | None = None, data_dir: str | Path | None = None) -> str:
-    """Text to train on: a named split (``wikitext2:valid``), a text file, or a directory of them.
+def training_text(
+    source: str | Path | None = None, data_dir: str | Path | None = None, max_chars: int | None = None
+) -> str:
+    """Text to train on: a named split (``wikitext2:valid``), a text file, a directory of them, or a
+    Hugging Face dataset (``hf:NAME...``, its train split unless named; ``max_chars`` bounds what is
+    read from it).
 
     The default is WikiText-2's validation split: the shared data has no train split, and test is
     kept for evaluation.
@@ -102,7 +108,41 @@ def training_text(source: str | Path | None = None, data_dir: str | Path | None 
         return eval_text(name, split, data_dir)
     if source in DATASETS:
         return eval_text(source, "train", data_dir)
-    path = Path(source)
+    if is_hub_source(source):
+        return hub_text(source, "train", max_chars)
+    text = _local_text(Path(source))
+    if text is None:
+        raise LittleBitError(f"training data not found: {source}")
+    return text
+
+
+def check_test_set(source: str) -> None:
+    """Refuse, before anything loads, a perplexity test set that ``test_set_text`` cannot read."""
+    if source in DATASETS or Path(source).exists():
+        return
+    if is_hub_source(source):
+        parse_hub_source(source)
+        return
+    raise LittleBitError(
+        f"unknown test set {source!r}: {', '.join(DATASETS)}, a text file or folder, or {HUB_HELP}"
+    )
+
+
+def test_set_text(
+    source: str, data_dir: str | Path | None = None, max_chars: int | None = None
+) -> tuple[str, str | None]:
+    """A perplexity test set and the split it came from: a named dataset's test split, a Hugging Face
+    dataset's (test unless named; ``max_chars`` bounds what is read), or a text file or folder (no split)."""
+    check_test_set(source)
+    if source in DATASETS:
+        return eval_text(source, "test", data_dir), "test"
+    if is_hub_source(source):
+        split = parse_hub_source(source).split or "test"
+        return hub_text(source, split, max_chars), split
+    return _local_text(Path(source)), None
+
+
+def _local_text(path: Path) -> str | None:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".raw", ".md"))
         if not files:
@@ -110,4 +150,4 @@ def training_text(source: str | Path | None = None, data_dir: str | Path | None 
         return "\n\n".join(p.read_text(encoding="utf-8") for p in files)
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    raise LittleBitError(f"training data not found: {source}")
+    return None

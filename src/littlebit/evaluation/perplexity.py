@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from littlebit.evaluation.data import eval_text
+from littlebit.config import LittleBitError
+from littlebit.evaluation.data import eval_text, test_set_text
+from littlebit.evaluation.hub import CHARS_PER_TOKEN_BOUND
 
 
 def tokenize_eval(tokenizer, name: str, split: str = "test", data_dir: str | Path | None = None):
@@ -54,12 +56,24 @@ def evaluate_perplexity(
     data_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Per dataset: ``{"perplexity", "windows", "windows_in_split", "seqlen"}`` on its test split."""
+    """Per test set (``data.test_set_text``: a named dataset, a text file or folder, a Hugging Face
+    dataset): ``{"perplexity", "windows", "windows_in_split", "seqlen", "split"}``. From the hub only
+    what ``max_windows`` windows need is read, so "windows_in_split" counts what was read."""
     results = {}
     for name in datasets:
-        ids = tokenize_eval(tokenizer, name, "test", data_dir)
+        max_chars = None if max_windows is None else max_windows * seqlen * CHARS_PER_TOKEN_BOUND
+        text, split = test_set_text(name, data_dir, max_chars)
+        ids = tokenizer(text, return_tensors="pt").input_ids
         available = ids.shape[1] // seqlen
+        if available == 0:
+            raise LittleBitError(f"{name} has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
         used = available if max_windows is None else min(available, max_windows)
         ppl = perplexity(model, ids, seqlen, max_windows, progress, desc=f"{name} ppl")
-        results[name] = {"perplexity": ppl, "windows": used, "windows_in_split": available, "seqlen": seqlen}
+        results[name] = {
+            "perplexity": ppl,
+            "windows": used,
+            "windows_in_split": available,
+            "seqlen": seqlen,
+            "split": split,
+        }
     return results

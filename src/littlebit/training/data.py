@@ -1,7 +1,8 @@
 """What a run trains on: a data spec (one source, or a weighted mixture) made into packed sequences.
 
 A spec is ``SOURCE[:WEIGHT],SOURCE[:WEIGHT],...``. ``SOURCE`` is ``generated`` (text the teacher
-writes, see ``teacher_text``), a named split (``wikitext2:valid``), a text file or a folder of them;
+writes, see ``teacher_text``), a named split (``wikitext2:valid``), a text file or a folder of them,
+or a Hugging Face dataset (``hf:NAME[?config=C&split=S&column=COL]``, streamed as far as the run reads);
 a trailing ``:WEIGHT`` that reads as a number is the source's share of the training sequences (the
 weights are normalised; 1 when left out). ``generated:0.7,notes.txt:0.3``.
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from littlebit.config import LittleBitError
+from littlebit.evaluation.hub import CHARS_PER_TOKEN_BOUND
 from littlebit.training.config import TrainConfig
 from littlebit.training.data_spec import default_data_spec, mixture_counts, parse_data_spec
 from littlebit.training.stream import load_tokens, pack_sequences
@@ -64,12 +66,14 @@ def training_sequences(
     if isinstance(data, torch.Tensor):
         return pack_sequences(load_tokens(data), config.seqlen)
     sources = parse_data_spec(_spec(data, config))
+    chars = CHARS_PER_TOKEN_BOUND * config.seqlen  # what a hub source streams per sequence it gives
     if len(sources) == 1 and not sources[0].generated:
-        return pack_sequences(load_tokens(sources[0].source, tokenizer), config.seqlen)
+        text = load_tokens(sources[0].source, tokenizer, _total_sequences(config) * chars)
+        return pack_sequences(text, config.seqlen)
     counts = mixture_counts([s.weight for s in sources], _total_sequences(config))
     used = [(s, c) for s, c in zip(sources, counts, strict=True) if c > 0]
     # Text first: a missing file or dataset fails in seconds, not after minutes of generated text.
-    texts = {s.source: load_tokens(s.source, tokenizer) for s, _ in used if not s.generated}
+    texts = {s.source: load_tokens(s.source, tokenizer, c * chars) for s, c in used if not s.generated}
     parts = []
     for source, count in used:
         if source.generated:

@@ -1,7 +1,8 @@
 """Data specs without torch: what ``--data`` names, checked before anything heavy loads.
 
 ``SOURCE[:WEIGHT],SOURCE[:WEIGHT],...``, where ``SOURCE`` is ``generated``, a named split
-(``wikitext2:valid``), a text file or a folder of them (``training.data`` reads them).
+(``wikitext2:valid``), a text file or a folder of them, or a Hugging Face dataset
+(``hf:NAME[?config=C&split=S&column=COL]``; ``training.data`` reads them).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from littlebit.config import LittleBitError
 from littlebit.evaluation.data import default_data_dirs
+from littlebit.evaluation.hub import is_hub_source, parse_hub_source
 
 GENERATED = "generated"
 # With a local WikiText-2 validation split: the split alone for budgets it holds without repeating, and
@@ -55,6 +57,8 @@ def parse_data_spec(spec: str) -> list[DataSource]:
             raise LittleBitError(f"bad data spec {spec!r}: weight of {name!r} must be a finite number > 0")
         if name in (s for s, _ in sources):
             raise LittleBitError(f"bad data spec {spec!r}: {name!r} is named twice")
+        if is_hub_source(name):
+            parse_hub_source(name)  # its form checked now, its rows when the run reads them
         sources.append((name, weight))
     total = sum(w for _, w in sources)
     return [DataSource(name, w / total) for name, w in sources]

@@ -1,0 +1,125 @@
+"""The user's own text: text files and Hugging Face datasets (``hf:NAME?...``) as perplexity test sets
+and as training data. The hub is not reachable here: ``datasets.load_dataset`` is replaced by a fake
+that streams rows and records how it was called."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+from conftest import run_cli
+
+from littlebit.config import LittleBitError
+from littlebit.evaluation.data import check_test_set
+from littlebit.evaluation.hub import hub_text, parse_hub_source
+from littlebit.training.config import TrainConfig
+from littlebit.training.data import training_sequences
+
+
+class FakeHub:
+    """Rows of one column per dataset name; counts the rows handed out."""
+
+    def __init__(self, datasets: dict[str, list[dict]]):
+        self.datasets, self.calls, self.rows_read = datasets, [], 0
+
+    def load_dataset(self, name, config=None, split=None, **kwargs):
+        self.calls.append({"name": name, "config": config, "split": split, **kwargs})
+        if name not in self.datasets:
+            raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub\nor cannot be accessed.")
+        return self._stream(self.datasets[name])
+
+    def _stream(self, rows):
+        for row in rows:
+            self.rows_read += 1
+            yield row
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    words = [{"text": " ".join(f"word{i}x{j}" for j in range(20)), "id": i} for i in range(500)]
+    fake = FakeHub({"org/notes": words, "org/numbers": [{"text": 7}], "org/empty": []})
+    module = types.ModuleType("datasets")
+    module.load_dataset = fake.load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    return fake
+
+
+def test_hub_sources_parse_and_bad_ones_are_refused_in_one_line():
+    spec = parse_hub_source("hf:allenai/c4?config=en&split=validation")
+    assert (spec.name, spec.config, spec.split, spec.column) == ("allenai/c4", "en", "validation", "text")
+    assert parse_hub_source("hf:org/notes?column=body").column == "body"
+    for bad in ("hf:", "hf:a b", "hf:org/x?colour=red", "hf:org/x?split=", "hf:org/x?split"):
+        with pytest.raises(LittleBitError) as err:
+            parse_hub_source(bad)
+        assert "\n" not in str(err.value)
+
+
+def test_hub_text_streams_only_what_is_asked_and_runs_no_remote_code(hub):
+    text = hub_text("hf:org/notes?config=c1", "train", max_chars=2000)
+    assert hub.rows_read < 20 and len(text) >= 2000 and text.startswith("word0x0")
+    call = hub.calls[-1]
+    assert (call["name"], call["config"], call["split"]) == ("org/notes", "c1", "train") and call["streaming"]
+    assert not call.get("trust_remote_code")
+    assert hub_text("hf:org/notes?split=test", "train").count("\n\n") == 499  # no bound: every row
+    assert hub.calls[-1]["split"] == "test"
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("hf:org/missing", "cannot load org/missing (train) from the Hugging Face hub: Dataset 'org/"),
+        ("hf:org/notes?column=body", "has no column 'body' (it has text, id)"),
+        ("hf:org/numbers", "holds int, not text"),
+        ("hf:org/empty", "has no rows"),
+    ],
+)
+def test_hub_failures_are_one_line(hub, source, message):
+    with pytest.raises(LittleBitError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        hub_text(source, "train")
+    assert "\n" not in str(err.value)
+
+
+def test_hub_text_without_the_datasets_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(LittleBitError, match=r"pip install 'littlebit\[eval\]'"):
+        hub_text("hf:org/notes", "train")
+
+
+def test_training_reads_a_hub_dataset_as_far_as_the_run_needs(hub, tiny_dir):
+    from littlebit.hf.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_dir))
+    cfg = TrainConfig(seqlen=32, data_tokens=32 * 4)
+    seqs = training_sequences("hf:org/notes", cfg, tok)
+    assert seqs.shape[1] == 32 and seqs.shape[0] >= 4
+    assert 0 < hub.rows_read < 500  # streamed, not the whole dataset
+    assert tok.decode(seqs[0]).startswith("word0x0")
+
+
+def test_test_sets_are_checked_before_anything_loads(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("text")
+    for ok in ("wikitext2", "ptb", str(notes), str(tmp_path), "hf:org/notes?split=test"):
+        check_test_set(ok)
+    for bad in ("c5", str(tmp_path / "missing.txt"), "hf:org/x?colour=red"):
+        with pytest.raises(LittleBitError):
+            check_test_set(bad)
+
+
+def test_eval_reports_perplexity_on_a_text_file_and_a_hub_dataset(hub, tiny_dir, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(f"line {i} of the user's own notes" for i in range(200)))
+    code, out, err = run_cli(
+        capsys, "eval", str(tiny_dir), "--ppl", f"{notes},hf:org/notes?split=test", "--seqlen", "32",
+        "--max-windows", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"{notes}: perplexity" in out and "over 2 of" in out
+    assert "hf:org/notes?split=test test: perplexity" in out and "over 2 of" in out
+    assert hub.calls[-1]["split"] == "test" and hub.rows_read < 500
+
+
+def test_eval_refuses_an_unknown_test_set_in_one_line(tiny_dir, capsys):
+    code, out, err = run_cli(capsys, "eval", str(tiny_dir), "--ppl", "c5")
+    assert code == 2 and err.count("\n") == 1 and "unknown test set 'c5'" in err
