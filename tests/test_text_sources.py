@@ -123,3 +123,19 @@ def test_eval_reports_perplexity_on_a_text_file_and_a_hub_dataset(hub, tiny_dir,
 def test_eval_refuses_an_unknown_test_set_in_one_line(tiny_dir, capsys):
     code, out, err = run_cli(capsys, "eval", str(tiny_dir), "--ppl", "c5")
     assert code == 2 and err.count("\n") == 1 and "unknown test set 'c5'" in err
+
+
+def test_train_scores_the_held_out_text_it_is_given(tiny_dir, tmp_path, capsys):
+    import json
+
+    train_text, held_out = tmp_path / "train.txt", tmp_path / "held_out.txt"
+    train_text.write_text(" ".join(f"word{i % 300}" for i in range(4000)))
+    held_out.write_text(" ".join(f"other{i % 200}" for i in range(2000)))
+    argv = ["train", str(tiny_dir), "--bpw", "4", "--out", str(tmp_path / "m"), "--tokens", "1500"]
+    argv += ["--data", str(train_text), "--seqlen", "32", "--eval-windows", "2", "--eval-seqlen", "32"]
+    code, out, err = run_cli(capsys, *argv, "--eval-text", str(held_out), "--device", "cpu")
+    assert code == 0, err
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["eval_text"] == str(held_out) and summary["eval_text_ppl_2x32"] > 1
+    code, out, err = run_cli(capsys, *argv, "--eval-text", str(tmp_path / "missing.txt"))
+    assert code == 2 and err.count("\n") == 1 and "unknown test set" in err

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from littlebit.cli.common import add_compression_arguments, compression_config
 from littlebit.config import SIGN_FUNCTIONS, LittleBitConfig, LittleBitError
+from littlebit.evaluation.data import check_test_set
 from littlebit.training.config import (
     BLOCK_INPUTS,
     LOSS_FORMS,
@@ -147,6 +148,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eval-windows", type=int, default=8, help="windows per evaluation (0: whole split)")
     parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument(
+        "--eval-text",
+        default="wikitext2",
+        help="held-out text the evaluations score, as littlebit eval --ppl takes one: wikitext2 or ptb (test "
+        "splits), a text file or folder, or hf:NAME[?config=C&split=S&column=COL] (default: wikitext2)",
+    )
     parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     parser.add_argument(
         "--keep-checkpoints",
@@ -196,6 +203,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
             raise LittleBitError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
     if args.data is not None:
         parse_data_spec(args.data)  # a bad spec fails here, before anything is loaded
+    check_test_set(args.eval_text)
     explicit = [f for f in ("steps", "block_sequences", "calib_sequences") if getattr(args, f) is not None]
     if args.tokens is not None and explicit:
         flag = explicit[0].replace("_", "-")
@@ -399,7 +407,8 @@ def run(args: argparse.Namespace) -> int:
 def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
     import torch
 
-    from littlebit.evaluation.perplexity import tokenize_eval
+    from littlebit.evaluation.data import test_set_text
+    from littlebit.evaluation.hub import CHARS_PER_TOKEN_BOUND
     from littlebit.hf.checkpoint import save_compressed
     from littlebit.hf.models import load_model, load_tokenizer
     from littlebit.training.checkpoints import remove_checkpoints
@@ -425,8 +434,12 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
     print(f"layers: {lb.bpw:g} BPW, {paths} each", file=sys.stderr)
     print(describe(plan, torch.device(device).type), file=sys.stderr, flush=True)
     try:
-        eval_ids = tokenize_eval(tokenizer, "wikitext2", "test")
+        max_chars = cfg.eval_windows * cfg.eval_seqlen * CHARS_PER_TOKEN_BOUND if cfg.eval_windows else None
+        text, _ = test_set_text(args.eval_text, max_chars=max_chars)
+        eval_ids = tokenizer(text, return_tensors="pt").input_ids
     except LittleBitError as e:
+        if args.eval_text != "wikitext2":
+            raise  # the text the user named: an error, not a run without its evaluations
         log.warning("no periodic evaluation: %s", e)
         eval_ids = None
     result = train(
@@ -450,6 +463,9 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
     summary = {"out": str(out), "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
     if result.history:
         windows = f"{cfg.eval_windows or 'all'}x{cfg.eval_seqlen}"
-        summary[f"wikitext2_ppl_{windows}"] = result.history[-1]["ppl"]
+        label = "wikitext2" if args.eval_text == "wikitext2" else "eval_text"
+        summary[f"{label}_ppl_{windows}"] = result.history[-1]["ppl"]
+        if label == "eval_text":
+            summary["eval_text"] = args.eval_text
     print(json.dumps(summary))
     return 0
