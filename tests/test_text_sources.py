@@ -139,3 +139,14 @@ def test_train_scores_the_held_out_text_it_is_given(tiny_dir, tmp_path, capsys):
     assert summary["eval_text"] == str(held_out) and summary["eval_text_ppl_2x32"] > 1
     code, out, err = run_cli(capsys, *argv, "--eval-text", str(tmp_path / "missing.txt"))
     assert code == 2 and err.count("\n") == 1 and "unknown test set" in err
+
+
+def test_eval_reads_its_test_sets_before_loading_the_model(hub, capsys, monkeypatch):
+    import littlebit.hf.models as models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("loaded the model before reading the test sets")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    code, out, err = run_cli(capsys, "eval", "--ppl", "hf:org/missing?split=test")
+    assert code != 0 and err.count("\n") == 1 and "cannot load org/missing (test)" in err

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from littlebit.evaluation.perplexity import evaluate_perplexity
+    from littlebit.evaluation.perplexity import evaluate_perplexity, read_test_sets
     from littlebit.hf.checkpoint import load_compressed
     from littlebit.hf.models import load_model, load_tokenizer
 
@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         # before the model loads: a missing extra or data folder fails at once
         import_lm_eval()
         check_task_data(task_names, args.data_dir)
+    # before the model loads: a missing file or an unreachable dataset fails at once
+    texts = read_test_sets(names, args.seqlen, args.max_windows, args.data_dir)
     device, dtype = device_name(args.device), torch_dtype(args.dtype)
     if is_littlebit_dir(args.model):
         model = load_compressed(
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     if names:
         results = evaluate_perplexity(
-            model, tokenizer, names, args.seqlen, args.max_windows, args.data_dir, progress=not args.json
+            model, tokenizer, names, args.seqlen, args.max_windows, args.data_dir, not args.json, texts
         )
     scores = {}
     if task_names:

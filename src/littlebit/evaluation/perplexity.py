@@ -55,14 +55,16 @@ def evaluate_perplexity(
     max_windows: int | None = None,
     data_dir: str | Path | None = None,
     progress: bool = True,
+    texts: dict[str, tuple[str, str | None]] | None = None,
 ) -> dict[str, dict]:
     """Per test set (``data.test_set_text``: a named dataset, a text file or folder, a Hugging Face
     dataset): ``{"perplexity", "windows", "windows_in_split", "seqlen", "split"}``. From the hub only
-    what ``max_windows`` windows need is read, so "windows_in_split" counts what was read."""
+    what ``max_windows`` windows need is read, so "windows_in_split" counts what was read. ``texts``:
+    ``read_test_sets``'s result, when the caller read them before loading the model."""
+    texts = texts if texts is not None else read_test_sets(datasets, seqlen, max_windows, data_dir)
     results = {}
     for name in datasets:
-        max_chars = None if max_windows is None else max_windows * seqlen * CHARS_PER_TOKEN_BOUND
-        text, split = test_set_text(name, data_dir, max_chars)
+        text, split = texts[name]
         ids = tokenizer(text, return_tensors="pt").input_ids
         available = ids.shape[1] // seqlen
         if available == 0:
@@ -77,3 +79,15 @@ def evaluate_perplexity(
             "split": split,
         }
     return results
+
+
+def read_test_sets(
+    datasets: list[str],
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    data_dir: str | Path | None = None,
+) -> dict[str, tuple[str, str | None]]:
+    """Each test set's text and split (``data.test_set_text``), from the hub only as much as
+    ``max_windows`` windows of ``seqlen`` tokens need."""
+    max_chars = None if max_windows is None else max_windows * seqlen * CHARS_PER_TOKEN_BOUND
+    return {name: test_set_text(name, data_dir, max_chars) for name in datasets}
