@@ -38,7 +38,15 @@ class FakeHub:
 @pytest.fixture
 def hub(monkeypatch):
     words = [{"text": " ".join(f"word{i}x{j}" for j in range(20)), "id": i} for i in range(500)]
-    fake = FakeHub({"org/notes": words, "org/numbers": [{"text": 7}], "org/empty": []})
+    fake = FakeHub(
+        {
+            "org/notes": words,
+            "org/numbers": [{"text": 7}],
+            "org/empty": [],
+            "org/sparse": [{"text": None}, {"text": "kept row"}, {"text": None}],
+            "org/nulls": [{"text": None}],
+        }
+    )
     module = types.ModuleType("datasets")
     module.load_dataset = fake.load_dataset
     monkeypatch.setitem(sys.modules, "datasets", module)
@@ -49,6 +57,8 @@ def test_hub_sources_parse_and_bad_ones_are_refused_in_one_line():
     spec = parse_hub_source("hf:allenai/c4?config=en&split=validation")
     assert (spec.name, spec.config, spec.split, spec.column) == ("allenai/c4", "en", "validation", "text")
     assert parse_hub_source("hf:org/notes?column=body").column == "body"
+    with pytest.raises(LittleBitError, match="at most once"):
+        parse_hub_source("hf:org/x?split=a&split=b")
     for bad in ("hf:", "hf:a b", "hf:org/x?colour=red", "hf:org/x?split=", "hf:org/x?split"):
         with pytest.raises(LittleBitError) as err:
             parse_hub_source(bad)
@@ -72,12 +82,17 @@ def test_hub_text_streams_only_what_is_asked_and_runs_no_remote_code(hub):
         ("hf:org/notes?column=body", "has no column 'body' (it has text, id)"),
         ("hf:org/numbers", "holds int, not text"),
         ("hf:org/empty", "has no rows"),
+        ("hf:org/nulls", "has no rows"),
     ],
 )
 def test_hub_failures_are_one_line(hub, source, message):
     with pytest.raises(LittleBitError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         hub_text(source, "train")
     assert "\n" not in str(err.value)
+
+
+def test_empty_hub_rows_are_skipped(hub):
+    assert hub_text("hf:org/sparse", "train") == "kept row"
 
 
 def test_hub_text_without_the_datasets_package_says_what_to_install(monkeypatch):
@@ -102,7 +117,7 @@ def test_test_sets_are_checked_before_anything_loads(tmp_path):
     notes.write_text("text")
     for ok in ("wikitext2", "ptb", str(notes), str(tmp_path), "hf:org/notes?split=test"):
         check_test_set(ok)
-    for bad in ("c5", str(tmp_path / "missing.txt"), "hf:org/x?colour=red"):
+    for bad in ("c5", str(tmp_path / "missing.txt"), "hf:org/x?colour=red", "", " ", "/dev/null"):
         with pytest.raises(LittleBitError):
             check_test_set(bad)
 
@@ -116,7 +131,8 @@ def test_eval_reports_perplexity_on_a_text_file_and_a_hub_dataset(hub, tiny_dir,
     )  # fmt: skip
     assert code == 0, err
     assert f"{notes}: perplexity" in out and "over 2 of" in out
-    assert "hf:org/notes?split=test test: perplexity" in out and "over 2 of" in out
+    # read only as far as two windows need: the split's size is not known, so no "of N"
+    assert "hf:org/notes?split=test test: perplexity" in out and "over 2 windows" in out
     assert hub.calls[-1]["split"] == "test" and hub.rows_read < 500
 
 
@@ -139,6 +155,11 @@ def test_train_scores_the_held_out_text_it_is_given(tiny_dir, tmp_path, capsys):
     assert summary["eval_text"] == str(held_out) and summary["eval_text_ppl_2x32"] > 1
     code, out, err = run_cli(capsys, *argv, "--eval-text", str(tmp_path / "missing.txt"))
     assert code == 2 and err.count("\n") == 1 and "unknown test set" in err
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    argv[argv.index(str(tmp_path / "m"))] = str(tmp_path / "m2")
+    code, out, err = run_cli(capsys, *argv, "--eval-text", str(short), "--device", "cpu")
+    assert code != 0 and "fewer than one window of --eval-seqlen 32" in err.splitlines()[-1]
 
 
 def test_eval_reads_its_test_sets_before_loading_the_model(hub, capsys, monkeypatch):

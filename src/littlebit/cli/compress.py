@@ -37,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-memory", action="store_true", help=IN_MEMORY_HELP)
     r = p.add_argument_group("block reconstruction (streamed: one decoder layer on the device at a time)")
     r.add_argument("--reconstruct", action="store_true", help=RECONSTRUCT_HELP)
-    r.add_argument("--calibration", help="text for it: a split (wikitext2:valid, the default) or a text file")
+    r.add_argument(
+        "--calibration", help="text for it: a split (wikitext2:valid, the default), a text file or hf:NAME..."
+    )
     r.add_argument("--block-sequences", type=int_at_least(1), default=256, help="calibration sequences")
     r.add_argument("--seqlen", type=int_at_least(2), default=512, help="tokens per calibration sequence")
     r.add_argument("--block-epochs", type=int_at_least(1), default=4, help="passes over them per layer")
@@ -61,11 +63,13 @@ def _streamable(args: argparse.Namespace) -> Path | None:
 
 
 def _reconstruction(args: argparse.Namespace, tokenizer, device: str):
+    from littlebit.evaluation.hub import CHARS_PER_TOKEN_BOUND
     from littlebit.training.config import BlockConfig
     from littlebit.training.stream import load_tokens, pack_sequences
     from littlebit.training.streamed_blocks import StreamedBlockReconstruction
 
-    sequences = pack_sequences(load_tokens(args.calibration, tokenizer), args.seqlen)
+    bound = args.block_sequences * args.seqlen * CHARS_PER_TOKEN_BOUND  # the most a hf: source streams
+    sequences = pack_sequences(load_tokens(args.calibration, tokenizer, bound), args.seqlen)
     bs = args.block_batch_size
     n = min(args.block_sequences, sequences.shape[0]) // bs * bs  # whole batches: one attention shape
     if n == 0:

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if scores:
         _print_scores(scores)
     for name, r in results.items():
-        part = "" if r["windows"] == r["windows_in_split"] else f" of {r['windows_in_split']}"
+        part = "" if r["windows_in_split"] in (None, r["windows"]) else f" of {r['windows_in_split']}"
         label = f"{name} {r['split']}" if r["split"] else name
         print(
             f"{label}: perplexity {r['perplexity']:,.2f} over {r['windows']}{part} windows of "

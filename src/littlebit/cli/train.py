@@ -437,6 +437,11 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
         max_chars = cfg.eval_windows * cfg.eval_seqlen * CHARS_PER_TOKEN_BOUND if cfg.eval_windows else None
         text, _ = test_set_text(args.eval_text, max_chars=max_chars)
         eval_ids = tokenizer(text, return_tensors="pt").input_ids
+        if eval_ids.shape[1] < cfg.eval_seqlen:  # found now, not at the first evaluation
+            raise LittleBitError(
+                f"--eval-text {args.eval_text} has {eval_ids.shape[1]} tokens, fewer than one window of "
+                f"--eval-seqlen {cfg.eval_seqlen}"
+            )
     except LittleBitError as e:
         if args.eval_text != "wikitext2":
             raise  # the text the user named: an error, not a run without its evaluations

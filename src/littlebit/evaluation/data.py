@@ -118,7 +118,7 @@ def training_text(
 
 def check_test_set(source: str) -> None:
     """Refuse, before anything loads, a perplexity test set that ``test_set_text`` cannot read."""
-    if source in DATASETS or Path(source).exists():
+    if source in DATASETS or (source.strip() and (Path(source).is_file() or Path(source).is_dir())):
         return
     if is_hub_source(source):
         parse_hub_source(source)
@@ -139,7 +139,10 @@ def test_set_text(
     if is_hub_source(source):
         split = parse_hub_source(source).split or "test"
         return hub_text(source, split, max_chars), split
-    return _local_text(Path(source)), None
+    text = _local_text(Path(source))
+    if text is None:
+        raise LittleBitError(f"test set not found: {source}")
+    return text, None
 
 
 def _local_text(path: Path) -> str | None:

@@ -40,9 +40,9 @@ def parse_hub_source(source: str) -> HubText:
     params: dict[str, str] = {}
     for item in query.split("&") if query else []:
         key, eq, value = item.partition("=")
-        if not eq or key not in _KEYS or not value:
+        if not eq or key not in _KEYS or not value or key in params:
             options = ", ".join(k + "=..." for k in _KEYS)
-            raise LittleBitError(f"bad dataset {source!r}: options are {options}")
+            raise LittleBitError(f"bad dataset {source!r}: options are {options}, each at most once")
         params[key] = value
     return HubText(name, params.get("config"), params.get("split"), params.get("column", "text"))
 
@@ -64,6 +64,8 @@ def hub_text(source: str, default_split: str, max_chars: int | None = None) -> s
                 has = ", ".join(row)
                 raise LittleBitError(f"{source} has no column {spec.column!r} (it has {has}): pass column=")
             text = row[spec.column]
+            if text is None:  # an empty row in many hub datasets
+                continue
             if not isinstance(text, str):
                 kind = type(text).__name__
                 raise LittleBitError(f"{source}: column {spec.column!r} holds {kind}, not text")

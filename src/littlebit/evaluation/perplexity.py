@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from littlebit.config import LittleBitError
 from littlebit.evaluation.data import eval_text, test_set_text
-from littlebit.evaluation.hub import CHARS_PER_TOKEN_BOUND
+from littlebit.evaluation.hub import CHARS_PER_TOKEN_BOUND, is_hub_source
 
 
 def tokenize_eval(tokenizer, name: str, split: str = "test", data_dir: str | Path | None = None):
@@ -59,8 +59,9 @@ def evaluate_perplexity(
 ) -> dict[str, dict]:
     """Per test set (``data.test_set_text``: a named dataset, a text file or folder, a Hugging Face
     dataset): ``{"perplexity", "windows", "windows_in_split", "seqlen", "split"}``. From the hub only
-    what ``max_windows`` windows need is read, so "windows_in_split" counts what was read. ``texts``:
-    ``read_test_sets``'s result, when the caller read them before loading the model."""
+    what ``max_windows`` windows need is read, so there "windows_in_split" is None: the split's size
+    is not known. ``texts``: ``read_test_sets``'s result, when the caller read them before loading the
+    model."""
     texts = texts if texts is not None else read_test_sets(datasets, seqlen, max_windows, data_dir)
     results = {}
     for name in datasets:
@@ -74,7 +75,7 @@ def evaluate_perplexity(
         results[name] = {
             "perplexity": ppl,
             "windows": used,
-            "windows_in_split": available,
+            "windows_in_split": None if is_hub_source(name) and max_windows is not None else available,
             "seqlen": seqlen,
             "split": split,
         }

@@ -91,14 +91,16 @@ def _grouped_sdpa(module, query, key, value, attention_mask, scaling=None, dropo
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or groups == 1:
+    plain = dropout == 0 and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+    shared_mask = attention_mask is None or attention_mask.shape[1] == 1
+    if query.shape[2] != 1 or groups == 1 or not (plain and shared_mask):
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
         return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     rows, heads, _, dim = query.shape
     grouped = query.reshape(rows, heads // groups, groups, dim)
     # the (rows, 1, 1, slots) mask broadcasts over the key/value heads and their groups
     out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+    return out.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 class _Decoder:
