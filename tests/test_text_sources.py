@@ -66,7 +66,7 @@ def test_hub_sources_parse_and_bad_ones_are_refused_in_one_line():
 
 
 def test_hub_text_streams_only_what_is_asked_and_runs_no_remote_code(hub):
-    text = hub_text("hf:org/notes?config=c1", "train", max_chars=2000)
+    text = hub_text("hf:org/notes?config=c1", "train", max_tokens=250)  # 8 characters a token
     assert hub.rows_read < 20 and len(text) >= 2000 and text.startswith("word0x0")
     call = hub.calls[-1]
     assert (call["name"], call["config"], call["split"]) == ("org/notes", "c1", "train") and call["streaming"]

@@ -63,13 +63,12 @@ def _streamable(args: argparse.Namespace) -> Path | None:
 
 
 def _reconstruction(args: argparse.Namespace, tokenizer, device: str):
-    from littlebit.evaluation.hub import CHARS_PER_TOKEN_BOUND
     from littlebit.training.config import BlockConfig
     from littlebit.training.stream import load_tokens, pack_sequences
     from littlebit.training.streamed_blocks import StreamedBlockReconstruction
 
-    bound = args.block_sequences * args.seqlen * CHARS_PER_TOKEN_BOUND  # the most a hf: source streams
-    sequences = pack_sequences(load_tokens(args.calibration, tokenizer, bound), args.seqlen)
+    needed = args.block_sequences * args.seqlen  # as far as a hf: source is read
+    sequences = pack_sequences(load_tokens(args.calibration, tokenizer, needed), args.seqlen)
     bs = args.block_batch_size
     n = min(args.block_sequences, sequences.shape[0]) // bs * bs  # whole batches: one attention shape
     if n == 0:

@@ -408,7 +408,6 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
     import torch
 
     from littlebit.evaluation.data import test_set_text
-    from littlebit.evaluation.hub import CHARS_PER_TOKEN_BOUND
     from littlebit.hf.checkpoint import save_compressed
     from littlebit.hf.models import load_model, load_tokenizer
     from littlebit.training.checkpoints import remove_checkpoints
@@ -434,8 +433,8 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
     print(f"layers: {lb.bpw:g} BPW, {paths} each", file=sys.stderr)
     print(describe(plan, torch.device(device).type), file=sys.stderr, flush=True)
     try:
-        max_chars = cfg.eval_windows * cfg.eval_seqlen * CHARS_PER_TOKEN_BOUND if cfg.eval_windows else None
-        text, _ = test_set_text(args.eval_text, max_chars=max_chars)
+        max_tokens = cfg.eval_windows * cfg.eval_seqlen if cfg.eval_windows else None
+        text, _ = test_set_text(args.eval_text, max_tokens=max_tokens)
         eval_ids = tokenizer(text, return_tensors="pt").input_ids
         if eval_ids.shape[1] < cfg.eval_seqlen:  # found now, not at the first evaluation
             raise LittleBitError(

@@ -93,11 +93,11 @@ def eval_text(name: str, split: str = "test", data_dir: str | Path | None = None
 
 
 def training_text(
-    source: str | Path | None = None, data_dir: str | Path | None = None, max_chars: int | None = None
+    source: str | Path | None = None, data_dir: str | Path | None = None, max_tokens: int | None = None
 ) -> str:
     """Text to train on: a named split (``wikitext2:valid``), a text file, a directory of them, or a
-    Hugging Face dataset (``hf:NAME...``, its train split unless named; ``max_chars`` bounds what is
-    read from it).
+    Hugging Face dataset (``hf:NAME...``, its train split unless named, read as far as ``max_tokens``
+    tokens need).
 
     The default is WikiText-2's validation split: the shared data has no train split, and test is
     kept for evaluation.
@@ -109,7 +109,7 @@ def training_text(
     if source in DATASETS:
         return eval_text(source, "train", data_dir)
     if is_hub_source(source):
-        return hub_text(source, "train", max_chars)
+        return hub_text(source, "train", max_tokens)
     text = _local_text(Path(source))
     if text is None:
         raise LittleBitError(f"training data not found: {source}")
@@ -129,16 +129,16 @@ def check_test_set(source: str) -> None:
 
 
 def test_set_text(
-    source: str, data_dir: str | Path | None = None, max_chars: int | None = None
+    source: str, data_dir: str | Path | None = None, max_tokens: int | None = None
 ) -> tuple[str, str | None]:
     """A perplexity test set and the split it came from: a named dataset's test split, a Hugging Face
-    dataset's (test unless named; ``max_chars`` bounds what is read), or a text file or folder (no split)."""
+    dataset's (test unless named, read as far as ``max_tokens`` need), or a text file or folder (no split)."""
     check_test_set(source)
     if source in DATASETS:
         return eval_text(source, "test", data_dir), "test"
     if is_hub_source(source):
         split = parse_hub_source(source).split or "test"
-        return hub_text(source, split, max_chars), split
+        return hub_text(source, split, max_tokens), split
     text = _local_text(Path(source))
     if text is None:
         raise LittleBitError(f"test set not found: {source}")

@@ -2,7 +2,7 @@
 
 ``hf:allenai/c4?config=en&split=validation`` names the ``text`` column of C4's English validation
 split. Rows are streamed (nothing beyond what is read is downloaded) and joined with blank lines, up
-to ``max_chars`` when the caller knows how much it needs. The dataset's own loading code never runs:
+to what ``max_tokens`` tokens need when the caller knows it. The dataset's own loading code never runs:
 ``datasets`` is not asked to trust remote code.
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from littlebit.config import LittleBitError
 
 HUB_PREFIX = "hf:"
-# Characters to stream for each token a caller needs: English runs about 4 a token in the tokenizers
+# Characters to stream for each token a caller asks for: English runs about 4 a token in the tokenizers
 # of this field; twice that leaves room for denser text.
-CHARS_PER_TOKEN_BOUND = 8
+_CHARS_PER_TOKEN = 8
 HUB_HELP = "hf:NAME[?config=C&split=S&column=COL] (a Hugging Face dataset; column text by default)"
 _KEYS = ("config", "split", "column")
 
@@ -47,10 +47,11 @@ def parse_hub_source(source: str) -> HubText:
     return HubText(name, params.get("config"), params.get("split"), params.get("column", "text"))
 
 
-def hub_text(source: str, default_split: str, max_chars: int | None = None) -> str:
-    """The rows of the source's text column joined with blank lines (at least ``max_chars`` of them
-    when the split holds that many, else all)."""
+def hub_text(source: str, default_split: str, max_tokens: int | None = None) -> str:
+    """The rows of the source's text column joined with blank lines: enough for ``max_tokens`` tokens
+    when the split holds that many, else all of them."""
     spec = parse_hub_source(source)
+    max_chars = None if max_tokens is None else max_tokens * _CHARS_PER_TOKEN
     try:
         import datasets
     except ImportError as e:

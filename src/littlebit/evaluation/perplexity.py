@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from littlebit.config import LittleBitError
 from littlebit.evaluation.data import eval_text, test_set_text
-from littlebit.evaluation.hub import CHARS_PER_TOKEN_BOUND, is_hub_source
+from littlebit.evaluation.hub import is_hub_source
 
 
 def tokenize_eval(tokenizer, name: str, split: str = "test", data_dir: str | Path | None = None):
@@ -90,5 +90,5 @@ def read_test_sets(
 ) -> dict[str, tuple[str, str | None]]:
     """Each test set's text and split (``data.test_set_text``), from the hub only as much as
     ``max_windows`` windows of ``seqlen`` tokens need."""
-    max_chars = None if max_windows is None else max_windows * seqlen * CHARS_PER_TOKEN_BOUND
-    return {name: test_set_text(name, data_dir, max_chars) for name in datasets}
+    max_tokens = None if max_windows is None else max_windows * seqlen
+    return {name: test_set_text(name, data_dir, max_tokens) for name in datasets}

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from littlebit.config import LittleBitError
-from littlebit.evaluation.hub import CHARS_PER_TOKEN_BOUND
 from littlebit.training.config import TrainConfig
 from littlebit.training.data_spec import default_data_spec, mixture_counts, parse_data_spec
 from littlebit.training.stream import load_tokens, pack_sequences
@@ -66,14 +65,15 @@ def training_sequences(
     if isinstance(data, torch.Tensor):
         return pack_sequences(load_tokens(data), config.seqlen)
     sources = parse_data_spec(_spec(data, config))
-    chars = CHARS_PER_TOKEN_BOUND * config.seqlen  # what a hub source streams per sequence it gives
+    seqlen = config.seqlen  # a hub source is read as far as its sequences need
     if len(sources) == 1 and not sources[0].generated:
-        text = load_tokens(sources[0].source, tokenizer, _total_sequences(config) * chars)
-        return pack_sequences(text, config.seqlen)
+        return pack_sequences(
+            load_tokens(sources[0].source, tokenizer, _total_sequences(config) * seqlen), seqlen
+        )
     counts = mixture_counts([s.weight for s in sources], _total_sequences(config))
     used = [(s, c) for s, c in zip(sources, counts, strict=True) if c > 0]
     # Text first: a missing file or dataset fails in seconds, not after minutes of generated text.
-    texts = {s.source: load_tokens(s.source, tokenizer, c * chars) for s, c in used if not s.generated}
+    texts = {s.source: load_tokens(s.source, tokenizer, c * seqlen) for s, c in used if not s.generated}
     parts = []
     for source, count in used:
         if source.generated:

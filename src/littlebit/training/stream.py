@@ -36,17 +36,17 @@ def tokenize_text(text: str, tokenizer) -> torch.Tensor:
 
 
 def load_tokens(
-    source: str | Path | torch.Tensor | None, tokenizer=None, max_chars: int | None = None
+    source: str | Path | torch.Tensor | None, tokenizer=None, max_tokens: int | None = None
 ) -> torch.Tensor:
     """A token stream from a tensor of ids, or from a text source (see ``data.training_text``;
-    ``max_chars`` bounds what is read from a Hugging Face dataset)."""
+    a Hugging Face dataset is read as far as ``max_tokens`` need)."""
     if isinstance(source, torch.Tensor):
         if source.dtype.is_floating_point:
             raise LittleBitError(f"token ids must be integers, got {source.dtype}")
         return source.reshape(-1).to(torch.int64)
     if tokenizer is None:
         raise LittleBitError("a tokenizer is needed to train on text; pass token ids instead")
-    return tokenize_text(training_text(source, max_chars=max_chars), tokenizer)
+    return tokenize_text(training_text(source, max_tokens=max_tokens), tokenizer)
 
 
 def pack_sequences(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
