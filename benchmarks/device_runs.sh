@@ -52,8 +52,8 @@ scale() {
 
 speed() {
   # Any of: tests, gemm, expand, compile (below), prefill (per layer, time to first token, serving; about 8
-  # minutes), eval (WikiText-2, every test window, and all of PIQA; the default model packed against
-  # FP, bf16; about 2 minutes),
+  # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
+  # packed against FP, bf16; about 4 minutes),
   # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
   # generate (the teacher's text, three shards, one of each start kind, decoding steps recorded and eager;
   # then one decoding step of each sampler and loop at batch 256, and the loop's attention against
@@ -65,19 +65,19 @@ speed() {
     case $w in
       profile) timeout 150 python benchmarks/dev/ttft_profile.py > "$ROOT/ttft_profile.log" 2>&1 ;;
       prefill) timeout 480 python benchmarks/prefill.py --out "$ROOT/prefill.json" > "$ROOT/prefill.log" 2>&1 ;;
-      eval) timeout 240 python benchmarks/eval_speed.py --device cuda --dtype bf16 --windows 1000 --limit 1838 \
+      eval) timeout 300 python benchmarks/eval_speed.py --device cuda --dtype bf16 --windows 1000 --limit 1838 \
         --reps 1 --tag eval_speed_gpu > "$ROOT/eval_speed.log" 2>&1 ;;
       generate) timeout 300 python benchmarks/generate_rate.py --shards 3 > "$ROOT/generate_rate.log" 2>&1
         timeout 120 python benchmarks/sampling_speed.py --batch 256 > "$ROOT/sampling_speed.log" 2>&1
         # the loop's grouped attention against transformers' own over a cache of 449 slots
         timeout 150 python benchmarks/sampling_speed.py --batch 256 --steps 448 \
           --routes littlebit-loop,littlebit-loop-transformers-sdpa >> "$ROOT/sampling_speed.log" 2>&1 ;;
-      # the many-token kernels and the recorded decoding step on the GPU itself (the latter needs the
-      # model's tokenizer), then the GEMM path against the prefill kernels: per
+      # the many-token kernels, the recorded decoding step and perplexity windows on the GPU itself (the
+      # decoding step needs the model's tokenizer), then the GEMM path against the prefill kernels: per
       # layer, time to first token and batch-256 decoding of the 7B shape, and around its threshold;
       # expand: its expansion alone and in the whole call (about a minute); compile: compiled time to
       # first token of 8 layers
-      tests) timeout 150 python -m pytest -q tests/test_prefill.py tests/test_batch_decoding.py \
+      tests) timeout 150 python -m pytest -q tests/test_prefill.py tests/test_batch_decoding.py tests/test_perplexity.py \
         > "$ROOT/test_prefill.log" 2>&1 ;;
       gemm) timeout 450 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 128,512,2048,8192 \
         --models fp16,0.1,0.55,1.0 --ttft 128,2048,8192 --serve 64,256 --steps 16 --reference-ttft 0 \

@@ -2,8 +2,9 @@
 
 Two workloads, each what ``littlebit eval`` runs (model loading and compression are not timed):
 
-- WikiText-2 test perplexity: windows of 2048 tokens (``evaluation.perplexity``), each window timed on
-  its own; every model gets the same windows;
+- WikiText-2 test perplexity: the first ``--windows`` windows of 2048 tokens in one call of
+  ``evaluation.perplexity``, every model the same windows; on a GPU both with the windows replayed from
+  a recorded CUDA graph (what ``littlebit eval`` does) and eager (``wikitext_eager``);
 - PIQA as lm-eval runs it (``evaluation.tasks``, lm-eval's HF model, batches of 16 short sequences),
   the first ``--limit`` questions, timed whole and inside the model's forward calls.
 
@@ -53,24 +54,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_windows(
-    model, ids: torch.Tensor, windows: list[int], seqlen: int, device: str
-) -> tuple[list, list, float]:
-    """Seconds per window (wall clock, process CPU time) and the perplexity over them."""
+def time_perplexity(
+    model, ids: torch.Tensor, windows: int, seqlen: int, device: str, recorded: bool = True
+) -> tuple[float, float, float]:
+    """Wall-clock and process CPU seconds of one perplexity over the first ``windows`` windows (as
+    ``littlebit eval`` runs it; ``recorded``: on a GPU, windows replayed from a recorded CUDA graph),
+    and the perplexity."""
     from littlebit.evaluation.perplexity import perplexity
 
-    times, cpu, logs = [], [], []
-    for i in windows:
-        window = ids[:, i * seqlen : (i + 1) * seqlen]
-        _sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        ppl = perplexity(model, window, seqlen, 1, progress=False)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-        logs.append(ppl)
-    mean_log = statistics.fmean(torch.tensor(logs).log().tolist())
-    return times, cpu, float(torch.tensor(mean_log).exp())
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    ppl = perplexity(model, ids, seqlen, windows, progress=False, recorded=recorded)
+    _sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0, ppl
 
 
 class ForwardTimer:
@@ -79,14 +75,19 @@ class ForwardTimer:
 
     def __init__(self, model, device: str) -> None:
         self.wall, self.cpu, self.device = 0.0, 0.0, device
+        self.on = False  # only around PIQA: a host sync inside a forward would stop its recording
         model.register_forward_pre_hook(self._start)
         model.register_forward_hook(self._stop)
 
     def _start(self, *_) -> None:
+        if not self.on:
+            return
         _sync(self.device)
         self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def _stop(self, *_) -> None:
+        if not self.on:
+            return
         _sync(self.device)
         self.wall += time.perf_counter() - self.t0
         self.cpu += time.process_time() - self.c0
@@ -98,7 +99,11 @@ def time_piqa(model, timer: ForwardTimer, tokenizer, limit: int, batch: int, dev
 
     _sync(device)
     t0, wall, cpu = time.perf_counter(), timer.wall, timer.cpu
-    scores = evaluate_tasks(model, tokenizer, ["piqa"], limit=limit, batch_size=batch)
+    timer.on = True
+    try:
+        scores = evaluate_tasks(model, tokenizer, ["piqa"], limit=limit, batch_size=batch)
+    finally:
+        timer.on = False
     _sync(device)
     return time.perf_counter() - t0, timer.wall - wall, timer.cpu - cpu, scores["piqa"]
 
@@ -114,7 +119,9 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=48, help="PIQA questions (2 sequences each)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of each workload")
-    p.add_argument("--skip", default="", help="comma list of workloads to leave out: wikitext, piqa")
+    p.add_argument(
+        "--skip", default="", help="comma list of workloads to leave out: wikitext, wikitext-eager, piqa"
+    )
     p.add_argument("--tag", default=None)
     args = p.parse_args()
     import littlebit.kernels
@@ -132,22 +139,28 @@ def main() -> None:
     timers = {t: ForwardTimer(m, args.device) for t, m in models.items()}
     skip = set(args.skip.split(","))
     ids = tokenize_eval(tokenizer, "wikitext2", "test")
-    windows = list(range(min(args.windows, ids.shape[1] // args.seqlen)))
-    keys = ["wikitext_s", "wikitext_cpu_s", "piqa_s", "piqa_model_s", "piqa_model_cpu_s"]
+    windows = min(args.windows, ids.shape[1] // args.seqlen)
+    if args.device == "cpu":  # nothing is recorded on the CPU
+        skip.add("wikitext-eager")
+    keys = ["wikitext_s", "wikitext_cpu_s", "wikitext_eager_s", "piqa_s", "piqa_model_s", "piqa_model_cpu_s"]
     per = {t: {k: [] for k in keys} for t in tags}
     load = []
     extra: dict[str, dict] = {t: {} for t in tags}
     with torch.no_grad():
         for t in tags:  # warm-up: first-call costs (allocations, lm-eval's task set-up) stay out
-            time_windows(models[t], ids, windows[:1], args.seqlen, args.device)
+            time_perplexity(models[t], ids, 1, args.seqlen, args.device)
         for rep in range(args.reps):
             order = tags[rep % len(tags) :] + tags[: rep % len(tags)]
             for t in order:
                 if "wikitext" not in skip:
-                    times, cpu, ppl = time_windows(models[t], ids, windows, args.seqlen, args.device)
-                    per[t]["wikitext_s"].append(sum(times))
-                    per[t]["wikitext_cpu_s"].append(sum(cpu))
+                    wall, cpu, ppl = time_perplexity(models[t], ids, windows, args.seqlen, args.device)
+                    per[t]["wikitext_s"].append(wall)
+                    per[t]["wikitext_cpu_s"].append(cpu)
                     extra[t]["wikitext_ppl"] = ppl
+                if "wikitext-eager" not in skip:
+                    wall, _, ppl = time_perplexity(models[t], ids, windows, args.seqlen, args.device, False)
+                    per[t]["wikitext_eager_s"].append(wall)
+                    extra[t]["wikitext_eager_ppl"] = ppl
                 if "piqa" not in skip:
                     s, s_model, s_cpu, scores = time_piqa(
                         models[t], timers[t], tokenizer, args.limit, args.batch, args.device
@@ -173,7 +186,7 @@ def main() -> None:
         records,
         dtype=args.dtype,
         threads=torch.get_num_threads() if args.device == "cpu" else None,
-        wikitext_windows=len(windows),
+        wikitext_windows=windows,
         seqlen=args.seqlen,
         piqa_limit=args.limit,
         batch=args.batch,
@@ -182,9 +195,10 @@ def main() -> None:
         load_average_1min=load,
         note="machine shared with other jobs; repetitions interleaved, medians",
     )
-    print(f"\n{'model':<14}" + "".join(f" {c:>16} {'vs fp':>6}" for c in keys))
+    cols = [c for c in keys if per["fp"][c]]
+    print(f"\n{'model':<14}" + "".join(f" {c:>16} {'vs fp':>6}" for c in cols))
     for r in records:
-        vals = "".join(f" {r.get(c + '_median', 0):>16.2f} {r.get(c + '_vs_fp', 0):>6.2f}" for c in keys)
+        vals = "".join(f" {r.get(c + '_median', 0):>16.2f} {r.get(c + '_vs_fp', 0):>6.2f}" for c in cols)
         print(f"{r['model']:<14}{vals}")
     print(path)
 

@@ -189,7 +189,7 @@ def test_prefill_routing():
     from littlebit.kernels.gpu.route import kernel_family
 
     cfg = KernelConfig()
-    assert [kernel_family(m, cfg) for m in (1, 2, 64, 65, 255, 256, 8192)] == [
+    assert [kernel_family(m, cfg) for m in (1, 2, 64, 65, 127, 128, 8192)] == [
         "gemv", "tensor-core", "tensor-core", "prefill", "prefill", "gemm", "gemm"
     ]  # fmt: skip
 

@@ -398,7 +398,7 @@ def test_frozen_signs_train_only_scales(tmp_path):
 
 
 def test_failed_graph_recording_falls_back_to_eager(monkeypatch, caplog):
-    from littlebit.training import step_graph
+    from littlebit.runtime import step_graph
 
     class Broken:
         def __init__(self, *a, **k):

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from littlebit.config import LittleBitError
+from littlebit.runtime.step_graph import GraphedMicroStep
 from littlebit.training.sampling import sample_nucleus
-from littlebit.training.step_graph import GraphedMicroStep
 
 CHECK_EVERY = 16
 GROUPED_SDPA = "littlebit_grouped_sdpa"  # the attention implementation the loop runs under sdpa

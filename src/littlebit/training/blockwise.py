@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from littlebit.config import LittleBitError
 from littlebit.core.convert import decoder_layer_classes
+from littlebit.runtime.step_graph import GraphedMicroStep
 from littlebit.training.config import BlockConfig, LearningRates
 from littlebit.training.optim import (
     lr_factor,
@@ -29,7 +30,6 @@ from littlebit.training.optim import (
     select_trainable,
     set_lr,
 )
-from littlebit.training.step_graph import GraphedMicroStep
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

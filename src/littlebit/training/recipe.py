@@ -66,8 +66,8 @@ class Rates:
 # GPU: the 1.6M-token default runs at 1.0 BPW on an H100 (benchmarks/results/qat_1bpw_gpu.json,
 # qat_paths_gpu.json, qat_default_gpu.json: setup 44-67 s with refitted signs and the loss-gradient
 # pass, block stage 82-100 s for 524k tokens, global 85-95 s for 1.1M); generation at 256 x 512 a shard
-# on an H100 with littlebit's decoding loop: 871,424 tokens, BOS, random and chat starts, in 272.8 and
-# 273.1 s for two seeds, 3,300 tokens/s (benchmarks/results/generate_rate_h100.json has the shards).
+# on an H100 with littlebit's decoding loop and its grouped single-token attention: 9,543 tokens/s over
+# a BOS, a random-token and a chat shard (benchmarks/results/generate_rate_h100.json).
 # CPU: 2 cores; global steps at 150 tokens/s from `benchmarks/train_budget.py --tokens 30000`
 # (benchmarks/results/train_budget.json); calibration and initialisation 15 / 91 / 123 s for
 # Dual-SVID / Joint-ITQ / refitted signs (benchmarks/results/qat_init_cpu.json, setup); generation
@@ -78,7 +78,7 @@ class Rates:
 # GPU, where the global step's rate, which also runs the student, bounds it.
 RATES = {
     "cuda": Rates(
-        "an H100", {"itq": 70.0, "itq-refined": 60.0, "dual-svid": 15.0}, 5700.0, 12000.0, 3300.0, 12000.0
+        "an H100", {"itq": 70.0, "itq-refined": 60.0, "dual-svid": 15.0}, 5700.0, 12000.0, 9500.0, 12000.0
     ),
     "cpu": Rates(
         "2 idle CPU cores", {"itq": 90.0, "itq-refined": 125.0, "dual-svid": 15.0}, 150.0, 150.0, 84.0, 380.0

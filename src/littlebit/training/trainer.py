@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from littlebit.config import LittleBitConfig, LittleBitError
+from littlebit.runtime.step_graph import GraphedMicroStep
 from littlebit.training.blockwise import decoder_layers, reconstruct_blocks
 from littlebit.training.checkpoints import (
     load_checkpoint,
@@ -48,7 +49,6 @@ from littlebit.training.optim import (
     select_trainable,
     set_lr,
 )
-from littlebit.training.step_graph import GraphedMicroStep
 from littlebit.training.stream import Batches
 from littlebit.training.student import cast_floating, make_student
 

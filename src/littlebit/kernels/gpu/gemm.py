@@ -10,8 +10,9 @@ runs
     y = t @ B^T + bias,   B = [h_p * S_U,p]_p      (d_out x P*r: one GEMM sums the paths)
 
 as the CPU's ``cpu-gemm`` backend does. Writing the factors costs one 16-bit store per entry, the GEMMs
-2 * tokens multiply-adds per entry; measured on the H100 the GEMMs overtake the prefill kernels between
-192 and 256 tokens (``KernelConfig.gemm_min_tokens``; docs/kernels.md gives the numbers).
+2 * tokens multiply-adds per entry; measured on the H100 the GEMMs are faster than the prefill kernels
+from 128 tokens on every layer of the sweep (``KernelConfig.gemm_min_tokens``; docs/kernels.md gives the
+numbers).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Routing policy: which kernel family a call takes, by tokens, shape and dtype.
 
-- at least ``KernelConfig.gemm_min_tokens`` tokens (default 256): the factors expanded per call and
+- at least ``KernelConfig.gemm_min_tokens`` tokens (default 128): the factors expanded per call and
   two cuBLAS GEMMs (``gemm``), one layer of a grouped call after another;
 - at least ``KernelConfig.prefill_min_tokens`` tokens (default 65): the prefill kernels (``prefill``,
   GEMM-shaped tiles, no atomics), one layer of a grouped call after another;

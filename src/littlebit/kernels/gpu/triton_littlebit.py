@@ -13,7 +13,7 @@ their scratch memory ``workspace``'s; this module launches them:
   whose stage 1 may be bit-serial too, ``_gemv_bitserial``);
 - tensor cores (``_tensor_cores``, a few to 64 tokens): Triton ``tl.dot`` on signs decoded in registers;
 - prefill (``prefill``, 65 tokens and more): the same decoding in GEMM-shaped tiles, no atomics;
-- GEMMs (``gemm``, 256 tokens and more): the factors expanded per call, then cuBLAS.
+- GEMMs (``gemm``, 128 tokens and more): the factors expanded per call, then cuBLAS.
 """
 
 from __future__ import annotations

@@ -1,16 +1,19 @@
-"""A training micro-step (forward passes, loss, backward) recorded once as a CUDA graph and replayed.
+"""A step (a training micro-step, a decoding step, an evaluation window) recorded once as a CUDA graph
+and replayed.
 
 On the default model a global-distillation step keeps the H100 busy for ~46 ms, but issuing its
 ~5,200 kernels from Python took ~230 ms (``benchmarks/results/train_profile.json``): the step is
-bound by the CPU, not the GPU. Replaying a recorded graph issues all of them at once.
+bound by the CPU, not the GPU. Replaying a recorded graph issues all of them at once. The same holds
+for a forward over an evaluation window, where each packed layer's call costs hundreds of µs on the
+host (BENCHMARKS.md, "where a 2048-token prompt's time goes").
 
-What stays outside the graph: the optimizer step and the zeroing of the gradients (a few fused
-launches), so learning-rate schedules, frozen groups and checkpoints work as in eager mode. The
-gradients must exist before recording, so that the recorded backward *adds* into them in place
+For training, what stays outside the graph: the optimizer step and the zeroing of the gradients (a
+few fused launches), so learning-rate schedules, frozen groups and checkpoints work as in eager mode.
+The gradients must exist before recording, so that the recorded backward *adds* into them in place
 and gradient accumulation keeps working; the trainer zeroes them in place instead of dropping them.
 
-Recording needs every kernel's code to be ready (compiled, autotuned), so the first micro-steps
-run eagerly. A model whose forward cannot be recorded (a host sync, a data-dependent shape) makes
+Recording needs every kernel's code to be ready (compiled, autotuned), so the first steps run
+eagerly. A model whose forward cannot be recorded (a host sync, a data-dependent shape) makes
 recording fail; the step then stays eager, with a warning, rather than stopping the run.
 """
 
