@@ -77,7 +77,7 @@ speed() {
       # layer, time to first token and batch-256 decoding of the 7B shape, and around its threshold;
       # expand: its expansion alone and in the whole call (about a minute); compile: compiled time to
       # first token of 8 layers
-      tests) timeout 150 python -m pytest -q tests/test_prefill.py tests/test_batch_decoding.py tests/test_perplexity.py \
+      tests) timeout 240 python -m pytest -q tests/test_prefill.py tests/test_batch_decoding.py tests/test_perplexity.py \
         > "$ROOT/test_prefill.log" 2>&1 ;;
       gemm) timeout 450 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 128,512,2048,8192 \
         --models fp16,0.1,0.55,1.0 --ttft 128,2048,8192 --serve 64,256 --steps 16 --reference-ttft 0 \

@@ -120,7 +120,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of each workload")
     p.add_argument(
-        "--skip", default="", help="comma list of workloads to leave out: wikitext, wikitext-eager, piqa"
+        "--skip",
+        default="",
+        help="comma list of workloads to leave out: wikitext (recorded windows), wikitext-eager, piqa",
     )
     p.add_argument("--tag", default=None)
     args = p.parse_args()

@@ -3,6 +3,7 @@ graph (FP and packed layers, on each many-token kernel family) against the eager
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -36,27 +37,37 @@ def test_perplexity_is_the_mean_next_token_nll_over_whole_windows():
         perplexity(model, ids, 200, progress=False)
 
 
-def _packed(model):
+def _compressed(model, packed: bool):
     from littlebit import LittleBitConfig, pack_model
     from littlebit.core.convert import convert
 
     convert(model, LittleBitConfig(bpw=2.0), progress=False)
-    return pack_model(model)
+    return pack_model(model) if packed else model
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("seqlen", [32, 96, 256])  # tensor-core, prefill and GEMM paths of packed layers
-@pytest.mark.parametrize("form", ["fp", "packed"])
-def test_recorded_windows_match_eager_windows(form, seqlen, watch_recorded_steps):
+@pytest.mark.parametrize(
+    "seqlen, family", [(32, "tensor-core"), (96, "prefill"), (256, "gemm")]
+)  # the many-token paths of packed layers (one window: seqlen tokens a call)
+@pytest.mark.parametrize("form", ["fp", "packed", "training-autocast"])
+def test_recorded_windows_match_eager_windows(form, seqlen, family, watch_recorded_steps):
+    from littlebit.evaluation.heldout import _amp
+    from littlebit.kernels.gpu.config import DEFAULT_CONFIG
+    from littlebit.kernels.gpu.route import kernel_family
+
+    assert kernel_family(seqlen, DEFAULT_CONFIG) == family
     made = watch_recorded_steps(perplexity_module)
     model = tiny_model("llama")
-    if form == "packed":
-        model = _packed(model)
-    model = model.to(device="cuda", dtype=torch.bfloat16)
+    if form != "fp":
+        model = _compressed(model, packed=form == "packed")
+    # held-out scoring's form: the fp32 training-form student under bf16 autocast (``heldout._amp``)
+    autocast = form == "training-autocast"
+    model = model.cuda() if autocast else model.to(device="cuda", dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(seqlen)
     ids = torch.randint(0, model.config.vocab_size, (1, 6 * seqlen), generator=gen)
-    eager = perplexity(model, ids, seqlen, progress=False, recorded=False)
-    assert not made
-    recorded = perplexity(model, ids, seqlen, progress=False)
+    with _amp(model) if autocast else contextlib.nullcontext():
+        eager = perplexity(model, ids, seqlen, progress=False, recorded=False)
+        assert not made
+        recorded = perplexity(model, ids, seqlen, progress=False)
     assert len(made) == 1 and made[0].active  # windows 3 to 6 were replayed from the recording
     assert recorded == pytest.approx(eager, rel=1e-4)

@@ -28,7 +28,8 @@ def _amp(model: nn.Module):
     device = next(model.parameters()).device
     if device.type != "cuda":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+    # No cast cache: tensors it keeps across a CUDA-graph recording (``perplexity``) would outlive it.
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
 
 
 def held_out_scores(

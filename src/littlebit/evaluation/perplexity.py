@@ -46,9 +46,11 @@ def perplexity(
     """exp(mean next-token NLL) over non-overlapping windows of ``seqlen`` tokens, tail dropped.
 
     On a GPU, with ``recorded``, the windows after the first two replay one window's forward recorded
-    as a CUDA graph (``runtime.step_graph``): the host no longer issues every kernel of every window,
-    which is what bounds an eager forward of packed layers. A model that cannot be recorded stays
-    eager, with a warning. The NLLs add up on the device, in float64."""
+    as a CUDA graph (``runtime.step_graph``), so the host does not issue every kernel of every window,
+    which is what bounds an eager forward of packed layers. Not in a sharded (multi-process) run,
+    whose collectives cannot be replayed. A model that cannot be recorded stays eager, with a warning;
+    forward hooks fire for the eager windows and the recording, not for replays. The NLLs add up on
+    the device, in float64."""
     n_windows = input_ids.shape[1] // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
@@ -56,12 +58,13 @@ def perplexity(
         raise ValueError(f"the text has fewer than {seqlen} tokens")
     device = next(model.parameters()).device
     step = _window_nll(model)
-    if recorded and device.type == "cuda":
+    sharded = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if recorded and device.type == "cuda" and not sharded:
         step = GraphedMicroStep(step, what="perplexity window")
+    ids = input_ids[:, : n_windows * seqlen].to(device)  # one copy: no wait for the GPU per window
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i in tqdm(range(n_windows), desc=desc, disable=not progress):
-        window = input_ids[:, i * seqlen : (i + 1) * seqlen].to(device)
-        total += step(window)["nll"]
+        total += step(ids[:, i * seqlen : (i + 1) * seqlen])["nll"]
     return math.exp(total.item() / (n_windows * (seqlen - 1)))
 
 

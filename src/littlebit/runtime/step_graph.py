@@ -32,8 +32,9 @@ MicroStep = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 class GraphedMicroStep:
     """``step(batch) -> {name: scalar tensor}``, eager for ``warmup`` calls, then a replayed graph.
 
-    ``fn`` runs forward and backward on ``batch`` and returns detached scalars. The returned
-    tensors are copies, valid after the next replay.
+    ``fn`` runs on ``batch`` (a forward and backward, a decoding step, a forward and its loss) and
+    returns detached tensors. The returned tensors are copies, valid after the next replay. Forward
+    hooks of a model ``fn`` runs fire while recording, not on replays.
     """
 
     def __init__(self, fn: MicroStep, warmup: int = 2, what: str = "training step") -> None:
@@ -64,7 +65,7 @@ class GraphedMicroStep:
         self._batch = batch.clone()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.device(batch.device), torch.cuda.graph(graph):
                 self._out = self.fn(self._batch)
         except Exception as err:  # recording is an optimisation: the eager step still works
             self.failed = True

@@ -414,7 +414,12 @@ class Trainer:
         self.student.eval()
         with self.amp():
             ppl = perplexity(
-                self.student, self.eval_ids, self.config.eval_seqlen, self.config.eval_windows, progress=False
+                self.student,
+                self.eval_ids,
+                self.config.eval_seqlen,
+                self.config.eval_windows,
+                progress=False,
+                recorded=self.use_graphs,  # off where training steps are not recorded (sharded runs)
             )
         self.student.train()
         entry = {"step": self.step, "tokens": self.tokens, "ppl": ppl}

@@ -74,7 +74,7 @@ class KernelConfig:
     prefill_stages: int = 0  # software pipeline depth; 0: 3
     prefill_waves: float = 2.0  # programs per SM aimed for, by smaller token blocks, then splits of d_in
     # from this many tokens on, the factors expanded per call and two cuBLAS GEMMs (``gemm``) instead of
-    # the prefill kernels: on the H100 the GEMMs were faster from 65 tokens on the three 7B layers of the
+    # the prefill kernels: on the H100 the GEMMs were faster from 65 tokens on the three 7B cases of the
     # sweep and from 128 on all four (8192x28672 at 1.0 BPW: 387 against 428 µs; at 96 tokens the prefill
     # kernels still won there, 373 against 391; ``prefill_gemm_h100.json``)
     gemm_min_tokens: int = 128
