@@ -51,7 +51,7 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, expand, compile (below), prefill (per layer, time to first token, serving; about 8
+  # Any of: tests, gemm, threshold, expand, compile (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
   # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
@@ -82,6 +82,9 @@ speed() {
       gemm) timeout 450 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 128,512,2048,8192 \
         --models fp16,0.1,0.55,1.0 --ttft 128,2048,8192 --serve 64,256 --steps 16 --reference-ttft 0 \
         --order layers,models,gemm-threshold --out "$ROOT/prefill_gemm.json" > "$ROOT/prefill_gemm.log" 2>&1 ;;
+      # threshold: the GEMM path against the register-decoding kernels at 32-256 tokens (about 2 minutes)
+      threshold) timeout 200 python benchmarks/prefill.py --order gemm-threshold --tokens "" --ttft "" --serve "" \
+        --out "$ROOT/prefill_threshold.json" > "$ROOT/prefill_threshold.log" 2>&1 ;;
       expand) timeout 150 python benchmarks/dev/gemm_expand.py > "$ROOT/gemm_expand.log" 2>&1 ;;
       compile) timeout 150 python benchmarks/dev/ttft_compile.py --layers 8 --models fp16,0.1,0.55,1.0 \
         --name ttft_compile_gemm > "$ROOT/ttft_compile_gemm.log" 2>&1 ;;

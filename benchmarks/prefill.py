@@ -235,15 +235,20 @@ def sweep_tiles(device: str, save) -> list[dict]:
     return records
 
 
-# where the GEMM path takes over from the prefill kernels: both, on these layers and BPW, at these tokens
-GEMM_THRESHOLD_CASES = [("7b-qo", 0.1), ("7b-up", 0.1), ("7b-up", 1.0), ("70b-up", 1.0)]
-GEMM_THRESHOLD_TOKENS = [65, 96, 128, 192, 256]
+# where the GEMM path takes over from the kernels that decode signs in registers: both, on these layers
+# and BPW, at these tokens (below 65 tokens those are the tensor-core kernels, from 65 the prefill ones)
+GEMM_THRESHOLD_CASES = [
+    ("7b-qo", 0.1),
+    *((name, bpw) for name in ("7b-up", "7b-down", "70b-up") for bpw in (0.1, 0.55, 1.0)),
+]
+GEMM_THRESHOLD_TOKENS = [32, 64, 65, 96, 128, 192, 256]
 
 
 def gemm_threshold(device: str, save) -> list[dict]:
-    """µs of the GEMM path and of the prefill kernels on ``GEMM_THRESHOLD_CASES``, for choosing
-    ``KernelConfig.gemm_min_tokens``."""
+    """µs of the GEMM path and of the register-decoding kernels (``prefill_us``; ``family`` names
+    them) on ``GEMM_THRESHOLD_CASES``, for choosing ``KernelConfig.gemm_min_tokens``."""
     from littlebit.kernels.gpu import triton_littlebit as tk
+    from littlebit.kernels.gpu.route import kernel_family
 
     records = []
     for name, bpw in GEMM_THRESHOLD_CASES:
@@ -251,10 +256,11 @@ def gemm_threshold(device: str, save) -> list[dict]:
         layer = random_layer(d_in, d_out, bpw, device, seed=3)
         for m in GEMM_THRESHOLD_TOKENS:
             x = torch.randn(m, d_in, device=device).bfloat16()
-            rec = {"layer": name, "bpw": bpw, "tokens": m}
+            below = tk.KernelConfig(gemm_min_tokens=1 << 30)
+            rec = {"layer": name, "bpw": bpw, "tokens": m, "family": kernel_family(m, below)}
             for family, cfg in [
                 ("gemm", tk.KernelConfig(gemm_min_tokens=1)),
-                ("prefill", tk.KernelConfig(gemm_min_tokens=1 << 30)),
+                ("prefill", below),
             ]:
                 try:
                     rec[f"{family}_us"] = gpu_us(
