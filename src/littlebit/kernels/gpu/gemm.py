@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from littlebit.kernels.gpu.tiles import cdiv
+
 # rows and entries of a factor per program of the expansion
 _ROWS, _COLS = 32, 256
 
@@ -73,9 +75,9 @@ def _expand(words, rs, cs, out, n: int, row_off: int, col_off: int, tiled: bool 
     P, rows, W = words.shape
     words, rs = words.contiguous(), rs.contiguous()  # indexed as dense (P, rows, ...) below
     cs = None if cs is None else cs.contiguous()
-    n_rb = triton.cdiv(rows, _ROWS)
+    n_rb = cdiv(rows, _ROWS)
     args = (words, rs, rs if cs is None else cs, out, rows, n, W, out.stride(0), row_off, col_off, n_rb)
-    _expand_kernel[(P * n_rb, triton.cdiv(W, _COLS // 32))](
+    _expand_kernel[(P * n_rb, cdiv(W, _COLS // 32))](
         *args, HAS_CS=cs is not None, TILED=tiled, BR=_ROWS, BW=_COLS // 32, num_warps=4
     )
 

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from littlebit.kernels.gpu._tensorcore import _dot, _pair_slot, _sign_tile, _tc_u_body, _to_pair_order
 from littlebit.kernels.gpu.config import KernelConfig
-from littlebit.kernels.gpu.tiles import _split
+from littlebit.kernels.gpu.tiles import _split, cdiv
 
 
 @triton.jit
@@ -88,11 +88,11 @@ def prefill_tile(
     target = int(cfg.prefill_waves * sms)
     bo = cfg.prefill_out or 128
     br = cfg.prefill_rows or (128 if P * r >= 1024 else 64)
-    wide = br == 128 and triton.cdiv(M, 128) * triton.cdiv(d_out, bo) >= target
+    wide = br == 128 and cdiv(M, 128) * cdiv(d_out, bo) >= target
     bm = cfg.prefill_tokens or (128 if wide else 64)
     words = cfg.prefill_words or 2
     warps = cfg.prefill_warps or (8 if bm >= 128 else 4)
-    programs = P * triton.cdiv(32 * triton.cdiv(r, 32), br) * triton.cdiv(M, bm)
+    programs = P * cdiv(32 * cdiv(r, 32), br) * cdiv(M, bm)
     # at most 4 splits: stage 2 adds them at every load of t
     chunk, n_split = _split(W_in, words, programs, min(target, 4 * programs))
     return bm, br, bo, words, warps, chunk, n_split
@@ -119,7 +119,7 @@ def prefill(
     r, W_in = v.shape[1:]
     bm, br, bo, words, warps, chunk, n_split = prefill_tile(M, r, W_in, d_out, P, cfg, sms)
     Rp = 32 * W_r
-    n_rb, n_mb = triton.cdiv(Rp, br), triton.cdiv(M, bm)  # row blocks cover the padding latents too
+    n_rb, n_mb = cdiv(Rp, br), cdiv(M, bm)  # row blocks cover the padding latents too
     # t in the operand dtype when whole (as the reference rounds it; half the bytes stage 2 reads per
     # step), fp32 partial sums when split
     t_dtype = torch.float32 if n_split > 1 or op_dt == tl.float32 else x2.dtype
@@ -129,7 +129,7 @@ def prefill(
         x2, g, v, l, t, M, r, W_in, d_in, x2.stride(0), Rp, n_rb, chunk, split_stride,
         P=P, BR=br, BKW=words, BM=bm, OP_DT=op_dt, num_warps=warps, num_stages=cfg.prefill_stages or 3,
     )  # fmt: skip
-    _pf_u_kernel[(triton.cdiv(d_out, bo), n_mb)](
+    _pf_u_kernel[(cdiv(d_out, bo), n_mb)](
         t, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0), n_split, split_stride,
         P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=op_dt, TILED=u_tiled,
         num_warps=warps, num_stages=cfg.prefill_stages or 3,

@@ -25,10 +25,14 @@ more than 4 programs of 16 rows per SM.
 
 from __future__ import annotations
 
-import triton
-
 from littlebit.kernels.gpu import cuda_bitserial, cuda_mma
 from littlebit.kernels.gpu.config import KernelConfig
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host integers. ``triton.cdiv`` does the same through Triton's constexpr
+    wrapper, several µs a call on the host, and a call of a packed layer makes a dozen of them."""
+    return -(-a // b)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -40,7 +44,7 @@ def _words_per_step(w: int, widest: int = 32) -> int:
     best, best_eff = 1, 0.0
     step = 1
     while step <= widest:
-        eff = w / (triton.cdiv(w, step) * step)
+        eff = w / (cdiv(w, step) * step)
         if eff > best_eff + 0.1 or (eff >= best_eff - 0.1 and step > best):
             best, best_eff = step, max(eff, best_eff)
         step *= 2
@@ -49,10 +53,10 @@ def _words_per_step(w: int, widest: int = 32) -> int:
 
 def _split(n_words: int, step: int, programs: int, target: int) -> tuple[int, int]:
     """Split ``n_words`` in chunks (multiples of ``step``) so that ``programs`` per chunk reach ``target``."""
-    n_steps = triton.cdiv(n_words, step)
-    want = max(1, min(n_steps, triton.cdiv(target, max(programs, 1))))
-    chunk = triton.cdiv(n_steps, want) * step
-    return chunk, triton.cdiv(n_words, chunk)
+    n_steps = cdiv(n_words, step)
+    want = max(1, min(n_steps, cdiv(target, max(programs, 1))))
+    chunk = cdiv(n_steps, want) * step
+    return chunk, cdiv(n_words, chunk)
 
 
 def _row_tile(rows: int, words: int, per_thread: int, warps: int) -> tuple[int, int]:
@@ -81,7 +85,7 @@ def _stage2_tile(
     lanes_on_rows = 32 // b2
     bo, warps = _row_tile(d_out, b2, cfg.rows_u, cfg.warps)
     small = False
-    while bo > lanes_on_rows and groups * triton.cdiv(d_out, bo) < 2 * sms:
+    while bo > lanes_on_rows and groups * cdiv(d_out, bo) < 2 * sms:
         small = True
         bo //= 2
         warps = max(1, warps // 2) if bo < cfg.rows_u * lanes_on_rows * warps else warps
@@ -98,8 +102,8 @@ def _mma_tile(d_out: int, W_r: int, P: int, groups: int, cfg: KernelConfig, sms:
     # unit won on most layers. Rows of at most 12 words (6 units of 4 words over 2 paths) did best with
     # 4 warps on 4 tiles (8192x28672 at 0.1 BPW: 8.7 -> 7.8 µs); 16-row programs taking 2 words a
     # thread won where d_out is small and rows long (the 4096x4096 and 28672x8192 layers from 0.55 BPW).
-    many_rows = groups * triton.cdiv(d_out, 16) > 4 * sms
-    units = P * triton.cdiv(W_r, 4)
+    many_rows = groups * cdiv(d_out, 16) > 4 * sms
+    units = P * cdiv(W_r, 4)
     if not many_rows and W_r >= 17:
         mt, wpt, warps = 1, 2, 8
     elif units <= 6:
@@ -113,7 +117,7 @@ def _bit_tile(
     d_out: int, W_r: int, groups: int, cfg: KernelConfig, sms: int, u_tiled: bool = False
 ) -> cuda_bitserial.BitTile:
     # best tiles of bitserial_stage2.json for both row counts
-    many_rows = groups * triton.cdiv(d_out, 16) > 4 * sms
+    many_rows = groups * cdiv(d_out, 16) > 4 * sms
     mt, ks, rg, depth = (2, 2, 2, 4) if many_rows else (1, 4, 2, 2)
     return cuda_bitserial.BitTile(
         cfg.bits_rows or mt, cfg.bits_split or ks, cfg.bits_groups or rg, cfg.bits_depth or depth, u_tiled
@@ -136,7 +140,7 @@ def _stage1_geometry(W_in: int, r: int, P: int, cfg: KernelConfig, sms: int) -> 
     splits); lanes along d_in, ``rows_v`` rows per thread, d_in split until the grid fills ``waves``."""
     b1 = _words_per_step(W_in, cfg.words_v)
     br, warps1 = _row_tile(r, b1, cfg.rows_v, cfg.warps)
-    n_rb = triton.cdiv(r, br)
+    n_rb = cdiv(r, br)
     chunk, n_split = _split(W_in, b1, P * n_rb, int(cfg.waves * sms))
     return b1, br, warps1, n_rb, chunk, n_split
 
@@ -145,13 +149,13 @@ def _tc_tile(M: int, r: int, W_in: int, d_out: int, P: int, cfg: KernelConfig, s
     """Tensor-core tiles: (tokens per program, token blocks, rows per program, words per step, words
     per split, splits, output rows per stage-2 program)."""
     bm = min(64, max(16, _pow2_at_least(M)))
-    n_mb = triton.cdiv(M, bm)
+    n_mb = cdiv(M, bm)
     rows = cfg.tc_rows or (64 if r < 1024 else 128)
     words = cfg.tc_words or (2 if rows <= 64 else 4)
     target = int(cfg.tc_waves * sms)
-    n_rb = triton.cdiv(r, rows)
+    n_rb = cdiv(r, rows)
     chunk, n_split = _split(W_in, words, P * n_rb * n_mb, target)
     bo = rows
-    while bo > 16 and triton.cdiv(d_out, bo) * n_mb < target:
+    while bo > 16 and cdiv(d_out, bo) * n_mb < target:
         bo //= 2
     return bm, n_mb, rows, words, chunk, n_split, bo

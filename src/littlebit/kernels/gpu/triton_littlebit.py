@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 import triton.language as tl
 
 from littlebit.core.packing import untile_order
@@ -59,6 +58,7 @@ from littlebit.kernels.gpu.tiles import (
     _stage1_geometry,
     _stage2_tile,
     _tc_tile,
+    cdiv,
 )
 from littlebit.kernels.gpu.workspace import _WORKSPACES, _ZERO_BLOCK, _workspace, _zeroed_on_error
 from littlebit.op import group_layer
@@ -90,7 +90,7 @@ def _stage1_to_planes(x2, v, l, g, cfg: KernelConfig, sms: int) -> torch.Tensor 
     (``cuda_bitserial.split_workspace``), or None, launching nothing, where its row blocks do not
     tile blocks of 256 rows."""
     P, r, W_in = v.shape
-    W_r = triton.cdiv(r, 32)
+    W_r = cdiv(r, 32)
     b1, br, warps1, n_rb, chunk, n_split = _stage1_geometry(W_in, r, P, cfg, sms)
     if 256 % br:
         return None
@@ -143,9 +143,9 @@ def _check(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor, h, l, 
     if u_signs.dtype != torch.int32 or v_signs.dtype != torch.int32:
         raise TypeError("packed signs must be int32")
     P, d_out, r, d_in = u_signs.shape[0], h.shape[-1], l.shape[-1], g.shape[-1]
-    if x.shape[-1] != d_in or v_signs.shape != (P, r, triton.cdiv(d_in, 32)):
+    if x.shape[-1] != d_in or v_signs.shape != (P, r, cdiv(d_in, 32)):
         raise ValueError(f"v_signs {tuple(v_signs.shape)} does not match d_in={d_in}, r={r}, P={P}")
-    if u_signs.shape != (P, d_out, triton.cdiv(r, 32)):
+    if u_signs.shape != (P, d_out, cdiv(r, 32)):
         raise ValueError(f"u_signs {tuple(u_signs.shape)} does not match d_out={d_out}, r={r}, P={P}")
 
 
@@ -179,7 +179,7 @@ def _gemv(
         b2, reduce = 1, True
     if bits:  # stage 1 writes t whole in fp32, one entry per bit, for the kernel that quantizes it
         b2, mode2, reduce = 1, 0, True
-    t_len = triton.cdiv(W_r, b2) * 32 * b2
+    t_len = cdiv(W_r, b2) * 32 * b2
     n_t = M * P * t_len
     if reduce:
         n_part = _align4(n_split * M * P * r)  # the bit planes after it stay 16-byte aligned
@@ -210,7 +210,7 @@ def _gemv(
             tile = _mma_tile(d_out, W_r, P // groups, groups, cfg, sms)
             cuda_mma.stage2(t_pairs, u, h, bias, y, W_r, t_len, P // groups, groups, tile, pdl["PDL"])
             return
-        n_ob = triton.cdiv(d_out, bo)
+        n_ob = cdiv(d_out, bo)
         _gemv_u_kernel[(groups * n_ob,)](
             t_pairs, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r,
             y.stride(0), t_len, n_ob,
@@ -232,7 +232,7 @@ def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, u_til
     bm, n_mb, rows, words, chunk, n_split, bo = _tc_tile(M, r, W_in, d_out, P, cfg, sms)
     Rp = 32 * W_r
     op_dt = _op_dtype(x2)
-    n_rb = triton.cdiv(r, rows)
+    n_rb = cdiv(r, rows)
     ws = _workspace(x2.device, M * P * Rp)
     pdl = _pdl_args(x2, cfg)
     with _zeroed_on_error(ws):
@@ -240,7 +240,7 @@ def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, u_til
             x2, g, v, l, ws.t, M, r, W_in, d_in, x2.stride(0), Rp, n_rb, chunk,
             P=P, BR=rows, BKW=words, BM=bm, OP_DT=_TL_DTYPES[op_dt], num_warps=cfg.tc_warps, **pdl,
         )  # fmt: skip
-        _tc_u_kernel[(triton.cdiv(d_out, bo), n_mb)](
+        _tc_u_kernel[(cdiv(d_out, bo), n_mb)](
             ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0),
             P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=_TL_DTYPES[op_dt],
             ZB=_ZERO_BLOCK, TILED=u_tiled, num_warps=cfg.tc_warps, **pdl,
@@ -290,8 +290,8 @@ def littlebit_linear_triton(
             _gemv(x2, *tensors, b, y, cfg, sms, groups, u_tiled)
         else:
             for j in range(groups):  # the kernels write through y's row stride, so a column slice works
-                layer, bj = group_layer(tensors, b, groups, j)
-                out = y[:, j * d_out : (j + 1) * d_out]
+                layer, bj = (tensors, b) if groups == 1 else group_layer(tensors, b, groups, j)
+                out = y if groups == 1 else y[:, j * d_out : (j + 1) * d_out]
                 if family == "gemm":
                     gemm(x2, *layer, bj, out, _op_dtype(x2), u_tiled)
                 elif family == "prefill":
