@@ -76,7 +76,6 @@ def main() -> None:
     a = torch.zeros(P * r, d_in, device=device, dtype=dtype)
     b = torch.zeros(d_out, P * r, device=device, dtype=dtype)
     linear = torch.nn.Linear(d_in, d_out, device=device, dtype=dtype)
-    words, rs = v, l
     out = torch.empty(P * r, d_in, device=device, dtype=dtype)
     pieces = {
         "linear": lambda: linear(x),
@@ -87,7 +86,7 @@ def main() -> None:
         "cdiv": lambda: cdiv(12345, 32),
     }
     if device == "cuda":
-        pieces["expand_launch"] = lambda: gemm_module._expand(words, rs, g, out, d_in, r, 0)
+        pieces["expand_launch"] = lambda: gemm_module._expand(v, l, g, out, d_in, r, 0)
     times: dict[str, list[float]] = {k: [] for k in pieces}
     with torch.inference_mode():
         for _ in range(7):  # interleaved, so load from other jobs falls on every piece alike

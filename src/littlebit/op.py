@@ -126,6 +126,8 @@ def select_backend(x: torch.Tensor, u_signs: torch.Tensor, v_signs: torch.Tensor
 
 def group_layer(tensors: list[torch.Tensor], bias: torch.Tensor | None, groups: int, j: int) -> tuple:
     """Layer ``j`` of a grouped call: its slices of the stacked (u_signs, v_signs, h, l, g) and of bias."""
+    if groups == 1:  # the whole call: no slicing on the host's path
+        return tensors, bias
     P, d_out = tensors[0].shape[0] // groups, tensors[2].shape[-1]
     layer = [t[j * P : (j + 1) * P] for t in tensors]
     return layer, None if bias is None else bias[j * d_out : (j + 1) * d_out]

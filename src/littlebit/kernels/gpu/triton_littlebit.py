@@ -290,8 +290,8 @@ def littlebit_linear_triton(
             _gemv(x2, *tensors, b, y, cfg, sms, groups, u_tiled)
         else:
             for j in range(groups):  # the kernels write through y's row stride, so a column slice works
-                layer, bj = (tensors, b) if groups == 1 else group_layer(tensors, b, groups, j)
-                out = y if groups == 1 else y[:, j * d_out : (j + 1) * d_out]
+                layer, bj = group_layer(tensors, b, groups, j)
+                out = y[:, j * d_out : (j + 1) * d_out]
                 if family == "gemm":
                     gemm(x2, *layer, bj, out, _op_dtype(x2), u_tiled)
                 elif family == "prefill":
