@@ -40,7 +40,7 @@ from littlebit.evaluation.tasks import load_tasks  # noqa: E402
 from littlebit.hf.models import load_model, load_tokenizer  # noqa: E402
 from littlebit.training.config import BlockConfig, LearningRates, TextGenConfig, TrainConfig  # noqa: E402
 from littlebit.training.data_spec import default_data_spec  # noqa: E402
-from littlebit.training.recipe import BLOCK_SHARE, default_residual, plan_budget  # noqa: E402
+from littlebit.training.recipe import BLOCK_SHARE, default_layout, plan_budget  # noqa: E402
 from littlebit.training.student import make_student  # noqa: E402
 from littlebit.training.trainer import train  # noqa: E402
 
@@ -109,11 +109,11 @@ def data_spec(variant: str, args: argparse.Namespace) -> str:
 
 
 def littlebit_config(bpw: float, init: str, variant: str, tokens: int) -> LittleBitConfig:
-    """Recipe variants take ``littlebit train``'s path layout for a budget of ``tokens`` unless they
+    """Recipe variants take ``littlebit train``'s layer layout for a budget of ``tokens`` unless they
     name one; the older ones the residual pair they were measured with."""
     over = dict(VARIANTS[variant].get("littlebit", {}))
     if variant in RECIPE:
-        over.setdefault("residual", default_residual(tokens))
+        over = {**default_layout(tokens), **over}
     return LittleBitConfig(bpw=bpw, init=init, **over)
 
 

@@ -151,10 +151,17 @@ _RECIPE = {
     # sequence a step, twice the tokens, so half the steps.
     "seq1024": {"seqlen": 1024, "batch_size": 1, "blocks": {"batch_size": 1}},
     "seq2048": {"seqlen": 2048, "batch_size": 1, "blocks": {"batch_size": 1}},
-    # The path layout, whichever the budget's default (``littlebit.training.recipe.default_residual``):
+    # The path layout, whichever the budget's default (``littlebit.training.recipe.default_layout``):
     # one path of about twice the rank, or the residual pair.
     "single-path": {"littlebit": {"residual": False}},
     "residual-pair": {"littlebit": {"residual": True}},
+    # Bits per kind of layer: uniform, or the attention projections at 1.5x the target and the other
+    # layers lower at the same mean (the default from 409,600 tokens,
+    # ``littlebit.training.recipe.default_layout``). Behind it: the trained model's loss against the FP
+    # model's grows with the position in the window (benchmarks/dev/position_nll.py).
+    "attention-bits-1x": {"littlebit": {"attention_bpw_factor": 1.0}},
+    "attention-bits-1.5x": {"littlebit": {"attention_bpw_factor": 1.5}},
+    "attention-bits-2x": {"littlebit": {"attention_bpw_factor": 2.0}},
     "seed1": {"seed": 1},
     # Learning rates for text that does not repeat: the latent rate (6e-5) was chosen on the WikiText-2
     # split read six times over.

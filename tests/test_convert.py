@@ -79,3 +79,41 @@ def test_baselines_replace_the_same_layers(kind):
         assert all(layer.bpw <= 1.0 + 1e-9 for layer in report.layers)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 256, (1, 5))).logits).all()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_attention_bpw_factor_moves_bits_at_the_same_mean(arch):
+    """The attention projections' targets at the factor times bpw, the others lower, their mean over
+    all weights at bpw; ranks follow the targets and no layer exceeds its own."""
+    from littlebit.core.convert import budget, is_attention
+
+    model = tiny_model(arch)
+    uniform = budget(model, LittleBitConfig(bpw=6.0))
+    split = budget(model, LittleBitConfig(bpw=6.0, attention_bpw_factor=1.5))
+    weights = [layer.n_weights for layer in split.layers]
+    attention = [is_attention(layer.name) for layer in split.layers]
+    assert any(attention) and not all(attention)
+    mean = sum(w * layer.target_bpw for w, layer in zip(weights, split.layers, strict=True)) / sum(weights)
+    assert mean == pytest.approx(6.0)
+    for a, u, s in zip(attention, uniform.layers, split.layers, strict=True):
+        assert s.target_bpw == pytest.approx(9.0) if a else s.target_bpw < 6.0
+        assert s.rank >= u.rank if a else s.rank <= u.rank
+        assert s.bpw <= s.target_bpw + 1e-9
+    assert split.bpw_linear <= 6.0
+
+
+def test_attention_bpw_factor_too_large_or_not_positive_is_refused():
+    model = tiny_model("llama")  # attention: 2 * 64 * 64 + 2 * 64 * 32 of 4 * 64 * 64 + ... weights
+    with pytest.raises(LittleBitError, match="leaves no bits for the other layers"):
+        convert(model, LittleBitConfig(bpw=1.0, attention_bpw_factor=4.0), progress=False)
+    with pytest.raises(LittleBitError, match="attention_bpw_factor must be > 0"):
+        LittleBitConfig(attention_bpw_factor=0.0)
+
+
+def test_attention_bpw_factor_one_is_the_uniform_plan():
+    from littlebit.core.convert import plan
+
+    model = tiny_model("llama")
+    a = plan(model, LittleBitConfig(bpw=2.0))
+    b = plan(model, LittleBitConfig(bpw=2.0, attention_bpw_factor=1.0))
+    assert [(t.name, t.rank, t.target_bpw) for t in a] == [(t.name, t.rank, t.target_bpw) for t in b]

@@ -317,10 +317,8 @@ def test_train_command_arguments():
         parser.parse_args(["--bpw", "20", "--out", "x"])
 
 
-def test_path_layout_defaults_and_flags(tmp_path):
-    """train: one path from 409,600 training tokens (the default budget among them), the residual pair
-    below, counted from --tokens or from stages sized by hand; compress: the pair. The flags win over
-    both, and a config file's layout over the command's default."""
+def _command_config(command: str, *argv: str) -> LittleBitConfig:
+    """The LittleBitConfig ``littlebit COMMAND --out x ARGV`` would compress with."""
     import argparse
 
     from littlebit.cli.common import compression_config
@@ -328,14 +326,21 @@ def test_path_layout_defaults_and_flags(tmp_path):
     from littlebit.cli.train import add_arguments as add_train_arguments
     from littlebit.cli.train import config_from_args
 
-    train = argparse.ArgumentParser()
-    add_train_arguments(train)
-    compress = argparse.ArgumentParser()
-    add_compress_arguments(compress)
+    parser = argparse.ArgumentParser()
+    (add_train_arguments if command == "train" else add_compress_arguments)(parser)
+    args = parser.parse_args(["--out", "x", *argv])
+    return config_from_args(args)[0] if command == "train" else compression_config(args)
 
-    def layout(parser, *argv):
-        args = parser.parse_args(["--out", "x", *argv])
-        return (config_from_args(args)[0] if parser is train else compression_config(args)).residual
+
+def test_path_layout_defaults_and_flags(tmp_path):
+    """train: one path from 409,600 training tokens (the default budget among them), the residual pair
+    below, counted from --tokens or from stages sized by hand; compress: the pair. The flags win over
+    both, and a config file's layout over the command's default."""
+
+    def layout(command, *argv):
+        return _command_config(command, *argv).residual
+
+    train, compress = "train", "compress"
 
     assert not any(layout(train, "--bpw", b) for b in ("0.1", "0.3", "0.55", "1", "2"))
     assert layout(train, "--bpw", "1", "--tokens", "409600") is False
@@ -360,6 +365,28 @@ def test_path_layout_defaults_and_flags(tmp_path):
     path.write_text(LittleBitConfig(bpw=0.3).to_json().replace('"residual": true,', ""))
     assert '"residual"' not in path.read_text()
     assert layout(train, "--bpw", "0.3", "--config", str(path)) is False
+
+
+def test_attention_bit_split_defaults_and_flags(tmp_path):
+    """train: the attention projections at 1.5x the target from 409,600 training tokens, uniform below;
+    compress: uniform. The flag wins over both, and a config file's factor over the command's default."""
+
+    def factor(command, *argv):
+        return _command_config(command, *argv).attention_bpw_factor
+
+    train, compress = "train", "compress"
+
+    assert factor(train, "--bpw", "1") == 1.5
+    assert factor(train, "--bpw", "0.55", "--tokens", "409600") == 1.5
+    assert factor(train, "--bpw", "0.55", "--tokens", "409599") == 1.0
+    assert factor(compress, "--bpw", "0.55") == 1.0
+    assert factor(train, "--bpw", "1", "--attention-bpw-factor", "1") == 1.0
+    assert factor(compress, "--bpw", "1", "--attention-bpw-factor", "2") == 2.0
+    path = tmp_path / "c.json"
+    path.write_text(LittleBitConfig(bpw=0.3, attention_bpw_factor=1.25).to_json())
+    assert factor(train, "--bpw", "1", "--config", str(path)) == 1.25
+    assert factor(train, "--bpw", "1", "--tokens", "30000", "--config", str(path)) == 1.25
+    assert factor(train, "--bpw", "1", "--config", str(path), "--attention-bpw-factor", "1.5") == 1.5
 
 
 def _tiny_global_run(tmp_path: Path, **overrides):

@@ -41,12 +41,15 @@ class LittleBitConfig:
 
     ``bpw`` is the bit budget per weight of each converted linear layer, scales included.
     ``kv_rank_multiplier`` scales the rank of k/v projections relative to the rank the budget gives.
+    ``attention_bpw_factor`` moves bits between kinds of layers: the attention projections get that
+    multiple of ``bpw``, the other layers what keeps the mean over all weights at ``bpw``.
     ``skip`` lists glob patterns of module names left in full precision.
     """
 
     bpw: float = 0.55
     residual: bool = True
     kv_rank_multiplier: float = 1.0
+    attention_bpw_factor: float = 1.0
     overrides: list[LayerOverride] = field(default_factory=list)
     skip: list[str] = field(default_factory=list)
     sign_function: str = "smooth"
@@ -74,6 +77,8 @@ class LittleBitConfig:
             raise LittleBitError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
         if self.kv_rank_multiplier <= 0:
             raise LittleBitError(f"kv_rank_multiplier must be > 0, got {self.kv_rank_multiplier}")
+        if self.attention_bpw_factor <= 0:
+            raise LittleBitError(f"attention_bpw_factor must be > 0, got {self.attention_bpw_factor}")
         if self.version > CONFIG_VERSION:
             raise LittleBitError(
                 f"config version {self.version} is newer than this littlebit understands ({CONFIG_VERSION})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from littlebit.config import INIT_METHODS, LittleBitConfig, LittleBitError, check_bpw, first_line
 
@@ -54,9 +55,11 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def add_compression_arguments(p: argparse.ArgumentParser, init_default: str, paths_default: str) -> None:
-    """The source model, the output, and what the LittleBitConfig is made of; ``paths_default`` says
-    in the help which layout the command picks without ``--residual``/``--no-residual``."""
+def add_compression_arguments(
+    p: argparse.ArgumentParser, init_default: str, paths_default: str, attention_default: str = "1"
+) -> None:
+    """The source model, the output, and what the LittleBitConfig is made of; ``paths_default`` and
+    ``attention_default`` say in the help which layout the command picks without the flags."""
     p.add_argument("model", nargs="?", help=DEFAULT_MODEL_HELP)
     p.add_argument("--bpw", type=bpw_type, required=True, help="bits per weight of each compressed layer")
     p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
@@ -68,6 +71,12 @@ def add_compression_arguments(p: argparse.ArgumentParser, init_default: str, pat
     )
     p.add_argument(
         "--init", choices=INIT_METHODS, default=init_default, help=f"initialisation (default: {init_default})"
+    )
+    p.add_argument(
+        "--attention-bpw-factor",
+        type=float,
+        help=f"the attention projections at this multiple of --bpw, the other layers lower so that the mean "
+        f"stays --bpw (default: {attention_default})",
     )
     p.add_argument(
         "--kv-rank-multiplier",
@@ -83,29 +92,31 @@ def add_compression_arguments(p: argparse.ArgumentParser, init_default: str, pat
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
 
 
+# Settings of the layer layout a flag sets over a --config file.
+LAYOUT_FLAGS = ("residual", "attention_bpw_factor")
+
+
 def compression_config(
     args: argparse.Namespace,
     seed_from_flag: bool = True,
-    default_residual: bool = True,
+    layout: dict[str, Any] | None = None,
     **extra,
 ) -> LittleBitConfig:
     """The LittleBitConfig the flags ask for (``--config`` first, the flags over it). ``train`` keeps
     ``--seed`` for its data order (``seed_from_flag=False``): its initialisation seed is the config's.
-    The path layout: ``--residual``/``--no-residual``, else the config file's, else
-    ``default_residual``."""
+    The layout (``residual``, ``attention_bpw_factor``): each from its flag, else the config file,
+    else ``layout`` (``train``'s depends on the budget), else the config's own default."""
     base: dict = {}
-    residual = default_residual
+    given: dict = {}
     if args.config:
         try:
             given = json.loads(Path(args.config).read_text(encoding="utf-8"))
             base = LittleBitConfig.from_dict(given).to_dict()
         except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
             raise LittleBitError(f"cannot read the config {args.config}: {first_line(e)}") from e
-        if "residual" in given:
-            residual = base["residual"]
-    if args.residual is not None:
-        residual = args.residual
-    base.update(bpw=args.bpw, residual=residual, init=args.init, **extra)
+    base.update({k: v for k, v in (layout or {}).items() if k not in given})
+    base.update({k: getattr(args, k) for k in LAYOUT_FLAGS if getattr(args, k) is not None})
+    base.update(bpw=args.bpw, init=args.init, **extra)
     if seed_from_flag:
         base["seed"] = args.seed
     if args.kv_rank_multiplier is not None:

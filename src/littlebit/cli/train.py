@@ -30,7 +30,13 @@ from littlebit.training.data_spec import (
     MIXTURE_FROM_TOKENS,
     parse_data_spec,
 )
-from littlebit.training.recipe import SINGLE_PATH_MIN_TOKENS, default_residual, plan_budget, training_tokens
+from littlebit.training.recipe import (
+    ATTENTION_BPW_FACTOR,
+    LARGE_BUDGET_TOKENS,
+    default_layout,
+    plan_budget,
+    training_tokens,
+)
 
 # The budget the defaults spend (calibration, block stage and 1,080 global steps of 2 x 512).
 DEFAULT_TOKENS = 1_638_400
@@ -48,8 +54,13 @@ DEFAULT_GRAD_POWER = 0.5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
-    paths = f"one from {SINGLE_PATH_MIN_TOKENS:,} training tokens, two below"
-    add_compression_arguments(parser, init_default=DEFAULT_INIT, paths_default=paths)
+    large = f"from {LARGE_BUDGET_TOKENS:,} training tokens"
+    add_compression_arguments(
+        parser,
+        init_default=DEFAULT_INIT,
+        paths_default=f"one {large}, two below",
+        attention_default=f"{ATTENTION_BPW_FACTOR:g} {large}, 1 below",
+    )
     parser.add_argument(
         "--tokens",
         type=int,
@@ -260,8 +271,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
     )
     if not explicit:
         cfg = plan_budget(cfg, DEFAULT_TOKENS if args.tokens is None else args.tokens)
-    residual = default_residual(training_tokens(cfg))
-    lb = compression_config(args, seed_from_flag=False, default_residual=residual, sign_function=args.sign)
+    layout = default_layout(training_tokens(cfg))
+    lb = compression_config(args, seed_from_flag=False, layout=layout, sign_function=args.sign)
     return lb, cfg
 
 
@@ -428,9 +439,10 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
         cfg, lb.init, generated_tokens_needed(args.data, cfg), torch.device(device).type, parameters
     )
     # Before the slow part (generation, initialisation), on stderr: stdout carries the JSON summary.
-    # The layout is printed because its default depends on the budget (``recipe.default_residual``).
+    # The layout is printed because its default depends on the budget (``recipe.default_layout``).
     paths = "two paths (the residual pair)" if lb.residual else "one path"
-    print(f"layers: {lb.bpw:g} BPW, {paths} each", file=sys.stderr)
+    split = f", attention at {lb.attention_bpw_factor:g}x" if lb.attention_bpw_factor != 1 else ""
+    print(f"layers: {lb.bpw:g} BPW{split}, {paths} each", file=sys.stderr)
     print(describe(plan, torch.device(device).type), file=sys.stderr, flush=True)
     try:
         max_tokens = cfg.eval_windows * cfg.eval_seqlen if cfg.eval_windows else None

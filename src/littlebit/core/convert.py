@@ -18,6 +18,8 @@ from littlebit.core.layer import LittleBitLinear
 log = logging.getLogger(__name__)
 
 _KV_PART = re.compile(r"(^|[._\[])(k|v|k_proj|v_proj|key|value)(\]|$)")
+# A module inside the attention block: a parent named like self_attn, attn, attention, self_attention.
+_ATTENTION = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*\.")
 
 
 @dataclass
@@ -101,6 +103,11 @@ def is_kv(name: str) -> bool:
     return bool(_KV_PART.search(name.rsplit(".", 1)[-1]))
 
 
+def is_attention(name: str) -> bool:
+    """A projection of the attention block (``layers.0.self_attn.q_proj``, ``h.0.attention.wqkv``)."""
+    return bool(_ATTENTION.search(name))
+
+
 def plan(model: nn.Module, config: LittleBitConfig) -> list[Target]:
     """The compressed layers and their ranks, without touching any weight."""
     targets = []
@@ -110,11 +117,31 @@ def plan(model: nn.Module, config: LittleBitConfig) -> list[Target]:
         linear = model.get_submodule(name)
         sizes = fused_split(model, name, linear) or {None: linear.out_features}
         for part, d_out in sizes.items():
-            t = Target(name, part, linear.in_features, d_out, 0, config.bpw)
-            targets.append(_with_rank(t, config))
+            targets.append(Target(name, part, linear.in_features, d_out, 0, config.bpw))
     if not targets:
         raise LittleBitError(f"{type(model).__name__} has no linear layers to convert inside its decoder")
-    return targets
+    _split_bits(targets, config)
+    return [_with_rank(t, config) for t in targets]
+
+
+def _split_bits(targets: list[Target], config: LittleBitConfig) -> None:
+    """``attention_bpw_factor``: the attention projections' target at that multiple of ``bpw``, the
+    other layers' at (1 - s * factor) / (1 - s) of it, s the attention's share of the weights, so
+    the targets' mean over all weights stays ``bpw`` (each rank is then floored to its own target)."""
+    factor = config.attention_bpw_factor
+    weights = [t.d_in * t.d_out for t in targets]
+    attention = sum(w for t, w in zip(targets, weights, strict=True) if is_attention(t.name))
+    share = attention / sum(weights)
+    if factor == 1.0 or share in (0.0, 1.0):
+        return  # one kind of layer: nothing to move bits between
+    rest = (1 - share * factor) / (1 - share)
+    if rest <= 0:
+        raise LittleBitError(
+            f"attention_bpw_factor {factor:g} leaves no bits for the other layers: the attention "
+            f"projections hold {share:.0%} of the weights, so the factor must be below {1 / share:.3g}"
+        )
+    for t in targets:
+        t.target_bpw = config.bpw * (factor if is_attention(t.name) else rest)
 
 
 def _with_rank(t: Target, config: LittleBitConfig) -> Target:

@@ -19,15 +19,21 @@ from dataclasses import dataclass
 from littlebit.config import LittleBitError
 from littlebit.training.config import TrainConfig
 
-# Training's path layout follows the budget: one path of about twice the rank from this many tokens,
-# the residual pair below. After 1.6M tokens on an H100 one path won on the held-out scores at 0.55 BPW
-# (WikiText-2 96.5 against 109.8, PTB 259 against 341, PIQA 0.543 against 0.540;
-# benchmarks/results/qat_paths_gpu.json) and at 1.0 BPW (66.3 / 142.0 / 0.549, headline 2.44, against
-# two runs of the pair, 2.47 and 2.50; qat_1bpw_gpu.json), and on WikiText-2 at 0.3 (qat.json). On two
-# CPU cores the pair won at 40,960 tokens (0.55 BPW, headline 15.56 against 17.08; qat_path_cpu.json)
-# and at 30,000 (1.0 BPW, WikiText-2 391 against 524 over 8 windows, in 6.8 against 10.3 minutes;
-# train_budget.json). Between those budgets nothing is measured: the switch sits at 0.4M tokens.
-SINGLE_PATH_MIN_TOKENS = 409_600
+# Training's layer layout follows the budget. From this many tokens: one path of about twice the rank
+# instead of the residual pair, and the attention projections at ATTENTION_BPW_FACTOR times the target
+# BPW, the other layers lower at the same mean (``LittleBitConfig.attention_bpw_factor``).
+# One path: after 1.6M tokens on an H100 it won on the held-out scores at 0.55 BPW (WikiText-2 96.5
+# against 109.8, PTB 259 against 341, PIQA 0.543 against 0.540; benchmarks/results/qat_paths_gpu.json)
+# and at 1.0 BPW (66.3 / 142.0 / 0.549, headline 2.44, against two runs of the pair, 2.47 and 2.50;
+# qat_1bpw_gpu.json), and on WikiText-2 at 0.3 (qat.json). On two CPU cores the pair won at 40,960
+# tokens (0.55 BPW, headline 15.56 against 17.08; qat_path_cpu.json) and at 30,000 (1.0 BPW,
+# WikiText-2 391 against 524 over 8 windows, in 6.8 against 10.3 minutes; train_budget.json).
+# Attention at 1.5x (one path, 1.6M tokens, H100; qat_attention_bits_gpu.json): 1.0 BPW 65.8 / 129.3 /
+# 0.559, headline 2.35, against 66.3 / 142.0 / 0.549, 2.44; 0.55 BPW 93.4 / 224 / 0.541, 3.20, against
+# 96.5 / 259 / 0.543, 3.40. After 40,960 CPU tokens (the pair) it lost: headline 7.95 against 7.66
+# (qat_attention_bits_cpu.json). Between those budgets nothing is measured: the switch sits at 0.4M.
+LARGE_BUDGET_TOKENS = 409_600
+ATTENTION_BPW_FACTOR = 1.5
 # The block stage's share of a budget (524,288 of 1,638,400 tokens).
 BLOCK_SHARE = 0.32
 MAX_CALIB_SEQUENCES = 16
@@ -37,9 +43,11 @@ CALIB_TOKENS_PER_SEQUENCE = 102_400
 DEFAULT_PARAMETERS = 134_515_008  # SmolLM2-135M, the model the rates were measured on
 
 
-def default_residual(tokens: int) -> bool:
-    """Whether a run of ``tokens`` training tokens keeps the residual pair when the user does not say."""
-    return tokens < SINGLE_PATH_MIN_TOKENS
+def default_layout(tokens: int) -> dict[str, bool | float]:
+    """The layer layout (``LittleBitConfig`` fields) of a run of ``tokens`` training tokens when the
+    user does not say."""
+    large = tokens >= LARGE_BUDGET_TOKENS
+    return {"residual": not large, "attention_bpw_factor": ATTENTION_BPW_FACTOR if large else 1.0}
 
 
 def training_tokens(config: TrainConfig) -> int:
