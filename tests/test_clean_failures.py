@@ -129,3 +129,19 @@ def test_full_disk_during_compress_is_one_line(tiny_dir, tmp_path, capsys, monke
     code, _, err = run_cli(capsys, *argv, *(["--in-memory"] if whole else []))
     assert code == 2 and "No space left on device" in _one_error_line(err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_closed_output_pipe_stops_quietly(compressed):
+    """``littlebit info DIR | head -1``: the reader closes the pipe; no error line, status 141."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "littlebit.cli", "info", str(compressed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before the command writes its first line
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141
+    assert "error" not in err.lower() and "Traceback" not in err

@@ -18,6 +18,7 @@ from littlebit.config import LittleBitError, first_line
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE, the status a shell reports for a command stopped by a closed pipe
 
 COMMANDS = {
     "compress": (compress, "convert and initialise a model's linear layers, save it packed"),
@@ -87,6 +88,16 @@ def _offline_if_hub_unreachable(args: argparse.Namespace) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not fail on the closed pipe."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass  # stdout is not a file descriptor (captured): nothing is flushed to a pipe
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command and return its exit code."""
     parser = build_parser()
@@ -103,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("littlebit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``littlebit info DIR | head``): stop quietly, as a shell tool does.
+        _stdout_to_devnull()
+        return EXIT_CLOSED_PIPE
     except OSError as e:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"littlebit: error: {e.strerror or first_line(e)}{where}", file=sys.stderr)
