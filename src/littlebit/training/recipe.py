@@ -30,7 +30,9 @@ from littlebit.training.config import TrainConfig
 # WikiText-2 391 against 524 over 8 windows, in 6.8 against 10.3 minutes; train_budget.json).
 # Attention at 1.5x (one path, 1.6M tokens, H100; qat_attention_bits_gpu.json): 1.0 BPW 65.8 / 129.3 /
 # 0.559, headline 2.35, against 66.3 / 142.0 / 0.549, 2.44; 0.55 BPW 93.4 / 224 / 0.541, 3.20, against
-# 96.5 / 259 / 0.543, 3.40. After 40,960 CPU tokens (the pair) it lost: headline 7.95 against 7.66
+# 96.5 / 259 / 0.543, 3.40; also on a second data order at 1.0 BPW (2.42 against 2.55) and at 0.3 BPW
+# (4.75 against 5.34); 2x lost to 1.5x at 1.0 and 0.55 BPW (2.48, 3.23; qat_layout_gpu.json).
+# After 40,960 CPU tokens (the pair) it lost: headline 7.95 against 7.66
 # (qat_attention_bits_cpu.json). Between those budgets nothing is measured: the switch sits at 0.4M.
 LARGE_BUDGET_TOKENS = 409_600
 ATTENTION_BPW_FACTOR = 1.5
