@@ -106,8 +106,11 @@ def test_attention_bpw_factor_too_large_or_not_positive_is_refused():
     model = tiny_model("llama")  # attention: 2 * 64 * 64 + 2 * 64 * 32 of 4 * 64 * 64 + ... weights
     with pytest.raises(LittleBitError, match="leaves no bits for the other layers"):
         convert(model, LittleBitConfig(bpw=1.0, attention_bpw_factor=4.0), progress=False)
-    with pytest.raises(LittleBitError, match="attention_bpw_factor must be > 0"):
-        LittleBitConfig(attention_bpw_factor=0.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(LittleBitError, match="attention_bpw_factor must be a finite number > 0"):
+            LittleBitConfig(attention_bpw_factor=bad)
+        with pytest.raises(LittleBitError, match="kv_rank_multiplier must be a finite number > 0"):
+            LittleBitConfig(kv_rank_multiplier=bad)
 
 
 def test_attention_bpw_factor_one_is_the_uniform_plan():

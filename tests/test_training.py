@@ -67,6 +67,11 @@ def test_distill_loss_combines_terms_and_validates():
     assert "hidden" not in parts and torch.allclose(loss, parts["kl"])
     with pytest.raises(LittleBitError):
         DistillConfig(form="nope")
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(LittleBitError, match="hidden-state weight must be a finite number"):
+            DistillConfig(hidden_weight=bad)
+        with pytest.raises(LittleBitError, match="temperature must be a finite number"):
+            DistillConfig(temperature=bad)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

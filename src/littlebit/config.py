@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,10 +76,11 @@ class LittleBitConfig:
             raise LittleBitError(f"sign_function must be one of {SIGN_FUNCTIONS}, got {self.sign_function!r}")
         if self.init not in INIT_METHODS:
             raise LittleBitError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
-        if self.kv_rank_multiplier <= 0:
-            raise LittleBitError(f"kv_rank_multiplier must be > 0, got {self.kv_rank_multiplier}")
-        if self.attention_bpw_factor <= 0:
-            raise LittleBitError(f"attention_bpw_factor must be > 0, got {self.attention_bpw_factor}")
+        for name in ("kv_rank_multiplier", "attention_bpw_factor"):
+            value = getattr(self, name)
+            # Written to also refuse NaN, which compares false with everything.
+            if not (value > 0 and math.isfinite(value)):
+                raise LittleBitError(f"{name} must be a finite number > 0, got {value}")
         if self.version > CONFIG_VERSION:
             raise LittleBitError(
                 f"config version {self.version} is newer than this littlebit understands ({CONFIG_VERSION})"

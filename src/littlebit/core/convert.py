@@ -127,7 +127,10 @@ def plan(model: nn.Module, config: LittleBitConfig) -> list[Target]:
 def _split_bits(targets: list[Target], config: LittleBitConfig) -> None:
     """``attention_bpw_factor``: the attention projections' target at that multiple of ``bpw``, the
     other layers' at (1 - s * factor) / (1 - s) of it, s the attention's share of the weights, so
-    the targets' mean over all weights stays ``bpw`` (each rank is then floored to its own target)."""
+    the targets' mean over all weights stays ``bpw`` (each rank is then floored to its own target).
+    A layer whose target asks for more than its full rank gets its full rank, and the bits it cannot
+    use are not moved to the others: on the default model at 1.0 BPW, k and v reach rank 192 at factor
+    1.5, and factor 2 spends 0.957 BPW."""
     factor = config.attention_bpw_factor
     weights = [t.d_in * t.d_out for t in targets]
     attention = sum(w for t, w in zip(targets, weights, strict=True) if is_attention(t.name))

@@ -42,10 +42,12 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.form not in LOSS_FORMS:
             raise LittleBitError(f"loss must be one of {LOSS_FORMS}, got {self.form!r}")
-        if self.hidden_weight is not None and self.hidden_weight < 0:
-            raise LittleBitError(f"hidden-state weight must be >= 0, got {self.hidden_weight}")
-        if self.temperature <= 0:
-            raise LittleBitError(f"temperature must be > 0, got {self.temperature}")
+        # Written to also refuse NaN, which compares false with everything.
+        weight = self.hidden_weight
+        if weight is not None and not (weight >= 0 and math.isfinite(weight)):
+            raise LittleBitError(f"hidden-state weight must be a finite number >= 0, got {weight}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise LittleBitError(f"temperature must be a finite number > 0, got {self.temperature}")
 
     @property
     def weight(self) -> float:
