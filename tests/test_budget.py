@@ -105,3 +105,30 @@ def test_config_json_round_trip():
         LittleBitConfig.from_dict({"bpw": 1.0, "nonsense": 1})
     with pytest.raises(LittleBitError):
         LittleBitConfig.from_dict({"bpw": 1.0, "version": 99})
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"rank_multiple": 0},
+        {"min_rank": 0},
+        {"skip": [1]},
+        {"skip": "abc"},
+        {"residual": "no"},
+        {"seed": "a"},
+        {"seed": -1},
+        {"version": -1},
+        {"smooth_alpha": float("nan")},
+        {"smooth_alpha": -1.0},
+        {"bpw": "1"},
+        {"init": 3},
+        {"overrides": [{"pattern": 3, "bpw": 1.0}]},
+        {"overrides": [{"pattern": "*", "bits": 1.0}]},
+        {"overrides": [{"pattern": "*", "rank": 1.5}]},
+        {"overrides": "*"},
+    ],
+)
+def test_config_file_values_of_the_wrong_kind_are_refused(edit):
+    data = {**LittleBitConfig().to_dict(), **edit}
+    with pytest.raises(LittleBitError):
+        LittleBitConfig.from_dict(data)

@@ -98,6 +98,11 @@ def test_lost_quantization_config_is_recognised(saved):
         (None, ["eval", "{dir}", "--seqlen", "0"], "at least 2"),
         (None, ["eval", "{dir}", "--max-windows", "-1"], "at least 1"),
         (None, ["compress", "{dir}", "--bpw", "1", "--out", "{out}"], "already a LittleBit checkpoint"),
+        (None, ["compress", "--bpw", "1", "--device", "nosuch", "--out", "{out}"], "unknown device"),
+        (None, ["eval", "{dir}", "--ppl", ","], "names no test set"),
+        (None, ["eval", "{dir}", "--baseline", "svd"], "compressed already"),
+        (None, ["generate", "{dir}", "--prompt", " "], "prompt is empty"),
+        (None, ["train", "--bpw", "1", "--out", "{out}", "--seqlen", "4"], "--seqlen must be at least 8"),
     ],
 )
 def test_command_line_refusals(compressed, tmp_path, capsys, edit, argv, fragment):

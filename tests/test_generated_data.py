@@ -89,13 +89,36 @@ def test_interrupted_generation_resumes_to_the_same_shards(teacher, tmp_path):
         ("a.txt:3, b.txt", [("a.txt", 0.75), ("b.txt", 0.25)]),
     ],
 )
-def test_data_specs_parse(spec, expected):
+def test_data_specs_parse(spec, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("some text")
     got = [(s.source, pytest.approx(s.weight)) for s in parse_data_spec(spec)]
     assert got == expected
 
 
+def test_data_weights_near_the_float_maximum_still_split():
+    spec = "generated:1e308,wikitext2:valid:1e308"
+    assert [s.weight for s in parse_data_spec(spec)] == [0.5, 0.5]
+
+
 @pytest.mark.parametrize(
-    "spec", ["", ",", "a.txt,", "a.txt:0", "a.txt:-1", "a.txt:nan", "a.txt:inf", "x:1,x:2"]
+    "spec",
+    [
+        "",
+        ",",
+        "a.txt,",
+        "a.txt:0",
+        "a.txt:-1",
+        "a.txt:nan",
+        "a.txt:inf",
+        "x:1,x:2",
+        "generated:abc",
+        ":0.3",
+        "no-such-source",
+        "wikitext2:valid:0.5:0.5",
+        "ptb:dev",
+    ],
 )
 def test_bad_data_specs_are_refused_in_one_line(spec, capsys):
     with pytest.raises(LittleBitError) as err:
@@ -125,6 +148,24 @@ def test_mixture_has_the_asked_proportions(teacher, tmp_path):
     cache = TextCache(model, tok, GEN, tmp_path / "cache")
     assert sorted(map(tuple, gen_only.tolist())) == sorted(map(tuple, cache.load(640).view(20, 32).tolist()))
     assert cache.tokens_available() >= 640
+
+
+def test_a_failed_first_shard_leaves_no_folder_and_a_length_past_the_context_is_refused(
+    teacher, tmp_path, monkeypatch
+):
+    model, tok = teacher
+    cache = TextCache(model, tok, GEN, tmp_path / "out" / "cache")
+
+    def broken(index):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(cache, "sample_shard", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache.ensure(100)
+    assert not (tmp_path / "out").exists()
+    too_long = dataclasses.replace(GEN, length=model.config.max_position_embeddings + 1)
+    with pytest.raises(LittleBitError, match="exceeds the model's"):
+        TextCache(model, tok, too_long, tmp_path / "long")
 
 
 def test_a_missing_text_source_fails_before_any_text_is_generated(teacher, tmp_path, monkeypatch):

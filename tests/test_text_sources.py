@@ -122,6 +122,16 @@ def test_test_sets_are_checked_before_anything_loads(tmp_path):
             check_test_set(bad)
 
 
+def test_a_file_that_is_not_text_is_refused_by_name(tmp_path):
+    from littlebit.evaluation.data import test_set_text, training_text
+
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes([0xFE, 0xFF, 0x00, 0x81]) * 8)
+    for read in (training_text, test_set_text):
+        with pytest.raises(LittleBitError, match=f"{binary} is not UTF-8 text"):
+            read(str(binary))
+
+
 def test_eval_reports_perplexity_on_a_text_file_and_a_hub_dataset(hub, tiny_dir, tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("\n\n".join(f"line {i} of the user's own notes" for i in range(200)))

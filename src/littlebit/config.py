@@ -62,10 +62,15 @@ class LittleBitConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        self.overrides = [o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides]
+        if not isinstance(self.overrides, list) or not all(
+            isinstance(o, (dict, LayerOverride)) for o in self.overrides
+        ):
+            raise LittleBitError("overrides must be a list of {pattern, bpw, rank} objects")
+        self.overrides = [o if isinstance(o, LayerOverride) else _override(o) for o in self.overrides]
         self.validate()
 
     def validate(self) -> None:
+        _check_types(self)
         check_bpw(self.bpw)
         for o in self.overrides:
             if o.bpw is not None:
@@ -81,6 +86,16 @@ class LittleBitConfig:
             # Written to also refuse NaN, which compares false with everything.
             if not (value > 0 and math.isfinite(value)):
                 raise LittleBitError(f"{name} must be a finite number > 0, got {value}")
+        if not (self.smooth_alpha > 0 and math.isfinite(self.smooth_alpha)):
+            raise LittleBitError(f"smooth_alpha must be a finite number > 0, got {self.smooth_alpha}")
+        if self.rank_multiple < 1 or self.min_rank < 1:
+            raise LittleBitError(
+                f"rank_multiple and min_rank must be >= 1, got {self.rank_multiple}, {self.min_rank}"
+            )
+        if not 0 <= self.seed < 2**63:
+            raise LittleBitError(f"seed must be in [0, 2^63), got {self.seed}")
+        if self.version < 1:
+            raise LittleBitError(f"config version must be >= 1, got {self.version}")
         if self.version > CONFIG_VERSION:
             raise LittleBitError(
                 f"config version {self.version} is newer than this littlebit understands ({CONFIG_VERSION})"
@@ -114,6 +129,54 @@ class LittleBitConfig:
     @classmethod
     def from_json(cls, text: str) -> LittleBitConfig:
         return cls.from_dict(json.loads(text))
+
+
+_FIELD_KINDS = {
+    "bpw": float,
+    "residual": bool,
+    "kv_rank_multiplier": float,
+    "attention_bpw_factor": float,
+    "skip": list,
+    "sign_function": str,
+    "smooth_alpha": float,
+    "init": str,
+    "seed": int,
+    "rank_multiple": int,
+    "min_rank": int,
+    "version": int,
+}
+
+
+def _is_kind(value: object, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_types(config: LittleBitConfig) -> None:
+    """A config read from a file may hold any JSON: refuse wrong types before they are used."""
+    for name, kind in _FIELD_KINDS.items():
+        value = getattr(config, name)
+        if not _is_kind(value, kind):
+            raise LittleBitError(f"{name} must be {kind.__name__}, got {value!r}")
+    if not all(isinstance(p, str) for p in config.skip):
+        raise LittleBitError(f"skip must be a list of module name patterns, got {config.skip!r}")
+
+
+def _override(data: dict[str, Any]) -> LayerOverride:
+    try:
+        o = LayerOverride(**data)
+    except TypeError:
+        raise LittleBitError(f"override {data!r}: expected the keys pattern, bpw, rank") from None
+    if not isinstance(o.pattern, str):
+        raise LittleBitError(f"override pattern must be a string, got {o.pattern!r}")
+    if o.bpw is not None and not _is_kind(o.bpw, float):
+        raise LittleBitError(f"override {o.pattern!r}: bpw must be a number, got {o.bpw!r}")
+    if o.rank is not None and not _is_kind(o.rank, int):
+        raise LittleBitError(f"override {o.pattern!r}: rank must be an integer, got {o.rank!r}")
+    return o
 
 
 def check_bpw(bpw: float) -> None:

@@ -30,7 +30,7 @@ def bpw_type(text: str) -> float:
     return value
 
 
-def int_at_least(minimum: int):
+def int_at_least(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -38,15 +38,34 @@ def int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from e
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
 
 
+# CPU threads: far beyond any machine's cores, and within what torch.set_num_threads takes
+threads_type = int_at_least(1, 4096)
+
+
 def device_name(name: str | None) -> str:
+    """``--device``, checked before anything loads (default: cuda when available)."""
     import torch
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LittleBitError(f"unknown device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LittleBitError(f"device {name!r} asked for, but no CUDA GPU is available")
+    try:
+        torch.empty(0, device=device)  # an index past the GPUs there, or a backend this torch lacks
+    except (RuntimeError, AssertionError) as e:
+        raise LittleBitError(f"device {name!r} cannot be used here: {first_line(e)}") from None
+    return name
 
 
 def torch_dtype(name: str):

@@ -56,8 +56,14 @@ def run(args: argparse.Namespace) -> int:
     task_names = _split(args.tasks)
     if args.tasks is not None and not task_names:
         raise LittleBitError("--tasks names no task")
+    if args.ppl is not None and not _split(args.ppl):
+        raise LittleBitError("--ppl names no test set")
     ppl = args.ppl if args.ppl is not None else (None if task_names else "wikitext2")
     names = _split(ppl)
+    if args.bpw is not None and not args.baseline:
+        raise LittleBitError("--bpw sets the budget of --baseline svd: add --baseline svd or drop --bpw")
+    if args.baseline and is_littlebit_dir(args.model):
+        raise LittleBitError(f"{args.model} is compressed already: --baseline needs the original model")
     for n in names:
         check_test_set(n)
     if task_names:

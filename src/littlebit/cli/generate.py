@@ -26,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
 
     from littlebit.hf.checkpoint import load_compressed
 
+    if not args.prompt.strip():
+        raise LittleBitError("the prompt is empty: give --prompt some text to continue")
     device = device_name(args.device)
     model = load_compressed(args.dir, device=device, allow_unverified=args.allow_unverified)
     try:
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise LittleBitError(f"{args.dir} has no usable tokenizer: {first_line(e)}") from e
     inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    if inputs.input_ids.shape[1] == 0:
+        raise LittleBitError("the prompt makes no tokens: give --prompt some text to continue")
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
     cache = None
     if args.latent_kv:

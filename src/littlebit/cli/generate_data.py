@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from littlebit.cli.common import DEFAULT_MODEL_HELP
+from littlebit.cli.common import DEFAULT_MODEL_HELP, device_name, threads_type
 from littlebit.config import LittleBitError
 from littlebit.training.config import START_KINDS, TextGenConfig
 
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the same as train's --seed to share its cache")
     parser.add_argument("--device", help="where to sample (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=threads_type, default=None, help="CPU threads (default: torch's)")
 
 
 def gen_config(args: argparse.Namespace) -> TextGenConfig:
@@ -70,10 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = gen_config(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise LittleBitError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_name(args.device)
     model = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     cache = TextCache(model, tokenizer, config, args.out)

@@ -75,17 +75,23 @@ def _resolves(host: str, timeout: float) -> bool:
 
 
 def _offline_if_hub_unreachable(args: argparse.Namespace) -> None:
-    """A model id that is not a local path, with no route to the hub: go offline at once, so it is
-    looked up in the local cache and fails in one line, instead of after half a minute of retries."""
+    """A model id that is not a local path, or data from the hub (``hf:``), with no route to the hub:
+    go offline at once, so it is looked up in the local cache and fails in one line, instead of after
+    half a minute of retries."""
     import os
     from urllib.parse import urlparse
 
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return
     model = getattr(args, "model", None)
-    if not model or os.path.exists(model) or os.environ.get("HF_HUB_OFFLINE"):
+    hub_model = bool(model) and not os.path.exists(model)
+    hub_data = any("hf:" in str(getattr(args, name, None) or "") for name in ("data", "ppl"))
+    if not (hub_model or hub_data):
         return
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     if not _resolves(host, timeout=3.0):
         os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
 def _stdout_to_devnull() -> None:

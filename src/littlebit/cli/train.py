@@ -10,7 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from littlebit.cli.common import add_compression_arguments, compression_config
+from littlebit.cli.common import (
+    add_compression_arguments,
+    compression_config,
+    device_name,
+    threads_type,
+)
 from littlebit.config import SIGN_FUNCTIONS, LittleBitConfig, LittleBitError
 from littlebit.evaluation.data import check_test_set
 from littlebit.training.config import (
@@ -108,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=int, default=None, help=f"global distillation steps (default: {defaults.steps})"
     )
-    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per training sequence (at least 8)")
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -193,7 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=threads_type,
         default=None,
         help="CPU threads (default: torch's); on a CPU shared with other work, 1 keeps a second "
         "thread from waiting at every operation's barrier for a core",
@@ -206,6 +211,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
     Without ``--steps`` (or the block-stage and calibration sizes) the recipe splits ``--tokens``
     (default ``DEFAULT_TOKENS``) among the stages.
     """
+    if args.seqlen < 8:  # the teacher's text takes the same length, and needs room after its start
+        raise LittleBitError(f"--seqlen must be at least 8, got {args.seqlen}")
     # 0 means "off" or "all" for these on the command line and None in the configs: refuse the
     # negative values here, before they could be read as something else.
     for flag in ("eval_windows", "latent_rms", "max_grad_norm"):
@@ -381,8 +388,6 @@ def run(args: argparse.Namespace) -> int:
     from littlebit.training.distributed import Distributed, check_config, launch_env
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise LittleBitError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     launched = launch_env()
     lb, cfg = config_from_args(args)
@@ -426,7 +431,7 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
     from littlebit.training.recipe import describe, stages
     from littlebit.training.trainer import train
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_name(args.device)
     if sharded is not None:
         device = str(sharded.device)
     if sharded is not None and sharded.source is not None:

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from littlebit.config import LittleBitConfig, LittleBitError
-from littlebit.core.budget import LayerBudget, ModelBudget, rank_for_bpw
+from littlebit.core.budget import LayerBudget, ModelBudget, max_useful_rank, rank_for_bpw
 from littlebit.core.layer import LittleBitLinear
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,10 @@ def _with_rank(t: Target, config: LittleBitConfig) -> Target:
     else:
         t.rank = rank_for_bpw(*args, t.target_bpw, config.residual, **kw)
         if is_kv(t.name) and config.kv_rank_multiplier != 1.0:
-            scaled = int(t.rank * config.kv_rank_multiplier) // config.rank_multiple * config.rank_multiple
-            t.rank = max(config.min_rank, scaled)
+            # capped like any rank (a huge multiplier would not even fit an int)
+            useful = max_useful_rank(t.d_in, t.d_out, config.rank_multiple)
+            scaled = int(min(t.rank * config.kv_rank_multiplier, useful))
+            t.rank = max(config.min_rank, scaled // config.rank_multiple * config.rank_multiple)
     return t
 
 

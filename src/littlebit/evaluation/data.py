@@ -116,6 +116,26 @@ def training_text(
     return text
 
 
+SPLITS = ("train", "valid", "test")
+
+
+def check_training_source(source: str) -> None:
+    """Refuse, before anything loads, a training text source that ``training_text`` cannot read."""
+    name, _, split = source.partition(":")
+    if name in DATASETS:
+        if split and split not in SPLITS:
+            raise LittleBitError(f"unknown split {split!r} of {name}: choose from {', '.join(SPLITS)}")
+        return
+    if is_hub_source(source):
+        parse_hub_source(source)
+        return
+    if not (Path(source).is_file() or Path(source).is_dir()):
+        raise LittleBitError(
+            f"training data not found: {source} (expected generated, "
+            f"{', '.join(d + '[:SPLIT]' for d in DATASETS)}, a text file or folder, or {HUB_HELP})"
+        )
+
+
 def check_test_set(source: str) -> None:
     """Refuse, before anything loads, a perplexity test set that ``test_set_text`` cannot read."""
     if source in DATASETS or (source.strip() and (Path(source).is_file() or Path(source).is_dir())):
@@ -150,7 +170,16 @@ def _local_text(path: Path) -> str | None:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".raw", ".md"))
         if not files:
             raise LittleBitError(f"no .txt/.raw/.md files in {path}")
-        return "\n\n".join(p.read_text(encoding="utf-8") for p in files)
+        return "\n\n".join(_read_text(p) for p in files)
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        return _read_text(path)
     return None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LittleBitError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise LittleBitError(f"cannot read {path}: {e.strerror or e}") from None

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from littlebit.config import LittleBitError
+from littlebit.config import LittleBitError, first_line
 from littlebit.core.budget import SCALE_BITS, LayerBudget, ModelBudget, packed_bytes
 from littlebit.hf.format import scale_dtype_from_name
 
@@ -38,8 +38,10 @@ def read_quant_config(path: Path, allow_unverified: bool = False) -> dict:
         q = verify_config_file(path)["quantization_config"]
     try:
         LittleBitQuantConfig(**q).specs()
-    except TypeError as e:
-        raise LittleBitError(f"malformed quantization_config in {path}: {e}") from e
+        if not isinstance(q.get("layers"), dict):
+            raise TypeError("layers must be an object")
+    except (TypeError, AttributeError, KeyError, ValueError) as e:
+        raise LittleBitError(f"malformed quantization_config in {path}: {first_line(e)}") from e
     return q
 
 
@@ -57,6 +59,9 @@ def safetensors_header(file: Path) -> dict:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LittleBitError(f"{file} has a corrupted header") from e
     header.pop("__metadata__", None)
+    for entry in header.values():
+        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and "dtype" in entry):
+            raise LittleBitError(f"{file} has a corrupted header")
     return header
 
 

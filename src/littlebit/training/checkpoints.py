@@ -183,8 +183,9 @@ def load_checkpoint(directory: str | Path, path: str | Path | None = None) -> Ch
                 )
             return None
         path = found[-1]
-    path = Path(path).with_suffix(".json")
-    _order(path)
+    given, path = Path(path), Path(path).with_suffix(".json")
+    if _NAME.fullmatch(path.name) is None:
+        raise LittleBitError(f"{given} is not a training checkpoint (state-<phase>-<n>.json or .safetensors)")
     if path.resolve().parent != directory.resolve():
         raise LittleBitError(f"checkpoint {path} is not in the work dir {directory}")
     if not path.is_file():

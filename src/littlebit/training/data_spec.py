@@ -11,8 +11,7 @@ import math
 from dataclasses import dataclass
 
 from littlebit.config import LittleBitError
-from littlebit.evaluation.data import default_data_dirs
-from littlebit.evaluation.hub import is_hub_source, parse_hub_source
+from littlebit.evaluation.data import check_training_source, default_data_dirs
 
 GENERATED = "generated"
 # With a local WikiText-2 validation split: the split alone for budgets it holds without repeating, and
@@ -50,16 +49,21 @@ def parse_data_spec(spec: str) -> list[DataSource]:
             try:
                 weight = float(tail)
             except ValueError:
-                pass  # "wikitext2:valid": the colon belongs to the name
+                if head == GENERATED:
+                    raise LittleBitError(f"bad data spec {spec!r}: weight {tail!r} is not a number") from None
+                # "wikitext2:valid": the colon belongs to the name
             else:
                 name = head
         if not (weight > 0 and math.isfinite(weight)):
             raise LittleBitError(f"bad data spec {spec!r}: weight of {name!r} must be a finite number > 0")
         if name in (s for s, _ in sources):
             raise LittleBitError(f"bad data spec {spec!r}: {name!r} is named twice")
-        if is_hub_source(name):
-            parse_hub_source(name)  # its form checked now, its rows when the run reads them
+        if name != GENERATED:
+            check_training_source(name)  # a hub source's form now, its rows when the run reads them
         sources.append((name, weight))
+    if not math.isfinite(sum(w for _, w in sources)):  # weights near the float maximum: rescale first
+        top = max(w for _, w in sources)
+        sources = [(name, w / top) for name, w in sources]
     total = sum(w for _, w in sources)
     return [DataSource(name, w / total) for name, w in sources]
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -157,6 +158,11 @@ class TextCache:
         self.model, self.tokenizer = model, tokenizer
         self.record_steps = record_steps
         self.device = next(model.parameters()).device
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(context, int) and config.length > context:
+            raise LittleBitError(
+                f"generated length {config.length} exceeds the model's {context}-token context"
+            )
         self.config = resolved(config, self.device, model)
         self.prompts = start_prompts(tokenizer, self.config)
         self.eos = tokenizer.eos_token_id
@@ -212,17 +218,26 @@ class TextCache:
         ``progress(tokens_there, tokens, seconds_for_the_last_shard)`` is called after each new
         shard; ``limit`` stops after that many new shards (the rest is left for a later call).
         """
+        created = self.dir  # the outermost folder this call makes, removed if it ends with nothing
+        while not created.parent.exists():
+            created = created.parent
+        fresh = not created.exists()
         self._write_settings()
         done = self.available()
         have = self.tokens_available()
         made = 0
-        while have < tokens and (limit is None or made < limit):
-            t0 = time.perf_counter()
-            stream, lengths = self.sample_shard(done)
-            self._write_shard(done, stream, lengths)
-            done, made, have = done + 1, made + 1, have + stream.numel()
-            if progress is not None:
-                progress(have, tokens, time.perf_counter() - t0)
+        try:
+            while have < tokens and (limit is None or made < limit):
+                t0 = time.perf_counter()
+                stream, lengths = self.sample_shard(done)
+                self._write_shard(done, stream, lengths)
+                done, made, have = done + 1, made + 1, have + stream.numel()
+                if progress is not None:
+                    progress(have, tokens, time.perf_counter() - t0)
+        except BaseException:
+            if fresh and done == 0:  # a folder this call made and filled with nothing: leave no trace
+                shutil.rmtree(created, ignore_errors=True)
+            raise
         return done
 
     def load(self, tokens: int) -> torch.Tensor:
