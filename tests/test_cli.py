@@ -75,7 +75,7 @@ def test_eval_baselines(tiny_dir, data_dir, capsys):
         (["compress", "{tiny}", "--bpw", "16", "--out", "{out}"], "(0, 16)"),
         (["compress", "{tiny}", "--bpw", "-1", "--out", "{out}"], "(0, 16)"),
         (["compress", "{tiny}", "--bpw", "abc", "--out", "{out}"], "not a number"),
-        (["compress", "{missing}", "--bpw", "1", "--out", "{out}"], "cannot load model"),
+        (["compress", "{missing}", "--bpw", "1", "--out", "{out}"], "model not found"),
         (["compress", "{tiny}", "--bpw", "1", "--out", "{out}", "--skip", "*"], "no linear layers"),
         (["compress", "{tiny}", "--bpw", "1", "--out", "{busy}"], "not empty"),
         (["eval", "{tiny}", "--data-dir", "{empty}"], "data file not found"),

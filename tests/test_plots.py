@@ -101,6 +101,24 @@ def test_unreadable_and_mixed_files_are_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1
     code, _, err = run_cli(capsys, "plot", str(log), "--kind", "quality", "--out", str(tmp_path / "x.png"))
     assert code == 2 and err.count("\n") == 1 and not (tmp_path / "x.png").exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out, message in ((tmp_path, "is a directory"), (a_file / "x.png", f"{a_file} is a file")):
+        code, _, err = run_cli(capsys, "plot", str(log), "--out", str(out))
+        assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_records_with_values_of_the_wrong_kind_are_left_out(tmp_path, capsys):
+    log = tmp_path / "odd.jsonl"
+    rows = [
+        {"phase": "global", "tokens": 10, "loss": "abc", "run": [1, 2]},
+        {"phase": "global", "tokens": 20, "loss": 1.0, "tokens_per_s": [3]},
+        {"phase": "eval", "ppl": 5.0},
+        {"phase": "eval", "ppl": 4.0, "tokens": 20},
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run_cli(capsys, "plot", str(log), "--out", str(tmp_path / "odd.png"))
+    assert code == 0 and (tmp_path / "odd.png").is_file() and not err
 
 
 def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch, caplog):

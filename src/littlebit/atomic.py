@@ -64,12 +64,21 @@ def remove_stale_temporaries(parent: Path, name: str) -> None:
 
 def check_output_dir(out: Path) -> None:
     """Fail early, before any slow work, if ``out`` cannot become a new output directory."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_writable_dir(out)
+    if out.exists() and any(out.iterdir()):
         raise LittleBitError(f"output directory {out} exists and is not empty")
-    existing = out.parent if str(out.parent) else Path(".")
+
+
+def check_writable_dir(out: Path) -> None:
+    """Fail early if ``out`` is not a directory that exists or can be made, and written into."""
+    if out.exists() and not out.is_dir():
+        raise LittleBitError(f"output directory {out} is a file")
+    existing = out if out.exists() else (out.parent if str(out.parent) else Path("."))
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir():
+        raise LittleBitError(f"cannot create {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise LittleBitError(f"cannot write to {existing}: permission denied")
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from littlebit.atomic import check_writable_dir
 from littlebit.cli.common import DEFAULT_MODEL_HELP, device_name, threads_type
 from littlebit.config import LittleBitError
 from littlebit.training.config import START_KINDS, TextGenConfig
@@ -69,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from littlebit.training.teacher_text import TextCache
 
     config = gen_config(args)
+    if args.out is not None:
+        check_writable_dir(Path(args.out))  # before the model loads
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = device_name(args.device)

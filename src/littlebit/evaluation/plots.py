@@ -38,8 +38,18 @@ def _figure(*args, **kwargs):
 def _save(fig, out: str | Path) -> Path:
     """Write ``fig`` as a PNG to a temporary sibling of ``out``, then rename it into place."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".png", dir=out.parent)
+    if not out.name or out.is_dir():
+        raise LittleBitError(f"--out {str(out)!r} is a directory: name the PNG to write")
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LittleBitError(f"cannot write {out}: {existing} is a file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".png", dir=out.parent)
+    except OSError as e:
+        raise LittleBitError(f"cannot write {out}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=120)
@@ -160,10 +170,10 @@ def _load(path: str | Path, kind: str) -> Any:
 def _runs(path: Path, records: list[dict], name: str | None) -> list[tuple[str, list[dict]]]:
     """One ``(name, records)`` per run: benchmark logs tag each record with its ``run``."""
     base = name or (path.parent.name if path.name == "train_log.jsonl" and path.parent.name else path.stem)
-    tags = list(dict.fromkeys(r["run"] for r in records if "run" in r))
+    tags = list(dict.fromkeys(str(r["run"]) for r in records if "run" in r))
     if len(tags) <= 1:
-        return [(base if not tags or name else str(tags[0]), records)]
-    return [(str(tag), [r for r in records if r.get("run") == tag]) for tag in tags]
+        return [(base if not tags or name else tags[0], records)]
+    return [(tag, [r for r in records if "run" in r and str(r["run"]) == tag]) for tag in tags]
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -194,13 +204,15 @@ def plot_training(logs: Sequence[str | Path], out: str | Path, names: Sequence[s
         color = None
         if steps:
             tokens = [r["tokens"] for r in steps]
-            loss = [float(r.get("loss", math.nan)) for r in steps]
+            loss = [float(r["loss"]) if _number(r.get("loss")) else math.nan for r in steps]
             (line,) = ax_loss.plot(tokens, loss, lw=0.6, alpha=0.3)
             color = line.get_color()
             ax_loss.plot(tokens, _smooth(loss, window), color=color, lw=1.5, label=label)
-            speed = [float(r.get("tokens_per_s", math.nan)) for r in steps]
+            speed = [float(r["tokens_per_s"]) if _number(r.get("tokens_per_s")) else math.nan for r in steps]
             ax_speed.plot(tokens, _smooth(speed, window), color=color, lw=1.5, label=label)
-        evals = [r for r in records if r["phase"] == "eval" and _number(r.get("ppl"))]
+        evals = [
+            r for r in records if r["phase"] == "eval" and _number(r.get("ppl")) and _number(r.get("tokens"))
+        ]
         if evals:
             (line,) = ax_ppl.plot(
                 [r["tokens"] for r in evals], [r["ppl"] for r in evals], "o-", color=color, ms=3, label=label
@@ -283,7 +295,8 @@ def plot_quality(results: Sequence[str | Path], out: str | Path) -> Path:
         + (f" (trained on {budgets.pop() / 1e6:.1f}M tokens)" if len(budgets) == 1 else ""),
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # points annotated by name alone need no legend
+        ax.legend(fontsize=8)
     return _save(fig, out)
 
 

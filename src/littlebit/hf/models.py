@@ -46,6 +46,11 @@ def resolve(model: str | None) -> tuple[str, dict]:
         if not path.is_file():
             raise LittleBitError(f"model file not found: {model}")
         return str(path.parent), {"gguf_file": path.name}
+    # A hub id is "name" or "org/name"; anything written as a path must exist here.
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+        raise LittleBitError(f"model not found: {model}")
+    if Path(model).is_file():
+        raise LittleBitError(f"{model} is a file: give a model folder, a .gguf file or a hub id")
     return model, {}
 
 
