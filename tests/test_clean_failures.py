@@ -73,6 +73,13 @@ def test_checkpoint_without_digests_needs_an_explicit_override(saved):
     assert load_compressed(saved, allow_unverified=True) is not None
 
 
+@pytest.mark.parametrize("digests", [["a", "b"], "abc", {"x": 1}])
+def test_tensor_digests_of_the_wrong_kind_are_an_altered_config(saved, digests):
+    _edit_config(saved, lambda cfg: cfg["quantization_config"].update(tensor_digests=digests))
+    with pytest.raises(LittleBitError, match="altered after saving"):
+        load_compressed(saved)
+
+
 def test_unverified_load_still_checks_the_tensors_against_the_layers(saved):
     def drop_layer(cfg):
         q = cfg["quantization_config"]

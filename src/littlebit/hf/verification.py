@@ -105,6 +105,9 @@ def verify_config_file(directory: Path) -> dict:
         )
     if config_digest(raw) != expected:
         raise LittleBitError(f"{path} was altered after saving (config digest mismatch)")
+    digests = q["tensor_digests"]
+    if not (isinstance(digests, dict) and all(isinstance(d, str) for d in digests.values())):
+        raise LittleBitError(f"{path} was altered after saving (its tensor digests are not a table of names)")
     return raw
 
 
