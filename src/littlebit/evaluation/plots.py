@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from littlebit.atomic import check_writable_dir
 from littlebit.config import LittleBitError
 
 TRAINING = "training"
@@ -40,11 +41,7 @@ def _save(fig, out: str | Path) -> Path:
     out = Path(out)
     if not out.name or out.is_dir():
         raise LittleBitError(f"--out {str(out)!r} is a directory: name the PNG to write")
-    existing = out.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise LittleBitError(f"cannot write {out}: {existing} is a file")
+    check_writable_dir(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".png", dir=out.parent)
