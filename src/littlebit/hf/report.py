@@ -36,10 +36,10 @@ def read_quant_config(path: Path, allow_unverified: bool = False) -> dict:
         raise LittleBitError(f"{path} is not a LittleBit checkpoint (no littlebit quantization_config)")
     with unverified_loading(allow_unverified):
         q = verify_config_file(path)["quantization_config"]
+    if not isinstance(q.get("layers"), dict):
+        raise LittleBitError(f"malformed quantization_config in {path}: layers must be an object")
     try:
         LittleBitQuantConfig(**q).specs()
-        if not isinstance(q.get("layers"), dict):
-            raise TypeError("layers must be an object")
     except (TypeError, AttributeError, KeyError, ValueError) as e:
         raise LittleBitError(f"malformed quantization_config in {path}: {first_line(e)}") from e
     return q

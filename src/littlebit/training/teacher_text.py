@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from littlebit.atomic import remove_stale_temporaries
+from littlebit.atomic import make_parents, remove_stale_temporaries
 from littlebit.config import LittleBitError
 from littlebit.training.batch_decoding import sample_batch
 from littlebit.training.config import TextGenConfig
@@ -218,10 +218,7 @@ class TextCache:
         ``progress(tokens_there, tokens, seconds_for_the_last_shard)`` is called after each new
         shard; ``limit`` stops after that many new shards (the rest is left for a later call).
         """
-        created = self.dir  # the outermost folder this call makes, removed if it ends with nothing
-        while not created.parent.exists():
-            created = created.parent
-        fresh = not created.exists()
+        new_dirs = make_parents(self.dir)  # deepest first; the outermost goes if it ends with nothing
         self._write_settings()
         done = self.available()
         have = self.tokens_available()
@@ -235,8 +232,8 @@ class TextCache:
                 if progress is not None:
                     progress(have, tokens, time.perf_counter() - t0)
         except BaseException:
-            if fresh and done == 0:  # a folder this call made and filled with nothing: leave no trace
-                shutil.rmtree(created, ignore_errors=True)
+            if new_dirs and done == 0:  # folders this call made and filled with nothing: leave no trace
+                shutil.rmtree(new_dirs[-1], ignore_errors=True)
             raise
         return done
 
