@@ -83,3 +83,15 @@ def test_parser_does_not_import_lm_eval():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_unknown_task_fails_before_the_model_loads(compressed, monkeypatch, capsys):
+    import littlebit.hf.checkpoint
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the task names were checked")
+
+    monkeypatch.setattr(littlebit.hf.checkpoint, "load_compressed", no_load)
+    code, _, err = run_cli(capsys, "eval", str(compressed), "--tasks", "no_such_task_xyz")
+    assert code == 2
+    assert "no_such_task_xyz" in err and err.strip().count("\n") == 0

@@ -67,11 +67,11 @@ def run(args: argparse.Namespace) -> int:
     for n in names:
         check_test_set(n)
     if task_names:
-        from littlebit.evaluation.tasks import check_task_data, import_lm_eval
+        from littlebit.evaluation.tasks import import_lm_eval, load_tasks
 
-        # before the model loads: a missing extra or data folder fails at once
+        # before the model loads: a missing extra, an unknown task or missing data fails at once
         import_lm_eval()
-        check_task_data(task_names, args.data_dir)
+        tasks = load_tasks(task_names, args.data_dir)
     # before the model loads: a missing file or an unreachable dataset fails at once
     texts = read_test_sets(names, args.seqlen, args.max_windows, args.data_dir)
     device, dtype = device_name(args.device), torch_dtype(args.dtype)
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         from littlebit.evaluation.tasks import evaluate_tasks
 
         scores = evaluate_tasks(
-            model, tokenizer, task_names, args.limit, args.num_fewshot, args.batch_size, args.data_dir
+            model, tokenizer, task_names, args.limit, args.num_fewshot, args.batch_size, args.data_dir, tasks
         )
     perplexities = {name: r["perplexity"] for name, r in results.items()}
     if args.json:

@@ -41,14 +41,6 @@ def local_task_dir(name: str, data_dir: str | Path | None = None, required: bool
     return None
 
 
-def check_task_data(names: list[str], data_dir: str | Path | None) -> None:
-    """Fail before a model loads when a given data directory lacks a shipped task's files."""
-    if data_dir is not None:
-        for name in names:
-            if name in LOCAL_TASKS:
-                local_task_dir(name, data_dir)
-
-
 def import_lm_eval():
     try:
         import lm_eval
@@ -112,12 +104,16 @@ def evaluate_tasks(
     num_fewshot: int | None = None,
     batch_size: int = 1,
     data_dir: str | Path | None = None,
+    loaded: dict | None = None,
 ) -> dict[str, dict[str, float | None]]:
-    """Each task's metrics (``acc``, ``acc_stderr``, ``acc_norm``, ...) for an already loaded model."""
+    """Each task's metrics (``acc``, ``acc_stderr``, ``acc_norm``, ...) for an already loaded model.
+
+    ``loaded``: the tasks from ``load_tasks(names, data_dir)``, when the caller loaded them before the
+    model so that an unknown name or missing data failed first."""
     lm_eval = import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    tasks = load_tasks(names, data_dir)
+    tasks = loaded if loaded is not None else load_tasks(names, data_dir)
     by_object = {id(t): name for name, t in tasks.items()}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(
