@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -61,7 +62,15 @@ def test_from_pretrained_and_byte_stable_round_trip(saved, tmp_path):
     again = tmp_path / "again"
     model.save_pretrained(again)
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
-    assert json.loads((again / "config.json").read_text()) == json.loads((out / "config.json").read_text())
+    # transformers alone writes the config and the tensors with their digests; only save_compressed
+    # seals the files beside them (their digests, and the config digest over those)
+    resaved, first = (json.loads((d / "config.json").read_text()) for d in (again, out))
+    assert resaved["quantization_config"].pop("file_digests") is None
+    assert set(first["quantization_config"].pop("file_digests")) == {"generation_config.json"}
+    for cfg in (resaved, first):
+        cfg["quantization_config"].pop("config_digest")
+    assert resaved == first
+    load_compressed(again)
     generated = model.generate(x[:1, :4], max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, 9)
 
@@ -159,3 +168,63 @@ def test_requested_dtype_applies_to_uncompressed_weights(tmp_path):
     layer = loaded.model.layers[0].mlp.up_proj
     assert layer.h.dtype == torch.float16 and layer.u_signs.dtype == torch.int32
     assert load_compressed(tmp_path / "bf16").model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("tokenizer", "tokenizer.json was altered after saving"),
+        ("generation", "generation_config.json was altered after saving"),
+        ("delete", "tokenizer_config.json is missing"),
+        ("add", "special_tokens_map.json was added after saving"),
+        ("unseal", "config.json was altered after saving"),
+    ],
+)
+def test_tokenizer_and_generation_defaults_are_covered(compressed, tmp_path, change, message):
+    out = tmp_path / "copy"
+    shutil.copytree(compressed, out)
+    sealed = json.loads((out / "config.json").read_text())["quantization_config"]["file_digests"]
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(sealed)
+    if change == "tokenizer":
+        tok = out / "tokenizer.json"
+        tok.write_text(tok.read_text().replace('"<|im_start|>"', '"<|im_begin|>"', 1))
+    elif change == "generation":
+        _edit_json(out / "generation_config.json", temperature=0.1)
+    elif change == "delete":
+        (out / "tokenizer_config.json").unlink()
+    elif change == "add":
+        (out / "special_tokens_map.json").write_text('{"eos_token": "<|im_start|>"}')
+    else:
+        cfg = json.loads((out / "config.json").read_text())
+        del cfg["quantization_config"]["file_digests"]
+        (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LittleBitError, match=message):
+        load_compressed(out)
+    with pytest.raises(LittleBitError, match=message):
+        checkpoint_info(out)
+
+
+def test_files_that_do_not_change_the_output_may_be_added(compressed, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(compressed, out)
+    (out / "README.md").write_text("# my compressed model\n")
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    load_compressed(out)
+
+
+def test_transformers_loads_a_snapshot_without_its_tokenizer_yet(compressed, tmp_path):
+    # a hub snapshot holds the files fetched so far: the model before its tokenizer
+    out = tmp_path / "snapshot"
+    shutil.copytree(compressed, out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).unlink()
+    AutoModelForCausalLM.from_pretrained(out)
+    _edit_json(out / "generation_config.json", temperature=0.1)
+    with pytest.raises(LittleBitError, match="generation_config.json was altered"):
+        AutoModelForCausalLM.from_pretrained(out)

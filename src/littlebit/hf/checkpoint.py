@@ -11,7 +11,12 @@ from littlebit.atomic import atomic_directory
 from littlebit.config import LittleBitConfig, LittleBitError, first_line
 from littlebit.hf.format import PACKED_TENSOR_SUFFIX, cast_unquantized, quantization_config_dict
 from littlebit.hf.quantizer import LittleBitHfQuantizer, LittleBitQuantConfig, register_quantizer
-from littlebit.hf.verification import read_config_json, unverified_loading
+from littlebit.hf.verification import (
+    read_config_json,
+    seal_side_files,
+    unverified_loading,
+    verify_side_files,
+)
 from littlebit.runtime.packed import pack_model
 
 
@@ -45,6 +50,7 @@ def save_compressed(
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        seal_side_files(tmp)
     return Path(out_dir)
 
 
@@ -109,4 +115,6 @@ def load_compressed(
         raise
     except Exception as e:
         raise LittleBitError(f"cannot load {path}: {first_line(e)}") from e
+    # loading checked the files there; a local checkpoint must also still have all it was saved with
+    verify_side_files(path, read_config_json(path)["quantization_config"])
     return model.eval()

@@ -40,6 +40,7 @@ class LittleBitQuantConfig(QuantizationConfigMixin):
         bit_order: str = "lsb-first",
         tensor_digests: dict[str, str] | None = None,
         config_digest: str | None = None,
+        file_digests: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = "littlebit"
@@ -51,6 +52,7 @@ class LittleBitQuantConfig(QuantizationConfigMixin):
         self.bit_order = bit_order
         self.tensor_digests = tensor_digests
         self.config_digest = config_digest
+        self.file_digests = file_digests
         if format_version != FORMAT_VERSION:
             raise LittleBitError(
                 f"unsupported LittleBit format version {format_version!r} (this build reads {FORMAT_VERSION})"
@@ -154,7 +156,8 @@ class LittleBitHfQuantizer(HfQuantizer):
         files = [str(f) for f in kwargs.get("checkpoint_files") or []]
         if not files:
             raise LittleBitError("a LittleBit model loads from its safetensors files only")
-        raw = verify_config_file(Path(files[0]).parent)
+        # a hub snapshot may fetch the tokenizer after the model: files not there yet are not refused
+        raw = verify_config_file(Path(files[0]).parent, require_side_files=False)
         expected, tied = _expected_tensors(model)
         verify_files(files, raw["quantization_config"], expected, tied)
         return model
@@ -174,8 +177,11 @@ class LittleBitHfQuantizer(HfQuantizer):
         return None
 
     def get_state_dict_and_metadata(self, model):
-        """Record digests of every tensor and of config.json as they will be written."""
+        """Record digests of every tensor and of config.json as they will be written. The files beside
+        them are written by other calls (the tokenizer's own), so only ``save_compressed`` seals them:
+        digests loaded with the model would describe the old files."""
         q = self.quantization_config
+        q.file_digests = None
         q.tensor_digests = state_digests(model.state_dict())
         q.config_digest = config_digest(config_as_saved(model))
         return None, {}

@@ -38,7 +38,7 @@ from littlebit.hf.checkpoint import prepare_for_save
 from littlebit.hf.format import FORMAT_VERSION, cast_unquantized
 from littlebit.hf.quantizer import config_as_saved
 from littlebit.hf.shards import SINGLE_NAME, SafetensorsCheckpoint
-from littlebit.hf.verification import config_digest, tensor_digest
+from littlebit.hf.verification import config_digest, seal_side_files, tensor_digest
 from littlebit.runtime.packed import LayerSpec, install_packed_skeleton, pack_model
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,7 @@ def compress_streamed(
         (work / MANIFEST_NAME).unlink()
         if hooks is not None:
             hooks.finish(work)
+        seal_side_files(work)
         check_output_dir(out)
         share_permissions(work)
         if out.is_dir():

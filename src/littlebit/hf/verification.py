@@ -7,7 +7,11 @@ A LittleBit checkpoint records, inside ``quantization_config``:
   output included (architecture fields and ``quantization_config``), version stamps excluded so a
   ``save_pretrained`` round trip with another transformers release stays valid.
 
-Loading checks both, and that the tensors in the files are exactly those the model expects (none
+* ``file_digests``: a digest of every other file written with the checkpoint (tokenizer, generation
+  defaults), recorded by ``seal_side_files`` once they are written and covered by ``config_digest``;
+  a checkpoint re-saved by transformers alone has none.
+
+Loading checks them all, and that the tensors in the files are exactly those the model expects (none
 missing, none unknown). A checkpoint without digests is refused unless the caller explicitly allows
 it (``allow_unverified``, or ``LITTLEBIT_ALLOW_UNVERIFIED=1`` for code that calls transformers
 directly).
@@ -20,6 +24,7 @@ import contextvars
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,8 +34,16 @@ from littlebit.config import LittleBitError, first_line
 
 # Fields of config.json left out of its digest: stamps of the writing library, not of the model.
 UNHASHED_CONFIG_KEYS = ("transformers_version",)
-# The digests themselves live in quantization_config and are not part of what they cover.
+# The digests themselves live in quantization_config and are not part of what they cover; the file
+# digests are written after the config digest is first computed, and it is computed again over them.
 DIGEST_KEYS = ("tensor_digests", "config_digest")
+# Files a loader reads beside the tensors that change what the model does with text: the tokenizer
+# (every format transformers reads), its chat template and the generation defaults. One of these added
+# after saving is refused, not read unchecked; other files (a model card, .gitattributes) may be added.
+_SHAPES_OUTPUT = re.compile(
+    r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|generation_config\.json|chat_template\..*"
+    r"|vocab\..*|merges\.txt|.*\.model|.*\.tiktoken)"
+)
 ALLOW_UNVERIFIED_ENV = "LITTLEBIT_ALLOW_UNVERIFIED"
 
 _allow_unverified: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_unverified", default=False)
@@ -74,6 +87,58 @@ def config_digest(config_json: dict) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _side_files(directory: Path) -> list[Path]:
+    """Every file of a checkpoint but ``config.json`` and the tensors, which their own digests cover."""
+    files = (p for p in directory.iterdir() if p.is_file())
+    return sorted(p for p in files if p.name != "config.json" and p.suffix != ".safetensors")
+
+
+def seal_side_files(directory: Path) -> None:
+    """Record the digest of every file beside the config and the tensors in ``config.json``, and the
+    config digest again over them, so that loading checks the tokenizer and generation defaults too.
+    Call it once everything is written, inside the not yet published (temporary) directory."""
+    raw = read_config_json(directory)
+    q = raw["quantization_config"]
+    q["file_digests"] = {p.name: file_digest(p) for p in _side_files(directory)}
+    q["config_digest"] = config_digest(raw)
+    (directory / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def verify_side_files(directory: Path, qconfig: dict, require_all: bool = True) -> None:
+    """Refuse files beside the tensors that changed since saving, or that shape the output and were added.
+
+    ``require_all=False`` lets listed files be absent, as in a hub snapshot whose tokenizer is fetched
+    after the model; those present are still checked.
+    """
+    digests = qconfig.get("file_digests")
+    if digests is None:  # re-saved by transformers alone: the tensors and config are still checked
+        return
+    path = directory / "config.json"
+    if not (isinstance(digests, dict) and all(isinstance(d, str) for d in digests.values())):
+        raise LittleBitError(f"{path} was altered after saving (its file digests are not a table of names)")
+    for name, expected in sorted(digests.items()):
+        file = directory / name
+        if Path(name).name != name:
+            raise LittleBitError(f"{path} was altered after saving (a file digest names {name!r})")
+        if not file.is_file():
+            if require_all:
+                raise LittleBitError(f"{file} is missing: it was saved with the checkpoint")
+            continue
+        if file_digest(file) != expected:
+            raise LittleBitError(f"{file} was altered after saving (checksum mismatch)")
+    added = [p for p in _side_files(directory) if p.name not in digests and _SHAPES_OUTPUT.fullmatch(p.name)]
+    if added:
+        raise LittleBitError(f"{added[0]} was added after saving: remove it, or save the checkpoint again")
+
+
 def read_config_json(path: Path) -> dict:
     """``config.json`` of the model directory ``path``, parsed; anything else is a one-line error."""
     cfg_file = path / "config.json"
@@ -88,8 +153,9 @@ def read_config_json(path: Path) -> dict:
     return cfg
 
 
-def verify_config_file(directory: Path) -> dict:
-    """The checkpoint's ``config.json``, checked against its own digest; returns the parsed mapping."""
+def verify_config_file(directory: Path, require_side_files: bool = True) -> dict:
+    """The checkpoint's ``config.json``, checked against its own digest, and the files beside it against
+    theirs (``verify_side_files``); returns the parsed mapping."""
     path = directory / "config.json"
     raw = read_config_json(directory)
     q = raw.get("quantization_config")
@@ -108,6 +174,7 @@ def verify_config_file(directory: Path) -> dict:
     digests = q["tensor_digests"]
     if not (isinstance(digests, dict) and all(isinstance(d, str) for d in digests.values())):
         raise LittleBitError(f"{path} was altered after saving (its tensor digests are not a table of names)")
+    verify_side_files(directory, q, require_side_files)
     return raw
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from littlebit.config import LittleBitError
+from littlebit.hf.verification import file_digest
 from littlebit.training.checkpoints import phase_order
 
 FORMAT_VERSION = 1
@@ -69,14 +70,6 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _meta_digest(meta: dict) -> str:
     body = {k: v for k, v in meta.items() if k != "meta_digest"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
@@ -99,7 +92,7 @@ def finish_sharded(directory: str | Path, tag: str, meta: dict, keep: int = 2) -
     for p in files:
         with open(p, "rb+") as f:
             os.fsync(f.fileno())
-    record = {**meta, "version": FORMAT_VERSION, "file_digests": {p.name: _file_digest(p) for p in files}}
+    record = {**meta, "version": FORMAT_VERSION, "file_digests": {p.name: file_digest(p) for p in files}}
     record["meta_digest"] = _meta_digest(record)
     (tmp / META_NAME).write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
     with open(tmp / META_NAME, "rb+") as f:
@@ -129,7 +122,7 @@ def _read_meta(path: Path) -> dict:
     if present != set(digests):
         raise ValueError("its files are not the ones its JSON lists")
     for name, digest in digests.items():
-        if _file_digest(path / name) != digest:
+        if file_digest(path / name) != digest:
             raise ValueError(f"file {name} does not match its digest")
     return meta
 
