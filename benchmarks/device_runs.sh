@@ -101,16 +101,23 @@ speed() {
 
 generate() {
   # TOKENS of the teacher's text for one data order (SEED, default 0: what runs without -seed1 use).
-  # Shards brought back from an earlier machine (generated.tgz unpacked into .dev-generated, carried)
-  # are not sampled again.
+  # Shards brought back from an earlier machine (generated.tgz, or its parts joined with cat, unpacked
+  # into .dev-generated, carried) are not sampled again.
   local tokens=$1 seed=${2:-0}
   [ -d .dev-generated ] && mkdir -p "$GEN" && cp -r .dev-generated/. "$GEN/"
   # A time limit that fits one 10-minute command; a detached pipeline lifts it (GEN_LIMIT_S).
   timeout "${GEN_LIMIT_S:-540}" python -m littlebit.cli generate-data --seed "$seed" --out "$GEN" \
     --tokens "$tokens" > "$ROOT/generate-seed$seed.log" 2>&1 && touch "$ROOT/generated-seed$seed.done"
   tail -n 3 "$ROOT"/generate-*.log
-  # int32 tokens, a few MB: brought back whole (one file) and carried to later machines
-  [ -d "$GEN" ] && tar czf "$OUT/generated.tgz" -C "$GEN" .
+  # int32 tokens, brought back and carried to later machines: in parts of 15 MiB, under the 16 MiB a
+  # returned file may have, once the text passes about 4M tokens
+  if [ -d "$GEN" ]; then
+    rm -f "$OUT"/generated.tgz*
+    tar czf "$OUT/generated.tgz" -C "$GEN" .
+    if [ "$(stat -c %s "$OUT/generated.tgz")" -gt $((15 << 20)) ]; then
+      split -b 15M -d "$OUT/generated.tgz" "$OUT/generated.tgz.part-" && rm "$OUT/generated.tgz"
+    fi
+  fi
   pack
 }
 
@@ -189,7 +196,7 @@ pack() {
   # One archive: the machine returns a limited number of files per command.
   tar czf "$OUT/results.tgz" -C "$ROOT" --exclude='work-*' --exclude=out .
   # a detached pipeline's generated text, to carry to the next machine
-  [ "$OUT" != "$ROOT/out" ] && [ -f "$ROOT/out/generated.tgz" ] && cp "$ROOT/out/generated.tgz" "$OUT/"
+  [ "$OUT" != "$ROOT/out" ] && compgen -G "$ROOT/out/generated.tgz*" > /dev/null && cp "$ROOT"/out/generated.tgz* "$OUT/"
   return 0
 }
 
