@@ -280,7 +280,7 @@ def records_from_logs(folder: Path, like: dict, args: argparse.Namespace) -> lis
     return out
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bpw", type=float, nargs="+", default=[1.0, 0.55, 0.3])
     ap.add_argument("--init", nargs="+", default=["itq", "dual-svid"])
@@ -331,7 +331,11 @@ def main() -> int:
         metavar=("FOLDER", "LIKE_JSON"),
         help="append records rebuilt from the logs in FOLDER (machine fields from LIKE_JSON's first record)",
     )
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.records_from_logs:
         folder, like = (
             Path(args.records_from_logs[0]),
