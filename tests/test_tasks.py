@@ -95,3 +95,14 @@ def test_unknown_task_fails_before_the_model_loads(compressed, monkeypatch, caps
     code, _, err = run_cli(capsys, "eval", str(compressed), "--tasks", "no_such_task_xyz")
     assert code == 2
     assert "no_such_task_xyz" in err and err.strip().count("\n") == 0
+
+
+def test_a_missing_model_is_named_before_the_tasks_are_looked_up(tmp_path, monkeypatch, capsys):
+    import littlebit.evaluation.tasks
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("the tasks were looked up before the model path was checked")
+
+    monkeypatch.setattr(littlebit.evaluation.tasks, "load_tasks", no_lookup)
+    code, _, err = run_cli(capsys, "eval", str(tmp_path / "absent"), "--tasks", "piqa")
+    assert code == 2 and "model not found" in err

@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from littlebit.evaluation.perplexity import evaluate_perplexity, read_test_sets
     from littlebit.hf.checkpoint import load_compressed
-    from littlebit.hf.models import load_model, load_tokenizer
+    from littlebit.hf.models import load_model, load_tokenizer, resolve
 
     task_names = _split(args.tasks)
     if args.tasks is not None and not task_names:
@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise LittleBitError(f"{args.model} is compressed already: --baseline needs the original model")
     for n in names:
         check_test_set(n)
+    resolve(args.model)  # a model path that is not there fails before the slower checks below
     if task_names:
         from littlebit.evaluation.tasks import import_lm_eval, load_tasks
 
