@@ -1,5 +1,7 @@
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -186,7 +188,7 @@ def _edit_json(path, **changes):
         ("unseal", "config.json was altered after saving"),
     ],
 )
-def test_tokenizer_and_generation_defaults_are_covered(compressed, tmp_path, change, message):
+def test_tokenizer_and_generation_defaults_are_covered(compressed, tmp_path, caplog, change, message):
     out = tmp_path / "copy"
     shutil.copytree(compressed, out)
     sealed = json.loads((out / "config.json").read_text())["quantization_config"]["file_digests"]
@@ -208,6 +210,10 @@ def test_tokenizer_and_generation_defaults_are_covered(compressed, tmp_path, cha
         load_compressed(out)
     with pytest.raises(LittleBitError, match=message):
         checkpoint_info(out)
+    if change != "unseal":  # an edited chat template may be on purpose: loading it is asked for by name
+        with caplog.at_level(logging.WARNING, logger="littlebit.hf.verification"):
+            load_compressed(out, allow_unverified=True)
+        assert re.search(message, caplog.text)
 
 
 def test_files_that_do_not_change_the_output_may_be_added(compressed, tmp_path):

@@ -14,7 +14,10 @@ from typing import Any
 from littlebit.config import INIT_METHODS, LittleBitConfig, LittleBitError, check_bpw, first_line
 
 DEFAULT_MODEL_HELP = "Hugging Face id, local directory or .gguf file (default: SmolLM2-135M-Instruct)"
-UNVERIFIED_HELP = "load a checkpoint that carries no digests (damage would go unnoticed)"
+UNVERIFIED_HELP = (
+    "load a checkpoint that carries no digests (damage would go unnoticed), or whose tokenizer or "
+    "generation files were edited since saving (with a warning)"
+)
 DTYPES = ("float32", "bfloat16", "float16")
 
 

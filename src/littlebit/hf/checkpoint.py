@@ -98,8 +98,10 @@ def load_compressed(
 ):
     """Load a packed checkpoint through transformers (the skeleton is built on the meta device).
 
-    Every tensor and ``config.json`` are checked against the digests saved with them; a checkpoint
-    without digests loads only with ``allow_unverified=True``.
+    Every tensor, ``config.json`` and the files saved beside them (tokenizer, generation defaults) are
+    checked against the digests saved with them. ``allow_unverified=True`` loads a checkpoint without
+    digests, and one whose tokenizer or generation files were edited since (with a warning); damaged
+    tensors or config are refused regardless.
     """
     from transformers import AutoModelForCausalLM
 
@@ -111,10 +113,10 @@ def load_compressed(
     try:
         with unverified_loading(allow_unverified):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=str(device))
+            # loading checked the files there; a local checkpoint must still have all it was saved with
+            verify_side_files(path, read_config_json(path)["quantization_config"])
     except LittleBitError:
         raise
     except Exception as e:
         raise LittleBitError(f"cannot load {path}: {first_line(e)}") from e
-    # loading checked the files there; a local checkpoint must also still have all it was saved with
-    verify_side_files(path, read_config_json(path)["quantization_config"])
     return model.eval()

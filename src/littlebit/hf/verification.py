@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ _SHAPES_OUTPUT = re.compile(
 )
 ALLOW_UNVERIFIED_ENV = "LITTLEBIT_ALLOW_UNVERIFIED"
 
+log = logging.getLogger(__name__)
 _allow_unverified: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_unverified", default=False)
 
 
@@ -116,7 +118,8 @@ def verify_side_files(directory: Path, qconfig: dict, require_all: bool = True) 
     """Refuse files beside the tensors that changed since saving, or that shape the output and were added.
 
     ``require_all=False`` lets listed files be absent, as in a hub snapshot whose tokenizer is fetched
-    after the model; those present are still checked.
+    after the model; those present are still checked. Where unverified loading is allowed, a file that
+    differs is a warning instead: a user may edit a chat template on purpose.
     """
     digests = qconfig.get("file_digests")
     if digests is None:  # re-saved by transformers alone: the tensors and config are still checked
@@ -124,19 +127,24 @@ def verify_side_files(directory: Path, qconfig: dict, require_all: bool = True) 
     path = directory / "config.json"
     if not (isinstance(digests, dict) and all(isinstance(d, str) for d in digests.values())):
         raise LittleBitError(f"{path} was altered after saving (its file digests are not a table of names)")
+    problems = []
     for name, expected in sorted(digests.items()):
         file = directory / name
         if Path(name).name != name:
             raise LittleBitError(f"{path} was altered after saving (a file digest names {name!r})")
         if not file.is_file():
             if require_all:
-                raise LittleBitError(f"{file} is missing: it was saved with the checkpoint")
-            continue
-        if file_digest(file) != expected:
-            raise LittleBitError(f"{file} was altered after saving (checksum mismatch)")
+                problems.append(f"{file} is missing: it was saved with the checkpoint")
+        elif file_digest(file) != expected:
+            problems.append(f"{file} was altered after saving (checksum mismatch)")
     added = [p for p in _side_files(directory) if p.name not in digests and _SHAPES_OUTPUT.fullmatch(p.name)]
-    if added:
-        raise LittleBitError(f"{added[0]} was added after saving: remove it, or save the checkpoint again")
+    problems += [f"{p} was added after saving" for p in added]
+    if problems and unverified_allowed():
+        log.warning("loading anyway, as asked: %s", "; ".join(problems))
+    elif problems:
+        raise LittleBitError(
+            f"{problems[0]} (to load it anyway: --allow-unverified, or {ALLOW_UNVERIFIED_ENV}=1)"
+        )
 
 
 def read_config_json(path: Path) -> dict:
