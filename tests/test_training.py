@@ -415,20 +415,6 @@ def _tiny_global_run(tmp_path: Path, **overrides):
     return before, trainer, [r for r in records if r.get("phase") == "global"]
 
 
-def test_frozen_signs_train_only_scales(tmp_path):
-    before, after, _ = _tiny_global_run(tmp_path, freeze_signs_frac=1.0, act_power=0.0)
-    b, a = before, after.student.state_dict()
-    latents = [n for n in b if n.endswith((".u", ".v"))]
-    scales = [n for n in b if n.endswith((".h", ".l", ".g"))]
-    assert latents and scales
-    assert all(torch.equal(b[n], a[n]) for n in latents)
-    assert any(not torch.equal(b[n], a[n]) for n in scales)
-    with pytest.raises(LittleBitError, match="freeze-signs"):
-        from littlebit.training.config import TrainConfig
-
-        TrainConfig(freeze_signs_frac=1.5)
-
-
 def test_failed_graph_recording_falls_back_to_eager(monkeypatch, caplog):
     from littlebit.runtime import step_graph
 

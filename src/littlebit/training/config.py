@@ -137,9 +137,6 @@ class TrainConfig:
     # Global-norm gradient clipping in the global phase: with steps of 2 sequences the gradient is
     # noisy; at 1.0 BPW clipping at 1 took WikiText-2 from 65.8 to 64.8 (BENCHMARKS.md). None: off.
     max_grad_norm: float | None = 1.0
-    # The last fraction of the global phase trains the scales and norms only, the signs frozen
-    # (NanoQuant's final phase, LITTLEBIT.md section 7).
-    freeze_signs_frac: float = 0.0
     seed: int = 0
     # Unique training tokens drawn from sources that can give any amount (generated text); None: as
     # many as the run reads, so no generated sequence is seen twice.
@@ -160,8 +157,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Comparisons are written so that NaN, which compares false with everything, fails them.
-        if not 0.0 <= self.freeze_signs_frac <= 1.0:
-            raise LittleBitError(f"freeze-signs fraction must be in [0, 1], got {self.freeze_signs_frac}")
         if not 0.0 <= self.warmup_frac < 1.0:
             raise LittleBitError(f"warmup must be a fraction in [0, 1), got {self.warmup_frac}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

@@ -99,7 +99,7 @@ def lr_factor(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, factor: float, frozen: tuple[str, ...] = ()) -> None:
-    """Scale every group's base rate by ``factor``; groups of the ``frozen`` kinds get rate 0."""
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Scale every group's base rate by ``factor``."""
     for g in optimizer.param_groups:
-        g["lr"] = 0.0 if g.get("kind") in frozen else g["base_lr"] * factor
+        g["lr"] = g["base_lr"] * factor

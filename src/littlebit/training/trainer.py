@@ -42,7 +42,6 @@ from littlebit.training.data import training_sequences
 from littlebit.training.distill import distill_loss
 from littlebit.training.log import TrainLog
 from littlebit.training.optim import (
-    LATENT,
     lr_factor,
     make_optimizer,
     param_groups,
@@ -310,12 +309,10 @@ class Trainer:
         if self.dist is not None:
             batches = self.dist.shard_batches(batches)
         warmup = math.ceil(cfg.warmup_frac * cfg.steps)
-        freeze_from = cfg.steps - round(cfg.freeze_signs_frac * cfg.steps)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="distillation", disable=not self.progress)
         while self.step < cfg.steps:
             t0 = time.perf_counter()
-            frozen = (LATENT,) if self.step >= freeze_from else ()
-            set_lr(self.optimizer, lr_factor(self.step, cfg.steps, warmup), frozen)
+            set_lr(self.optimizer, lr_factor(self.step, cfg.steps, warmup))
             parts = self._train_step(batches, teacher, student_fwd)
             if self.dist is not None:
                 parts = self.dist.mean(parts)
