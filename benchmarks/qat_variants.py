@@ -50,7 +50,7 @@ VARIANTS: dict[str, dict] = {
     "speed-eager": {"blocks": {"sequences": 0}, "act_power": 0.0, "compile": False, "cuda_graphs": False},
     "speed-compiled": {"blocks": {"sequences": 0}, "act_power": 0.0, "compile": True, "cuda_graphs": False},
 }
-# The three changes above at once (their keys do not overlap).
+# Two changes above at once (their keys do not overlap).
 VARIANTS["b4-blocks-b2"] = {**VARIANTS["global-b4"], **VARIANTS["blocks-b2"]}
 VARIANTS["huge-b4"] = {**VARIANTS["huge-blocks"], **VARIANTS["global-b4"]}
 
