@@ -120,3 +120,16 @@ def test_damaged_checkpoint_from_the_command_line(compressed, tmp_path):
     )
     assert res.returncode == 2
     assert "Traceback" not in res.stderr and res.stderr.strip().startswith("littlebit: error:")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("eval", "{dir}", "--ppl", "wikitext2", "--seqlen", "4096"),
+        ("generate", "{dir}", "--prompt", "hello", "--max-new-tokens", "4096", "--device", "cpu"),
+    ],
+)
+def test_positions_past_the_context_are_refused(compressed, capsys, argv):
+    # the tiny model was trained (configured) for 2048 positions
+    code, _, err = run_cli(capsys, *(a.format(dir=compressed) for a in argv))
+    assert code == 2 and "past the model's 2,048-token context" in err and err.strip().count("\n") == 0

@@ -11,6 +11,7 @@ from littlebit.cli.common import (
     DTYPES,
     UNVERIFIED_HELP,
     bpw_type,
+    check_context,
     device_name,
     int_at_least,
     is_littlebit_dir,
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     for n in names:
         check_test_set(n)
     resolve(args.model)  # a model path that is not there fails before the slower checks below
+    if names:
+        check_context(args.model, args.seqlen, f"--seqlen {args.seqlen}")
     if task_names:
         from littlebit.evaluation.tasks import import_lm_eval, load_tasks
 
@@ -82,10 +85,12 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         model = load_model(args.model, dtype, device, args.trust_remote_code)
-        if args.baseline:
-            from littlebit.core.baselines import apply_baseline
+    if names:  # a GGUF file or a hub model: its context is known once loaded
+        check_context(model, args.seqlen, f"--seqlen {args.seqlen}")
+    if args.baseline:
+        from littlebit.core.baselines import apply_baseline
 
-            apply_baseline(model, args.baseline, args.bpw or 1.0)
+        apply_baseline(model, args.baseline, args.bpw or 1.0)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     results = {}
     if names:

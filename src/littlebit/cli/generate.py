@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from littlebit.cli.common import UNVERIFIED_HELP, device_name, int_at_least
+from littlebit.cli.common import UNVERIFIED_HELP, check_context, device_name, int_at_least
 from littlebit.config import LittleBitError, first_line
 
 
@@ -24,19 +24,24 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer, TextStreamer
 
-    from littlebit.hf.checkpoint import load_compressed
+    from littlebit.hf.checkpoint import load_compressed, require_littlebit
 
     if not args.prompt.strip():
         raise LittleBitError("the prompt is empty: give --prompt some text to continue")
     device = device_name(args.device)
-    model = load_compressed(args.dir, device=device, allow_unverified=args.allow_unverified)
-    try:
+    require_littlebit(args.dir)
+    try:  # read before the model loads, to count the prompt's tokens; the load then checks its files
         tokenizer = AutoTokenizer.from_pretrained(args.dir)
     except (OSError, ValueError) as e:
         raise LittleBitError(f"{args.dir} has no usable tokenizer: {first_line(e)}") from e
-    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
-    if inputs.input_ids.shape[1] == 0:
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    n_prompt = inputs.input_ids.shape[1]
+    if n_prompt == 0:
         raise LittleBitError("the prompt makes no tokens: give --prompt some text to continue")
+    what = f"a {n_prompt}-token prompt plus --max-new-tokens {args.max_new_tokens}"
+    check_context(args.dir, n_prompt + args.max_new_tokens, what)
+    model = load_compressed(args.dir, device=device, allow_unverified=args.allow_unverified)
+    inputs = inputs.to(device)
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
     cache = None
     if args.latent_kv:

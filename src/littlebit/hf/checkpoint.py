@@ -90,6 +90,13 @@ def checkpoint_kind(path: str | Path) -> str:
     return "littlebit"
 
 
+def require_littlebit(path: str | Path) -> Path:
+    """``path`` as a Path when it is a LittleBit directory; a one-line error otherwise."""
+    if checkpoint_kind(path) != "littlebit":
+        raise LittleBitError(f"{path} is not a LittleBit checkpoint (no littlebit quantization_config)")
+    return Path(path)
+
+
 def load_compressed(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -107,9 +114,7 @@ def load_compressed(
 
     register_quantizer()
 
-    path = Path(path)
-    if checkpoint_kind(path) != "littlebit":
-        raise LittleBitError(f"{path} is not a LittleBit checkpoint (no littlebit quantization_config)")
+    path = require_littlebit(path)
     try:
         with unverified_loading(allow_unverified):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=str(device))

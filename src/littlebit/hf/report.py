@@ -28,12 +28,11 @@ _DTYPE_BYTES = {
 
 def read_quant_config(path: Path, allow_unverified: bool = False) -> dict:
     """The checkpoint's ``quantization_config``, checked against its digest and for well-formed specs."""
-    from littlebit.hf.checkpoint import checkpoint_kind
+    from littlebit.hf.checkpoint import require_littlebit
     from littlebit.hf.quantizer import LittleBitQuantConfig
     from littlebit.hf.verification import unverified_loading, verify_config_file
 
-    if checkpoint_kind(path) != "littlebit":
-        raise LittleBitError(f"{path} is not a LittleBit checkpoint (no littlebit quantization_config)")
+    require_littlebit(path)
     with unverified_loading(allow_unverified):
         q = verify_config_file(path)["quantization_config"]
     if not isinstance(q.get("layers"), dict):
