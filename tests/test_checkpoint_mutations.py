@@ -1,10 +1,12 @@
 """Seeded single mutations of a saved checkpoint: each is refused with one line, or changes nothing.
 
 Every mutation touches one thing: a field of config.json (changed, deleted, added, retyped), the
-safetensors header (dtype, shape, offsets, names, metadata) or the data (a flipped bit, a truncation,
-appended bytes). Loading the mutated directory must either raise a one-line ``LittleBitError`` or
-give exactly the logits of the original, through littlebit's loader and through transformers'
-``from_pretrained`` alike.
+safetensors header (dtype, shape, offsets, names, metadata), the data (a flipped bit, a truncation,
+appended bytes) or a file beside them (the generation defaults edited, damaged or deleted, a tokenizer
+file added). Loading the mutated directory must either raise a one-line ``LittleBitError`` or give
+exactly the logits of the original, through littlebit's loader and through transformers'
+``from_pretrained`` alike; a mutated side file, which leaves the logits as they were, must be refused by
+littlebit's loader.
 """
 
 from __future__ import annotations
@@ -163,8 +165,32 @@ def _mutate_data(rng: random.Random, path: Path) -> str:
     return f"data {action}"
 
 
+def _mutate_side_file(rng: random.Random, directory: Path) -> str:
+    """A file beside the tensors: the generation defaults edited, damaged or deleted, or a tokenizer
+    file added. None changes the logits, so each must be refused outright."""
+    gen = directory / "generation_config.json"
+    action = rng.choice(["edit", "flip", "delete", "add"])
+    if action == "edit":
+        data = json.loads(gen.read_text())
+        key = rng.choice([*data, "temperature", "eos_token_id"])
+        data[key] = _other_value(rng, data.get(key, 1))
+        gen.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    elif action == "flip":
+        raw = bytearray(gen.read_bytes())
+        raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(7)
+        gen.write_bytes(bytes(raw))
+    elif action == "delete":
+        gen.unlink()
+    else:
+        name = rng.choice(["tokenizer.json", "special_tokens_map.json", "chat_template.jinja"])
+        (directory / name).write_text("{}")
+    return f"side {action}"
+
+
 def mutate(rng: random.Random, directory: Path) -> str:
-    kind = rng.choice(["config", "config", "header", "data"])
+    kind = rng.choice(["config", "config", "header", "data", "side"])
+    if kind == "side":
+        return _mutate_side_file(rng, directory)
     if kind == "config":
         cfg_path = directory / "config.json"
         cfg = json.loads(cfg_path.read_text())
@@ -218,6 +244,8 @@ def test_every_single_mutation_is_refused_or_harmless(original, tmp_path, capsys
                 silent.append(f"{what} (from_pretrained)")
         if result == "DIFFERENT":
             silent.append(what)
+        if what.startswith("side") and result != "refused":
+            silent.append(what)  # its logits cannot show it: the only right outcome is a refusal
         counts[result if result in counts else "refused by transformers"] += 1
         if i % 10 == 0:  # the CLI on the damaged directory: an exit code and one line, never a traceback
             capsys.readouterr()
