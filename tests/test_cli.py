@@ -133,3 +133,32 @@ def test_positions_past_the_context_are_refused(compressed, capsys, argv):
     # the tiny model was trained (configured) for 2048 positions
     code, _, err = run_cli(capsys, *(a.format(dir=compressed) for a in argv))
     assert code == 2 and "past the model's 2,048-token context" in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("train", "{dir}", "--bpw", "1", "--tokens", "40000", "--seqlen", "4096", "--out", "{out}"),
+        ("train", "{dir}", "--bpw", "1", "--tokens", "40000", "--eval-seqlen", "4096", "--out", "{out}"),
+        ("generate-data", "{dir}", "--tokens", "100", "--length", "4096", "--out", "{out}"),
+    ],
+)
+def test_lengths_past_the_teachers_context_are_refused_before_it_loads(tiny_dir, tmp_path, capsys, argv):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *(a.format(dir=tiny_dir, out=out) for a in argv))
+    assert code == 2 and err.strip() == err.strip().splitlines()[-1]  # one line, no loading bar
+    assert "past the model's 2,048-token context" in err and not out.exists()
+
+
+def test_context_of_a_loaded_model_is_checked_too():
+    from types import SimpleNamespace
+
+    from littlebit.cli.common import check_context
+    from littlebit.config import LittleBitError
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=16))
+    check_context(model, 16, "16 tokens")
+    with pytest.raises(LittleBitError, match="17 positions, past the model.s 16-token context"):
+        check_context(model, 17, "17 tokens")
+    check_context(SimpleNamespace(config=SimpleNamespace()), 10**6, "a model that states no context")
+    check_context(None, 10**6, "the default model, before it loads")

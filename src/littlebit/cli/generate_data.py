@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from littlebit.atomic import check_writable_dir
-from littlebit.cli.common import DEFAULT_MODEL_HELP, device_name, threads_type
+from littlebit.cli.common import DEFAULT_MODEL_HELP, check_context, device_name, threads_type
 from littlebit.config import LittleBitError
 from littlebit.training.config import START_KINDS, TextGenConfig
 
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     config = gen_config(args)
     if args.out is not None:
         check_writable_dir(Path(args.out))  # before the model loads
+    check_context(args.model, config.length, f"--length {config.length}")  # a local folder's config.json
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = device_name(args.device)

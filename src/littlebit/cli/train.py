@@ -12,6 +12,7 @@ from pathlib import Path
 
 from littlebit.cli.common import (
     add_compression_arguments,
+    check_context,
     compression_config,
     device_name,
     threads_type,
@@ -405,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
         raise LittleBitError(f"work directory {work} is not empty: pass --resume, or another --work-dir")
     if args.resume_from is not None and not Path(args.resume_from).exists():
         raise LittleBitError(f"no checkpoint {args.resume_from}")
+    _check_lengths(args.model, cfg)  # a local folder's config.json, before anything loads
     # Under torchrun every rank checks the directories above before any of them writes: the
     # process group's start waits for all ranks.
     sharded = None
@@ -418,6 +420,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if sharded is not None:
             sharded.close()
+
+
+def _check_lengths(model, cfg: TrainConfig) -> None:
+    check_context(model, cfg.seqlen, f"--seqlen {cfg.seqlen}")
+    check_context(model, cfg.eval_seqlen, f"--eval-seqlen {cfg.eval_seqlen}")
 
 
 def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
@@ -438,6 +445,7 @@ def _train(args, lb, cfg, out: Path, work: Path, resume: bool, sharded) -> int:
         teacher = sharded.meta_teacher()  # each rank fills its shards once sharded (``Distributed``)
     else:
         teacher = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
+        _check_lengths(teacher, cfg)  # a GGUF file or a hub model: its context is known once loaded
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     parameters = sum(p.numel() for p in teacher.parameters())
     plan = stages(
