@@ -156,9 +156,18 @@ def test_context_of_a_loaded_model_is_checked_too():
     from littlebit.cli.common import check_context
     from littlebit.config import LittleBitError
 
-    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=16))
-    check_context(model, 16, "16 tokens")
+    def model(**config):
+        return SimpleNamespace(config=SimpleNamespace(to_dict=lambda: config))
+
+    check_context(model(max_position_embeddings=16), 16, "16 tokens")
     with pytest.raises(LittleBitError, match="17 positions, past the model.s 16-token context"):
-        check_context(model, 17, "17 tokens")
-    check_context(SimpleNamespace(config=SimpleNamespace()), 10**6, "a model that states no context")
+        check_context(model(max_position_embeddings=16), 17, "17 tokens")
+    scaled = model(max_position_embeddings=16, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    check_context(scaled, 64, "64 tokens of a model whose RoPE is scaled 4x")
+    with pytest.raises(LittleBitError, match="past the model's 64-token context"):
+        check_context(scaled, 65, "65 tokens")
+    with pytest.raises(LittleBitError, match="past the model's 64-token context"):  # transformers 5's name
+        check_context(model(max_position_embeddings=16, rope_parameters={"factor": 4.0}), 65, "65 tokens")
+    check_context(model(), 10**6, "a model that states no context")
+    check_context(SimpleNamespace(), 10**6, "an object without a config")
     check_context(None, 10**6, "the default model, before it loads")
