@@ -158,25 +158,11 @@ def is_littlebit_dir(path: str | None) -> bool:
 
 
 def check_context(model: Any, tokens: int, what: str) -> None:
-    """Refuse ``tokens`` positions past the model's context (``max_position_embeddings``, times a RoPE
-    scaling factor where the config has one): beyond it the positions were never trained, and the
-    output would be noise rather than an error. ``model``: a loaded model, or a model argument, whose
-    config.json is read before anything loads where it is a local folder (nothing is checked for other
-    arguments)."""
-    if model is None or isinstance(model, str):
-        if model is None or not (Path(model) / "config.json").is_file():
-            return
-        from littlebit.hf.verification import read_config_json
+    """Refuse ``tokens`` positions past the model's context (``hf.models.context_length``): beyond it
+    the positions were never trained, and the output would be noise rather than an error. ``model``: a
+    loaded model, or a model argument (checked before anything loads where it is a local folder)."""
+    from littlebit.hf.models import context_length
 
-        config = read_config_json(Path(model))
-    else:
-        config = getattr(getattr(model, "config", None), "to_dict", dict)()
-    context = config.get("max_position_embeddings")
-    scaling = config.get("rope_parameters") or config.get("rope_scaling")  # transformers 5 / 4 name
-    if not isinstance(context, int):
-        return
-    factor = scaling.get("factor") if isinstance(scaling, dict) else None
-    if isinstance(factor, (int, float)) and factor > 1:
-        context = int(context * factor)
-    if tokens > context:
+    context = context_length(model)
+    if context is not None and tokens > context:
         raise LittleBitError(f"{what} needs {tokens:,} positions, past the model's {context:,}-token context")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +53,29 @@ def resolve(model: str | None) -> tuple[str, dict]:
     if Path(model).is_file():
         raise LittleBitError(f"{model} is a file: give a model folder, a .gguf file or a hub id")
     return model, {}
+
+
+def context_length(model: Any) -> int | None:
+    """The positions ``model`` was trained for: ``max_position_embeddings``, times a RoPE scaling
+    factor where its config has one. ``model``: a loaded model, or a model argument, whose config.json
+    is read without loading anything where it is a local folder; None where neither tells (a GGUF file
+    or a hub id before loading, a config without the field)."""
+    if model is None or isinstance(model, str | Path):
+        if model is None or not (Path(model) / "config.json").is_file():
+            return None
+        from littlebit.hf.verification import read_config_json
+
+        config = read_config_json(Path(model))
+    else:
+        config = getattr(getattr(model, "config", None), "to_dict", dict)()
+    context = config.get("max_position_embeddings")
+    if not isinstance(context, int):
+        return None
+    scaling = config.get("rope_parameters") or config.get("rope_scaling")  # transformers 5 / 4 name
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    if isinstance(factor, int | float) and factor > 1:
+        context = int(context * factor)
+    return context
 
 
 def load_model(

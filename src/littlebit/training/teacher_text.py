@@ -29,6 +29,7 @@ from torch import nn
 
 from littlebit.atomic import make_parents, remove_stale_temporaries
 from littlebit.config import LittleBitError
+from littlebit.hf.models import context_length
 from littlebit.training.batch_decoding import sample_batch
 from littlebit.training.config import TextGenConfig
 
@@ -158,8 +159,8 @@ class TextCache:
         self.model, self.tokenizer = model, tokenizer
         self.record_steps = record_steps
         self.device = next(model.parameters()).device
-        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        if isinstance(context, int) and config.length > context:
+        context = context_length(model)
+        if context is not None and config.length > context:
             raise LittleBitError(
                 f"generated length {config.length} exceeds the model's {context}-token context"
             )
