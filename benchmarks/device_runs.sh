@@ -51,7 +51,7 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, threshold, expand, host, compile (below), prefill (per layer, time to first token, serving; about 8
+  # Any of: tests, gemm, acceptance, threshold, expand, host, compile (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
   # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
@@ -82,6 +82,10 @@ speed() {
       gemm) timeout 450 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 128,512,2048,8192 \
         --models fp16,0.1,0.55,1.0 --ttft 128,2048,8192 --serve 64,256 --steps 16 --reference-ttft 0 \
         --order layers,models,gemm-threshold --out "$ROOT/prefill_gemm.json" > "$ROOT/prefill_gemm.log" 2>&1 ;;
+      # acceptance: the same per layer and end to end without the threshold sweep (about 6 minutes)
+      acceptance) timeout 400 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 128,512,2048,8192 \
+        --models fp16,0.1,0.55,1.0 --ttft 128,2048,8192 --serve 64,256 --steps 16 --reference-ttft 0 \
+        --order layers,models --out "$ROOT/prefill_acceptance.json" > "$ROOT/prefill_acceptance.log" 2>&1 ;;
       # threshold: the GEMM path against the register-decoding kernels at 32-256 tokens (about 2 minutes)
       threshold) timeout 200 python benchmarks/prefill.py --order gemm-threshold --tokens "" --ttft "" --serve "" \
         --out "$ROOT/prefill_threshold.json" > "$ROOT/prefill_threshold.log" 2>&1 ;;
