@@ -2,8 +2,8 @@
 
 A packed forward of the 7B shape spent 404-523 µs of host time per ``littlebit::linear`` call on the
 H100 under the profiler (BENCHMARKS.md, "where a 2048-token prompt's time goes"), which makes eager
-prompts and evaluation host-bound. This times, on a layer small enough that the GPU never holds the host back
-(µs per call, medians of interleaved repetitions):
+prompts and evaluation host-bound. This times, on a layer small enough that the GPU never holds the
+host back (µs per call, medians of interleaved repetitions):
 
 - ``linear``: nn.Linear of the same shape (the FP baseline);
 - ``two_mm``: the GEMM path's two matrix products alone;
@@ -135,7 +135,7 @@ def main() -> None:
         shape={"tokens": M, "d_in": d_in, "rank": r, "d_out": d_out, "paths": P},
         note=("launches replaced by no-ops on the CPU" + (", matrix products too" if args.layer else ""))
         if device == "cpu"
-        else ("one 7B layer, 2048 tokens" if args.layer else "host-bound tiny layer"),
+        else ("one 7B layer, 128 tokens" if args.layer else "host-bound tiny layer"),
     )
     print(path)
 
