@@ -59,6 +59,9 @@ speed() {
   # then one decoding step of each sampler and loop at batch 256, and the loop's attention against
   # transformers' over 448 steps; needs the model).
   local what=${*:-profile prefill eval}
+  # the layers, token counts, models, prompts and serving batches of the gemm and acceptance runs
+  local grid=(--layers 70b-up,7b-up,7b-down --tokens 128,512,2048,8192 --models fp16,0.1,0.55,1.0
+    --ttft 128,2048,8192 --serve 64,256 --steps 16 --reference-ttft 0)
   export PYTHONUNBUFFERED=1
   touch "$ROOT/.speed-start"
   for w in $what; do
@@ -79,13 +82,11 @@ speed() {
       # first token of 8 layers
       tests) timeout 240 python -m pytest -q tests/test_prefill.py tests/test_batch_decoding.py tests/test_perplexity.py \
         > "$ROOT/test_prefill.log" 2>&1 ;;
-      gemm) timeout 450 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 128,512,2048,8192 \
-        --models fp16,0.1,0.55,1.0 --ttft 128,2048,8192 --serve 64,256 --steps 16 --reference-ttft 0 \
-        --order layers,models,gemm-threshold --out "$ROOT/prefill_gemm.json" > "$ROOT/prefill_gemm.log" 2>&1 ;;
+      gemm) timeout 450 python benchmarks/prefill.py "${grid[@]}" --order layers,models,gemm-threshold \
+        --out "$ROOT/prefill_gemm.json" > "$ROOT/prefill_gemm.log" 2>&1 ;;
       # acceptance: the same per layer and end to end without the threshold sweep (about 6 minutes)
-      acceptance) timeout 400 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 128,512,2048,8192 \
-        --models fp16,0.1,0.55,1.0 --ttft 128,2048,8192 --serve 64,256 --steps 16 --reference-ttft 0 \
-        --order layers,models --out "$ROOT/prefill_acceptance.json" > "$ROOT/prefill_acceptance.log" 2>&1 ;;
+      acceptance) timeout 400 python benchmarks/prefill.py "${grid[@]}" --order layers,models \
+        --out "$ROOT/prefill_acceptance.json" > "$ROOT/prefill_acceptance.log" 2>&1 ;;
       # threshold: the GEMM path against the register-decoding kernels at 32-256 tokens (about 2 minutes)
       threshold) timeout 200 python benchmarks/prefill.py --order gemm-threshold --tokens "" --ttft "" --serve "" \
         --out "$ROOT/prefill_threshold.json" > "$ROOT/prefill_threshold.log" 2>&1 ;;
