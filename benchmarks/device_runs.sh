@@ -51,7 +51,7 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, acceptance, threshold, expand, host, compile (below), prefill (per layer, time to first token, serving; about 8
+  # Any of: tests, gemm, acceptance, threshold, expand, chunks, host, compile (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
   # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
@@ -91,6 +91,9 @@ speed() {
       threshold) timeout 200 python benchmarks/prefill.py --order gemm-threshold --tokens "" --ttft "" --serve "" \
         --out "$ROOT/prefill_threshold.json" > "$ROOT/prefill_threshold.log" 2>&1 ;;
       expand) timeout 150 python benchmarks/dev/gemm_expand.py > "$ROOT/gemm_expand.log" 2>&1 ;;
+      # chunks: the GEMM path's factors expanded a slice of the rank at a time, against whole (about two
+      # minutes)
+      chunks) timeout 240 python benchmarks/dev/gemm_chunks.py > "$ROOT/gemm_chunks.log" 2>&1 ;;
       # host: one packed call's host time piece by piece on a tiny layer and on the 7B up projection (op,
       # backend, one launch; under two minutes)
       host) timeout 90 python benchmarks/dev/host_overhead.py > "$ROOT/host_overhead.log" 2>&1
@@ -101,7 +104,7 @@ speed() {
     esac
   done
   find benchmarks/results \( -name 'eval_speed_gpu*.json' -o -name 'ttft_profile.json' -o -name 'generate_rate_cuda.json' \
-    -o -name 'ttft_compile_gemm.json' -o -name 'gemm_expand.json' -o -name 'host_overhead_cuda*.json' -o -name 'sampling_speed_cuda*.json' \) \
+    -o -name 'ttft_compile_gemm.json' -o -name 'gemm_expand.json' -o -name 'gemm_chunks.json' -o -name 'host_overhead_cuda*.json' -o -name 'sampling_speed_cuda*.json' \) \
     -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
   pack
 }
