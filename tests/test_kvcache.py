@@ -191,11 +191,8 @@ def cpu_decoding_backend(monkeypatch):
 
 
 @pytest.mark.slow
-def test_default_model_055_bpw_greedy_128_tokens(cpu_decoding_backend):
-    from littlebit.hf.models import load_model, load_tokenizer
-
-    model = load_model(None)
-    tokenizer = load_tokenizer(None)
+def test_default_model_055_bpw_greedy_128_tokens(cpu_decoding_backend, default_model):
+    model, tokenizer = default_model
     convert(model, LittleBitConfig(bpw=0.55), progress=False)
     pack_model(model)
     prompts = ["The capital of France is", "Once upon a time, a little robot", "def fibonacci(n):"]

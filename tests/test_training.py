@@ -261,7 +261,7 @@ def test_resume_refuses_other_data_or_config(tmp_path):
 
 @pytest.mark.slow
 @needs_wikitext2
-def test_short_cpu_run_lowers_perplexity(tmp_path):
+def test_short_cpu_run_lowers_perplexity(tmp_path, default_model):
     """Tens of steps of 2 x 128 tokens on SmolLM2-135M at 1 BPW must lower perplexity.
 
     Dual-SVID keeps the initialisation fast on two cores (Joint-ITQ, the default, is the slow part
@@ -269,11 +269,10 @@ def test_short_cpu_run_lowers_perplexity(tmp_path):
     """
     from littlebit.config import LittleBitConfig
     from littlebit.evaluation.perplexity import perplexity, tokenize_eval
-    from littlebit.hf.models import load_model, load_tokenizer
     from littlebit.training.config import BlockConfig, TrainConfig
     from littlebit.training.trainer import train
 
-    teacher, tokenizer = load_model(None), load_tokenizer(None)
+    teacher, tokenizer = default_model
     eval_ids = tokenize_eval(tokenizer, "wikitext2", "test")[:, : 4 * 256]
     cfg = TrainConfig(
         steps=20,
