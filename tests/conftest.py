@@ -77,7 +77,7 @@ def default_model_once():
     """The real default model, read once a session (tens of seconds from its GGUF file on 2 cores)."""
     from littlebit.hf.models import load_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)  # the 2 cores of the CI machines, on which its reference numbers were taken
     return load_model(None)
 
 

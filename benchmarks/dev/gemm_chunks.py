@@ -5,13 +5,15 @@ then reads them back in two GEMMs: at 0.55 BPW and 256 tokens (batched decoding)
 traffic than the dense weight's one read. Cut the rank into K slices of 32-entry multiples and, slice
 by slice, expand A_k and B_k into the same two buffers, t_k = x A_k^T and y += t_k B_k^T: each slice's
 factors are written and read back while they can still sit in L2 (50 MB on the H100 and H200).
-This probe times K = 1 (the shipped call's work), 2, 4 and 8 against cuBLAS on the dense bf16 weight
+This probe times at most K = 1 (the shipped call's work), 2, 4 and 8 slices (K rounds each slice up
+to whole words, so fewer may come out: each record says how many) against cuBLAS on the dense bf16 weight
 and on the unpacked factors (the floor), at the token counts of batched decoding and prompts, each as
 a replayed CUDA graph (medians). The sign words of each slice are cut out once, outside the timing, so
-the numbers bound what a layout stored slice by slice would give. Prints one line per case and
+the numbers bound what a layout stored slice by slice would give; S_U is row-ordered here (in tile
+order, ``u_tiled``, its words would need the slices cut per tile). Prints one line per case and
 writes ``benchmarks/results/<--name>.json``.
 
-    python benchmarks/dev/gemm_chunks.py      # GPU: about two minutes
+    python benchmarks/dev/gemm_chunks.py      # GPU: about two minutes (an estimate)
     TRITON_INTERPRET=1 python benchmarks/dev/gemm_chunks.py --layers smoke-sliced --bpw 1.0 --tokens 40 \
         --chunks 1,3 --name x
 """
@@ -29,7 +31,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from prefill import LAYERS, SMOKE_LAYERS, factors, gpu_us, random_layer  # noqa: E402
 
-# a small layer whose rank (120 at 1.0 BPW) several slices cut, the last one short, for the interpreter
+from littlebit.kernels.gpu.gemm import _expand  # noqa: E402
+
+# a small layer whose rank (120 at 1.0 BPW) K = 3 cuts into two slices, the second short, for the interpreter
 SLICED_SMOKE = {"smoke-sliced": (520, 650)}
 
 
@@ -37,7 +41,16 @@ class SlicedLayer:
     """A two-path layer's sign words and scales cut into rank slices, with the two factor buffers
     every slice is expanded into."""
 
-    def __init__(self, u, v, h, l, g, slices: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        h: torch.Tensor,
+        l: torch.Tensor,
+        g: torch.Tensor,
+        slices: int,
+        dtype: torch.dtype,
+    ):
         P, d_out, _ = u.shape
         r, d_in = l.shape[-1], g.shape[-1]
         width = -(-r // (32 * slices)) * 32  # entries of rank a slice, a multiple of the 32 a word holds
@@ -51,8 +64,6 @@ class SlicedLayer:
         self.b_buf = torch.empty(d_out * P * width, dtype=dtype, device=u.device)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from littlebit.kernels.gpu.gemm import _expand
-
         for k, (v, l, u) in enumerate(self.parts):
             P, rk = l.shape
             a = self.a_buf[: P * rk * self.d_in].view(P * rk, self.d_in)
@@ -67,7 +78,9 @@ class SlicedLayer:
         return y
 
 
-def time_case(layer: list[torch.Tensor], tokens: int, chunks: list[int], dtype, device: str) -> dict:
+def time_case(
+    layer: list[torch.Tensor], tokens: int, chunks: list[int], dtype: torch.dtype, device: str
+) -> dict:
     """µs of dense, unpacked low-rank and each K's sliced call at ``tokens``, and each K's error."""
     u, v, h, l, g = layer
     a32, b32 = factors(u, v, h, l, g)
@@ -92,7 +105,7 @@ def describe(rec: dict, chunks: list[int]) -> str:
     line += f"  low-rank {rec['lowrank_us']:8.1f}"
     for k in chunks:
         us, err = rec[f"chunks_{k}_us"], rec[f"chunks_{k}_rel_err"]
-        line += f"  K={k}: {us:8.1f} ({dense / us:4.2f}x dense, err {err:.1e})"
+        line += f"  K={k} ({rec[f'chunks_{k}_slices']}): {us:8.1f} ({dense / us:4.2f}x dense, err {err:.1e})"
     return line
 
 
