@@ -262,10 +262,11 @@ def test_resume_refuses_other_data_or_config(tmp_path):
 @pytest.mark.slow
 @needs_wikitext2
 def test_short_cpu_run_lowers_perplexity(tmp_path, default_model):
-    """Tens of steps of 2 x 128 tokens on SmolLM2-135M at 1 BPW must lower perplexity.
+    """Ten steps of 2 x 128 tokens on SmolLM2-135M at 1 BPW must lower perplexity at least a
+    hundredfold (seen: 7.0e7 -> 2.9e5 over 4 windows of 256).
 
-    Dual-SVID keeps the initialisation fast on two cores (Joint-ITQ, the default, is the slow part
-    on a CPU: with it, 30 steps of 2 x 256 took PPL 3.35e6 -> 2,588).
+    Dual-SVID keeps the initialisation fast on two cores (Joint-ITQ, where the default starts, is the
+    slow part on a CPU: with it, 30 steps of 2 x 256 took PPL 3.35e6 -> 2,588).
     """
     from littlebit.config import LittleBitConfig
     from littlebit.evaluation.perplexity import perplexity, tokenize_eval
@@ -275,7 +276,7 @@ def test_short_cpu_run_lowers_perplexity(tmp_path, default_model):
     teacher, tokenizer = default_model
     eval_ids = tokenize_eval(tokenizer, "wikitext2", "test")[:, : 4 * 256]
     cfg = TrainConfig(
-        steps=20,
+        steps=10,
         seqlen=128,
         batch_size=2,
         blocks=BlockConfig(sequences=0),
@@ -287,7 +288,7 @@ def test_short_cpu_run_lowers_perplexity(tmp_path, default_model):
     lb = LittleBitConfig(bpw=1.0, init="dual-svid")
     result = train(teacher, "wikitext2:valid", lb, cfg, tmp_path, tokenizer, eval_ids)
     first, last = result.history[0]["ppl"], result.history[-1]["ppl"]
-    assert math.isfinite(last) and last < 0.8 * first
+    assert math.isfinite(last) and last < 0.01 * first
     assert last == pytest.approx(perplexity(result.student, eval_ids, 256, 4, progress=False), rel=1e-3)
 
 
