@@ -10,10 +10,13 @@ to whole words, so fewer may come out: each record says how many) against cuBLAS
 and on the unpacked factors (the floor), at the token counts of batched decoding and prompts, each as
 a replayed CUDA graph (medians). The sign words of each slice are cut out once, outside the timing, so
 the numbers bound what a layout stored slice by slice would give; S_U is row-ordered here (in tile
-order, ``u_tiled``, its words would need the slices cut per tile). Prints one line per case and
+order, ``u_tiled``, its words would need the slices cut per tile). End to end, the same slicing stands in
+for the GEMM path of the Llama-2-7B shape at 0.55 and 1.0 BPW (each layer's words cut on its first call,
+S_U untiled) and ``prefill.bench_serve`` times batch-256 decoding against FP16 (``--serve``); the stand-in
+is first checked against the shipped GEMM path on a small layer. Prints one line per case and
 writes ``benchmarks/results/<--name>.json``.
 
-    python benchmarks/dev/gemm_chunks.py      # GPU: about two minutes (an estimate)
+    python benchmarks/dev/gemm_chunks.py      # GPU: about four minutes (an estimate)
     TRITON_INTERPRET=1 python benchmarks/dev/gemm_chunks.py --layers smoke-sliced --bpw 1.0 --tokens 40 \
         --chunks 1,3 --name x
 """
@@ -34,48 +37,131 @@ from prefill import LAYERS, SMOKE_LAYERS, factors, gpu_us, random_layer  # noqa:
 from littlebit.kernels.gpu.gemm import _expand  # noqa: E402
 
 # a small layer whose rank (120 at 1.0 BPW) K = 3 cuts into two slices, the second short, for the interpreter
-SLICED_SMOKE = {"smoke-sliced": (520, 650)}
+SLICED_SMOKE = {"smoke-sliced": (520, 640)}
+
+
+def cut(u: torch.Tensor, v: torch.Tensor, l: torch.Tensor, slices: int) -> list[tuple]:
+    """(S_V words, l, S_U words) of each rank slice: at most ``slices`` of them, each a whole number of
+    the 32 entries a word holds; S_U row-ordered."""
+    r = l.shape[-1]
+    width = -(-r // (32 * slices)) * 32
+    parts = []
+    for r0 in range(0, r, width):
+        r1 = min(r, r0 + width)
+        words_u = u[:, :, r0 // 32 : -(-r1 // 32)]
+        parts.append((v[:, r0:r1].contiguous(), l[:, r0:r1].contiguous(), words_u.contiguous()))
+    return parts
+
+
+class Buffers:
+    """The two factor buffers every slice of every layer is expanded into, grown to the largest slice
+    seen (the calls run one after another, so one pair serves all layers; sized by an eager call before
+    any CUDA graph is captured)."""
+
+    def __init__(self) -> None:
+        self.a = self.b = None
+
+    def take(self, a_size: int, b_size: int, like: torch.Tensor, dtype: torch.dtype) -> tuple:
+        if self.a is None or self.a.numel() < a_size or self.a.dtype != dtype:
+            self.a = torch.empty(a_size, dtype=dtype, device=like.device)
+        if self.b is None or self.b.numel() < b_size or self.b.dtype != dtype:
+            self.b = torch.empty(b_size, dtype=dtype, device=like.device)
+        return self.a, self.b
+
+
+def sliced_product(x, parts, h, g, bias, y, bufs: Buffers) -> None:
+    """y = the packed product of x, slice by slice: y = sum_k (x A_k^T) B_k^T + bias."""
+    d_in, d_out = g.shape[-1], h.shape[-1]
+    widest = max(part[1].numel() for part in parts)  # P * slice width
+    a_buf, b_buf = bufs.take(widest * d_in, d_out * widest, x, x.dtype)
+    for k, (v, l, u) in enumerate(parts):
+        P, rk = l.shape
+        a = a_buf[: P * rk * d_in].view(P * rk, d_in)
+        b = b_buf[: d_out * P * rk].view(d_out, P * rk)
+        _expand(v, l, g, a, d_in, rk, 0)
+        _expand(u, h, None, b, rk, 0, rk)
+        t = torch.mm(x, a.T)
+        if k > 0:
+            y.addmm_(t, b.T)
+        elif bias is None:
+            torch.mm(t, b.T, out=y)
+        else:
+            torch.addmm(bias.to(x.dtype), t, b.T, out=y)
 
 
 class SlicedLayer:
-    """A two-path layer's sign words and scales cut into rank slices, with the two factor buffers
-    every slice is expanded into."""
+    """One layer cut into rank slices once (outside any timing), called as the GEMM path would be."""
 
-    def __init__(
-        self,
-        u: torch.Tensor,
-        v: torch.Tensor,
-        h: torch.Tensor,
-        l: torch.Tensor,
-        g: torch.Tensor,
-        slices: int,
-        dtype: torch.dtype,
-    ):
-        P, d_out, _ = u.shape
-        r, d_in = l.shape[-1], g.shape[-1]
-        width = -(-r // (32 * slices)) * 32  # entries of rank a slice, a multiple of the 32 a word holds
-        self.h, self.g, self.d_in, self.d_out = h, g, d_in, d_out
-        self.parts = []
-        for r0 in range(0, r, width):
-            r1 = min(r, r0 + width)
-            words_u = u[:, :, r0 // 32 : -(-r1 // 32)]
-            self.parts.append((v[:, r0:r1].contiguous(), l[:, r0:r1].contiguous(), words_u.contiguous()))
-        self.a_buf = torch.empty(P * width * d_in, dtype=dtype, device=u.device)
-        self.b_buf = torch.empty(d_out * P * width, dtype=dtype, device=u.device)
+    def __init__(self, u, v, h, l, g, slices: int, bufs: Buffers | None = None):
+        self.parts, self.h, self.g = cut(u, v, l, slices), h, g
+        self.bufs = bufs or Buffers()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        for k, (v, l, u) in enumerate(self.parts):
-            P, rk = l.shape
-            a = self.a_buf[: P * rk * self.d_in].view(P * rk, self.d_in)
-            b = self.b_buf[: self.d_out * P * rk].view(self.d_out, P * rk)
-            _expand(v, l, self.g, a, self.d_in, rk, 0)
-            _expand(u, self.h, None, b, rk, 0, rk)
-            t = torch.mm(x, a.T)
-            if k == 0:
-                torch.mm(t, b.T, out=y)
-            else:
-                y.addmm_(t, b.T)
+        sliced_product(x, self.parts, self.h, self.g, None, y, self.bufs)
         return y
+
+
+def sliced_gemm_path(slices: int):
+    """A stand-in for ``kernels.gpu.gemm.gemm`` (same arguments) that expands the factors ``slices``
+    rank slices at a time; each layer's words are cut once, on its first call, and kept."""
+    from littlebit.core.packing import untile_order
+
+    cut_layers: dict = {}
+    bufs = Buffers()
+
+    def gemm(x2, u, v, h, l, g, bias, y, dtype, u_tiled=False) -> None:
+        key = (u.data_ptr(), v.data_ptr(), tuple(u.shape), tuple(v.shape), u_tiled)
+        if key not in cut_layers:
+            cut_layers[key] = cut(untile_order(u) if u_tiled else u, v, l, slices)
+        out = y if y.dtype == dtype else torch.empty(y.shape, dtype=dtype, device=y.device)
+        sliced_product(x2.to(dtype), cut_layers[key], h, g, bias, out, bufs)
+        if out is not y:
+            y.copy_(out)
+
+    return gemm
+
+
+def check_stand_in(device: str, dtype: torch.dtype) -> float:
+    """Largest relative difference between the sliced stand-in and the shipped GEMM path, on a smoke
+    layer with S_U in tile order and a bias, over a column slice of the output as grouped calls write."""
+    from littlebit.core.packing import tile_order
+    from littlebit.kernels.gpu.gemm import gemm as shipped
+
+    d_in, d_out = SLICED_SMOKE["smoke-sliced"]
+    u, v, h, l, g = random_layer(d_in, d_out, 1.0, device, seed=5)
+    bias = torch.randn(d_out, device=device).to(dtype)
+    x = torch.randn(40, d_in, device=device).to(dtype)
+    worst = 0.0
+    for slices in (1, 3):
+        want = torch.zeros(40, 2 * d_out, dtype=dtype, device=device)
+        got = torch.zeros_like(want)
+        shipped(x, tile_order(u), v, h, l, g, bias, want[:, :d_out], dtype, True)
+        sliced_gemm_path(slices)(x, tile_order(u), v, h, l, g, bias, got[:, :d_out], dtype, True)
+        worst = max(worst, ((got - want).norm() / want.norm()).item())
+    return worst
+
+
+def serve_records(slices_list: list[int], steps: int) -> list[dict]:
+    """Batch-256 decoding of the 7B shape (``prefill.bench_serve``: 128-token prompt, each step one
+    CUDA graph) for FP16 and, at each BPW, the GEMM path with the factors whole and in slices."""
+    import prefill
+
+    from littlebit.kernels.gpu import triton_littlebit as tk
+
+    shipped = tk.gemm
+    records = []
+    for tag in ("fp16", "0.55", "1.0"):
+        for slices in (0,) if tag == "fp16" else slices_list:
+            tk.gemm = shipped if slices <= 1 else sliced_gemm_path(slices)
+            try:
+                model = prefill.build_7b(tag, "cuda")
+                rate = prefill.bench_serve(model, 256, 128, steps, "cuda")
+            finally:
+                tk.gemm, model = shipped, None
+                torch.cuda.empty_cache()
+            records.append({"model": f"7b-{tag}", "slices": slices, "serve_tokens_per_s_256": rate})
+            print(records[-1], flush=True)
+    return records
 
 
 def time_case(
@@ -91,7 +177,7 @@ def time_case(
     rec = {"dense_us": gpu_us(lambda: F.linear(x, w16), device)}
     rec["lowrank_us"] = gpu_us(lambda: torch.mm(torch.mm(x, a16.T), b16.T), device)
     for k in chunks:
-        sliced = SlicedLayer(u, v, h, l, g, k, dtype)
+        sliced = SlicedLayer(u, v, h, l, g, k)
         out = sliced(x, y).float()
         rec[f"chunks_{k}_rel_err"] = ((out - ref).norm() / ref.norm()).item()
         rec[f"chunks_{k}_us"] = gpu_us(lambda s=sliced: s(x, y), device)
@@ -115,11 +201,15 @@ def main() -> int:
     ap.add_argument("--bpw", default="0.55,1.0")
     ap.add_argument("--tokens", default="128,256,512,2048")
     ap.add_argument("--chunks", default="1,2,4,8", help="rank slices K to time (1: the whole factors)")
+    ap.add_argument("--serve", default="1,2,4", help="slices for batch-256 decoding (GPU); empty: skip")
+    ap.add_argument("--steps", type=int, default=16, help="decoding steps timed end to end")
     ap.add_argument("--name", default="gemm_chunks")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter rounds bf16 by truncation
     chunks = [int(c) for c in args.chunks.split(",")]
+    stand_in_err = check_stand_in(device, dtype)
+    print(f"sliced stand-in against the shipped GEMM path: relative difference {stand_in_err:.1e}")
     records = []
     for name in args.layers.split(","):
         d_in, d_out = {**LAYERS, **SMOKE_LAYERS, **SLICED_SMOKE}[name]
@@ -131,7 +221,11 @@ def main() -> int:
                 rec.update(time_case(layer, tokens, chunks, dtype, device))
                 records.append(rec)
                 print(describe(rec, chunks), flush=True)
-    print(common.write_results(args.name, records, dtype=str(dtype).removeprefix("torch.")))
+    serve = []
+    if args.serve and device == "cuda":
+        serve = serve_records([int(k) for k in args.serve.split(",")], args.steps)
+    meta = {"dtype": str(dtype).removeprefix("torch."), "stand_in_rel_diff": stand_in_err, "serve": serve}
+    print(common.write_results(args.name, records, **meta))
     return 0
 
 
