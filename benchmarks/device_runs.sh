@@ -51,7 +51,7 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, acceptance, threshold, expand, chunks, host, compile (below), prefill (per layer, time to first token, serving; about 8
+  # Any of: tests, gemm, acceptance, threshold, expand, chunks, host, compile, bounds (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
   # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
@@ -100,11 +100,15 @@ speed() {
         timeout 90 python benchmarks/dev/host_overhead.py --layer 7b-up >> "$ROOT/host_overhead.log" 2>&1 ;;
       compile) timeout 150 python benchmarks/dev/ttft_compile.py --layers 8 --models fp16,0.1,0.55,1.0 \
         --name ttft_compile_gemm > "$ROOT/ttft_compile_gemm.log" 2>&1 ;;
+      # bounds: the same compiled forward with free linear layers, and with cuBLAS on unpacked low-rank
+      # factors in their place (what any packed kernel can reach), beside the packed models (about three minutes)
+      bounds) timeout 240 python benchmarks/dev/ttft_compile.py --layers 8 \
+        --models fp16,free,lowrank-0.1,0.1,lowrank-0.55,0.55 --name ttft_bounds > "$ROOT/ttft_bounds.log" 2>&1 ;;
       *) echo "speed: unknown measurement $w" >&2 ;;
     esac
   done
   find benchmarks/results \( -name 'eval_speed_gpu*.json' -o -name 'ttft_profile.json' -o -name 'generate_rate_cuda.json' \
-    -o -name 'ttft_compile_gemm.json' -o -name 'gemm_expand.json' -o -name 'gemm_chunks.json' -o -name 'host_overhead_cuda*.json' -o -name 'sampling_speed_cuda*.json' \) \
+    -o -name 'ttft_compile_gemm.json' -o -name 'ttft_bounds.json' -o -name 'gemm_expand.json' -o -name 'gemm_chunks.json' -o -name 'host_overhead_cuda*.json' -o -name 'sampling_speed_cuda*.json' \) \
     -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
   pack
 }

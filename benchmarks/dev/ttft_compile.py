@@ -4,7 +4,13 @@ against packed, one ``--tokens`` forward (last logits kept), eager against ``tor
 of ``--reps``; compilation time reported apart. Prints one line per case and writes
 ``benchmarks/results/<--name>.json``.
 
+Two stand-ins bound what any packed kernel can reach on this forward: ``free`` (every decoder linear
+returns an unwritten output of its shape, so only attention, norms, rotary and the rest are left) and
+``lowrank-BPW`` (every decoder linear is the two fp16 cuBLAS GEMMs on unpacked factors of the packed
+layer's shape at that BPW: its FLOPs at cuBLAS's rate, with no sign expansion at all).
+
     python benchmarks/dev/ttft_compile.py --layers 8      # GPU: about two minutes
+    python benchmarks/dev/ttft_compile.py --models fp16,free,lowrank-0.1,lowrank-0.55 --name ttft_bounds
 """
 
 from __future__ import annotations
@@ -18,6 +24,64 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+class FreeLinear(nn.Module):
+    """A linear layer that costs nothing: its output is allocated, never written."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], self.out_features)
+
+
+class UnpackedLowRank(nn.Module):
+    """The packed layer's product on dense fp16 factors: x A^T B^T, the paths side by side."""
+
+    def __init__(self, d_in: int, d_out: int, width: int, device: str) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(width, d_in, device=device, dtype=torch.float16) / d_in**0.5)
+        self.b = nn.Parameter(torch.randn(d_out, width, device=device, dtype=torch.float16) / width**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.a), self.b)
+
+
+def swap_linears(model: nn.Module, make) -> nn.Module:
+    """Every decoder linear replaced by ``make(linear)``."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and ".layers." in name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, make(m))
+    return model
+
+
+def build(tag: str, layers: int) -> nn.Module:
+    from littlebit.core.budget import rank_for_bpw
+    from littlebit.runtime.synthetic import random_dense_llama, random_packed_llama
+
+    kw = {"num_hidden_layers": layers}
+    if tag == "fp16":
+        return random_dense_llama("llama-2-7b", "cuda", torch.float16, **kw)
+    if tag == "free":
+        model = random_dense_llama("llama-2-7b", "cuda", torch.float16, **kw)
+        return swap_linears(model, lambda m: FreeLinear(m.out_features))
+    if tag.startswith("lowrank-"):
+        bpw = float(tag.removeprefix("lowrank-"))
+        model = random_dense_llama("llama-2-7b", "cuda", torch.float16, **kw)
+
+        def make(m: nn.Linear) -> nn.Module:
+            width = 2 * rank_for_bpw(m.in_features, m.out_features, bpw, True)
+            return UnpackedLowRank(m.in_features, m.out_features, width, "cuda")
+
+        model = swap_linears(model, make)
+        torch.cuda.empty_cache()
+        return model
+    return random_packed_llama("llama-2-7b", float(tag), "cuda", torch.float16, **kw)
 
 
 def _timed(fn, reps: int) -> float:
@@ -30,8 +94,6 @@ def _timed(fn, reps: int) -> float:
 
 
 def main() -> int:
-    from littlebit.runtime.synthetic import random_dense_llama, random_packed_llama
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="fp16,0.1")
     ap.add_argument("--layers", type=int, default=8)
@@ -51,11 +113,7 @@ def main() -> int:
         tk.DEFAULT_CONFIG = tk.KernelConfig(**json.loads(args.kernel_config))
     records = []
     for tag in args.models.split(","):
-        kw = {"num_hidden_layers": args.layers}
-        if tag == "fp16":
-            model = random_dense_llama("llama-2-7b", "cuda", torch.float16, **kw)
-        else:
-            model = random_packed_llama("llama-2-7b", float(tag), "cuda", torch.float16, **kw)
+        model = build(tag, args.layers)
         ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda")
 
         def forward(m=model, ids=ids):
