@@ -53,10 +53,11 @@ class UnpackedLowRank(nn.Module):
 
 def swap_linears(model: nn.Module, make) -> nn.Module:
     """Every decoder linear replaced by ``make(linear)``."""
+    from littlebit.core.convert import set_submodule
+
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and ".layers." in name:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, make(m))
+            set_submodule(model, name, make(m))
     return model
 
 
