@@ -51,7 +51,7 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, acceptance, threshold, expand, sliced, host, compile, bounds (below), prefill (per layer, time to first token, serving; about 8
+  # Any of: tests, gemm, acceptance, threshold, expand, host, compile, bounds (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
   # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
@@ -101,15 +101,6 @@ speed() {
       # factors in their place (what any packed kernel can reach), beside the packed models (about three minutes)
       bounds) timeout 240 python benchmarks/dev/ttft_compile.py --layers 8 \
         --models fp16,free,lowrank-0.1,0.1,lowrank-0.55,0.55 --name ttft_bounds > "$ROOT/ttft_bounds.log" 2>&1 ;;
-      # sliced: per-layer 256-token calls and batch-256 decoding of the 7B shape with the GEMM path's
-      # factors whole and in rank slices of 16 and 32 MiB (KernelConfig.gemm_slice_bytes), FP16 beside
-      # each (about four minutes, an estimate)
-      sliced) for mib in 0 16 32; do
-          local cfg="{\"gemm_slice_max_tokens\": $((mib ? 256 : 0)), \"gemm_slice_bytes\": $((mib << 20))}"
-          timeout 150 python benchmarks/prefill.py --layers 70b-up,7b-up,7b-down --tokens 256 --bpw 0.55 \
-            --models fp16,0.55 --ttft "" --serve 256 --steps 16 --reference-ttft 0 --order layers,models \
-            --kernel-config "$cfg" --out "$ROOT/serve_sliced_$mib.json" > "$ROOT/serve_sliced_$mib.log" 2>&1
-        done ;;
       *) echo "speed: unknown measurement $w" >&2 ;;
     esac
   done

@@ -56,7 +56,6 @@ CASES = {
 # The factors expanded per call and two GEMMs (``kernels.gpu.gemm``): widths and ranks off the
 # expansion's 32 x 256 blocks and off whole words, one and two paths, grouped layers, the threshold.
 _GEMM = {"gemm_min_tokens": 128}
-_SLICED = {**_GEMM, "gemm_slice_max_tokens": 256, "gemm_slice_bytes": 64_000}
 GEMM_CASES = {
     "gemm-128-f16-p2": (128, 100, 40, 72, 2, F16, {"config": _GEMM}),
     "gemm-130-bf16-p1-nobias": (130, 300, 24, 200, 1, BF16, {"bias": False, "config": _GEMM}),
@@ -66,13 +65,6 @@ GEMM_CASES = {
     "gemm-grouped": (150, 120, 40, 56, 2, BF16, {"groups": 3, "config": _GEMM}),
     "gemm-min-tokens-lowered": (3, 100, 40, 72, 2, F16, {"config": {"gemm_min_tokens": 2}}),
     "gemm-grouped-p1": (150, 120, 40, 56, 1, BF16, {"groups": 3, "config": _GEMM}),
-    # the rank in slices of 32 latents (64,000 bytes of fp32 factors under the interpreter): 10 slices,
-    # the last of 12; S_U in tile order cut at word boundaries; grouped layers of 3 slices (64 + 64 + 8); a
-    # call above the token limit expanded whole
-    "gemm-sliced": (140, 200, 300, 48, 2, F16, {"config": _SLICED}),
-    "gemm-sliced-tiled-u": (140, 200, 300, 48, 2, F16, {"tiled": True, "config": _SLICED}),
-    "gemm-sliced-grouped-p1": (150, 120, 136, 56, 1, BF16, {"groups": 3, "config": _SLICED}),
-    "gemm-sliced-over-limit": (300, 200, 300, 48, 2, BF16, {"config": _SLICED}),
 }  # fmt: skip
 
 
@@ -217,19 +209,3 @@ def test_prefill_tile_rule():
     # 128 tokens of a 4096-wide layer: 64-token blocks, d_in split as far as it goes (4)
     bm, br, bo, words, warps, chunk, n_split = prefill_tile(128, 296, 128, 4096, 2, cfg, 132)
     assert (bm, n_split) == (64, 4) and chunk * n_split >= 128
-
-
-def test_gemm_slice_width_rule():
-    from littlebit.kernels.gpu.config import KernelConfig
-    from littlebit.kernels.gpu.gemm import slice_width
-
-    on = KernelConfig(gemm_slice_max_tokens=256, gemm_slice_bytes=16 << 20)
-    # 7B up projection at 0.55 BPW (rank 800, one path, bf16): 30,208 bytes a latent, 24 MB whole;
-    # 16 MiB holds 555 latents, cut to whole words: 544
-    assert slice_width(256, 1, 800, 4096, 11008, 2, on) == 544
-    # more tokens than the limit, slicing off, or factors that fit: the whole rank
-    assert slice_width(257, 1, 800, 4096, 11008, 2, on) == 800
-    assert slice_width(256, 1, 800, 4096, 11008, 2, KernelConfig()) == 800
-    assert slice_width(256, 1, 128, 4096, 11008, 2, on) == 128
-    # never under one word of latents
-    assert slice_width(16, 2, 4096, 1 << 20, 1 << 20, 2, on) == 32

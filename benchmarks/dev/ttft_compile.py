@@ -5,7 +5,9 @@ of ``--reps``; compilation time reported apart. Prints one line per case and wri
 ``benchmarks/results/<--name>.json``.
 
 Two stand-ins bound what any packed kernel can reach on this forward: ``free`` (every decoder linear
-returns an unwritten output of its shape, so only attention, norms, rotary and the rest are left) and
+returns a broadcast view of one input feature, no arithmetic and no copy, so only attention, norms, rotary
+and the rest are left; a view rather than an unwritten tensor, so that the compiler cannot drop the
+attention whose output no layer would read) and
 ``lowrank-BPW`` (every decoder linear is the two fp16 cuBLAS GEMMs on unpacked factors of the packed
 layer's shape at that BPW: its FLOPs at cuBLAS's rate, with no sign expansion at all).
 
@@ -29,14 +31,14 @@ from torch import nn  # noqa: E402
 
 
 class FreeLinear(nn.Module):
-    """A linear layer that costs nothing: its output is allocated, never written."""
+    """A linear layer that costs nothing: its output is a view of its input's first feature."""
 
     def __init__(self, out_features: int) -> None:
         super().__init__()
         self.out_features = out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(*x.shape[:-1], self.out_features)
+        return x[..., :1].expand(*x.shape[:-1], self.out_features)
 
 
 class UnpackedLowRank(nn.Module):

@@ -78,12 +78,6 @@ class KernelConfig:
     # sweep and from 128 on all four (8192x28672 at 1.0 BPW: 387 against 428 µs; at 96 tokens the prefill
     # kernels still won there, 373 against 391; ``prefill_gemm_h100.json``)
     gemm_min_tokens: int = 128
-    # Calls of at most this many tokens (0: none) expand their factors a slice of the rank at a time when
-    # the two factors together exceed ``gemm_slice_bytes``, adding each slice's product into the output,
-    # so that a slice is read back from L2 instead of memory (``gemm.slice_width``). Not measured yet:
-    # off until a GPU run shows it faster.
-    gemm_slice_max_tokens: int = 0
-    gemm_slice_bytes: int = 16 << 20
 
 
 DEFAULT_CONFIG = KernelConfig()

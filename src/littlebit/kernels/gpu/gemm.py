@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from littlebit.kernels.gpu.config import DEFAULT_CONFIG, KernelConfig
 from littlebit.kernels.gpu.tiles import cdiv
 
 # rows and entries of a factor per program of the expansion
@@ -47,66 +46,40 @@ def _word_index(i, k, W, TILED: tl.constexpr):
 
 @triton.jit
 def _expand_kernel(
-    w_ptr, w_path, rs_ptr, rs_path, cs_ptr, out_ptr, rows, n, W, word0, stride_out, row_off, col_off, n_rb,
+    w_ptr, rs_ptr, cs_ptr, out_ptr, rows, n, W, stride_out, row_off, col_off, n_rb,
     HAS_CS: tl.constexpr, TILED: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
 ):  # fmt: skip
     """out[p * row_off + i, p * col_off + j] = rs[p, i] * cs[p, j] * (+-1 of bit j of row i of path p),
-    bit j counted from word ``word0`` of W-word rows (a slice of the rank), the words in tile order
-    (``packing.tile_order``) with ``TILED``. A program takes (rows, words, bits) tiles: each word is
-    loaded and addressed once, then shifted into its 32 entries (loaded and addressed per entry, the
-    expansion was 1.8-5.2x slower: docs/kernels.md)."""
+    the words in tile order (``packing.tile_order``) with ``TILED``. A program takes (rows, words,
+    bits) tiles: each word is loaded and addressed once, then shifted into its 32 entries (loaded and
+    addressed per entry, the expansion was 1.8-5.2x slower: docs/kernels.md)."""
     pid0, pid1 = tl.program_id(0), tl.program_id(1)
     p = pid0 // n_rb
     i = (pid0 % n_rb) * BR + tl.arange(0, BR)
     k = pid1 * BW + tl.arange(0, BW)
     i_ok = i < rows
-    word = _word_index(i, word0 + k[None, :], W, TILED)
-    w = tl.load(w_ptr + p * w_path + word, mask=i_ok[:, None] & (k * 32 < n)[None, :], other=0)
+    word = _word_index(i, k[None, :], W, TILED)
+    w = tl.load(w_ptr + p * rows * W + word, mask=i_ok[:, None] & (k < W)[None, :], other=0)
     bit = tl.arange(0, 32)
-    e = k[:, None] * 32 + bit[None, :]  # (words, bits): entry index in the slice's row
+    e = k[:, None] * 32 + bit[None, :]  # (words, bits): entry index in the row
     e_ok = e < n
     val = tl.where(((w[:, :, None] >> bit[None, None, :]) & 1) != 0, 1.0, -1.0)
-    val = val * tl.load(rs_ptr + p * rs_path + i, mask=i_ok, other=0.0).to(tl.float32)[:, None, None]
+    val = val * tl.load(rs_ptr + p * rows + i, mask=i_ok, other=0.0).to(tl.float32)[:, None, None]
     if HAS_CS:
         val = val * tl.load(cs_ptr + p * n + e, mask=e_ok, other=0.0).to(tl.float32)[None, :, :]
     dst = out_ptr + (p * row_off + i)[:, None, None] * stride_out + (p * col_off + e)[None, :, :]
     tl.store(dst, val.to(out_ptr.dtype.element_ty), mask=i_ok[:, None, None] & e_ok[None, :, :])
 
 
-def _expand(
-    words, rs, cs, out, n: int, row_off: int, col_off: int, tiled: bool = False, word0: int = 0
-) -> None:
-    """Expand ``n`` entries a row from word ``word0`` on. ``words`` (P, rows, W) and ``rs`` (P, rows)
-    may be row slices of larger tensors (any path stride, rows and words contiguous); ``cs`` (P, n)."""
+def _expand(words, rs, cs, out, n: int, row_off: int, col_off: int, tiled: bool = False) -> None:
     P, rows, W = words.shape
-    ws = words.stride()  # one call: the host's time a call counts (eager prompts are host-bound)
-    if ws[2] != 1 or ws[1] != W:
-        words = words.contiguous()
-        ws = words.stride()
-    rss = rs.stride()
-    if rss[1] != 1:
-        rs = rs.contiguous()
-        rss = rs.stride()
+    words, rs = words.contiguous(), rs.contiguous()  # indexed as dense (P, rows, ...) below
     cs = None if cs is None else cs.contiguous()
     n_rb = cdiv(rows, _ROWS)
-    args = (words, ws[0], rs, rss[0], rs if cs is None else cs, out, rows, n, W, word0)
-    _expand_kernel[(P * n_rb, cdiv(n, _COLS))](
-        *args, out.stride(0), row_off, col_off, n_rb,
-        HAS_CS=cs is not None, TILED=tiled, BR=_ROWS, BW=_COLS // 32, num_warps=4,
-    )  # fmt: skip
-
-
-def slice_width(
-    tokens: int, paths: int, r: int, d_in: int, d_out: int, itemsize: int, cfg: KernelConfig
-) -> int:
-    """Latents of each path expanded at a time: the whole rank, or for calls of at most
-    ``cfg.gemm_slice_max_tokens`` tokens whose factors exceed ``cfg.gemm_slice_bytes``, the largest
-    multiple of 32 (whole sign words of S_U) whose two factor slices fit it. Expanded whole, the factors
-    go out to memory and come back for the GEMMs; a slice that fits in L2 comes back from there."""
-    per_latent = (d_in + d_out) * paths * itemsize
-    if tokens > cfg.gemm_slice_max_tokens or r * per_latent <= cfg.gemm_slice_bytes:
-        return r
-    return min(r, max(32, cfg.gemm_slice_bytes // per_latent // 32 * 32))
+    args = (words, rs, rs if cs is None else cs, out, rows, n, W, out.stride(0), row_off, col_off, n_rb)
+    _expand_kernel[(P * n_rb, cdiv(W, _COLS // 32))](
+        *args, HAS_CS=cs is not None, TILED=tiled, BR=_ROWS, BW=_COLS // 32, num_warps=4
+    )
 
 
 def expanded_factors(
@@ -140,42 +113,16 @@ def gemm(
     y: torch.Tensor,
     dtype: torch.dtype,
     u_tiled: bool = False,
-    config: KernelConfig | None = None,
 ) -> None:
     """y (M, d_out, any row stride) = the packed product of x2 (M, d_in) for one layer, the GEMMs in
-    ``dtype`` (the activations' dtype; fp32 under Triton's interpreter, which rounds bf16 by truncation).
-    The rank goes in slices of ``slice_width`` latents, each slice's product added into y."""
-    P, d_out, _ = u.shape
-    r, d_in = l.shape[-1], g.shape[-1]
-    x2 = x2.to(dtype)
+    ``dtype`` (the activations' dtype; fp32 under Triton's interpreter, which rounds bf16 by truncation)."""
+    a, b = expanded_factors(u, v, h, l, g, dtype, u_tiled)
+    t = torch.mm(x2.to(dtype), a.T)
     # cuBLAS writes through y's row stride (a column slice of a grouped call's output is no copy)
     out = y if y.dtype == dtype else torch.empty(y.shape, dtype=dtype, device=y.device)
-    cfg = config or DEFAULT_CONFIG
-    M = x2.shape[0]
-    width = r if M > cfg.gemm_slice_max_tokens else slice_width(M, P, r, d_in, d_out, x2.element_size(), cfg)
-    a = torch.empty((P * width, d_in), dtype=dtype, device=u.device)
-    b = torch.empty((d_out, P * width), dtype=dtype, device=u.device)
-    if width == r:  # no slicing views: each costs the host a few µs, and eager prompts are host-bound
-        _add_slice(x2, u, v, h, l, g, bias, out, a, b, 0, u_tiled)
-    else:
-        for r0 in range(0, r, width):
-            rk = min(width, r - r0)
-            v_k, l_k, a_k, b_k = v[:, r0 : r0 + rk], l[:, r0 : r0 + rk], a[: P * rk], b[:, : P * rk]
-            _add_slice(x2, u, v_k, h, l_k, g, bias, out, a_k, b_k, r0, u_tiled)
-    if out is not y:
-        y.copy_(out)
-
-
-def _add_slice(x2, u, v, h, l, g, bias, out, a, b, r0: int, u_tiled: bool) -> None:
-    """out (+)= x2 A_k^T B_k^T for the rank slice of latents r0 on, as wide as ``v`` and ``l`` (the
-    first slice writes out and adds the bias, the others add to it)."""
-    rk, d_in = l.shape[-1], g.shape[-1]
-    _expand(v, l, g, a, d_in, rk, 0)
-    _expand(u, h, None, b, rk, 0, rk, u_tiled, word0=r0 // 32)
-    t = torch.mm(x2, a.T)
-    if r0 > 0:
-        out.addmm_(t, b.T)
-    elif bias is None:
+    if bias is None:
         torch.mm(t, b.T, out=out)
     else:
-        torch.addmm(bias.to(out.dtype), t, b.T, out=out)
+        torch.addmm(bias.to(dtype), t, b.T, out=out)
+    if out is not y:
+        y.copy_(out)

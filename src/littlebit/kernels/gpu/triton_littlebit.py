@@ -293,7 +293,7 @@ def littlebit_linear_triton(
                 layer, bj = group_layer(tensors, b, groups, j)
                 out = y[:, j * d_out : (j + 1) * d_out]
                 if family == "gemm":
-                    gemm(x2, *layer, bj, out, _op_dtype(x2), u_tiled, cfg)
+                    gemm(x2, *layer, bj, out, _op_dtype(x2), u_tiled)
                 elif family == "prefill":
                     op_dt = _TL_DTYPES[_op_dtype(x2)]
                     prefill(x2, *layer, bj, out, cfg, sms, op_dt, u_tiled)
