@@ -130,7 +130,8 @@ _RECIPE = {
     "data-gen0.3": {"data": "generated:0.3,wikitext2:valid:0.7"},
     # How much generated text: the same budget over half as many distinct sequences (each seen twice).
     "data-half-unique": {"data_tokens": "half"},
-    # Sampling of the generated text.
+    # Sampling of the generated text (1.0 BPW, H100: temperature 0.8 lost, no chat starts tied;
+    # qat_generation_h100.json).
     "gen-temp0.8": {"generation": {"temperature": 0.8}},
     "gen-top-p1": {"generation": {"top_p": 1.0}},
     "gen-no-chat": {"generation": {"starts": ["bos", "random"]}},

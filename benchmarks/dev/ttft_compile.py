@@ -4,15 +4,12 @@ against packed, one ``--tokens`` forward (last logits kept), eager against ``tor
 of ``--reps``; compilation time reported apart. Prints one line per case and writes
 ``benchmarks/results/<--name>.json``.
 
-Two stand-ins bound what any packed kernel can reach on this forward: ``free`` (every decoder linear
-returns a broadcast view of one input feature, no arithmetic and no copy, so only attention, norms, rotary
-and the rest are left; a view rather than an unwritten tensor, so that the compiler cannot drop the
-attention whose output no layer would read) and
+One stand-in bounds what a packed layer that runs the same two GEMMs can reach on this forward:
 ``lowrank-BPW`` (every decoder linear is the two fp16 cuBLAS GEMMs on unpacked factors of the packed
 layer's shape at that BPW: its FLOPs at cuBLAS's rate, with no sign expansion at all).
 
     python benchmarks/dev/ttft_compile.py --layers 8      # GPU: about two minutes
-    python benchmarks/dev/ttft_compile.py --models fp16,free,lowrank-0.1,lowrank-0.55 --name ttft_bounds
+    python benchmarks/dev/ttft_compile.py --models fp16,lowrank-0.1,lowrank-0.55 --name ttft_bounds
 """
 
 from __future__ import annotations
@@ -28,17 +25,6 @@ import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-
-
-class FreeLinear(nn.Module):
-    """A linear layer that costs nothing: its output is a view of its input's first feature."""
-
-    def __init__(self, out_features: int) -> None:
-        super().__init__()
-        self.out_features = out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[..., :1].expand(*x.shape[:-1], self.out_features)
 
 
 class UnpackedLowRank(nn.Module):
@@ -70,9 +56,6 @@ def build(tag: str, layers: int) -> nn.Module:
     kw = {"num_hidden_layers": layers}
     if tag == "fp16":
         return random_dense_llama("llama-2-7b", "cuda", torch.float16, **kw)
-    if tag == "free":
-        model = random_dense_llama("llama-2-7b", "cuda", torch.float16, **kw)
-        return swap_linears(model, lambda m: FreeLinear(m.out_features))
     if tag.startswith("lowrank-"):
         bpw = float(tag.removeprefix("lowrank-"))
         model = random_dense_llama("llama-2-7b", "cuda", torch.float16, **kw)
