@@ -13,7 +13,7 @@
 # A SPEC is BPW[@TOKENS]:VARIANT[+VARIANT...][:INIT[:GRAD]] (variants in benchmarks/qat_variants.py, those
 # joined by + in one process from one initial student; TOKENS, the run's budget, 1,638,400 unless given;
 # INIT and GRAD, the --grad-power of the initialisation, those of littlebit train, itq-refined and 0.5,
-# unless given), ptq, or speed=WHAT[+WHAT...] (the speed measurements below, in the queue's turn, so
+# unless given), ptq, text (a pipeline's TOKENS of text and no run), or speed=WHAT[+WHAT...] (the speed measurements below, in the queue's turn, so
 # that they do not share the GPU with a training run). The queue runs one job at a
 # time: runs of the default model are launch-bound, and two processes on one GPU time-slice it, so
 # side by side each ran several times slower than alone (measured on the H200: 4 runs and the PTQ
@@ -51,7 +51,7 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, acceptance, threshold, expand, host, compile, bounds (below), prefill (per layer, time to first token, serving; about 8
+  # Any of: tests, gemm, acceptance, threshold, expand, host, compile, bounds, trainstep (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
   # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
@@ -99,6 +99,12 @@ speed() {
         --name ttft_compile_gemm > "$ROOT/ttft_compile_gemm.log" 2>&1 ;;
       # bounds: the same compiled forward with cuBLAS on unpacked low-rank factors in place of the packed
       # layers (what any packed kernel running the same GEMMs can reach), beside them (about two minutes)
+      # trainstep: a global-distillation step of the default model at the default batch (2 x 512),
+      # recorded eager against recorded compiled layers, recompilations logged (about four minutes)
+      trainstep) for c in off on; do
+          TORCH_LOGS=recompiles timeout 200 python benchmarks/dev/train_profile.py --batch-size 2 --steps 20 \
+            --compile $c --out "$ROOT/train_profile_b2.json" >> "$ROOT/train_profile.log" 2>&1
+        done ;;
       bounds) timeout 240 python benchmarks/dev/ttft_compile.py --layers 8 \
         --models fp16,lowrank-0.1,0.1,lowrank-0.55,0.55 --name ttft_bounds > "$ROOT/ttft_bounds.log" 2>&1 ;;
       *) echo "speed: unknown measurement $w" >&2 ;;
@@ -160,6 +166,11 @@ run_queue() {
     if [[ $spec == speed=* ]]; then  # speed measurements after (or between) the training runs
       local what=${spec#speed=}
       speed ${what//+/ } && touch "$ROOT/$name.done"
+      continue
+    fi
+    if [ "$spec" = text ]; then  # a pipeline's text alone, brought back by wait for a later machine
+      [ -f "$ROOT/generated-seed0.done" ] || GEN_LIMIT_S=3600 generate "${GEN_TOKENS:?text needs a pipeline}" 0
+      [ -f "$ROOT/generated-seed0.done" ] && touch "$ROOT/text.done"
       continue
     fi
     if [ "$spec" = ptq ]; then

@@ -402,12 +402,14 @@ def _tiny_global_run(tmp_path: Path, **overrides):
 
     model = tiny_model("llama", seed=0)
     device = overrides.pop("device", "cpu")
+    eval_ids = overrides.pop("eval_ids", None)
     model = model.to(device)
     tokens = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(1))
     overrides.setdefault("blocks", BlockConfig(sequences=0))
     overrides.setdefault("steps", 6)
     tc = TrainConfig(seqlen=32, batch_size=4, save_every=0, **overrides)
-    trainer = Trainer(model, tokens, LittleBitConfig(bpw=4.0), tc, tmp_path / "w", progress=False)
+    lb = LittleBitConfig(bpw=4.0)
+    trainer = Trainer(model, tokens, lb, tc, tmp_path / "w", eval_ids=eval_ids, progress=False)
     trainer.setup(False)
     before = {n: t.detach().clone() for n, t in trainer.student.state_dict().items()}
     trainer.run()

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from littlebit.config import LittleBitError
 from littlebit.core.convert import decoder_layer_classes
 from littlebit.runtime.step_graph import GraphedMicroStep
+from littlebit.training.compiled import compile_layer
 from littlebit.training.config import BlockConfig, LearningRates
 from littlebit.training.optim import (
     lr_factor,
@@ -100,13 +101,15 @@ def reconstruct_blocks(
     on_block_done: Callable[[int, float], None] | None = None,
     progress: bool = True,
     cuda_graphs: bool = False,
+    compiled: bool = False,
 ) -> None:
     """Train student layers ``start_block..`` one at a time (earlier ones are replayed, not trained).
 
     ``amp()`` returns the autocast context to run under; ``on_block_done(index, final_loss)`` is
     called after each trained layer (the trainer checkpoints there). ``cuda_graphs`` replays each
     layer's forward and backward as a CUDA graph (``step_graph``): a one-layer step is a few hundred
-    small kernels, so issuing them from Python, not the GPU, set the pace.
+    small kernels, so issuing them from Python, not the GPU, set the pace. ``compiled``: each layer is
+    ``torch.compile``d before it trains, which fuses them (``compiled.compile_layer``).
     """
     device = next(student.parameters()).device
     t_layers, s_layers = decoder_layers(teacher), decoder_layers(student)
@@ -136,6 +139,7 @@ def reconstruct_blocks(
                 index,
                 total,
                 cuda_graphs=cuda_graphs,
+                compiled=compiled,
             )
             bar.update(1)
             bar.set_postfix(layer=index, rel_err=f"{loss:.4f}")
@@ -146,7 +150,11 @@ def reconstruct_blocks(
     bar.close()
 
 
-def _fit_layer(layer, x, y, kwargs, config, lrs, amp, train_norms, index, total, cuda_graphs) -> float:
+def _fit_layer(
+    layer, x, y, kwargs, config, lrs, amp, train_norms, index, total, cuda_graphs, compiled=False
+) -> float:
+    if compiled:
+        compile_layer(layer)
     kinds = select_trainable(layer, train_norms)
     m = config.lr_multiplier
     scaled = LearningRates(lrs.latent * m, lrs.scale * m, lrs.norm * m, lrs.relative)

@@ -149,7 +149,7 @@ class TrainConfig:
     eval_seqlen: int = 512
     save_every: int = 50
     keep_checkpoints: int = 2  # the newest N stay on disk (0: all), so a damaged one has a fallback
-    compile: bool | None = None  # None: on CUDA when the step is not recorded as a CUDA graph
+    compile: bool | None = None  # None: on CUDA
     cuda_graphs: bool | None = None  # replay global and block micro-steps as CUDA graphs; None: on CUDA
     amp: bool | None = None  # bf16 autocast; None: on CUDA only
     grad_checkpoint: bool = False

@@ -37,6 +37,7 @@ from littlebit.training.checkpoints import (
     rng_tensors,
     save_checkpoint,
 )
+from littlebit.training.compiled import causal_mask, compile_layers, eager_layers, uncompile_layers
 from littlebit.training.config import TrainConfig
 from littlebit.training.data import training_sequences
 from littlebit.training.distill import distill_loss
@@ -83,25 +84,6 @@ def trained_state(model: nn.Module, kinds: dict[str, list[nn.Parameter]]) -> dic
     return {f"model.{n}": p for n, p in model.named_parameters() if id(p) in ids}
 
 
-def compile_layers(model: nn.Module) -> None:
-    """``torch.compile`` each decoder layer in place.
-
-    A step is launch-bound (hundreds of small kernels per layer); compiling per layer fuses them,
-    and since every layer runs the same code on same-shaped tensors, one compilation serves all of
-    them and every student of the same ranks, where compiling the whole model would recompile for
-    each new student. Compilation errors fall back to eager execution instead of failing the run.
-    """
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    for layer in decoder_layers(model):
-        if getattr(layer, "_compiled_call_impl", None) is None:
-            layer.compile()
-
-
 class Trainer:
     """One run: owns the student, the optimizer, the data position and the checkpoints."""
 
@@ -130,9 +112,8 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.use_amp = cuda if config.amp is None else config.amp
         self.use_graphs = cuda and (config.cuda_graphs is None or config.cuda_graphs)
-        # Compiled layers recompiled while the step was being recorded on the H100 (a failed recording);
-        # a recorded eager step needs no compiler and issues its kernels at once anyway.
-        self.use_compile = (cuda and not self.use_graphs) if config.compile is None else config.compile
+        # Recorded or not, a step of compiled layers runs fewer, fused kernels (train_profile_b2_h100.json).
+        self.use_compile = cuda if config.compile is None else config.compile
         self.amp = _autocast(self.device, self.use_amp)
         self.sequences = training_sequences(data, config, tokenizer, teacher, data_cache, self._on_shard)
         self.history: list[dict] = []
@@ -260,7 +241,10 @@ class Trainer:
             self.timings["blocks"] = time.perf_counter() - start
         if self.phase == "global":
             t0 = time.perf_counter()
-            self._global()
+            try:
+                self._global()
+            finally:
+                self._uncompile()
             self.timings["global"] = time.perf_counter() - t0
         self.log.close()
         tps = self._global_tokens / self.global_seconds if self.global_seconds else float("nan")
@@ -293,6 +277,7 @@ class Trainer:
                 on_block_done=done,
                 progress=self.progress,
                 cuda_graphs=self.use_graphs,
+                compiled=self.use_compile,
             )
         self.phase = "global"
         self._make_optimizer()
@@ -343,6 +328,9 @@ class Trainer:
         """The teacher and student as the global phase runs them; sets up the (recorded) micro-step."""
         teacher = self._teacher_for_distillation()
         student_fwd = self._student_forward()
+        # compiled layers must not meet a new mask in the recording step (``compiled.causal_mask``)
+        recorded_compiled = self.use_compile and self.use_graphs
+        self._mask = causal_mask(teacher, self.config.seqlen, self.device) if recorded_compiled else None
         micro = functools.partial(self._micro_step, teacher=teacher, student_fwd=student_fwd)
         self._micro = GraphedMicroStep(micro) if self.use_graphs else micro
         return teacher, student_fwd
@@ -351,10 +339,13 @@ class Trainer:
         """Forward passes, loss and backward of one micro-batch; the gradients add up in ``.grad``."""
         cfg = self.config
         want_hidden = cfg.loss.weight > 0
+        kw = {"output_hidden_states": want_hidden, "use_cache": False}
+        if self._mask is not None:
+            kw["attention_mask"] = self._mask
         with torch.no_grad(), self.amp():
-            t_out = teacher(batch, output_hidden_states=want_hidden, use_cache=False)
+            t_out = teacher(batch, **kw)
         with self.amp():
-            s_out = student_fwd(batch, output_hidden_states=want_hidden, use_cache=False)
+            s_out = student_fwd(batch, **kw)
         s_hid = s_out.hidden_states[1:] if want_hidden else ()
         t_hid = t_out.hidden_states[1:] if want_hidden else ()
         reduce = self.dist.reduce_mean if self.dist is not None else None
@@ -387,7 +378,7 @@ class Trainer:
             p.requires_grad_(False)
         teacher.eval()
         if self.use_compile:
-            compile_layers(teacher)
+            compile_layers(decoder_layers(teacher))
         return teacher
 
     def _student_forward(self):
@@ -400,8 +391,14 @@ class Trainer:
             else:
                 self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         if self.use_compile:
-            compile_layers(self.student)
+            compile_layers(decoder_layers(self.student))
         return self.student
+
+    def _uncompile(self) -> None:
+        """The caller's teacher and the student returned run their plain code again."""
+        if self.use_compile:
+            uncompile_layers(decoder_layers(self.teacher))
+            uncompile_layers(decoder_layers(self.student))
 
     def _evaluate(self) -> None:
         if self.eval_ids is None:
@@ -409,7 +406,9 @@ class Trainer:
         from littlebit.evaluation.perplexity import perplexity
 
         self.student.eval()
-        with self.amp():
+        # windows of other shapes, without gradients: compiled layers would compile again, which a
+        # window being recorded as a CUDA graph cannot survive
+        with self.amp(), eager_layers(decoder_layers(self.student)):
             ppl = perplexity(
                 self.student,
                 self.eval_ids,
