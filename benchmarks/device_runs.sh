@@ -51,7 +51,7 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, acceptance, threshold, expand, host, compile, bounds, trainstep (below), prefill (per layer, time to first token, serving; about 8
+  # Any of: tests, gemm, acceptance, threshold, expand, host, compile, bounds, trainstep, blockstep (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
   # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
@@ -105,6 +105,10 @@ speed() {
           TORCH_LOGS=recompiles timeout 200 python benchmarks/dev/train_profile.py --batch-size 2 --steps 20 \
             --compile $c --out "$ROOT/train_profile_b2.json" >> "$ROOT/train_profile.log" 2>&1
         done ;;
+      # blockstep: block-stage steps, eager against compiled, on a random model of the default model's
+      # shape (no model needed; under a minute)
+      blockstep) timeout 170 python benchmarks/dev/block_stage_speed.py --layers 6 --sequences 64 \
+          --out "$ROOT/block_stage_speed.json" > "$ROOT/block_stage_speed.log" 2>&1 ;;
       bounds) timeout 240 python benchmarks/dev/ttft_compile.py --layers 8 \
         --models fp16,lowrank-0.1,0.1,lowrank-0.55,0.55 --name ttft_bounds > "$ROOT/ttft_bounds.log" 2>&1 ;;
       *) echo "speed: unknown measurement $w" >&2 ;;
