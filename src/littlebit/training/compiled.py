@@ -1,9 +1,9 @@
-"""Decoder layers compiled for the global phase's recorded steps.
+"""Decoder layers compiled for training's recorded steps.
 
-A global-distillation step of the default model is launch-bound even when recorded as a CUDA graph: the
-graph replays ~16,000 small kernels. ``torch.compile`` fuses them into ~6,000, and the recorded step of
-2 x 512 tokens took 23.5 ms against 44.5 ms eager on an H100 (``benchmarks/dev/train_profile.py``,
-``benchmarks/results/train_profile_b2_h100.json``).
+A training step of the default model is launch-bound even when recorded as a CUDA graph: a global step's
+graph replays ~16,000 small kernels. ``torch.compile`` fuses them into ~6,000: the recorded global step
+of 2 x 512 tokens took 23.5 ms against 44.5 ms eager on an H100, a block-stage step 1.64 against 2.43 ms
+(``benchmarks/results/train_profile_b2_h100.json``, ``block_stage_speed_h100.json``).
 
 Compiled code guards on what it was compiled for and compiles again when that changes. A CUDA graph
 cannot be recorded while something compiles, so every call that is recorded must meet code compiled
