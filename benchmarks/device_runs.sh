@@ -18,8 +18,8 @@
 # time: runs of the default model are launch-bound, and two processes on one GPU time-slice it, so
 # side by side each ran several times slower than alone (measured on the H200: 4 runs and the PTQ
 # benchmark together finished nothing but the PTQ benchmark in 9 minutes). The queue is detached so
-# that it goes on between commands; each run saves a checkpoint every 200 steps and resumes from it
-# when restarted.
+# that it goes on between commands; each run saves a checkpoint every 5 minutes (the default
+# save_interval_s) and resumes from it when restarted.
 set -u
 OUT=${OUT:?run on the device machine, where OUT is set}
 ROOT=/root/lbruns
@@ -202,7 +202,7 @@ run_queue() {
     local variants=${rest%%:*}
     # VARIANT+VARIANT...: one process, one initial student (--reuse-init), one model load and FP score
     python benchmarks/qat.py --runs "$bpw:$init" --variant ${variants//+/ } "${budget[@]}" --reuse-init --grad-power "$grad" \
-      --generated-dir "$GEN" --work "$ROOT/work-$name" --resume --save-every 200 --fp-scores "$ROOT/fp.json" \
+      --generated-dir "$GEN" --work "$ROOT/work-$name" --resume --fp-scores "$ROOT/fp.json" \
       --out "$ROOT/$name.json" --logs "$ROOT/$name.jsonl" >> "$ROOT/$name.log" 2>&1 \
       && python -c 'import json, sys; sys.exit(len({r["variant"] for r in json.load(open(sys.argv[1])) if "headline" in r}) < int(sys.argv[2]))' \
         "$ROOT/$name.json" "$(tr '+' '\n' <<< "$variants" | wc -l)" && touch "$ROOT/$name.done"

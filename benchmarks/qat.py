@@ -87,7 +87,8 @@ def train_config(variant: str, args: argparse.Namespace, lb: LittleBitConfig) ->
     gen = dataclasses.replace(cfg.generation, length=cfg.seqlen, seed=cfg.seed)
     cfg = dataclasses.replace(cfg, generation=gen, save_every=args.save_every)
     if variant.startswith("speed"):
-        return dataclasses.replace(cfg, steps=30, eval_every=0, eval_windows=1, save_every=0)
+        quiet = {"eval_every": 0, "eval_windows": 1, "save_every": 0, "save_interval_s": 0}
+        return dataclasses.replace(cfg, steps=30, **quiet)
     if variant in RECIPE:
         cfg = plan_budget(cfg, args.tokens, VARIANTS[variant].get("block_share", BLOCK_SHARE))
     else:
@@ -307,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue each run from the newest checkpoint in its work dir (runs longer than one command)",
     )
-    ap.add_argument("--save-every", type=int, default=0, help="global steps between checkpoints (0: none)")
+    ap.add_argument(
+        "--save-every", type=int, default=0, help="also a checkpoint every N global steps and block layer"
+    )
     ap.add_argument("--model", default=None)
     ap.add_argument(
         "--fp-scores",

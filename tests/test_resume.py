@@ -193,6 +193,8 @@ BAD_CONFIGS = [
     {"steps": -1},
     {"eval_every": -1},
     {"save_every": -1},
+    {"save_interval_s": -1.0},
+    {"save_interval_s": float("nan")},
     {"eval_windows": 0},
     {"eval_seqlen": 1},
     {"calib_sequences": -1},
@@ -214,7 +216,8 @@ def test_bad_settings_are_refused_in_one_line(bad):
 @pytest.mark.parametrize(
     "flag",
     ["--lr=-1", "--latent-lr=0", "--norm-lr=nan", "--warmup=1", "--seqlen=1", "--steps=-1", "--save-every=-1",
-     "--eval-windows=-1", "--calib-sequences=-1", "--block-sequences=-1", "--keep-checkpoints=-1"],
+     "--save-interval=-1", "--eval-windows=-1", "--calib-sequences=-1", "--block-sequences=-1",
+     "--keep-checkpoints=-1"],
 )  # fmt: skip
 def test_bad_arguments_fail_before_loading_anything(flag, capsys, monkeypatch):
     from littlebit.cli import main as cli

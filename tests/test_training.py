@@ -407,7 +407,8 @@ def _tiny_global_run(tmp_path: Path, **overrides):
     tokens = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(1))
     overrides.setdefault("blocks", BlockConfig(sequences=0))
     overrides.setdefault("steps", 6)
-    tc = TrainConfig(seqlen=32, batch_size=4, save_every=0, **overrides)
+    overrides.setdefault("save_every", 0)
+    tc = TrainConfig(seqlen=32, batch_size=4, **overrides)
     lb = LittleBitConfig(bpw=4.0)
     trainer = Trainer(model, tokens, lb, tc, tmp_path / "w", eval_ids=eval_ids, progress=False)
     trainer.setup(False)
@@ -501,3 +502,30 @@ def test_the_benchmarked_default_recipe_is_what_train_runs(bpw, monkeypatch):
     same = {f.name for f in dataclasses.fields(cfg)} - set(how_run)
     assert {k: getattr(bench_cfg, k) for k in same} == {k: getattr(cfg, k) for k in same}
     assert qat.data_spec("default", args) == _spec(None, cfg)
+
+
+@pytest.mark.parametrize(
+    ("every", "interval", "expected"),
+    [
+        (0, 0.0, [("global", 0), ("global", 6)]),  # the end of each phase only
+        (3, 0.0, [("blocks", 1), ("blocks", 2), ("global", 0), ("global", 3), ("global", 6)]),
+        (0, 1e-9, [("blocks", 1), ("blocks", 2), ("global", 0), *[("global", i) for i in range(1, 7)]]),
+    ],
+    ids=["phase-ends", "by-steps", "by-time"],
+)
+def test_checkpoints_by_steps_by_time_and_at_phase_ends(tmp_path, monkeypatch, every, interval, expected):
+    from littlebit.training.config import BlockConfig
+    from littlebit.training.trainer import Trainer
+
+    saves = []
+    save = Trainer.save
+
+    def counted(self):
+        saves.append((self.phase, self.next_block if self.phase == "blocks" else self.step))
+        return save(self)
+
+    monkeypatch.setattr(Trainer, "save", counted)
+    blocks = BlockConfig(sequences=4, epochs=1, batch_size=4)
+    run = {"blocks": blocks, "save_every": every, "save_interval_s": interval}
+    _tiny_global_run(tmp_path, **run)
+    assert saves == expected

@@ -171,7 +171,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="held-out text the evaluations score, as littlebit eval --ppl takes one: wikitext2 or ptb (test "
         "splits), a text file or folder, or hf:NAME[?config=C&split=S&column=COL] (default: wikitext2)",
     )
-    parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=defaults.save_every,
+        help="also a checkpoint every N global steps and after every block-stage layer (0: by time only)",
+    )
+    parser.add_argument(
+        "--save-interval",
+        type=float,
+        default=defaults.save_interval_s,
+        help=f"seconds between checkpoints (0: not by time; default: {defaults.save_interval_s:g})",
+    )
     parser.add_argument(
         "--keep-checkpoints",
         type=int,
@@ -270,6 +281,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
         eval_windows=args.eval_windows or None,
         eval_seqlen=args.eval_seqlen,
         save_every=args.save_every,
+        save_interval_s=args.save_interval,
         keep_checkpoints=args.keep_checkpoints,
         compile=False if args.no_compile else None,
         cuda_graphs=False if args.no_cuda_graphs else None,

@@ -212,6 +212,7 @@ class Trainer:
         self.optimizer = optimizer_from_flat(tensors, saved, params, kinds)
 
     def save(self) -> None:
+        self._last_save = time.monotonic()
         if self.dist is not None:
             return self.dist.save(self)
         tensors = {**trained_state(self.student, self.kinds), **rng_tensors()}
@@ -232,8 +233,14 @@ class Trainer:
         tag = f"{self.phase}-{self.next_block if self.phase == 'blocks' else self.step:06d}"
         save_checkpoint(self.work_dir, tag, tensors, meta, self.config.keep_checkpoints)
 
+    def _save_due(self) -> bool:
+        """Whether ``save_interval_s`` has passed since the last checkpoint (or the run's start)."""
+        interval = self.config.save_interval_s
+        return bool(interval) and time.monotonic() - self._last_save >= interval
+
     # ----- phases ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        self._last_save = time.monotonic()
         start = time.perf_counter()
         self.global_seconds, self._global_tokens = 0.0, 0
         if self.phase == "blocks":
@@ -263,7 +270,8 @@ class Trainer:
                 # Each layer's share of the phase's token cost, summing exactly to the total.
                 self.tokens += total * (index + 1) // n_layers - total * index // n_layers
                 self.log.write({"phase": "blocks", "block": index, "rel_err": loss, "tokens": self.tokens})
-                self.save()
+                if self.config.save_every or self._save_due():
+                    self.save()
 
             reconstruct_blocks(
                 self.teacher,
@@ -300,7 +308,12 @@ class Trainer:
             set_lr(self.optimizer, lr_factor(self.step, cfg.steps, warmup))
             parts = self._train_step(batches, teacher, student_fwd)
             if self.dist is not None:
+                # every process must take the same decision to save (a collective): any one's clock
+                parts["save_due"] = torch.tensor(float(self._save_due()), device=self.device)
                 parts = self.dist.mean(parts)
+                due = bool(parts.pop("save_due") > 0)
+            else:
+                due = self._save_due()
             self.position = batches.position
             self.step += 1
             self.tokens += cfg.tokens_per_step
@@ -320,7 +333,7 @@ class Trainer:
             )
             if cfg.eval_every and self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 self._evaluate()
-            if cfg.save_every and self.step % cfg.save_every == 0 or self.step == cfg.steps:
+            if cfg.save_every and self.step % cfg.save_every == 0 or due or self.step == cfg.steps:
                 self.save()
         bar.close()
 
