@@ -31,6 +31,10 @@ def test_no_mask_for_attention_it_cannot_describe():
     model = tiny_model("llama")
     model.config._attn_implementation = "flex_attention"
     assert causal_mask(model, 8, torch.device("cpu")) is None
+    model.config._attn_implementation = "sdpa"
+    model.config.sliding_window = 4  # a window shorter than the sequence: not a plain causal mask
+    assert causal_mask(model, 8, torch.device("cpu")) is None
+    assert causal_mask(model, 4, torch.device("cpu")) is not None
 
 
 def test_eager_layers_restores_the_compiled_code_and_uncompile_drops_it():

@@ -64,13 +64,18 @@ def eager_layers(layers: Iterable[nn.Module]) -> Iterator[None]:
 
 def causal_mask(model: nn.Module, seqlen: int, device: torch.device) -> torch.Tensor | None:
     """A ready (1, 1, seqlen, seqlen) causal mask for ``model``'s attention (boolean for sdpa, additive
-    for eager), which transformers passes on as it is; None for other attention implementations.
+    for eager), which transformers passes on as it is; None for other attention implementations and
+    for models whose layers see less than the whole sequence (a sliding window shorter than it), whose
+    masks a plain causal one would not describe.
 
     transformers (5.17) builds a full causal mask while a CUDA graph is being recorded and none outside
     one (sdpa's causal flag instead), so compiled layers met a mask for the first time in the recording
     step, compiled again there, and the recording failed. A mask of the caller's is the same every step.
     """
     attention = getattr(model.config, "_attn_implementation", "sdpa")
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and window < seqlen:
+        return None
     allowed = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()[None, None]
     if attention == "sdpa":
         return allowed
