@@ -81,7 +81,10 @@ speed() {
       # expand: its expansion alone and in the whole call (about a minute); compile: compiled time to
       # first token of 8 layers
       tests) timeout 240 python -m pytest -q tests/test_prefill.py tests/test_batch_decoding.py tests/test_perplexity.py \
-        > "$ROOT/test_prefill.log" 2>&1 ;;
+        > "$ROOT/test_prefill.log" 2>&1
+        # recorded training steps, eager and compiled, against each other (about a minute)
+        timeout 150 python -m pytest -q tests/test_compiled_steps.py tests/test_training.py -k recorded \
+          > "$ROOT/test_training_gpu.log" 2>&1 ;;
       gemm) timeout 450 python benchmarks/prefill.py "${grid[@]}" --order layers,models,gemm-threshold \
         --out "$ROOT/prefill_gemm.json" > "$ROOT/prefill_gemm.log" 2>&1 ;;
       # acceptance: the same per layer and end to end without the threshold sweep (about 6 minutes)
