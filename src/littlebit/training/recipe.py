@@ -76,7 +76,9 @@ class Rates:
 
 # GPU: the 1.6M-token default runs at 1.0 BPW on an H100 (benchmarks/results/qat_1bpw_gpu.json,
 # qat_paths_gpu.json, qat_default_gpu.json: setup 38-67 s with refitted signs and the loss-gradient
-# pass, block stage 70-100 s for 524k tokens, global 81-95 s for 1.1M); generation at 256 x 512 a shard
+# pass, block stage 70-100 s for 524k tokens, global 81-95 s for 1.1M, with eager layers and a checkpoint
+# after every block-stage layer: compiled steps and fewer checkpoints make both faster, not yet timed as
+# whole stages, so the GPU estimate errs long); generation at 256 x 512 a shard
 # on an H100 with littlebit's decoding loop and its grouped single-token attention: 9,543 tokens/s over
 # a BOS, a random-token and a chat shard (benchmarks/results/generate_rate_h100.json).
 # CPU: 2 cores; global steps at 150 tokens/s from `benchmarks/train_budget.py --tokens 30000`
