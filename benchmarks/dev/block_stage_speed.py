@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402, F401  (puts src on the path)
 import torch  # noqa: E402
 
-import littlebit.training.blockwise as blockwise  # noqa: E402
 from littlebit.config import LittleBitConfig  # noqa: E402
-from littlebit.training.compiled import compile_layer  # noqa: E402
+from littlebit.training.blockwise import reconstruct_blocks  # noqa: E402
 from littlebit.training.config import BlockConfig, LearningRates  # noqa: E402
 from littlebit.training.student import make_student  # noqa: E402
 
@@ -48,31 +47,20 @@ def default_shape(layers: int):
 
 def run_stage(teacher, student, sequences, blocks: BlockConfig, compiled: bool) -> list[float]:
     """Seconds each layer took (from the previous layer's end; the first from the stage's start)."""
-    fit = blockwise._fit_layer
-
-    def fit_compiled(layer, *args, **kwargs):
-        compile_layer(layer)
-        return fit(layer, *args, **kwargs)
-
-    marks = [time.perf_counter()]
-
     cuda = next(student.parameters()).is_cuda
+    marks = [time.perf_counter()]
 
     def done(index: int, loss: float) -> None:
         if cuda:
             torch.cuda.synchronize()
         marks.append(time.perf_counter())
 
-    blockwise._fit_layer = fit_compiled if compiled else fit
     device = next(student.parameters()).device.type
     amp = lambda: torch.autocast(device, dtype=torch.bfloat16)  # noqa: E731
-    try:
-        blockwise.reconstruct_blocks(
-            teacher, student, sequences, blocks, LearningRates(), amp, on_block_done=done, progress=False,
-            cuda_graphs=cuda,
-        )  # fmt: skip
-    finally:
-        blockwise._fit_layer = fit
+    reconstruct_blocks(
+        teacher, student, sequences, blocks, LearningRates(), amp, on_block_done=done, progress=False,
+        cuda_graphs=cuda, compiled=compiled,
+    )  # fmt: skip
     return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
