@@ -125,10 +125,14 @@ speed() {
 
 generate() {
   # TOKENS of the teacher's text for one data order (SEED, default 0: what runs without -seed1 use).
-  # Shards brought back from an earlier machine (generated.tgz, or its parts joined with cat, unpacked
-  # into .dev-generated, carried) are not sampled again.
+  # Shards brought back from an earlier machine are not sampled again: carry them in .dev-generated,
+  # as the archive wait brings back (generated.tgz, its parts joined with cat) or unpacked.
   local tokens=$1 seed=${2:-0}
-  [ -d .dev-generated ] && mkdir -p "$GEN" && cp -r .dev-generated/. "$GEN/"
+  if [ -f .dev-generated/generated.tgz ]; then
+    mkdir -p "$GEN" && tar xzf .dev-generated/generated.tgz -C "$GEN"
+  elif [ -d .dev-generated ]; then
+    mkdir -p "$GEN" && cp -r .dev-generated/. "$GEN/"
+  fi
   # A time limit that fits one 10-minute command; a detached pipeline lifts it (GEN_LIMIT_S).
   timeout "${GEN_LIMIT_S:-540}" python -m littlebit.cli generate-data --seed "$seed" --out "$GEN" \
     --tokens "$tokens" > "$ROOT/generate-seed$seed.log" 2>&1 && touch "$ROOT/generated-seed$seed.done"

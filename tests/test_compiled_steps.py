@@ -3,6 +3,7 @@ evaluations, and a model handed back uncompiled."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -93,7 +94,15 @@ def test_recorded_compiled_block_steps_match_recorded_eager_ones(tmp_path, watch
     _, compiled, _ = _tiny_global_run(tmp_path / "c", compile=True, **run)
     assert not fallbacks, fallbacks
     assert made and all(step.active for step in made)
-    after_e, after_c = eager.student.state_dict(), compiled.student.state_dict()
-    for n, pe in after_e.items():
-        assert torch.allclose(pe.float(), after_c[n].float(), rtol=2e-2, atol=1e-3), n
+    # Each layer's error after its block steps. Weights are not compared: Adam normalises each update,
+    # so the fused kernels' rounding moves latents whose gradients are near zero by up to a step size.
+    errors_e, errors_c = _block_errors(tmp_path / "e"), _block_errors(tmp_path / "c")
+    assert len(errors_e) == len(decoder_layers(eager.student)) and len(errors_c) == len(errors_e)
+    for ee, ec in zip(errors_e, errors_c, strict=True):
+        assert math.isclose(ee, ec, rel_tol=2e-2), (errors_e, errors_c)
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(compiled.student))
+
+
+def _block_errors(run_dir) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "w" / "train_log.jsonl").read_text().splitlines()]
+    return [r["rel_err"] for r in records if r.get("phase") == "blocks"]

@@ -349,14 +349,39 @@ def test_gpu_batch_follows_the_models_cache_size() -> None:
 
     cuda = torch.device("cuda")
     smol = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
-    assert resolved(TextGenConfig(length=512), cuda, model(torch.float32, **smol)).batch_size == 256
-    assert resolved(TextGenConfig(length=512), cuda, model(torch.bfloat16, **smol)).batch_size == 512
+    on_gpu = resolved(TextGenConfig(length=512), cuda, model(torch.float32, **smol))
+    assert (on_gpu.dtype, on_gpu.batch_size) == ("bfloat16", 512)  # an fp32 teacher samples in bf16
+    fp32 = resolved(TextGenConfig(length=512, dtype="float32"), cuda, model(torch.float32, **smol))
+    assert fp32.batch_size == 256
     llama7b = dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096)
-    assert resolved(TextGenConfig(length=512), cuda, model(torch.float32, **llama7b)).batch_size == 16
-    assert (
-        resolved(TextGenConfig(length=512), torch.device("cpu"), model(torch.float32, **smol)).batch_size
-        == 32
-    )
+    assert resolved(TextGenConfig(length=512), cuda, model(torch.float32, **llama7b)).batch_size == 32
+    on_cpu = resolved(TextGenConfig(length=512), torch.device("cpu"), model(torch.float32, **smol))
+    assert (on_cpu.dtype, on_cpu.batch_size) == ("float32", 32)
     assert (
         resolved(TextGenConfig(length=512, batch_size=3), cuda, model(torch.float32, **smol)).batch_size == 3
     )
+
+
+def test_a_sampling_twin_in_another_dtype_leaves_the_teacher_alone(teacher, tmp_path):
+    """bf16 sampling of an fp32 teacher: a cast copy samples (tied weights stay tied), the teacher
+    keeps its fp32 weights, and the dtype keys the cache."""
+    from littlebit.training.teacher_text import sampling_twin
+
+    model, tok = teacher
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    twin = sampling_twin(model, torch.bfloat16)
+    assert twin is not model and all(p.dtype == torch.bfloat16 for p in twin.parameters())
+    assert sampling_twin(model, torch.float32) is model
+    if model.config.tie_word_embeddings:
+        assert twin.get_input_embeddings().weight is twin.get_output_embeddings().weight
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = model(ids).logits, twin(ids).logits.float()
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    bf16 = TextCache(model, tok, dataclasses.replace(GEN, dtype="bfloat16"), tmp_path)
+    fp32 = TextCache(model, tok, dataclasses.replace(GEN, dtype="float32"), tmp_path)
+    assert bf16.dir != fp32.dir
+    bf16.ensure(1)
+    assert bf16.shard_tokens(0) > 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -15,7 +15,7 @@ from pathlib import Path
 from littlebit.atomic import check_writable_dir
 from littlebit.cli.common import DEFAULT_MODEL_HELP, check_context, device_name, threads_type
 from littlebit.config import LittleBitError
-from littlebit.training.config import START_KINDS, TextGenConfig
+from littlebit.training.config import SAMPLING_DTYPES, START_KINDS, TextGenConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--starts", default=",".join(gen.starts), help=f"start kinds, some of {','.join(START_KINDS)}"
     )
     parser.add_argument("--seed", type=int, default=0, help="the same as train's --seed to share its cache")
+    parser.add_argument(
+        "--dtype",
+        choices=SAMPLING_DTYPES,
+        default=None,
+        help="the teacher's dtype while it samples (default: bfloat16 on a GPU, the model's own on a CPU)",
+    )
     parser.add_argument("--device", help="where to sample (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     parser.add_argument("--threads", type=threads_type, default=None, help="CPU threads (default: torch's)")
@@ -58,6 +64,7 @@ def gen_config(args: argparse.Namespace) -> TextGenConfig:
         batch_size=args.batch_size,
         starts=[k.strip() for k in args.starts.split(",") if k.strip()],
         seed=args.seed,
+        dtype=args.dtype,
     )
 
 

@@ -22,6 +22,7 @@ from littlebit.evaluation.data import check_test_set
 from littlebit.training.config import (
     BLOCK_INPUTS,
     LOSS_FORMS,
+    SAMPLING_DTYPES,
     START_KINDS,
     BlockConfig,
     DistillConfig,
@@ -104,7 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-temperature", type=float, default=gen.temperature, help="sampling temperature")
     parser.add_argument("--gen-top-p", type=float, default=gen.top_p, help="nucleus sampling threshold")
     parser.add_argument(
-        "--gen-batch-size", type=int, default=None, help="sequences per generated shard (256 GPU, 32 CPU)"
+        "--gen-batch-size",
+        type=int,
+        default=None,
+        help="sequences per generated shard (GPU: as many as 16 GiB of cache holds; CPU: 32)",
+    )
+    parser.add_argument(
+        "--gen-dtype",
+        choices=SAMPLING_DTYPES,
+        default=None,
+        help="the teacher's dtype while it writes text (default: bfloat16 on a GPU, its own on a CPU)",
     )
     parser.add_argument(
         "--gen-starts",
@@ -276,6 +286,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LittleBitConfig, TrainCo
             batch_size=args.gen_batch_size,
             starts=[k.strip() for k in args.gen_starts.split(",") if k.strip()],
             seed=args.seed,
+            dtype=args.gen_dtype,
         ),
         eval_every=args.eval_every,
         eval_windows=args.eval_windows or None,

@@ -74,13 +74,13 @@ class Rates:
     grad_tokens_per_s: float
 
 
-# GPU: the 1.6M-token default runs at 1.0 BPW on an H100 (benchmarks/results/qat_1bpw_gpu.json,
-# qat_paths_gpu.json, qat_default_gpu.json: setup 38-67 s with refitted signs and the loss-gradient
-# pass, block stage 70-100 s for 524k tokens, global 81-95 s for 1.1M, with eager layers and a checkpoint
-# after every block-stage layer: compiled steps and fewer checkpoints make both faster, not yet timed as
-# whole stages, so the GPU estimate errs long); generation at 256 x 512 a shard
-# on an H100 with littlebit's decoding loop and its grouped single-token attention: 9,543 tokens/s over
-# a BOS, a random-token and a chat shard (benchmarks/results/generate_rate_h100.json).
+# GPU: the 1.6M-token default runs on an H100 with compiled, recorded steps and checkpoints every 5
+# minutes (benchmarks/results/qat_bf16_text_h100.json): setup 45.5 / 30.5 s at 1.0 / 0.55 BPW with
+# refitted signs and the loss-gradient pass (Joint-ITQ alone: 29 s, qat_data_gpu.json), block stage
+# 41.1 / 37.5 s for 524k tokens (compilation included), global phase 49.9 / 41.8 s for 1.1M (its
+# evaluations included); generation with littlebit's decoding loop, the teacher sampling in bf16,
+# 512 x 512 a shard: 25,050 tokens/s over the 8.9M tokens of a 16M run's text
+# (benchmarks/results/generate_pipeline_bf16_h100.txt).
 # CPU: 2 cores; global steps at 150 tokens/s from `benchmarks/train_budget.py --tokens 30000`
 # (benchmarks/results/train_budget.json); calibration and initialisation 15 / 91 / 123 s for
 # Dual-SVID / Joint-ITQ / refitted signs (benchmarks/results/qat_init_cpu.json, setup); generation
@@ -91,7 +91,7 @@ class Rates:
 # GPU, where the global step's rate, which also runs the student, bounds it.
 RATES = {
     "cuda": Rates(
-        "an H100", {"itq": 70.0, "itq-refined": 60.0, "dual-svid": 15.0}, 5700.0, 12000.0, 9500.0, 12000.0
+        "an H100", {"itq": 30.0, "itq-refined": 45.0, "dual-svid": 15.0}, 12500.0, 22000.0, 25000.0, 12000.0
     ),
     "cpu": Rates(
         "2 idle CPU cores", {"itq": 90.0, "itq-refined": 125.0, "dual-svid": 15.0}, 150.0, 150.0, 84.0, 380.0

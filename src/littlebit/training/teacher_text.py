@@ -12,6 +12,7 @@ smaller. Every file is written to a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -46,33 +47,40 @@ def default_cache_dir() -> Path:
     return Path(root) / "generated"
 
 
-# The static caches of one shard's batch may take this much GPU memory. Decoding a small model is
-# launch-bound, so a step costs about the same for 256 sequences as for 1024: the batch is as large as
+# The static caches of one shard's batch may take this much GPU memory. A step's cost grows far less
+# than its batch (on an H100, bf16, the default model's shape: 6.9 ms a step for 256 sequences, 10.0
+# for 512, 15.9 for 1024; benchmarks/results/decode_profile_h100.json), so the batch is as large as
 # this allows, within [8, 1024]. A chat start's answer pass can hold up to twice the length (the
-# question, then the answer), so that is what a sequence is counted for. The default model in fp32:
-# 256 sequences, 11.3 GiB at most; Llama-2-7B in fp32: 16.
+# question, then the answer), so that is what a sequence is counted for. The default model in bf16:
+# 512 sequences, 11.3 GiB at most; Llama-2-7B in bf16: 32.
 GPU_CACHE_BYTES = 16 * 2**30
 
 
 def resolved(config: TextGenConfig, device: torch.device, model: nn.Module | None = None) -> TextGenConfig:
-    """The settings with the device-dependent default batch filled in: on a GPU the power of two whose
-    static caches fit ``GPU_CACHE_BYTES`` (from the model's config and dtype, so it is the same on every
-    GPU and the cache key with it); 32 on a CPU, where a decoding step reads every weight once whatever
-    the batch, so a larger batch is nearly free up to there."""
+    """The settings with the device-dependent defaults filled in, so that they key the cache: the
+    sampling dtype (bfloat16 on a GPU, the model's own elsewhere) and the batch (on a GPU the power of
+    two whose static caches in that dtype fit ``GPU_CACHE_BYTES``, from the model's config, so it is
+    the same on every GPU; 32 on a CPU, where a decoding step reads every weight once whatever the
+    batch, so a larger batch is nearly free up to there)."""
+    if config.dtype is None:
+        own = next(model.parameters()).dtype if model is not None else torch.float32
+        dtype = "bfloat16" if device.type == "cuda" else str(own).removeprefix("torch.")
+        config = dataclasses.replace(config, dtype=dtype)
     if config.batch_size is not None:
         return config
     if device.type != "cuda":
         return dataclasses.replace(config, batch_size=32)
-    per_sequence = _cache_bytes_per_sequence(model, 2 * config.length) if model is not None else None
+    element = getattr(torch, config.dtype).itemsize
+    per_sequence = _cache_bytes_per_sequence(model, 2 * config.length, element) if model is not None else None
     if not per_sequence:
         return dataclasses.replace(config, batch_size=256)
     fits = max(1, GPU_CACHE_BYTES // per_sequence)
     return dataclasses.replace(config, batch_size=max(8, min(1024, 1 << (fits.bit_length() - 1))))
 
 
-def _cache_bytes_per_sequence(model: nn.Module, length: int) -> int | None:
-    """Bytes of keys and values one sequence of ``length`` tokens holds in the model's dtype (the
-    static cache's), from a Llama-like config."""
+def _cache_bytes_per_sequence(model: nn.Module, length: int, element: int) -> int | None:
+    """Bytes of keys and values one sequence of ``length`` tokens holds in elements of ``element``
+    bytes, from a Llama-like config."""
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", None)
     heads = getattr(cfg, "num_attention_heads", None)
@@ -81,9 +89,22 @@ def _cache_bytes_per_sequence(model: nn.Module, length: int) -> int | None:
         return None
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    param = next(model.parameters(), None)
-    element = param.element_size() if param is not None else 2
     return 2 * element * layers * kv_heads * head_dim * length
+
+
+def sampling_twin(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` itself if it is in ``dtype``, else a copy whose parameters are cast to it (tied ones
+    stay tied; buffers are copied as they are, so rotary frequencies keep their precision). The copy
+    costs the parameters' size in ``dtype``; the model is left untouched."""
+    params = list(model.parameters())
+    if all(p.dtype == dtype for p in params if p.is_floating_point()):
+        return model
+    memo = {}
+    for p in params:
+        if id(p) not in memo:
+            cast = p.detach().to(dtype) if p.is_floating_point() else p.detach()
+            memo[id(p)] = nn.Parameter(cast, requires_grad=False)
+    return copy.deepcopy(model, memo)
 
 
 def model_identity(model: nn.Module) -> dict:
@@ -157,6 +178,9 @@ class TextCache:
     ) -> None:
         """``record_steps``: replay each decoding step as a CUDA graph (default: on a GPU)."""
         self.model, self.tokenizer = model, tokenizer
+        # the model as it samples, in the sampling dtype; kept across the shards of one ``ensure``
+        self._twin: nn.Module | None = None
+        self._keep_twin = False
         self.record_steps = record_steps
         self.device = next(model.parameters()).device
         context = context_length(model)
@@ -224,6 +248,7 @@ class TextCache:
         done = self.available()
         have = self.tokens_available()
         made = 0
+        self._keep_twin = True
         try:
             while have < tokens and (limit is None or made < limit):
                 t0 = time.perf_counter()
@@ -236,6 +261,8 @@ class TextCache:
             if new_dirs and done == 0:  # folders this call made and filled with nothing: leave no trace
                 shutil.rmtree(new_dirs[-1], ignore_errors=True)
             raise
+        finally:
+            self._keep_twin, self._twin = False, None
         return done
 
     def load(self, tokens: int) -> torch.Tensor:
@@ -270,6 +297,8 @@ class TextCache:
         devices = [self.device] if self.device.type == "cuda" else []
         was_training = self.model.training
         self.model.eval()
+        if self._twin is None:
+            self._twin = sampling_twin(self.model, getattr(torch, cfg.dtype))
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
@@ -278,6 +307,8 @@ class TextCache:
                     docs = self._answers(docs)
         finally:
             self.model.train(was_training)
+            if not self._keep_twin:
+                self._twin = None
         lengths = torch.tensor([d.numel() for d in docs], dtype=torch.int32)
         return torch.cat(docs).to(torch.int32).contiguous(), lengths
 
@@ -312,7 +343,7 @@ class TextCache:
         with torch.no_grad():
             ids, mask = ids.to(self.device), mask.to(self.device)
             out = sample_batch(
-                self.model, ids, mask, length, cfg.temperature, cfg.top_p, self.eos, self.record_steps
+                self._twin, ids, mask, length, cfg.temperature, cfg.top_p, self.eos, self.record_steps
             )
         return out.cpu()
 
