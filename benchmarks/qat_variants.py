@@ -135,12 +135,18 @@ _RECIPE = {
     "gen-temp0.8": {"generation": {"temperature": 0.8}},
     "gen-top-p1": {"generation": {"top_p": 1.0}},
     "gen-no-chat": {"generation": {"starts": ["bos", "random"]}},
+    # The teacher's dtype while it samples: on a GPU the default is bf16 (2.78x the tokens/s); fp32 is
+    # the text the recipe was chosen on.
+    "gen-fp32": {"generation": {"dtype": "float32"}},
     # Loss: no hidden-state term; the hidden-state term at a third.
     "hidden-0-recipe": {"loss": {"hidden_weight": 0.0}},
     "hidden-0.3-recipe": {"loss": {"hidden_weight": 0.3}},
-    # Block stage: none, or half the budget.
+    # Block stage: none, or half the budget; or its tokens over more distinct sequences, read once or
+    # twice instead of four times (the global phase's text does not repeat).
     "blocks-0": {"block_share": 0.0},
     "blocks-0.5": {"block_share": 0.5},
+    "blocks-1-epoch": {"blocks": {"epochs": 1}},
+    "blocks-2-epochs": {"blocks": {"epochs": 2}},
     # Initialisation: no activation-aware scaling.
     "no-act-recipe": {"act_power": 0.0},
     # A final scale-only phase (signs frozen for the last global steps) lost at 40k CPU and 1.6M GPU

@@ -357,6 +357,7 @@ def test_gpu_batch_follows_the_models_cache_size() -> None:
     assert resolved(TextGenConfig(length=512), cuda, model(torch.float32, **llama7b)).batch_size == 32
     on_cpu = resolved(TextGenConfig(length=512), torch.device("cpu"), model(torch.float32, **smol))
     assert (on_cpu.dtype, on_cpu.batch_size) == ("float32", 32)
+    assert resolved(TextGenConfig(length=512), cuda, model(torch.float16, **smol)).dtype == "float16"
     assert (
         resolved(TextGenConfig(length=512, batch_size=3), cuda, model(torch.float32, **smol)).batch_size == 3
     )

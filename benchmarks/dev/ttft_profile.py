@@ -10,7 +10,13 @@ host time inside ``littlebit::linear`` per call, and the host events (PyTorch op
 calls such as launches, allocations and synchronisations) that take the most of it. Writes
 ``benchmarks/results/ttft_profile.json``.
 
+``--compile`` profiles the forward as ``torch.compile(mode="reduce-overhead")`` runs it (Inductor's
+fused kernels, replayed as a CUDA graph: the time to first token of ``ttft_compile.py``), and takes
+``ttft_compile.py``'s ``lowrank-BPW`` stand-in too (cuBLAS on unpacked low-rank factors, no expansion),
+so that a packed forward's kernels can be set against what the same GEMMs cost without the packing.
+
     python benchmarks/dev/ttft_profile.py                                   # H200: about a minute
+    python benchmarks/dev/ttft_profile.py --compile --layers 8 --models fp16,lowrank-0.1,0.1
     python benchmarks/dev/ttft_profile.py --device cpu --tiny --tokens 96   # CPU smoke test
 """
 
@@ -29,10 +35,12 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 # Kernel name fragments, first match wins; the rest is "other".
 KINDS = (
+    ("packed expansion", ("_expand_kernel",)),
     ("packed stage 1", ("_pf_v_kernel", "_tc_v_kernel")),
     ("packed stage 2", ("_pf_u_kernel", "_tc_u_kernel")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("gemm (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "addmm", "aten::mm", "aten::bmm")),
+    ("fused by Inductor", ("triton_poi", "triton_red", "triton_per")),
 )
 TINY = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4)
 
@@ -48,20 +56,25 @@ def kind_of(name: str) -> str:
 def build(tag: str, device: str, dtype: torch.dtype, overrides: dict):
     from littlebit.runtime.synthetic import random_dense_llama, random_packed_llama
 
+    if tag.startswith("lowrank-"):
+        from ttft_compile import build as build_stand_in  # this folder
+
+        return build_stand_in(tag, overrides.get("num_hidden_layers", 32))
     if tag == "fp16":
         return random_dense_llama("llama-2-7b", device, dtype, **overrides)
     return random_packed_llama("llama-2-7b", float(tag), device, dtype, **overrides)
 
 
-def profile_forward(model, tokens: int, device: str, reps: int) -> dict:
+def profile_forward(model, tokens: int, device: str, reps: int, compiled: bool = False) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    run = torch.compile(model, mode="reduce-overhead") if compiled else model
 
     def forward():
-        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+        return run(input_ids=ids, use_cache=False, logits_to_keep=1).logits
 
     walls = []
     with torch.no_grad():
-        for _ in range(2):
+        for _ in range(3 if compiled else 2):  # compiled: compile, record, replay
             forward()
         for _ in range(reps):
             t0 = common.clock()
@@ -108,15 +121,20 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer 256-wide model (smoke tests)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead')")
     ap.add_argument("--name", default="ttft_profile", help="results file name under benchmarks/results")
     args = ap.parse_args()
     dtype = torch.float16 if args.device == "cuda" else torch.float32
-    overrides = TINY if args.tiny else {}
+    overrides = dict(TINY) if args.tiny else {}
+    if args.layers:
+        overrides["num_hidden_layers"] = args.layers
     records = []
     for tag in args.models.split(","):
         model = build(tag, args.device, dtype, overrides)
         rec = {"model": f"7b-{tag}" if not args.tiny else f"tiny-{tag}", "tokens": args.tokens}
-        rec.update(profile_forward(model, args.tokens, args.device, args.reps))
+        rec.update(layers=model.config.num_hidden_layers, compiled=args.compile)
+        rec.update(profile_forward(model, args.tokens, args.device, args.reps, args.compile))
         records.append(rec)
         print(
             f"{rec['model']:10s} wall {rec['wall_ms_median']:8.2f} ms  busy {rec['device_busy_ms']:8.2f} ms  "
@@ -127,6 +145,7 @@ def main() -> int:
             f"{e['name']} {e['self_ms']:.2f} ({e['calls']:.0f})" for e in rec["top_host_events"][:8]
         ))  # fmt: skip
         del model
+        torch._dynamo.reset()
         if args.device == "cuda":
             torch.cuda.empty_cache()
     path = common.write_results(args.name, records, dtype=str(dtype).removeprefix("torch."))

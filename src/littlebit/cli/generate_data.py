@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=SAMPLING_DTYPES,
         default=None,
-        help="the teacher's dtype while it samples (default: bfloat16 on a GPU, the model's own on a CPU)",
+        help="the teacher's dtype while it samples (default: GPU, bfloat16 for an fp32 model; else its own)",
     )
     parser.add_argument("--device", help="where to sample (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")

@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gen-dtype",
         choices=SAMPLING_DTYPES,
         default=None,
-        help="the teacher's dtype while it writes text (default: bfloat16 on a GPU, its own on a CPU)",
+        help="the teacher's dtype as it writes text (default: GPU, bfloat16 for an fp32 model; else its own)",
     )
     parser.add_argument(
         "--gen-starts",

@@ -98,8 +98,9 @@ class TextGenConfig:
     # models then write the question and the answer); kinds the tokenizer cannot make are skipped.
     starts: list[str] = field(default_factory=lambda: list(START_KINDS))
     seed: int = 0
-    # The teacher's dtype while it samples; None: bfloat16 on a GPU (a bf16 twin of the fp32 default
-    # model, twice the batch: 2.8x the tokens/s on an H100, BENCHMARKS.md), the model's own on a CPU.
+    # The teacher's dtype while it samples; None: on a GPU bfloat16 for an fp32 teacher (a bf16 copy of
+    # the default model, twice the batch: 2.8x the tokens/s on an H100, BENCHMARKS.md) and a 16-bit
+    # teacher's own; on a CPU the model's own.
     dtype: str | None = None
 
     def __post_init__(self) -> None:

@@ -58,14 +58,16 @@ GPU_CACHE_BYTES = 16 * 2**30
 
 def resolved(config: TextGenConfig, device: torch.device, model: nn.Module | None = None) -> TextGenConfig:
     """The settings with the device-dependent defaults filled in, so that they key the cache: the
-    sampling dtype (bfloat16 on a GPU, the model's own elsewhere) and the batch (on a GPU the power of
+    sampling dtype (on a GPU bfloat16 unless the model is already in 16 bits, elsewhere the model's
+    own) and the batch (on a GPU the power of
     two whose static caches in that dtype fit ``GPU_CACHE_BYTES``, from the model's config, so it is
     the same on every GPU; 32 on a CPU, where a decoding step reads every weight once whatever the
     batch, so a larger batch is nearly free up to there)."""
     if config.dtype is None:
         own = next(model.parameters()).dtype if model is not None else torch.float32
-        dtype = "bfloat16" if device.type == "cuda" else str(own).removeprefix("torch.")
-        config = dataclasses.replace(config, dtype=dtype)
+        half = own in (torch.bfloat16, torch.float16)
+        dtype = own if device.type != "cuda" or half else torch.bfloat16
+        config = dataclasses.replace(config, dtype=str(dtype).removeprefix("torch."))
     if config.batch_size is not None:
         return config
     if device.type != "cuda":
