@@ -386,3 +386,19 @@ def test_a_sampling_twin_in_another_dtype_leaves_the_teacher_alone(teacher, tmp_
     assert bf16.shard_tokens(0) > 0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_no_memory_for_the_sampling_copy_is_one_clear_error(teacher, tmp_path, monkeypatch):
+    import littlebit.training.teacher_text as teacher_text
+
+    def no_memory(model, dtype):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(teacher_text, "sampling_twin", no_memory)
+    model, tok = teacher
+    model.train()
+    cache = TextCache(model, tok, dataclasses.replace(GEN, dtype="bfloat16"), tmp_path)
+    with pytest.raises(LittleBitError, match="no memory for a bfloat16 copy"):
+        cache.ensure(1)
+    assert model.training  # left as it was
+    model.eval()

@@ -299,9 +299,9 @@ class TextCache:
         devices = [self.device] if self.device.type == "cuda" else []
         was_training = self.model.training
         self.model.eval()
-        if self._twin is None:
-            self._twin = sampling_twin(self.model, getattr(torch, cfg.dtype))
         try:
+            if self._twin is None:
+                self._twin = self._sampling_twin()
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
                 docs = self._documents(self._generate(prefix, cfg.length), prefix.shape[1])
@@ -313,6 +313,16 @@ class TextCache:
                 self._twin = None
         lengths = torch.tensor([d.numel() for d in docs], dtype=torch.int32)
         return torch.cat(docs).to(torch.int32).contiguous(), lengths
+
+    def _sampling_twin(self) -> nn.Module:
+        dtype = self.config.dtype
+        try:
+            return sampling_twin(self.model, getattr(torch, dtype))
+        except torch.OutOfMemoryError as e:
+            raise LittleBitError(
+                f"no memory for a {dtype} copy of the teacher to sample with: sample in the teacher's "
+                "own dtype (train --gen-dtype, generate-data --dtype)"
+            ) from e
 
     def _answers(self, questions: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each finished user turn, then the assistant header and the model's answer (within ``length``)."""
