@@ -51,7 +51,8 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, acceptance, threshold, expand, host, compile, bounds, trainstep, blockstep (below), prefill (per layer, time to first token, serving; about 8
+  # Any of: tests, gemm, acceptance, threshold, expand, host, compile, bounds, compiledprofile, trainstep,
+  # blockstep (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
   # profile (one 2048-token forward of the 7B shape, FP16 and packed, its time by kernel kind) and
@@ -114,11 +115,15 @@ speed() {
           --out "$ROOT/block_stage_speed.json" > "$ROOT/block_stage_speed.log" 2>&1 ;;
       bounds) timeout 240 python benchmarks/dev/ttft_compile.py --layers 8 \
         --models fp16,lowrank-0.1,0.1,lowrank-0.55,0.55 --name ttft_bounds > "$ROOT/ttft_bounds.log" 2>&1 ;;
+      # compiledprofile: the same compiled forwards' kernel time by kind (cuBLAS, attention, expansion,
+      # Inductor's fused kernels), FP16, the unpacked stand-in and packed at 0.1 BPW (about two minutes)
+      compiledprofile) timeout 200 python benchmarks/dev/ttft_profile.py --compile --layers 8 \
+        --models fp16,lowrank-0.1,0.1 --name ttft_profile_compiled > "$ROOT/ttft_profile_compiled.log" 2>&1 ;;
       *) echo "speed: unknown measurement $w" >&2 ;;
     esac
   done
   find benchmarks/results \( -name 'eval_speed_gpu*.json' -o -name 'ttft_profile.json' -o -name 'generate_rate_cuda.json' \
-    -o -name 'ttft_compile_gemm.json' -o -name 'ttft_bounds.json' -o -name 'gemm_expand.json' -o -name 'host_overhead_cuda*.json' -o -name 'sampling_speed_cuda*.json' \) \
+    -o -name 'ttft_compile_gemm.json' -o -name 'ttft_bounds*.json' -o -name 'ttft_profile_compiled.json' -o -name 'gemm_expand.json' -o -name 'host_overhead_cuda*.json' -o -name 'sampling_speed_cuda*.json' \) \
     -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
   pack
 }
