@@ -12,6 +12,7 @@ smaller. Every file is written to a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -20,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -180,9 +181,8 @@ class TextCache:
     ) -> None:
         """``record_steps``: replay each decoding step as a CUDA graph (default: on a GPU)."""
         self.model, self.tokenizer = model, tokenizer
-        # the model as it samples, in the sampling dtype; kept across the shards of one ``ensure``
+        # the model as it samples, in the sampling dtype, while ``_sampling`` holds it
         self._twin: nn.Module | None = None
-        self._keep_twin = False
         self.record_steps = record_steps
         self.device = next(model.parameters()).device
         context = context_length(model)
@@ -250,21 +250,20 @@ class TextCache:
         done = self.available()
         have = self.tokens_available()
         made = 0
-        self._keep_twin = True
         try:
-            while have < tokens and (limit is None or made < limit):
-                t0 = time.perf_counter()
-                stream, lengths = self.sample_shard(done)
-                self._write_shard(done, stream, lengths)
-                done, made, have = done + 1, made + 1, have + stream.numel()
-                if progress is not None:
-                    progress(have, tokens, time.perf_counter() - t0)
+            # one sampling copy of the teacher for all the shards this call writes
+            with self._sampling() if have < tokens else contextlib.nullcontext():
+                while have < tokens and (limit is None or made < limit):
+                    t0 = time.perf_counter()
+                    stream, lengths = self.sample_shard(done)
+                    self._write_shard(done, stream, lengths)
+                    done, made, have = done + 1, made + 1, have + stream.numel()
+                    if progress is not None:
+                        progress(have, tokens, time.perf_counter() - t0)
         except BaseException:
             if new_dirs and done == 0:  # folders this call made and filled with nothing: leave no trace
                 shutil.rmtree(new_dirs[-1], ignore_errors=True)
             raise
-        finally:
-            self._keep_twin, self._twin = False, None
         return done
 
     def load(self, tokens: int) -> torch.Tensor:
@@ -300,29 +299,36 @@ class TextCache:
         was_training = self.model.training
         self.model.eval()
         try:
-            if self._twin is None:
-                self._twin = self._sampling_twin()
-            with torch.random.fork_rng(devices=devices):
+            with self._sampling() as twin, torch.random.fork_rng(devices=devices):
+                twin.eval()
                 torch.manual_seed(seed)
                 docs = self._documents(self._generate(prefix, cfg.length), prefix.shape[1])
                 if kind == "chat" and self.assistant:
                     docs = self._answers(docs)
         finally:
             self.model.train(was_training)
-            if not self._keep_twin:
-                self._twin = None
         lengths = torch.tensor([d.numel() for d in docs], dtype=torch.int32)
         return torch.cat(docs).to(torch.int32).contiguous(), lengths
 
-    def _sampling_twin(self) -> nn.Module:
+    @contextlib.contextmanager
+    def _sampling(self) -> Iterator[nn.Module]:
+        """Within: ``self._twin``, the model as it samples (``sampling_twin``), made by the outermost
+        ``with`` and dropped as it ends."""
+        if self._twin is not None:
+            yield self._twin
+            return
         dtype = self.config.dtype
         try:
-            return sampling_twin(self.model, getattr(torch, dtype))
+            self._twin = sampling_twin(self.model, getattr(torch, dtype))
         except torch.OutOfMemoryError as e:
             raise LittleBitError(
                 f"no memory for a {dtype} copy of the teacher to sample with: sample in the teacher's "
                 "own dtype (train --gen-dtype, generate-data --dtype)"
             ) from e
+        try:
+            yield self._twin
+        finally:
+            self._twin = None
 
     def _answers(self, questions: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each finished user turn, then the assistant header and the model's answer (within ``length``)."""
