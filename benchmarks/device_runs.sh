@@ -102,7 +102,8 @@ speed() {
       compile) timeout 150 python benchmarks/dev/ttft_compile.py --layers 8 --models fp16,0.1,0.55,1.0 \
         --name ttft_compile_gemm > "$ROOT/ttft_compile_gemm.log" 2>&1 ;;
       # bounds: the same compiled forward with cuBLAS on unpacked low-rank factors in place of the packed
-      # layers (what any packed kernel running the same GEMMs can reach), beside them (about two minutes)
+      # layers (what any packed kernel running the same GEMMs can reach) and with a copy in place of every
+      # decoder linear (the rest of the forward, which no layer kernel removes), beside them (about three minutes)
       # trainstep: a global-distillation step of the default model at the default batch (2 x 512),
       # recorded eager against recorded compiled layers, recompilations logged (about four minutes)
       trainstep) for c in off on; do
@@ -114,11 +115,11 @@ speed() {
       blockstep) timeout 170 python benchmarks/dev/block_stage_speed.py --layers 6 --sequences 64 \
           --out "$ROOT/block_stage_speed.json" > "$ROOT/block_stage_speed.log" 2>&1 ;;
       bounds) timeout 240 python benchmarks/dev/ttft_compile.py --layers 8 \
-        --models fp16,lowrank-0.1,0.1,lowrank-0.55,0.55 --name ttft_bounds > "$ROOT/ttft_bounds.log" 2>&1 ;;
+        --models fp16,no-linear,lowrank-0.1,0.1,lowrank-0.55,0.55 --name ttft_bounds > "$ROOT/ttft_bounds.log" 2>&1 ;;
       # compiledprofile: the same compiled forwards' kernel time by kind (cuBLAS, attention, expansion,
       # Inductor's fused kernels), FP16, the unpacked stand-in and packed at 0.1 BPW (about two minutes)
       compiledprofile) timeout 200 python benchmarks/dev/ttft_profile.py --compile --layers 8 \
-        --models fp16,lowrank-0.1,0.1 --name ttft_profile_compiled > "$ROOT/ttft_profile_compiled.log" 2>&1 ;;
+        --models fp16,no-linear,lowrank-0.1,0.1 --name ttft_profile_compiled > "$ROOT/ttft_profile_compiled.log" 2>&1 ;;
       *) echo "speed: unknown measurement $w" >&2 ;;
     esac
   done

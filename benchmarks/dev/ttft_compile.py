@@ -4,12 +4,14 @@ against packed, one ``--tokens`` forward (last logits kept), eager against ``tor
 of ``--reps``; compilation time reported apart. Prints one line per case and writes
 ``benchmarks/results/<--name>.json``.
 
-One stand-in bounds what a packed layer that runs the same two GEMMs can reach on this forward:
-``lowrank-BPW`` (every decoder linear is the two fp16 cuBLAS GEMMs on unpacked factors of the packed
-layer's shape at that BPW: its FLOPs at cuBLAS's rate, with no sign expansion at all).
+Two stand-ins bound what packed layers can reach on this forward: ``lowrank-BPW`` (every decoder
+linear is the two fp16 cuBLAS GEMMs on unpacked factors of the packed layer's shape at that BPW: its
+FLOPs at cuBLAS's rate, with no sign expansion at all) and ``no-linear`` (every decoder linear is a
+copy of its input into its output's shape, no matrix product: the time of the rest of the forward,
+norms, rotary, attention, activations and the head, which no layer kernel can remove).
 
     python benchmarks/dev/ttft_compile.py --layers 8      # GPU: about two minutes
-    python benchmarks/dev/ttft_compile.py --models fp16,lowrank-0.1,lowrank-0.55 --name ttft_bounds
+    python benchmarks/dev/ttft_compile.py --models fp16,no-linear,lowrank-0.1,lowrank-0.55 --name ttft_bounds
 """
 
 from __future__ import annotations
@@ -39,6 +41,19 @@ class UnpackedLowRank(nn.Module):
         return F.linear(F.linear(x, self.a), self.b)
 
 
+class NoLinear(nn.Module):
+    """A linear's shapes without its product: the input's first ``d_out`` features, tiled if wider."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        reps = -(-self.d_out // self.d_in)
+        wide = x.repeat(*([1] * (x.dim() - 1)), reps) if reps > 1 else x
+        return wide[..., : self.d_out].contiguous()
+
+
 def swap_linears(model: nn.Module, make) -> nn.Module:
     """Every decoder linear replaced by ``make(linear)``."""
     from littlebit.core.convert import set_submodule
@@ -56,6 +71,11 @@ def build(tag: str, layers: int) -> nn.Module:
     kw = {"num_hidden_layers": layers}
     if tag == "fp16":
         return random_dense_llama("llama-2-7b", "cuda", torch.float16, **kw)
+    if tag == "no-linear":
+        model = random_dense_llama("llama-2-7b", "cuda", torch.float16, **kw)
+        model = swap_linears(model, lambda m: NoLinear(m.in_features, m.out_features))
+        torch.cuda.empty_cache()
+        return model
     if tag.startswith("lowrank-"):
         bpw = float(tag.removeprefix("lowrank-"))
         model = random_dense_llama("llama-2-7b", "cuda", torch.float16, **kw)

@@ -56,7 +56,7 @@ def kind_of(name: str) -> str:
 def build(tag: str, device: str, dtype: torch.dtype, overrides: dict):
     from littlebit.runtime.synthetic import random_dense_llama, random_packed_llama
 
-    if tag.startswith("lowrank-"):
+    if tag.startswith("lowrank-") or tag == "no-linear":
         from ttft_compile import build as build_stand_in  # this folder
 
         return build_stand_in(tag, overrides.get("num_hidden_layers", 32))
