@@ -175,7 +175,14 @@ _RECIPE = {
     "latent-lr-1.5x": {"lrs": {"latent": 9e-5}},
     "lrs-1.5x": {"lrs": {"latent": 9e-5, "scale": 3e-3, "norm": 3e-3}},
 }
-for _name in ("data-generated", "data-gen0.7", "data-gen0.5", "data-gen0.3", "hidden-0-recipe"):
+for _name in (
+    "data-generated",
+    "data-gen0.7",
+    "data-gen0.5",
+    "data-gen0.3",
+    "hidden-0-recipe",
+    "blocks-1-epoch",
+):
     _RECIPE[f"{_name}-seed1"] = {**_RECIPE[_name], "seed": 1}  # another data order (and generated text)
 RECIPE = set(_RECIPE)
 VARIANTS.update(_RECIPE)
