@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -82,6 +83,15 @@ def test_eval_baselines(tiny_dir, data_dir, capsys):
         (["eval", "{tiny}", "--ppl", "c5"], "unknown test set"),
         (["info", "{tiny}"], "not a LittleBit checkpoint"),
         (["info", "{missing}"], "no config.json"),
+        (["train", "{tiny}", "--bpw", "1", "--out", "{busy}"], "not empty"),
+        (["train", "{tiny}", "--bpw", "1", "--out", "{busy}/x/sub"], "is a file"),
+        (["train", "{tiny}", "--bpw", "1", "--out", "{out}", "--work-dir", "{out}/w"], "outside the"),
+        (["train", "{tiny}", "--bpw", "1", "--out", "{out}", "--work-dir", "{out}"], "outside the"),
+        (["train", "{tiny}", "--bpw", "1", "--out", "{out}", "--nproc", "0"], "--nproc must be >= 1"),
+        (["compress", "{resized}", "--bpw", "1", "--out", "{out}"], "its config.json gives"),
+        (["compress", "{resized}", "--bpw", "1", "--out", "{out}", "--in-memory"], "cannot load model"),
+        (["compress", "{headless}", "--bpw", "1", "--out", "{out}"], "cannot load model"),
+        (["eval", "{headless}", "--ppl", "wikitext2"], "cannot load model"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tiny_dir, tmp_path, capsys, argv, fragment):
@@ -89,12 +99,18 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_dir, tmp_path, capsys, argv, f
     busy.mkdir()
     (busy / "x").write_text("x")
     (tmp_path / "empty").mkdir()
+    for name, changes in (("resized", {"hidden_size": 32}), ("headless", {"num_attention_heads": 0})):
+        shutil.copytree(tiny_dir, tmp_path / name)  # a config.json that disagrees with the weights
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, **changes}))
     paths = {
         "tiny": tiny_dir,
         "out": tmp_path / "out",
         "busy": busy,
         "missing": tmp_path / "no-such-model",
         "empty": tmp_path / "empty",
+        "resized": tmp_path / "resized",
+        "headless": tmp_path / "headless",
     }
     argv = [a.format(**paths) for a in argv]
     code, _, err = run_cli(capsys, *argv)

@@ -146,7 +146,7 @@ def test_each_rank_takes_its_share_of_the_single_process_batch():
 @pytest.mark.parametrize(
     "config, world, message",
     [
-        (TrainConfig(), 2, "block reconstruction runs on one process"),
+        (TrainConfig(), 2, "block reconstruction runs in a single process"),
         (TrainConfig(batch_size=3, blocks=BlockConfig(sequences=0)), 2, "multiple of the 2 processes"),
     ],
 )

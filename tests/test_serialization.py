@@ -185,6 +185,7 @@ def _edit_json(path, **changes):
         ("generation", "generation_config.json was altered after saving"),
         ("delete", "tokenizer_config.json is missing"),
         ("add", "special_tokens_map.json was added after saving"),
+        ("add-template", "additional_chat_templates/default.jinja was added after saving"),
         ("unseal", "config.json was altered after saving"),
     ],
 )
@@ -202,6 +203,9 @@ def test_tokenizer_and_generation_defaults_are_covered(compressed, tmp_path, cap
         (out / "tokenizer_config.json").unlink()
     elif change == "add":
         (out / "special_tokens_map.json").write_text('{"eos_token": "<|im_start|>"}')
+    elif change == "add-template":  # the tokenizer reads its named chat templates from this folder
+        (out / "additional_chat_templates").mkdir()
+        (out / "additional_chat_templates" / "default.jinja").write_text("{{ 'another model' }}")
     else:
         cfg = json.loads((out / "config.json").read_text())
         del cfg["quantization_config"]["file_digests"]

@@ -130,6 +130,34 @@ def test_resume_after_a_crash_gives_the_same_output(tmp_path, monkeypatch):
     _logits(out)
 
 
+def test_failure_after_the_last_layer_still_resumes(tmp_path, monkeypatch):
+    """A disk filling up while the side files are sealed leaves a partial that a rerun finishes."""
+    source = _source(tmp_path)
+    real = streaming.seal_side_files
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(streaming, "seal_side_files", disk_full)
+    out = tmp_path / "out"
+    with pytest.raises(LittleBitError, match="No space left"):
+        compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False)
+    assert not out.exists() and partial_dir(out).is_dir()
+    monkeypatch.setattr(streaming, "seal_side_files", real)
+    compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False)
+    assert not partial_dir(out).exists()
+    _logits(out)
+
+
+def test_the_current_directory_as_output(tmp_path, monkeypatch):
+    source = _source(tmp_path)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    compress_streamed(source, ".", CONFIG, compute_device="cpu", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "source"]  # no partial left beside
+    _logits(tmp_path / "here")
+
+
 def test_partial_work_of_other_settings_is_refused(tmp_path, monkeypatch):
     source = _source(tmp_path)
     out = tmp_path / "out"

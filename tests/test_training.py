@@ -240,7 +240,7 @@ def test_sigkill_and_resume_end_with_identical_weights(tmp_path):
     assert steps == list(range(1, 10))  # the killed run's lines past its checkpoint are dropped
 
 
-def test_resume_refuses_other_data_or_config(tmp_path):
+def test_resume_refuses_other_data_config_or_model(tmp_path):
     from littlebit.config import LittleBitConfig
     from littlebit.training.config import BlockConfig, TrainConfig
     from littlebit.training.trainer import train
@@ -254,6 +254,10 @@ def test_resume_refuses_other_data_or_config(tmp_path):
         train(model, tokens.flip(0), lb, tc, tmp_path, resume=True, progress=False)
     with pytest.raises(LittleBitError, match="another LittleBit config"):
         train(model, tokens, LittleBitConfig(bpw=3.0), tc, tmp_path, resume=True, progress=False)
+    other = tiny_model("llama", seed=1)  # the same architecture, other weights
+    with pytest.raises(LittleBitError, match="made from another model"):
+        train(other, tokens, lb, tc, tmp_path, resume=True, progress=False)
+    train(model, tokens, lb, tc, tmp_path, resume=True, progress=False)  # the same model resumes
 
 
 # ----- the real model ---------------------------------------------------------------------------

@@ -109,9 +109,9 @@ def os_error_message(e: OSError, what: str) -> str:
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out_dir`` when the block ends without an error."""
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # "." and "dir/.." name no directory to replace
     check_output_dir(out)
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     created: list[Path] = []
     tmp: Path | None = None
     try:

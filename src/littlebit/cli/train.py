@@ -6,10 +6,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+from littlebit.atomic import check_output_dir, check_writable_dir
 from littlebit.cli.common import (
     add_compression_arguments,
     check_context,
@@ -311,8 +313,6 @@ def relaunch(nproc: int) -> int:
     """``--nproc N``: this same command line, without ``--nproc``, under ``torchrun`` on N processes."""
     from littlebit.training.distributed import launch_env
 
-    if nproc < 1:
-        raise LittleBitError(f"--nproc must be >= 1, got {nproc}")
     if launch_env() is not None:
         raise LittleBitError("--nproc starts torchrun itself: under torchrun, leave it out")
     argv, skip = [], False
@@ -415,15 +415,19 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     launched = launch_env()
     lb, cfg = config_from_args(args)
-    if args.nproc is not None:
-        check_config(cfg, max(1, args.nproc))  # refused here in one line, not once per process
+    if args.nproc is not None and args.nproc < 1:
+        raise LittleBitError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1:  # one process: this one, block stage included
+        check_config(cfg, args.nproc)  # refused here in one line, not once per process
         return relaunch(args.nproc)
     if launched is not None:
         check_config(cfg, launched[1])
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LittleBitError(f"output directory {out} exists and is not empty")
-    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + "-train")
+    out = Path(os.path.abspath(args.out))  # "." has no name for the default work directory
+    check_output_dir(out)  # before anything loads: the model is saved there only at the end
+    work = Path(os.path.abspath(args.work_dir)) if args.work_dir else out.with_name(out.name + "-train")
+    if work == out or out in work.parents:
+        raise LittleBitError(f"the work directory {work} must be outside the output directory {out}")
+    check_writable_dir(work)
     resume = args.resume or args.resume_from is not None
     if work.exists() and any(work.iterdir()) and not resume:
         raise LittleBitError(f"work directory {work} is not empty: pass --resume, or another --work-dir")

@@ -88,7 +88,7 @@ def meta_skeleton(source: Path, trust_remote_code: bool = False) -> nn.Module:
             model = AutoModelForCausalLM.from_config(
                 cfg, dtype=torch.float32, trust_remote_code=trust_remote_code
             )
-    except (OSError, ValueError, KeyError, ImportError) as e:
+    except Exception as e:  # a bad config.json fails in many ways inside transformers
         raise LittleBitError(f"cannot load model {str(source)!r}: {first_line(e)}") from e
     if model.can_generate():  # as from_pretrained sets it, so that save_pretrained writes the same file
         if (source / "generation_config.json").is_file():
@@ -222,13 +222,20 @@ def compress_streamed(
     finished layers in ``.OUT.partial`` next to ``out``, and the same call resumes from there.
     ``hooks`` act on each layer between reading and writing it (``LayerHooks``).
     """
-    source, out = Path(source), Path(out)
+    source, out = Path(source), Path(os.path.abspath(out))  # "." has no name to put the partial beside
     check_output_dir(out)
     checkpoint = SafetensorsCheckpoint(source)
     model = meta_skeleton(source, trust_remote_code)
     missing = missing_from(model, checkpoint)
     if missing:
         raise LittleBitError(f"{source} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
+    state = model.state_dict()
+    for name in saved_names(model):
+        have, want = tuple(checkpoint.entries[name].shape), tuple(state[name].shape)
+        if have != want:
+            raise LittleBitError(
+                f"{source}: tensor {name} has shape {list(have)}, its config.json gives {list(want)}"
+            )
     targets, report = checked_plan(model, config)
     compute_device = default_compute_device(compute_device)
 
@@ -283,12 +290,13 @@ def compress_streamed(
         _write_config(work, model, config, _digests(merged, model), dtype, scale_dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(work)
-        (work / MANIFEST_NAME).unlink()
         if hooks is not None:
             hooks.finish(work)
-        seal_side_files(work)
+        # The manifest stays until the last step that can fail, so that a rerun still resumes.
+        seal_side_files(work, skip=(MANIFEST_NAME,))
         check_output_dir(out)
         share_permissions(work)
+        (work / MANIFEST_NAME).unlink()
         if out.is_dir():
             out.rmdir()  # empty: checked above
         os.replace(work, out)
@@ -297,6 +305,8 @@ def compress_streamed(
         if finished == 0:
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind
             remove_empty(created)
+        elif not (work / MANIFEST_NAME).is_file():
+            log.warning("the compressed model is complete in %s but could not be moved to %s", work, out)
         else:
             log.warning("compression stopped: %d shard(s) kept in %s; rerun to resume", finished, work)
         if isinstance(e, OSError):

@@ -45,6 +45,8 @@ _SHAPES_OUTPUT = re.compile(
     r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|generation_config\.json|chat_template\..*"
     r"|vocab\..*|merges\.txt|.*\.model|.*\.tiktoken)"
 )
+# The one folder a loader reads beside them: the tokenizer's named chat templates (transformers 5).
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
 ALLOW_UNVERIFIED_ENV = "LITTLEBIT_ALLOW_UNVERIFIED"
 
 log = logging.getLogger(__name__)
@@ -97,19 +99,32 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _side_files(directory: Path) -> list[Path]:
-    """Every file of a checkpoint but ``config.json`` and the tensors, which their own digests cover."""
-    files = (p for p in directory.iterdir() if p.is_file())
-    return sorted(p for p in files if p.name != "config.json" and p.suffix != ".safetensors")
+def _side_files(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Every file of a checkpoint but ``config.json`` and the tensors, which their own digests cover, by
+    its name relative to ``directory``: the top-level files and those of ``CHAT_TEMPLATES_DIR``."""
+    files = [p for p in directory.iterdir() if p.is_file() and p.name not in skip]
+    files = [p for p in files if p.name != "config.json" and p.suffix != ".safetensors"]
+    templates = directory / CHAT_TEMPLATES_DIR
+    if templates.is_dir():
+        files += [p for p in templates.iterdir() if p.is_file()]
+    return {p.relative_to(directory).as_posix(): p for p in sorted(files)}
 
 
-def seal_side_files(directory: Path) -> None:
+def _listed_name(name: str) -> bool:
+    """A name a file digest may have: a top-level file or one of the chat templates' folder."""
+    parts = name.split("/")
+    plain = all(part and part not in (".", "..") and "\\" not in part for part in parts)
+    return plain and (len(parts) == 1 or (len(parts) == 2 and parts[0] == CHAT_TEMPLATES_DIR))
+
+
+def seal_side_files(directory: Path, skip: tuple[str, ...] = ()) -> None:
     """Record the digest of every file beside the config and the tensors in ``config.json``, and the
     config digest again over them, so that loading checks the tokenizer and generation defaults too.
-    Call it once everything is written, inside the not yet published (temporary) directory."""
+    Call it once everything is written, inside the not yet published (temporary) directory; ``skip``
+    names files there that are removed before it is published."""
     raw = read_config_json(directory)
     q = raw["quantization_config"]
-    q["file_digests"] = {p.name: file_digest(p) for p in _side_files(directory)}
+    q["file_digests"] = {name: file_digest(p) for name, p in _side_files(directory, skip).items()}
     q["config_digest"] = config_digest(raw)
     (directory / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -130,14 +145,19 @@ def verify_side_files(directory: Path, qconfig: dict, require_all: bool = True) 
     problems = []
     for name, expected in sorted(digests.items()):
         file = directory / name
-        if Path(name).name != name:
+        if not _listed_name(name):
             raise LittleBitError(f"{path} was altered after saving (a file digest names {name!r})")
         if not file.is_file():
             if require_all:
                 problems.append(f"{file} is missing: it was saved with the checkpoint")
         elif file_digest(file) != expected:
             problems.append(f"{file} was altered after saving (checksum mismatch)")
-    added = [p for p in _side_files(directory) if p.name not in digests and _SHAPES_OUTPUT.fullmatch(p.name)]
+    side = _side_files(directory)
+    added = [
+        p
+        for name, p in side.items()
+        if name not in digests and (_SHAPES_OUTPUT.fullmatch(name) or "/" in name)
+    ]
     problems += [f"{p} was added after saving" for p in added]
     if problems and unverified_allowed():
         log.warning("loading anyway, as asked: %s", "; ".join(problems))

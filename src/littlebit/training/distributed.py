@@ -104,7 +104,8 @@ def check_config(config: TrainConfig, world_size: int) -> None:
     """Refuse, in one line, what a sharded run cannot do; called before any model is loaded."""
     if config.blocks.sequences and config.blocks.epochs:
         raise LittleBitError(
-            "block reconstruction runs on one process only: pass --block-sequences 0 to train on several"
+            "block reconstruction runs in a single process, not under torchrun: pass --block-sequences 0 "
+            "to train on several"
         )
     if config.batch_size % world_size:
         n = config.batch_size

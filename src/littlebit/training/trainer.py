@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import logging
 import math
 import time
@@ -59,6 +60,20 @@ log = logging.getLogger(__name__)
 
 # Steps left out of the throughput figure: the first ones compile and warm the allocator up.
 _WARM_STEPS = 3
+
+
+def teacher_fingerprint(teacher: nn.Module, samples: int = 1024) -> str:
+    """Which weights a run distils from, cheaply: a hash of each parameter's name, shape and up to
+    ``samples`` evenly spaced entries as float32 bytes (exact on any device), so that a resumed run
+    refuses a checkpoint trained from another model of the same architecture."""
+    h = hashlib.blake2b(digest_size=16)
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // samples)][:samples].float().cpu().contiguous()
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -185,12 +200,18 @@ class Trainer:
         restore_rng(tensors)
         self.log = TrainLog(self.work_dir, (self.phase, self.step, self.next_block), self.config.tensorboard)
 
+    @functools.cached_property
+    def _teacher_id(self) -> str:
+        return teacher_fingerprint(self.teacher)
+
     def _data_fingerprint(self) -> list[int]:
         return [int(self.sequences.shape[0]), int(self.sequences.shape[1]), int(self.sequences.sum())]
 
     def _check_compatible(self, meta: dict) -> None:
         if meta["littlebit_config"] != self.lb_config.to_dict():
             raise LittleBitError(f"the checkpoint in {self.work_dir} was made with another LittleBit config")
+        if "teacher" in meta and meta["teacher"] != self._teacher_id:
+            raise LittleBitError(f"the checkpoint in {self.work_dir} was made from another model")
         if meta.get("data") != self._data_fingerprint():
             raise LittleBitError(f"the checkpoint in {self.work_dir} was made on other training data")
         now, then = self.config.to_dict(), meta["train_config"]
@@ -226,6 +247,7 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "littlebit_config": self.lb_config.to_dict(),
             "data": self._data_fingerprint(),
+            "teacher": self._teacher_id,
         }
         if self.optimizer is not None:
             opt_tensors, meta["optimizer"] = optimizer_to_flat(self.optimizer, self.param_names)
