@@ -164,6 +164,7 @@ class Trainer:
     def _setup(self, resume: bool, resume_from: str | Path | None) -> None:
         if self.dist is not None:
             return self.dist.setup(self, resume, resume_from)
+        self._teacher_id = teacher_fingerprint(self.teacher)  # before anything compiles or casts it
         stale = remove_stale(self.work_dir)
         if stale:
             log.info("removed what an interrupted checkpoint write left: %s", ", ".join(stale))
@@ -199,10 +200,6 @@ class Trainer:
             self._make_optimizer(tensors, meta["optimizer"])
         restore_rng(tensors)
         self.log = TrainLog(self.work_dir, (self.phase, self.step, self.next_block), self.config.tensorboard)
-
-    @functools.cached_property
-    def _teacher_id(self) -> str:
-        return teacher_fingerprint(self.teacher)
 
     def _data_fingerprint(self) -> list[int]:
         return [int(self.sequences.shape[0]), int(self.sequences.shape[1]), int(self.sequences.sum())]
