@@ -61,6 +61,11 @@ def safetensors_header(file: Path) -> dict:
     for entry in header.values():
         if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and "dtype" in entry):
             raise LittleBitError(f"{file} has a corrupted header")
+    ends = [e.get("data_offsets", [0, 0])[-1] for e in header.values()]
+    if not all(isinstance(end, int) for end in ends):
+        raise LittleBitError(f"{file} has a corrupted header")
+    if file.stat().st_size < 8 + n + max(ends, default=0):  # what info --no-load can check unloaded
+        raise LittleBitError(f"{file} is truncated: its header describes more data than it holds")
     return header
 
 
