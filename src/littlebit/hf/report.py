@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import torch
@@ -11,19 +11,7 @@ from torch import nn
 from littlebit.config import LittleBitError, first_line
 from littlebit.core.budget import SCALE_BITS, LayerBudget, ModelBudget, packed_bytes
 from littlebit.hf.format import scale_dtype_from_name
-
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
+from littlebit.hf.shards import read_header
 
 
 def read_quant_config(path: Path, allow_unverified: bool = False) -> dict:
@@ -44,31 +32,6 @@ def read_quant_config(path: Path, allow_unverified: bool = False) -> dict:
     return q
 
 
-def safetensors_header(file: Path) -> dict:
-    """Tensor names, dtypes and shapes without reading the data."""
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise LittleBitError(f"{file} is truncated")
-        n = int.from_bytes(raw, "little")
-        if n > 100_000_000:
-            raise LittleBitError(f"{file} has a corrupted header")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LittleBitError(f"{file} has a corrupted header") from e
-    header.pop("__metadata__", None)
-    for entry in header.values():
-        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and "dtype" in entry):
-            raise LittleBitError(f"{file} has a corrupted header")
-    ends = [e.get("data_offsets", [0, 0])[-1] for e in header.values()]
-    if not all(isinstance(end, int) for end in ends):
-        raise LittleBitError(f"{file} has a corrupted header")
-    if file.stat().st_size < 8 + n + max(ends, default=0):  # what info --no-load can check unloaded
-        raise LittleBitError(f"{file} is truncated: its header describes more data than it holds")
-    return header
-
-
 def _expand(name: str, spec: dict) -> list[tuple[str, int, int, int]]:
     if spec.get("parts"):
         return [(f"{name}[{k}]", spec["in_features"], d_out, r) for k, d_out, r in spec["parts"]]
@@ -83,11 +46,13 @@ def checkpoint_budget(path: Path, q: dict) -> tuple[ModelBudget, int, int]:
     packed_prefixes = tuple(n + "." for n in q["layers"])
     other_numel, other_bytes = 0, 0
     for file in files:
-        for name, info in safetensors_header(file).items():
+        entries, _ = read_header(file)
+        if file.stat().st_size < max((e.end for e in entries.values()), default=0):
+            raise LittleBitError(f"{file} is truncated: its header describes more data than it holds")
+        for name, e in entries.items():
             if not name.startswith(packed_prefixes):
-                numel = int(torch.tensor(info["shape"]).prod().item()) if info["shape"] else 1
-                other_numel += numel
-                other_bytes += numel * _DTYPE_BYTES.get(info["dtype"], 4)
+                other_numel += math.prod(e.shape)
+                other_bytes += e.end - e.start
     target = (q.get("littlebit") or {}).get("bpw", 0.0)
     scale_bytes = torch.empty(0, dtype=scale_dtype_from_name(q.get("scale_dtype", "float16"))).element_size()
     layers, expected = [], other_bytes
