@@ -112,6 +112,21 @@ def missing_from(model: nn.Module, checkpoint: SafetensorsCheckpoint) -> list[st
     return [n for n in saved_names(model) if n not in checkpoint]
 
 
+def check_fits(model: nn.Module, checkpoint: SafetensorsCheckpoint, source: Path) -> None:
+    """Refuse, in one line, a checkpoint that lacks a tensor the model needs or holds one of another
+    shape (a config.json that disagrees with the weights)."""
+    missing = missing_from(model, checkpoint)
+    if missing:
+        raise LittleBitError(f"{source} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
+    state = model.state_dict()
+    for name in saved_names(model):
+        have, want = tuple(checkpoint.entries[name].shape), tuple(state[name].shape)
+        if have != want:
+            raise LittleBitError(
+                f"{source}: tensor {name} has shape {list(have)}, its config.json gives {list(want)}"
+            )
+
+
 def _spec(model: nn.Module, parts: list[Target], config: LittleBitConfig) -> LayerSpec:
     linear = model.get_submodule(parts[0].module_name)
     paths = 2 if config.residual else 1
@@ -226,16 +241,7 @@ def compress_streamed(
     check_output_dir(out)
     checkpoint = SafetensorsCheckpoint(source)
     model = meta_skeleton(source, trust_remote_code)
-    missing = missing_from(model, checkpoint)
-    if missing:
-        raise LittleBitError(f"{source} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
-    state = model.state_dict()
-    for name in saved_names(model):
-        have, want = tuple(checkpoint.entries[name].shape), tuple(state[name].shape)
-        if have != want:
-            raise LittleBitError(
-                f"{source}: tensor {name} has shape {list(have)}, its config.json gives {list(want)}"
-            )
+    check_fits(model, checkpoint, source)
     targets, report = checked_plan(model, config)
     compute_device = default_compute_device(compute_device)
 

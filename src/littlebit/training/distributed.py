@@ -59,7 +59,7 @@ from littlebit.config import LittleBitConfig, LittleBitError
 from littlebit.core.convert import SplitLinear, attach_config, plan, set_submodule
 from littlebit.core.layer import LittleBitLinear
 from littlebit.hf.shards import SafetensorsCheckpoint
-from littlebit.hf.streaming import meta_skeleton, missing_from
+from littlebit.hf.streaming import check_fits, meta_skeleton
 from littlebit.runtime.packed import pack_model
 from littlebit.training.blockwise import decoder_layers
 from littlebit.training.checkpoints import list_checkpoints, optimizer_to_flat
@@ -244,11 +244,7 @@ class Distributed:
         if self.source is None:
             raise LittleBitError("no safetensors source to build the teacher from")
         teacher = meta_skeleton(self.source, self.trust_remote_code)
-        missing = missing_from(teacher, SafetensorsCheckpoint(self.source))
-        if missing:
-            raise LittleBitError(
-                f"{self.source} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}"
-            )
+        check_fits(teacher, SafetensorsCheckpoint(self.source), self.source)
         return teacher
 
     @property

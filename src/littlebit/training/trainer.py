@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import hashlib
 import logging
 import math
 import time
@@ -52,6 +51,7 @@ from littlebit.training.optim import (
 )
 from littlebit.training.stream import Batches
 from littlebit.training.student import cast_floating, make_student
+from littlebit.training.teacher_text import model_identity
 
 if TYPE_CHECKING:
     from littlebit.training.distributed import Distributed
@@ -60,20 +60,6 @@ log = logging.getLogger(__name__)
 
 # Steps left out of the throughput figure: the first ones compile and warm the allocator up.
 _WARM_STEPS = 3
-
-
-def teacher_fingerprint(teacher: nn.Module, samples: int = 1024) -> str:
-    """Which weights a run distils from, cheaply: a hash of each parameter's name, shape and up to
-    ``samples`` evenly spaced entries as float32 bytes (exact on any device), so that a resumed run
-    refuses a checkpoint trained from another model of the same architecture."""
-    h = hashlib.blake2b(digest_size=16)
-    with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // samples)][:samples].float().cpu().contiguous()
-            h.update(f"{name}{tuple(p.shape)}".encode())
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass
@@ -164,7 +150,8 @@ class Trainer:
     def _setup(self, resume: bool, resume_from: str | Path | None) -> None:
         if self.dist is not None:
             return self.dist.setup(self, resume, resume_from)
-        self._teacher_id = teacher_fingerprint(self.teacher)  # before anything compiles or casts it
+        # which weights the run distils from, so that a resumed run refuses another model's checkpoint
+        self._teacher_id = model_identity(self.teacher)
         stale = remove_stale(self.work_dir)
         if stale:
             log.info("removed what an interrupted checkpoint write left: %s", ", ".join(stale))
