@@ -51,7 +51,7 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, acceptance, threshold, expand, host, compile, bounds, compiledprofile, trainstep,
+  # Any of: tests, gemm, acceptance, threshold, expand, host, compile, bounds, causalbounds, compiledprofile, trainstep,
   # blockstep (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
@@ -116,6 +116,9 @@ speed() {
           --out "$ROOT/block_stage_speed.json" > "$ROOT/block_stage_speed.log" 2>&1 ;;
       bounds) timeout 240 python benchmarks/dev/ttft_compile.py --layers 8 \
         --models fp16,no-linear,lowrank-0.1,0.1,lowrank-0.55,0.55 --name ttft_bounds > "$ROOT/ttft_bounds.log" 2>&1 ;;
+      # the same with the attention on SDPA's own causal mask, no mask tensor (about three minutes)
+      causalbounds) timeout 240 python benchmarks/dev/ttft_compile.py --layers 8 --causal-attention \
+        --models fp16,no-linear,lowrank-0.1,0.1,lowrank-0.55,0.55 --name ttft_bounds_causal > "$ROOT/ttft_bounds_causal.log" 2>&1 ;;
       # compiledprofile: the same compiled forwards' kernel time by kind (cuBLAS, attention, expansion,
       # Inductor's fused kernels), FP16, the unpacked stand-in and packed at 0.1 BPW (about two minutes)
       compiledprofile) timeout 200 python benchmarks/dev/ttft_profile.py --compile --layers 8 \
