@@ -80,6 +80,65 @@ def test_benchmark_results_are_read_as_quality_points():
     assert len({p["tokens"] for p in points}) == 1  # runs on another token budget are left out
 
 
+def _qat_run(variant: str, bpw: float, tokens: int, headline: float, **config) -> dict:
+    return {
+        "variant": variant,
+        "bpw_target": bpw,
+        "tokens": tokens,
+        "headline": headline,
+        "littlebit_config": config,
+    }
+
+
+def test_held_out_quality_against_training_tokens(tmp_path, capsys):
+    runs = [
+        _qat_run("default", 1.0, 409600, 3.1, attention_bpw_factor=1.5),
+        _qat_run("seed1", 1.0, 409600, 3.3, attention_bpw_factor=1.5),
+        _qat_run("default", 1.0, 1638400, 2.4, attention_bpw_factor=1.5),
+        _qat_run("single-path", 1.0, 1638400, 2.5, attention_bpw_factor=1.5),
+        _qat_run("lrs-1.5x-seed1", 1.0, 1638400, 2.6, residual=True),
+        {"variant": "default", "bpw_target": 1.0, "tokens": 1638400, "wikitext2_ppl": 60.0},  # no headline
+    ]
+    results = tmp_path / "qat.json"
+    results.write_text(json.dumps(runs))
+    points = plots.compute_points(results)
+    assert [p["series"] for p in points] == ["1 BPW, attention at 1.5x"] * 3 + [
+        "1 BPW, attention at 1.5x, single-path",
+        "1 BPW, two paths, lrs-1.5x",
+    ]
+    # named variants lose their names: single-path joins the default's curve, lrs-1.5x is left out
+    points = plots.compute_points(results, ["default", "single-path"])
+    assert {p["series"] for p in points} == {"1 BPW, attention at 1.5x"} and len(points) == 4
+    out = tmp_path / "compute.png"
+    code, printed, err = run_cli(capsys, "plot", "--kind", "compute", str(results), "--out", str(out))
+    assert code == 0 and _is_png(out) and printed.strip() == str(out), err
+    code, _, err = run_cli(
+        capsys,
+        "plot",
+        "--kind",
+        "compute",
+        "--variants",
+        "other",
+        str(results),
+        "--out",
+        str(tmp_path / "x.png"),
+    )
+    assert code == 2 and err.count("\n") == 1 and "other" in err and not (tmp_path / "x.png").exists()
+    code, _, err = run_cli(
+        capsys, "plot", "--variants", "default", str(results), "--out", str(tmp_path / "x.png")
+    )
+    assert code == 2 and "--kind compute" in err and err.count("\n") == 1
+
+
+def test_held_out_quality_needs_scored_runs(tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys, "plot", "--kind", "compute", str(RESULTS / "ptq.json"), "--out", str(tmp_path / "x.png")
+    )
+    assert code == 2 and err.count("\n") == 1 and "held-out" in err and not (tmp_path / "x.png").exists()
+    kind, _ = plots.detect(RESULTS / "qat_16m_tokens_h100.json")
+    assert kind == plots.QUALITY  # auto never picks the compute figure
+
+
 @pytest.mark.parametrize(
     "content", ["not json at all\n", '{"a": 1}\n', "[1, 2, 3]\n", '{"phase": "other"}\n', ""]
 )

@@ -1,5 +1,6 @@
-"""Figures: training curves from JSONL training logs, and perplexity against bits per weight from
-benchmark result files (``benchmarks/results/qat.json`` and ``ptq.json``).
+"""Figures: training curves from JSONL training logs, perplexity against bits per weight from
+benchmark result files (``benchmarks/results/qat.json`` and ``ptq.json``), and held-out quality
+against training tokens from QAT result files.
 
 matplotlib is optional (``pip install 'littlebit[plot]'``) and imported only when a figure is drawn.
 Figures are drawn on an Agg canvas of their own, never through pyplot, so drawing one changes no
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from littlebit.config import LittleBitError
 
 TRAINING = "training"
 QUALITY = "quality"
+COMPUTE = "compute"
 _PHASES = ("global", "eval", "blocks")
 
 
@@ -297,14 +300,101 @@ def plot_quality(results: Sequence[str | Path], out: str | Path) -> Path:
     return _save(fig, out)
 
 
+# ----- quality against training tokens -------------------------------------------------------------
+
+
+def _variant(run: dict) -> str:
+    """A run's variant less its data order (``seed1``, ``X-seed1``): data orders share a curve."""
+    return re.sub(r"(^|-)seed\d+$", "", str(run.get("variant", "default"))) or "default"
+
+
+def _recipe(run: dict, with_variant: bool) -> str:
+    """A run's curve: its BPW, layout and attention share of the bits, and its variant unless told."""
+    config = run.get("littlebit_config") if isinstance(run.get("littlebit_config"), dict) else {}
+    parts = [f"{run['bpw_target']:g} BPW"]
+    if config.get("residual") is True:
+        parts.append("two paths")
+    factor = config.get("attention_bpw_factor")
+    if _number(factor) and factor != 1:
+        parts.append(f"attention at {factor:g}x")
+    if with_variant and _variant(run) != "default":
+        parts.append(_variant(run))
+    return ", ".join(parts)
+
+
+def compute_points(path: str | Path, variants: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``[{series, tokens, headline}]``: the runs of a QAT result file scored on held-out text; with
+    ``variants``, only those variants' runs, drawn by BPW, layout and attention share alone."""
+    path = Path(path)
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError:
+        data = None
+    runs = data if isinstance(data, list) else []
+    scored = [
+        r
+        for r in runs
+        if isinstance(r, dict) and all(_number(r.get(k)) for k in ("headline", "tokens", "bpw_target"))
+    ]
+    if not scored:
+        raise LittleBitError(
+            f"{path} has no training runs scored on held-out text (qat.json runs with a headline)"
+        )
+    return [
+        {"series": _recipe(r, variants is None), "tokens": r["tokens"], "headline": r["headline"]}
+        for r in scored
+        if variants is None or _variant(r) in variants
+    ]
+
+
+def plot_compute(
+    results: Sequence[str | Path], out: str | Path, variants: Sequence[str] | None = None
+) -> Path:
+    """The held-out headline (the geometric mean of the ratios to FP of WikiText-2 and PTB perplexity
+    and PIQA accuracy; 1 is the FP model) against training tokens, one line per recipe through the
+    mean of its runs at each budget (data orders, machines), every run a dot; recipes run at one
+    budget only share one grey legend entry; ``variants`` as in ``compute_points``. The PNG's path."""
+    series: dict[str, dict[float, list[float]]] = {}
+    for path in results:
+        for p in compute_points(path, variants):
+            series.setdefault(p["series"], {}).setdefault(p["tokens"], []).append(p["headline"])
+    fig = _figure(figsize=(9, 6), layout="constrained")
+    ax = fig.subplots()
+    lines = {k: v for k, v in series.items() if len(v) > 1}
+    singles = [(x, y) for k, v in series.items() if len(v) == 1 for x, ys in v.items() for y in ys]
+    colors = [c for i, c in enumerate(_palette()) if i % 10 != 7]  # grey is the single budgets'
+    for i, (name, runs) in enumerate(sorted(lines.items())):
+        xs = sorted(runs)
+        color = colors[i % len(colors)]
+        ax.plot(xs, [sum(runs[x]) / len(runs[x]) for x in xs], "-", color=color, label=name)
+        ax.plot([x for x in xs for _ in runs[x]], [y for x in xs for y in runs[x]], "o", ms=4, color=color)
+    if not series:
+        raise LittleBitError(f"no runs of the variants {', '.join(variants or ())} in the files")
+    if singles:
+        label = f"recipes run at one budget ({len(series) - len(lines)})"
+        ax.plot(*zip(*singles, strict=True), "o", color="0.6", ms=4, label=label, zorder=1)
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="training tokens",
+        ylabel="headline: geometric mean of the ratios to FP (lower is better)",
+        title="held-out quality against training tokens",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
 def _palette() -> list:
     from matplotlib import colormaps
 
     return list(colormaps["tab10"].colors) + list(colormaps["tab20b"].colors)
 
 
-def plot_files(files: Sequence[str | Path], out: str | Path, kind: str = "auto") -> Path:
-    """Plot ``files`` as ``kind`` (``auto``: what the files are; all must be of one kind); the PNG's path."""
+def plot_files(
+    files: Sequence[str | Path], out: str | Path, kind: str = "auto", variants: Sequence[str] | None = None
+) -> Path:
+    """Plot ``files`` as ``kind`` (``auto``: what the files are; all must be of one kind); ``variants``
+    for ``compute`` (``compute_points``). The PNG's path."""
     if not files:
         raise LittleBitError("no files to plot")
     if kind == "auto":
@@ -316,4 +406,6 @@ def plot_files(files: Sequence[str | Path], out: str | Path, kind: str = "auto")
         return plot_training(files, out)
     if kind == QUALITY:
         return plot_quality(files, out)
-    raise LittleBitError(f"unknown plot kind {kind!r}: auto, {TRAINING} or {QUALITY}")
+    if kind == COMPUTE:
+        return plot_compute(files, out, variants)
+    raise LittleBitError(f"unknown plot kind {kind!r}: auto, {TRAINING}, {QUALITY} or {COMPUTE}")
