@@ -24,7 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="training curves, quality against BPW, or held-out quality against training tokens "
         "(compute; never chosen by auto) (default: training or quality, from what the files are)",
     )
-
     p.add_argument(
         "--variants",
         metavar="NAME,...",

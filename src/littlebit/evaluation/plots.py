@@ -358,6 +358,8 @@ def plot_compute(
     for path in results:
         for p in compute_points(path, variants):
             series.setdefault(p["series"], {}).setdefault(p["tokens"], []).append(p["headline"])
+    if not series:
+        raise LittleBitError(f"no runs of the variants {', '.join(variants or ())} in the files")
     fig = _figure(figsize=(9, 6), layout="constrained")
     ax = fig.subplots()
     lines = {k: v for k, v in series.items() if len(v) > 1}
@@ -368,8 +370,6 @@ def plot_compute(
         color = colors[i % len(colors)]
         ax.plot(xs, [sum(runs[x]) / len(runs[x]) for x in xs], "-", color=color, label=name)
         ax.plot([x for x in xs for _ in runs[x]], [y for x in xs for y in runs[x]], "o", ms=4, color=color)
-    if not series:
-        raise LittleBitError(f"no runs of the variants {', '.join(variants or ())} in the files")
     if singles:
         label = f"recipes run at one budget ({len(series) - len(lines)})"
         ax.plot(*zip(*singles, strict=True), "o", color="0.6", ms=4, label=label, zorder=1)
