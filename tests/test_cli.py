@@ -4,7 +4,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import run_cli
+from safetensors.torch import load_file, save_file
 
 DATA = "wikitext-2-raw"
 
@@ -92,6 +94,9 @@ def test_eval_baselines(tiny_dir, data_dir, capsys):
         (["compress", "{resized}", "--bpw", "1", "--out", "{out}", "--in-memory"], "cannot load model"),
         (["compress", "{headless}", "--bpw", "1", "--out", "{out}"], "cannot load model"),
         (["eval", "{headless}", "--ppl", "wikitext2"], "cannot load model"),
+        (["eval", "{pickled}", "--ppl", "wikitext2"], "only pickled weights"),
+        (["compress", "{holed}", "--bpw", "1", "--out", "{out}", "--in-memory"], "its weights lack"),
+        (["eval", "{holed}", "--ppl", "wikitext2"], "its weights lack model.layers.0.mlp.down_proj.weight"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tiny_dir, tmp_path, capsys, argv, fragment):
@@ -103,6 +108,13 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_dir, tmp_path, capsys, argv, f
         shutil.copytree(tiny_dir, tmp_path / name)  # a config.json that disagrees with the weights
         cfg = json.loads((tmp_path / name / "config.json").read_text())
         (tmp_path / name / "config.json").write_text(json.dumps({**cfg, **changes}))
+    weights = load_file(tiny_dir / "model.safetensors")
+    shutil.copytree(tiny_dir, tmp_path / "pickled")  # the same weights as a pickle
+    (tmp_path / "pickled" / "model.safetensors").unlink()
+    torch.save(weights, tmp_path / "pickled" / "pytorch_model.bin")
+    shutil.copytree(tiny_dir, tmp_path / "holed")  # one weight missing from the file
+    hole = {k: v for k, v in weights.items() if "layers.0.mlp.down_proj" not in k}
+    save_file(hole, tmp_path / "holed" / "model.safetensors", metadata={"format": "pt"})
     paths = {
         "tiny": tiny_dir,
         "out": tmp_path / "out",
@@ -111,6 +123,8 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_dir, tmp_path, capsys, argv, f
         "empty": tmp_path / "empty",
         "resized": tmp_path / "resized",
         "headless": tmp_path / "headless",
+        "pickled": tmp_path / "pickled",
+        "holed": tmp_path / "holed",
     }
     argv = [a.format(**paths) for a in argv]
     code, _, err = run_cli(capsys, *argv)

@@ -93,12 +93,32 @@ def load_model(
 
         if checkpoint_kind(source) == "littlebit":
             raise LittleBitError(f"{source} is already a LittleBit checkpoint: give the original model")
+    # Weights come from safetensors (or the GGUF file) only: a pickled checkpoint can run code on load.
+    safe = {} if "gguf_file" in extra else {"use_safetensors": True}
+    folder = Path(source)
+    if safe and folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+        raise LittleBitError(
+            f"{source} has only pickled weights (*.bin), which can run code when loaded: "
+            "save the model as safetensors (save_pretrained) and give that"
+        )
     try:
-        m = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=trust_remote_code, **extra
+        m, info = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            **extra,
+            **safe,
         )
     except Exception as e:  # a bad config.json, or weights that disagree with it, fail in many ways
         raise LittleBitError(f"cannot load model {model or DEFAULT_MODEL!r}: {first_line(e)}") from e
+    # transformers fills a weight the files lack with random values and only logs it
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise LittleBitError(
+            f"cannot load model {model or DEFAULT_MODEL!r}: its weights lack {missing[0]}{more}"
+        )
     return m.to(device).eval()
 
 
