@@ -73,6 +73,19 @@ def test_checkpoint_without_digests_needs_an_explicit_override(saved):
     assert load_compressed(saved, allow_unverified=True) is not None
 
 
+def test_an_unverified_load_still_compares_the_config_digest_it_has(saved, caplog):
+    def unhook(cfg):
+        cfg["quantization_config"].pop("tensor_digests")
+        cfg["rms_norm_eps"] = 0.5  # another model under the same config digest
+
+    _edit_config(saved, unhook)
+    with pytest.raises(LittleBitError, match="config digest mismatch"):
+        load_compressed(saved, allow_unverified=True)
+    _edit_config(saved, lambda cfg: cfg.update(rms_norm_eps=1e-6))
+    assert load_compressed(saved, allow_unverified=True) is not None
+    assert "unverified, as asked: it carries no tensor digests" in caplog.text
+
+
 @pytest.mark.parametrize("digests", [["a", "b"], "abc", {"x": 1}])
 def test_tensor_digests_of_the_wrong_kind_are_an_altered_config(saved, digests):
     _edit_config(saved, lambda cfg: cfg["quantization_config"].update(tensor_digests=digests))

@@ -190,15 +190,17 @@ def verify_config_file(directory: Path, require_side_files: bool = True) -> dict
     if not isinstance(q, dict):
         raise LittleBitError(f"{path} has no quantization_config")
     expected = q.get("config_digest")
+    if expected is not None and config_digest(raw) != expected:  # a digest that is there always counts
+        raise LittleBitError(f"{path} was altered after saving (config digest mismatch)")
     if expected is None or not q.get("tensor_digests"):
         if unverified_allowed():
+            what = "config digest" if expected is None else "tensor digests"
+            log.warning("loading %s unverified, as asked: it carries no %s", directory, what)
             return raw
         raise LittleBitError(
             f"{directory} carries no digests, so damage cannot be detected: refusing to load it "
             f"(to load it anyway: --allow-unverified, or {ALLOW_UNVERIFIED_ENV}=1)"
         )
-    if config_digest(raw) != expected:
-        raise LittleBitError(f"{path} was altered after saving (config digest mismatch)")
     digests = q["tensor_digests"]
     if not (isinstance(digests, dict) and all(isinstance(d, str) for d in digests.values())):
         raise LittleBitError(f"{path} was altered after saving (its tensor digests are not a table of names)")
