@@ -170,3 +170,22 @@ def test_closed_output_pipe_stops_quietly(compressed):
     err = proc.stderr.read().decode()
     assert proc.wait() == 141
     assert "error" not in err.lower() and "Traceback" not in err
+
+
+@pytest.mark.parametrize("unverified", [False, True])
+def test_generate_checks_the_tokenizer_before_reading_it(compressed, tmp_path, capsys, unverified):
+    import shutil
+
+    directory = tmp_path / "ckpt"
+    shutil.copytree(compressed, directory)
+    (directory / "tokenizer_config.json").write_text("[]")  # valid JSON that no tokenizer reads
+    argv = ["generate", str(directory), "--prompt", "hello"] + ["--allow-unverified"] * unverified
+    code, _, err = run_cli(capsys, *argv)
+    fragment = "has no usable tokenizer" if unverified else "tokenizer_config.json was altered after saving"
+    assert code == 2 and fragment in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_generate_refuses_a_prompt_that_is_not_utf8(compressed, capsys):
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of such argv bytes
+    code, _, err = run_cli(capsys, "generate", str(compressed), "--prompt", prompt)
+    assert code == 2 and "not valid UTF-8" in _one_error_line(err)

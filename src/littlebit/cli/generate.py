@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from littlebit.cli.common import UNVERIFIED_HELP, check_context, device_name, int_at_least
 from littlebit.config import LittleBitError, first_line
@@ -25,14 +26,23 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
     from littlebit.hf.checkpoint import load_compressed, require_littlebit
+    from littlebit.hf.verification import unverified_loading, verify_config_file
 
     if not args.prompt.strip():
         raise LittleBitError("the prompt is empty: give --prompt some text to continue")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
+        raise LittleBitError("the prompt is not valid UTF-8 text") from None
     device = device_name(args.device)
     require_littlebit(args.dir)
-    try:  # read before the model loads, to count the prompt's tokens; the load then checks its files
+    # The tokenizer is read before the model loads, to count the prompt's tokens: its files are
+    # checked against their digests first, as the load checks them.
+    with unverified_loading(args.allow_unverified):
+        verify_config_file(Path(args.dir))
+    try:
         tokenizer = AutoTokenizer.from_pretrained(args.dir)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a damaged tokenizer fails in many ways
         raise LittleBitError(f"{args.dir} has no usable tokenizer: {first_line(e)}") from e
     inputs = tokenizer(args.prompt, return_tensors="pt")
     n_prompt = inputs.input_ids.shape[1]

@@ -128,5 +128,5 @@ def load_tokenizer(model: str | None = None, trust_remote_code: bool = False):
     source, extra = resolve(model)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # missing, damaged or odd tokenizer files fail in many ways
         raise LittleBitError(f"cannot load tokenizer for {model or DEFAULT_MODEL!r}: {first_line(e)}") from e
