@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -228,3 +229,54 @@ def test_train_command_leaves_its_curves_in_the_work_dir(tmp_path, monkeypatch):
     work = tmp_path / "m-train"
     assert sorted(p.name for p in work.iterdir()) == ["train_curves.png", "train_log.jsonl"]
     assert _is_png(work / "train_curves.png")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '[{"bpw_linear": 1.0, "wikitext2_ppl": 10.0, "tokens": [1]}]',  # a budget that is no number
+        '[{"bpw_linear": 1.0, "wikitext2_ppl": 10.0, "tokens": ' + "9" * 400 + "}]",  # past float's range
+    ],
+)
+def test_odd_values_in_result_files_are_left_out(tmp_path, capsys, content):
+    results = tmp_path / "odd.json"
+    results.write_text(content)
+    code, _, err = run_cli(capsys, "plot", str(results), "--out", str(tmp_path / "odd.png"))
+    assert code == 0 and _is_png(tmp_path / "odd.png"), err
+
+
+@pytest.mark.parametrize("content", ["[" * 100000 + "]" * 100000, "[" + "9" * 5000 + "]"])
+def test_json_too_deep_or_long_to_read_is_one_line(tmp_path, capsys, content):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    code, _, err = run_cli(capsys, "plot", str(bad), "--out", str(tmp_path / "x.png"))
+    assert code == 2 and err.count("\n") == 1 and "neither" in err
+
+
+def test_values_too_extreme_to_draw_are_one_line_and_leave_nothing(tmp_path, capsys):
+    log = tmp_path / "extreme.jsonl"
+    rows = [{"phase": "global", "tokens": 1e-308, "loss": 1e308, "tokens_per_s": 1e308}]
+    rows += [
+        {"phase": "global", "tokens": 1e308, "loss": 1e-308},
+        {"phase": "eval", "tokens": 1e308, "ppl": 1e308},
+    ]
+    rows += [{"phase": "blocks", "tokens": 1e308}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "new" / "sub" / "x.png"
+    code, _, err = run_cli(capsys, "plot", str(log), "--out", str(out))
+    assert code == 2 and err.count("\n") == 1 and "cannot draw" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["extreme.jsonl"]  # no directory left behind
+
+
+def test_the_output_is_never_an_input_or_a_special_file(tmp_path, capsys):
+    log = _synthetic_log(tmp_path / "train_log.jsonl")
+    before = log.read_bytes()
+    code, _, err = run_cli(capsys, "plot", str(log), "--out", str(log))
+    assert code == 2 and "one of the files to plot" in err and log.read_bytes() == before
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, _, err = run_cli(capsys, "plot", str(log), "--out", str(fifo))
+    assert code == 2 and "not a regular file" in err and fifo.is_fifo()
+    long = tmp_path / ("a" * 250 + ".png")  # a legal name; the temporary must not be longer
+    code, _, err = run_cli(capsys, "plot", str(log), "--out", str(long))
+    assert code == 0 and _is_png(long), err

@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.variants is not None and args.kind != "compute":
         raise LittleBitError("--variants goes with --kind compute")
-    variants = [v for v in args.variants.split(",") if v] if args.variants is not None else None
+    variants = None
+    if args.variants is not None:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if not variants:
+            raise LittleBitError("--variants names no variant")
     print(plot_files(args.files, args.out, args.kind, variants))
     return 0

@@ -14,13 +14,14 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from littlebit.atomic import check_writable_dir
-from littlebit.config import LittleBitError
+from littlebit.atomic import check_writable_dir, make_parents, remove_empty
+from littlebit.config import LittleBitError, first_line
 
 TRAINING = "training"
 QUALITY = "quality"
@@ -44,21 +45,30 @@ def _save(fig, out: str | Path) -> Path:
     out = Path(out)
     if not out.name or out.is_dir():
         raise LittleBitError(f"--out {str(out)!r} is a directory: name the PNG to write")
+    if out.exists() and not out.is_file():  # renaming over a device or a pipe would replace it
+        raise LittleBitError(f"--out {str(out)!r} is not a regular file: name the PNG to write")
     check_writable_dir(out.parent)
+    created: list[Path] = []
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".png", dir=out.parent)
+        created = make_parents(out.parent)
+        # a short temporary name: a long --out must not push it past the file system's limit
+        fd, tmp = tempfile.mkstemp(prefix=".plot.tmp-", suffix=".png", dir=out.parent)
     except OSError as e:
+        remove_empty(created)
         raise LittleBitError(f"cannot write {out}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
+            try:
+                fig.savefig(f, format="png", dpi=120)
+            except (ValueError, OverflowError) as e:  # values too extreme to lay out
+                raise LittleBitError(f"cannot draw {out}: {first_line(e)} (values out of range)") from None
         mask = os.umask(0o022)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        remove_empty(created)
         raise
     return out
 
@@ -79,10 +89,7 @@ def _training_records(text: str) -> list[dict[str, Any]]:
     """The training records of a JSONL text; other lines (one cut short by a kill) are skipped."""
     records = []
     for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+        record = _json(line)
         if isinstance(record, dict) and record.get("phase") in _PHASES:
             records.append(record)
     return records
@@ -98,7 +105,10 @@ def _quality_points(data: Any) -> list[dict[str, Any]] | None:
         runs = [r for r in data if _number(r.get("bpw_linear")) and _number(r.get("wikitext2_ppl"))]
         # The runs compare recipes on one token budget; a run on another (a throughput run of a few
         # steps) says nothing about quality and would only stretch the axis.
-        budgets = Counter(r.get("tokens") for r in runs)
+        for r in runs:  # a budget that is not a number is no budget
+            if not _number(r.get("tokens")):
+                r["tokens"] = None
+        budgets = Counter(r["tokens"] for r in runs)
         budget = budgets.most_common(1)[0][0] if budgets else None
         points = [
             {
@@ -109,7 +119,7 @@ def _quality_points(data: Any) -> list[dict[str, Any]] | None:
                 "tokens": budget,
             }
             for r in runs
-            if r.get("tokens") == budget
+            if r["tokens"] == budget
         ]
         return points or None
     if isinstance(data, dict) and isinstance(data.get("records"), list):
@@ -131,7 +141,21 @@ def _quality_points(data: Any) -> list[dict[str, Any]] | None:
 
 
 def _number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return False
+    try:
+        value = float(x)
+    except OverflowError:  # an integer past float's range
+        return False
+    return math.isfinite(value) and value > 0
+
+
+def _json(text: str) -> Any:
+    """Parsed JSON, or None for text that is not JSON (or JSON too large or deep to read)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError, integers past the digit limit, deep nesting
+        return None
 
 
 def detect(path: str | Path) -> tuple[str, Any]:
@@ -141,10 +165,7 @@ def detect(path: str | Path) -> tuple[str, Any]:
     """
     path = Path(path)
     text = _read_text(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None
+    data = _json(text)
     if data is not None:
         points = _quality_points(data)
         if points is not None:
@@ -326,10 +347,7 @@ def compute_points(path: str | Path, variants: Sequence[str] | None = None) -> l
     """``[{series, tokens, headline}]``: the runs of a QAT result file scored on held-out text; with
     ``variants``, only those variants' runs, drawn by BPW, layout and attention share alone."""
     path = Path(path)
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError:
-        data = None
+    data = _json(_read_text(path))
     runs = data if isinstance(data, list) else []
     scored = [
         r
@@ -397,15 +415,16 @@ def plot_files(
     for ``compute`` (``compute_points``). The PNG's path."""
     if not files:
         raise LittleBitError("no files to plot")
+    if Path(out).exists() and any(Path(out).samefile(f) for f in files if Path(f).exists()):
+        raise LittleBitError(f"--out {str(out)!r} is one of the files to plot: name another PNG")
     if kind == "auto":
         kinds = {detect(f)[0] for f in files}
         if len(kinds) > 1:
             raise LittleBitError("training logs and benchmark results cannot share a figure: plot them apart")
         (kind,) = kinds
-    if kind == TRAINING:
-        return plot_training(files, out)
-    if kind == QUALITY:
-        return plot_quality(files, out)
-    if kind == COMPUTE:
-        return plot_compute(files, out, variants)
+    draw = {TRAINING: plot_training, QUALITY: plot_quality, COMPUTE: plot_compute}.get(kind)
+    if draw is not None:
+        with warnings.catch_warnings():  # numpy's overflow warnings on extreme values: the error says it
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return draw(files, out, variants) if kind == COMPUTE else draw(files, out)
     raise LittleBitError(f"unknown plot kind {kind!r}: auto, {TRAINING}, {QUALITY} or {COMPUTE}")
