@@ -189,3 +189,18 @@ def test_generate_refuses_a_prompt_that_is_not_utf8(compressed, capsys):
     prompt = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of such argv bytes
     code, _, err = run_cli(capsys, "generate", str(compressed), "--prompt", prompt)
     assert code == 2 and "not valid UTF-8" in _one_error_line(err)
+
+
+def test_an_unreadable_config_is_one_line(compressed, capsys, monkeypatch):
+    from pathlib import Path
+
+    real = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "config.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    code, _, err = run_cli(capsys, "info", str(compressed), "--no-load")
+    assert code == 2 and "config.json: Permission denied" in _one_error_line(err)

@@ -63,6 +63,8 @@ def read_header(file: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             )
     except LittleBitError:
         raise
+    except PermissionError:
+        raise LittleBitError(f"cannot read {file}: permission denied") from None
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise LittleBitError(f"cannot read {file}: damaged or not safetensors ({first_line(e)})") from e
     return entries, metadata

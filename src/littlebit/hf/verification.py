@@ -176,6 +176,8 @@ def read_config_json(path: Path) -> dict:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LittleBitError(f"{cfg_file} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise LittleBitError(f"cannot read {cfg_file}: {e.strerror or first_line(e)}") from None
     if not isinstance(cfg, dict):
         raise LittleBitError(f"{cfg_file} does not hold a JSON object")
     return cfg
@@ -244,6 +246,8 @@ def verify_files(
                     seen.add(name)
         except LittleBitError:
             raise
+        except PermissionError:
+            raise LittleBitError(f"cannot read {file}: permission denied") from None
         except Exception as e:
             raise LittleBitError(f"cannot read {file}: damaged or truncated ({first_line(e)})") from e
     tied_names = tied_names or {}
