@@ -153,6 +153,18 @@ def test_damaged_checkpoint_from_the_command_line(compressed, tmp_path):
         assert "Traceback" not in res.stderr and res.stderr.strip().startswith("littlebit: error:")
 
 
+def test_info_counts_the_files_a_load_reads(compressed, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(compressed, copy)
+    shutil.copy(copy / "model.safetensors", copy / "model-2.safetensors")  # a stray copy beside it
+    reports = []
+    for directory in (compressed, copy):
+        code, out, err = run_cli(capsys, "info", str(directory), "--no-load", "--json")
+        assert code == 0, err
+        reports.append(json.loads(out))
+    assert reports[0] == reports[1]
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -11,7 +11,7 @@ from torch import nn
 from littlebit.config import LittleBitError, first_line
 from littlebit.core.budget import SCALE_BITS, LayerBudget, ModelBudget, packed_bytes
 from littlebit.hf.format import scale_dtype_from_name
-from littlebit.hf.shards import read_header
+from littlebit.hf.shards import read_header, weight_files
 
 
 def read_quant_config(path: Path, allow_unverified: bool = False) -> dict:
@@ -40,9 +40,7 @@ def _expand(name: str, spec: dict) -> list[tuple[str, int, int, int]]:
 
 def checkpoint_budget(path: Path, q: dict) -> tuple[ModelBudget, int, int]:
     """(bit report, bytes expected from the ranks, bytes on disk of the weight files)."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise LittleBitError(f"no .safetensors weight files in {path}")
+    files = weight_files(path)  # the files a load reads: a stray copy beside them is not the model
     packed_prefixes = tuple(n + "." for n in q["layers"])
     other_numel, other_bytes = 0, 0
     for file in files:

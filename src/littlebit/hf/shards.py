@@ -70,23 +70,31 @@ def read_header(file: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     return entries, metadata
 
 
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files a load reads, as transformers picks them: the index's shards, else
+    ``model.safetensors``, else every ``*.safetensors`` file (a folder saved another way)."""
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({directory / f for f in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LittleBitError(f"cannot read {index}: {first_line(e)}") from e
+    elif (directory / SINGLE_NAME).is_file():
+        files = [directory / SINGLE_NAME]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise LittleBitError(f"{directory} holds no safetensors files")
+    return files
+
+
 class SafetensorsCheckpoint:
     """The tensors of a model directory's safetensors files, by name (sharded or single file)."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        index = self.directory / INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise LittleBitError(f"cannot read {index}: {first_line(e)}") from e
-            files = sorted({self.directory / f for f in weight_map.values()})
-        else:
-            files = sorted(self.directory.glob("*.safetensors"))
-        if not files:
-            raise LittleBitError(f"{self.directory} holds no safetensors files")
-        self._read_headers(files)
+        self._read_headers(weight_files(self.directory))
 
     @classmethod
     def from_files(cls, files: list[Path]) -> SafetensorsCheckpoint:
