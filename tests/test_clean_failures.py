@@ -120,6 +120,8 @@ def test_lost_quantization_config_is_recognised(saved):
         (None, ["compress", "{dir}", "--bpw", "1", "--out", "{out}"], "already a LittleBit checkpoint"),
         (None, ["compress", "--bpw", "1", "--device", "nosuch", "--out", "{out}"], "unknown device"),
         (None, ["eval", "{dir}", "--ppl", ","], "names no test set"),
+        (None, ["eval", "{dir}", "--limit", "5"], "go with --tasks"),
+        (None, ["eval", "{dir}", "--num-fewshot", "0"], "go with --tasks"),
         (None, ["eval", "{dir}", "--baseline", "svd"], "compressed already"),
         (None, ["generate", "{dir}", "--prompt", " "], "prompt is empty"),
         (None, ["train", "--bpw", "1", "--out", "{out}", "--seqlen", "4"], "--seqlen must be at least 8"),

@@ -95,6 +95,7 @@ def test_eval_baselines(tiny_dir, data_dir, capsys):
         (["compress", "{headless}", "--bpw", "1", "--out", "{out}"], "cannot load model"),
         (["eval", "{headless}", "--ppl", "wikitext2"], "cannot load model"),
         (["eval", "{pickled}", "--ppl", "wikitext2"], "only pickled weights"),
+        (["eval", "{tiny}", "--baseline", "onebit", "--bpw", "2"], "add --baseline svd"),
         (["compress", "{holed}", "--bpw", "1", "--out", "{out}", "--in-memory"], "its weights lack"),
         (["eval", "{holed}", "--ppl", "wikitext2"], "its weights lack model.layers.0.mlp.down_proj.weight"),
     ],

@@ -61,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
         raise LittleBitError("--ppl names no test set")
     ppl = args.ppl if args.ppl is not None else (None if task_names else "wikitext2")
     names = _split(ppl)
-    if args.bpw is not None and not args.baseline:
+    if args.bpw is not None and args.baseline != "svd":
         raise LittleBitError("--bpw sets the budget of --baseline svd: add --baseline svd or drop --bpw")
+    if not task_names and (args.limit is not None or args.num_fewshot is not None or args.batch_size != 1):
+        raise LittleBitError("--limit, --num-fewshot and --batch-size go with --tasks")
     if args.baseline and is_littlebit_dir(args.model):
         raise LittleBitError(f"{args.model} is compressed already: --baseline needs the original model")
     for n in names:
