@@ -206,3 +206,24 @@ def test_an_unreadable_config_is_one_line(compressed, capsys, monkeypatch):
     monkeypatch.setattr(Path, "read_text", denied)
     code, _, err = run_cli(capsys, "info", str(compressed), "--no-load")
     assert code == 2 and "config.json: Permission denied" in _one_error_line(err)
+
+
+def test_info_without_loading_refuses_what_a_load_refuses(saved, capsys):
+    from littlebit.hf.verification import config_digest
+
+    weights = saved / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact + b"\0" * 8)  # bytes past the data the header describes
+    code, _, err = run_cli(capsys, "info", str(saved), "--no-load")
+    assert code == 2 and "bytes past the data" in _one_error_line(err)
+    weights.write_bytes(intact)
+
+    def other_rank(cfg):  # a config that gives one layer another rank, with its digest made anew
+        q = cfg["quantization_config"]
+        spec = next(iter(q["layers"].values()))
+        spec["rank"] = spec["rank"] * 2
+        q["config_digest"] = config_digest(cfg)
+
+    _edit_config(saved, other_rank)
+    code, _, err = run_cli(capsys, "info", str(saved), "--no-load")
+    assert code == 2 and "the config or the weights were altered" in _one_error_line(err)

@@ -280,3 +280,12 @@ def test_the_output_is_never_an_input_or_a_special_file(tmp_path, capsys):
     long = tmp_path / ("a" * 250 + ".png")  # a legal name; the temporary must not be longer
     code, _, err = run_cli(capsys, "plot", str(log), "--out", str(long))
     assert code == 0 and _is_png(long), err
+
+
+def test_a_byte_order_mark_is_read_and_other_formats_are_refused(tmp_path, capsys):
+    results = tmp_path / "bom.json"
+    results.write_bytes(b"\xef\xbb\xbf" + (RESULTS / "ptq.json").read_bytes())
+    code, _, err = run_cli(capsys, "plot", str(results), "--out", str(tmp_path / "q.png"))
+    assert code == 0 and _is_png(tmp_path / "q.png"), err
+    code, _, err = run_cli(capsys, "plot", str(results), "--out", str(tmp_path / "q.jpg"))
+    assert code == 2 and "*.png" in err and err.count("\n") == 1 and not (tmp_path / "q.jpg").exists()

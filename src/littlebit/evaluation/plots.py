@@ -45,6 +45,8 @@ def _save(fig, out: str | Path) -> Path:
     out = Path(out)
     if not out.name or out.is_dir():
         raise LittleBitError(f"--out {str(out)!r} is a directory: name the PNG to write")
+    if out.suffix and out.suffix.lower() != ".png":
+        raise LittleBitError(f"--out {str(out)!r}: the figure is a PNG, name it *.png")
     if out.exists() and not out.is_file():  # renaming over a device or a pipe would replace it
         raise LittleBitError(f"--out {str(out)!r} is not a regular file: name the PNG to write")
     check_writable_dir(out.parent)
@@ -75,7 +77,7 @@ def _save(fig, out: str | Path) -> Path:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not text
     except UnicodeDecodeError:
         raise LittleBitError(f"cannot read {path}: not UTF-8 text") from None
     except OSError as e:

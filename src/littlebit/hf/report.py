@@ -42,13 +42,18 @@ def checkpoint_budget(path: Path, q: dict) -> tuple[ModelBudget, int, int]:
     """(bit report, bytes expected from the ranks, bytes on disk of the weight files)."""
     files = weight_files(path)  # the files a load reads: a stray copy beside them is not the model
     packed_prefixes = tuple(n + "." for n in q["layers"])
-    other_numel, other_bytes = 0, 0
+    other_numel, other_bytes, packed_on_disk = 0, 0, 0
     for file in files:
         entries, _ = read_header(file)
-        if file.stat().st_size < max((e.end for e in entries.values()), default=0):
+        size, end = file.stat().st_size, max((e.end for e in entries.values()), default=0)
+        if size < end:
             raise LittleBitError(f"{file} is truncated: its header describes more data than it holds")
+        if size > end:  # as a load refuses it
+            raise LittleBitError(f"{file} was altered: it holds bytes past the data its header describes")
         for name, e in entries.items():
-            if not name.startswith(packed_prefixes):
+            if name.startswith(packed_prefixes):
+                packed_on_disk += e.end - e.start
+            else:
                 other_numel += math.prod(e.shape)
                 other_bytes += e.end - e.start
     target = (q.get("littlebit") or {}).get("bpw", 0.0)
@@ -62,6 +67,11 @@ def checkpoint_budget(path: Path, q: dict) -> tuple[ModelBudget, int, int]:
             if spec.get("bias"):
                 expected += d_out * scale_bytes
                 other_numel += d_out  # biases stay 16-bit weights of the model
+    if packed_on_disk != expected - other_bytes:  # as a load refuses tensors shaped unlike the config
+        raise LittleBitError(
+            f"{path}: the packed layers' tensors hold {packed_on_disk:,} bytes where the config's ranks "
+            f"give {expected - other_bytes:,}: the config or the weights were altered"
+        )
     converted = sum(layer.n_weights for layer in layers)
     budget = ModelBudget(layers, n_params=converted + other_numel, n_other_params=other_numel)
     on_disk = sum(f.stat().st_size for f in files)
