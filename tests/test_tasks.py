@@ -106,3 +106,22 @@ def test_a_missing_model_is_named_before_the_tasks_are_looked_up(tmp_path, monke
     monkeypatch.setattr(littlebit.evaluation.tasks, "load_tasks", no_lookup)
     code, _, err = run_cli(capsys, "eval", str(tmp_path / "absent"), "--tasks", "piqa")
     assert code == 2 and "model not found" in err
+
+
+@pytest.mark.parametrize(
+    "questions, labels, fragment",
+    [
+        ("{not json\n", "0\n", "line 1 is not a PIQA question"),
+        ('{"goal": "a", "sol1": "b"}\n', "0\n", "line 1 is not a PIQA question"),
+        ('{"goal": "a", "sol1": "b", "sol2": "c"}\n', "7\n", "label 1 is '7'"),
+        ('{"goal": "a", "sol1": "b", "sol2": "c"}\n', "0\n1\n", "1 questions but 2 labels"),
+    ],
+)
+def test_malformed_local_task_data_names_the_file(compressed, tmp_path, capsys, questions, labels, fragment):
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "valid.jsonl").write_text(questions)
+    (tmp_path / "piqa" / "valid-labels.lst").write_text(labels)
+    argv = ["eval", str(compressed), "--tasks", "piqa", "--limit", "1", "--data-dir", str(tmp_path)]
+    code, _, err = run_cli(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.startswith("littlebit:")]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0] and "no local data" not in lines[0]

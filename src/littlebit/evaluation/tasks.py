@@ -70,6 +70,8 @@ def load_tasks(names: list[str], data_dir: str | Path | None = None) -> dict:
         try:
             tasks = manager.load([task_name])["tasks"]
         except Exception as e:  # unknown name, or its data cannot be fetched: one line, not a traceback
+            if folder is not None:  # the local files are there but cannot be read
+                raise LittleBitError(f"cannot read {name} from {folder}: {first_line(e)}") from e
             if name in LOCAL_TASKS:
                 raise LittleBitError(
                     f"{_missing(name, 'DATA')} (DATA: --data-dir, $LITTLEBIT_DATA or ./shared/data); "
