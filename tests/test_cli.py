@@ -51,15 +51,14 @@ def test_compress_info_eval_generate(compressed, data_dir, capsys):
 
 
 def test_eval_baselines(tiny_dir, data_dir, capsys):
-    for kind in ("svd", "onebit"):
+    for kind, budget in (("svd", ["--bpw", "1.0"]), ("onebit", [])):
         code, out, _ = run_cli(
             capsys,
             "eval",
             str(tiny_dir),
             "--baseline",
             kind,
-            "--bpw",
-            "1.0",
+            *budget,
             "--seqlen",
             "64",
             "--max-windows",
