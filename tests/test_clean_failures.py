@@ -227,3 +227,16 @@ def test_info_without_loading_refuses_what_a_load_refuses(saved, capsys):
     _edit_config(saved, other_rank)
     code, _, err = run_cli(capsys, "info", str(saved), "--no-load")
     assert code == 2 and "the config or the weights were altered" in _one_error_line(err)
+
+
+def test_an_unverified_finding_is_said_once(compressed, tmp_path, capsys, caplog):
+    import shutil
+
+    directory = tmp_path / "ckpt"
+    shutil.copytree(compressed, directory)
+    config = directory / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 64}))
+    code, _, err = run_cli(capsys, "info", str(directory), "--allow-unverified")
+    assert code == 0, err
+    said = [r for r in caplog.records if "loading anyway" in r.getMessage()]
+    assert len(said) == 1 and "tokenizer_config.json was altered" in said[0].getMessage()

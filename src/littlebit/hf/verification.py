@@ -63,6 +63,17 @@ def unverified_loading(allow: bool = True) -> Iterator[None]:
         _allow_unverified.reset(token)
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A checkpoint's files are checked more than once in a command (before and during the load):
+    each finding is said once."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
 def unverified_allowed() -> bool:
     return _allow_unverified.get() or os.environ.get(ALLOW_UNVERIFIED_ENV, "") not in ("", "0")
 
@@ -160,7 +171,7 @@ def verify_side_files(directory: Path, qconfig: dict, require_all: bool = True) 
     ]
     problems += [f"{p} was added after saving" for p in added]
     if problems and unverified_allowed():
-        log.warning("loading anyway, as asked: %s", "; ".join(problems))
+        _warn_once(f"loading anyway, as asked: {'; '.join(problems)}")
     elif problems:
         raise LittleBitError(
             f"{problems[0]} (to load it anyway: --allow-unverified, or {ALLOW_UNVERIFIED_ENV}=1)"
@@ -197,7 +208,7 @@ def verify_config_file(directory: Path, require_side_files: bool = True) -> dict
     if expected is None or not q.get("tensor_digests"):
         if unverified_allowed():
             what = "config digest" if expected is None else "tensor digests"
-            log.warning("loading %s unverified, as asked: it carries no %s", directory, what)
+            _warn_once(f"loading {directory} unverified, as asked: it carries no {what}")
             return raw
         raise LittleBitError(
             f"{directory} carries no digests, so damage cannot be detected: refusing to load it "
