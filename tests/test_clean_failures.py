@@ -208,6 +208,21 @@ def test_an_unreadable_config_is_one_line(compressed, capsys, monkeypatch):
     assert code == 2 and "config.json: Permission denied" in _one_error_line(err)
 
 
+def test_an_unreadable_tokenizer_file_is_bad_input(compressed, capsys, monkeypatch):
+    import builtins
+
+    real = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if str(file).endswith("tokenizer.json"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    code, _, err = run_cli(capsys, "generate", str(compressed), "--prompt", "hello")
+    assert code == 2 and "Permission denied" in _one_error_line(err) and "tokenizer.json" in err
+
+
 def test_info_without_loading_refuses_what_a_load_refuses(saved, capsys):
     from littlebit.hf.verification import config_digest
 

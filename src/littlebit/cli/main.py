@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"littlebit: error: {e.strerror or first_line(e)}{where}", file=sys.stderr)
-        return EXIT_FAILED
+        # a file the user named, or one inside a directory they named, that they may not read or write
+        return EXIT_BAD_INPUT if isinstance(e, PermissionError) else EXIT_FAILED
     except Exception as e:
         if args.verbose:
             raise
