@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -214,3 +215,18 @@ def test_context_of_a_loaded_model_is_checked_too():
     check_context(model(), 10**6, "a model that states no context")
     check_context(SimpleNamespace(), 10**6, "an object without a config")
     check_context(None, 10**6, "the default model, before it loads")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("data", "wikitext2"), ("eval_text", "hf:wikitext"), ("calibration", "ptb:valid")]
+)
+def test_text_that_may_come_from_the_hub_goes_offline_without_a_route(monkeypatch, flag, value):
+    import argparse
+
+    import littlebit.cli.main as main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")  # unset for the call, restored after the test
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "")
+    monkeypatch.setattr(main, "_resolves", lambda host, timeout: False)
+    main._offline_if_hub_unreachable(argparse.Namespace(**{flag: value}))
+    assert os.environ.get("HF_HUB_OFFLINE") == "1" and os.environ.get("HF_DATASETS_OFFLINE") == "1"

@@ -250,6 +250,44 @@ def test_training_on_generated_text_resumes_on_the_same_data(teacher, tmp_path):
     assert again.tokens == res.tokens
 
 
+@pytest.mark.parametrize(
+    "edit", ["in the vocabulary", "past the vocabulary", "no digest, past the vocabulary"]
+)
+def test_an_edited_shard_is_refused(teacher, tmp_path, edit):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, tok = teacher
+    cache = TextCache(model, tok, GEN, tmp_path)
+    cache.ensure(1)
+    path = cache.shard_path(0)
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    tensors["tokens"][0] = 5 if "in the" in edit else model.config.vocab_size
+    if "no digest" in edit:  # a shard written without one is still checked against the vocabulary
+        del meta["sha256"]
+    save_file(tensors, str(path), meta)
+    with pytest.raises(LittleBitError, match="was altered or damaged: delete it"):
+        cache.load(10)
+
+
+def test_an_unwritable_cache_is_one_line(teacher, tmp_path):
+    model, tok = teacher
+    (tmp_path / "file").write_text("")
+    cache = TextCache(model, tok, GEN, tmp_path / "file")  # a folder under a file
+    with pytest.raises(LittleBitError, match="cannot write generated text"):
+        cache.ensure(1)
+
+
+def test_the_largest_seed_orders_and_generates(teacher, tmp_path):
+    from littlebit.training.stream import SequenceOrder
+
+    assert sorted(SequenceOrder(5, seed=2**63 - 1).indices(0, 5)) == list(range(5))
+    model, tok = teacher
+    assert TextCache(model, tok, dataclasses.replace(GEN, seed=2**63 - 1), tmp_path).ensure(1) == 1
+
+
 def test_generate_data_command(tiny_dir, tmp_path, capsys):
     argv = ["generate-data", str(tiny_dir), "--tokens", "100", "--length", "32", "--batch-size", "2"]
     code, out, err = run_cli(capsys, *argv, "--out", str(tmp_path), "--device", "cpu")
@@ -259,6 +297,8 @@ def test_generate_data_command(tiny_dir, tmp_path, capsys):
     assert code == 0 and json.loads(out)["generated_tokens"] == 0  # all cached
     code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path), "--top-p", "0")
     assert code == 2 and err.count("\n") == 1
+    code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path), "--seed", str(2**63))
+    assert code == 2 and "must be at most" in err and err.count("\n") == 1
 
 
 def test_default_data_is_generated_text_without_a_local_corpus(tmp_path, monkeypatch):

@@ -130,6 +130,62 @@ def test_resume_after_a_crash_gives_the_same_output(tmp_path, monkeypatch):
     _logits(out)
 
 
+def _interrupted_after_one_layer(source, out, monkeypatch, hooks=None):
+    """A compression stopped while its second layer is computed: one layer's shard is kept."""
+    real = streaming._compress_block
+
+    def crash_on_second_layer(*args, **kwargs):
+        if args[1] == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "_compress_block", crash_on_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False, hooks=hooks)
+    monkeypatch.setattr(streaming, "_compress_block", real)
+    shards = sorted(partial_dir(out).glob("model-*.safetensors"))
+    assert len(shards) == 1
+    return shards[0]
+
+
+def test_resume_refuses_another_model_at_the_same_path(tmp_path, monkeypatch):
+    source = _source(tmp_path)
+    out = tmp_path / "out"
+    _interrupted_after_one_layer(source, out, monkeypatch)
+    torch.manual_seed(7)  # other weights of the same shapes, written over the source
+    other = tf.LlamaForCausalLM(tf.LlamaConfig(**_COMMON, **_ATTN)).to(torch.bfloat16)
+    other.save_pretrained(source, max_shard_size="40KB")
+    with pytest.raises(LittleBitError, match="another model"):
+        compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("damage", ["altered", "truncated"])
+def test_a_damaged_partial_shard_is_computed_again(tmp_path, monkeypatch, damage):
+    source = _source(tmp_path)
+    compress_streamed(source, tmp_path / "straight", CONFIG, compute_device="cpu", progress=False)
+    out = tmp_path / "out"
+    shard = _interrupted_after_one_layer(source, out, monkeypatch)
+    data = bytearray(shard.read_bytes())
+    if damage == "altered":
+        data[-3] ^= 0x40  # a bit of the last tensor's data: still a readable safetensors file
+    else:
+        del data[len(data) // 2 :]
+    shard.write_bytes(bytes(data))
+    compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False)
+    _assert_same_checkpoint(tmp_path / "straight", out)
+
+
+def test_a_damaged_partial_shard_stops_block_reconstruction(tmp_path, monkeypatch):
+    source = _source(tmp_path)
+    out = tmp_path / "out"
+    shard = _interrupted_after_one_layer(source, out, monkeypatch, hooks=_reconstruction())
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x40
+    shard.write_bytes(bytes(data))
+    with pytest.raises(LittleBitError, match="altered or damaged since it was written: remove"):
+        compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False, hooks=_reconstruction())
+
+
 def test_failure_after_the_last_layer_still_resumes(tmp_path, monkeypatch):
     """A disk filling up while the side files are sealed leaves a partial that a rerun finishes."""
     source = _source(tmp_path)
@@ -282,6 +338,32 @@ def test_compress_command_reconstructs(tiny_dir, tmp_path, capsys):
     code, stdout, err = run_cli(capsys, *argv)
     assert code == 0 and "block reconstruction error" in stdout, err
     assert torch.isfinite(_logits(out)).all()
+
+
+@pytest.mark.parametrize(
+    ("calibration", "extra", "message"),
+    [
+        ("", ["--reconstruct"], "source is empty"),
+        ("wikitext2:bogus", ["--reconstruct"], "unknown split"),
+        ("wikitext2:valid", [], "add --reconstruct"),
+    ],
+)
+def test_bad_calibration_text_is_refused_before_loading(
+    tiny_dir, tmp_path, capsys, calibration, extra, message
+):
+    argv = [
+        "compress",
+        str(tiny_dir),
+        "--bpw",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+        "--calibration",
+        calibration,
+    ]
+    code, _, err = run_cli(capsys, *argv, *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,10 @@ def bpw_type(text: str) -> float:
     return value
 
 
+# seeds as torch.Generator takes them, and as LittleBitConfig and the data orders derive theirs
+SEED_MAX = 2**63 - 1
+
+
 def int_at_least(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
@@ -108,7 +112,10 @@ def add_compression_arguments(
     p.add_argument("--skip", action="append", metavar="GLOB", help="module names to leave uncompressed")
     p.add_argument("--config", help="LittleBitConfig JSON file (flags given here override it)")
     p.add_argument(
-        "--seed", type=int, default=0, help="random seed: initialisation (compress), data order (train)"
+        "--seed",
+        type=int_at_least(0, SEED_MAX),
+        default=0,
+        help="random seed: initialisation (compress), data order (train)",
     )
     p.add_argument("--device", help="where to compute (default: cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")

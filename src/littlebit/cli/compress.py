@@ -89,6 +89,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.reconstruct and args.in_memory:
         raise LittleBitError("--reconstruct streams the model a layer at a time: drop --in-memory")
+    if args.calibration is not None:
+        if not args.reconstruct:
+            raise LittleBitError("--calibration is the text of --reconstruct: add --reconstruct or drop it")
+        from littlebit.evaluation.data import check_training_source
+
+        check_training_source(args.calibration)
     source = _streamable(args)
     if args.reconstruct and source is None:
         raise LittleBitError(

@@ -13,7 +13,14 @@ import sys
 from pathlib import Path
 
 from littlebit.atomic import check_writable_dir
-from littlebit.cli.common import DEFAULT_MODEL_HELP, check_context, device_name, threads_type
+from littlebit.cli.common import (
+    DEFAULT_MODEL_HELP,
+    SEED_MAX,
+    check_context,
+    device_name,
+    int_at_least,
+    threads_type,
+)
 from littlebit.config import LittleBitError
 from littlebit.training.config import SAMPLING_DTYPES, START_KINDS, TextGenConfig
 
@@ -42,7 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--starts", default=",".join(gen.starts), help=f"start kinds, some of {','.join(START_KINDS)}"
     )
-    parser.add_argument("--seed", type=int, default=0, help="the same as train's --seed to share its cache")
+    parser.add_argument(
+        "--seed",
+        type=int_at_least(0, SEED_MAX),
+        default=0,
+        help="the same as train's --seed to share its cache",
+    )
     parser.add_argument(
         "--dtype",
         choices=SAMPLING_DTYPES,
@@ -75,11 +87,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from littlebit.hf.models import load_model, load_tokenizer
-    from littlebit.training.teacher_text import TextCache
+    from littlebit.training.teacher_text import TextCache, default_cache_dir
 
     config = gen_config(args)
-    if args.out is not None:
-        check_writable_dir(Path(args.out))  # before the model loads
+    # before the model loads
+    check_writable_dir(Path(args.out) if args.out is not None else default_cache_dir())
     check_context(args.model, config.length, f"--length {config.length}")  # a local folder's config.json
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -83,9 +83,13 @@ def _offline_if_hub_unreachable(args: argparse.Namespace) -> None:
 
     if os.environ.get("HF_HUB_OFFLINE"):
         return
+    from littlebit.evaluation.data import DATASETS
+
     model = getattr(args, "model", None)
     hub_model = bool(model) and not os.path.exists(model)
-    hub_data = any("hf:" in str(getattr(args, name, None) or "") for name in ("data", "ppl"))
+    # a named dataset whose split is not found locally is read from the hub as well
+    texts = [str(getattr(args, name, None) or "") for name in ("data", "ppl", "eval_text", "calibration")]
+    hub_data = any("hf:" in t or any(d in t for d in DATASETS) for t in texts)
     if not (hub_model or hub_data):
         return
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"

@@ -121,6 +121,8 @@ SPLITS = ("train", "valid", "test")
 
 def check_training_source(source: str) -> None:
     """Refuse, before anything loads, a training text source that ``training_text`` cannot read."""
+    if not source.strip():  # Path("") is the current directory, whose text files nobody meant
+        raise LittleBitError("the training text source is empty")
     name, _, split = source.partition(":")
     if name in DATASETS:
         if split and split not in SPLITS:

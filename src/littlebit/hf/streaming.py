@@ -8,11 +8,15 @@ end, the packed model, a small fraction of the source, while the shards become o
 config, byte for byte, digests included.
 
 Work in progress lives in a hidden sibling of the output (``.NAME.partial``) with a manifest of the
-source and settings: after a crash, the same command resumes from the first layer without a shard.
+source (its path and a fingerprint of its files) and settings, and a ledger of the SHA-256 of every
+shard written there: after a crash, the same command resumes from the first layer without a shard,
+after computing again any shard whose bytes no longer match the ledger. A source that changed at the
+same path is refused, so one output never holds the layers of two models.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,13 +41,17 @@ from littlebit.core.convert import (
 from littlebit.hf.checkpoint import prepare_for_save
 from littlebit.hf.format import FORMAT_VERSION, cast_unquantized
 from littlebit.hf.quantizer import config_as_saved
-from littlebit.hf.shards import SINGLE_NAME, SafetensorsCheckpoint
-from littlebit.hf.verification import config_digest, seal_side_files, tensor_digest
+from littlebit.hf.shards import SINGLE_NAME, SafetensorsCheckpoint, weight_files
+from littlebit.hf.verification import config_digest, file_digest, seal_side_files, tensor_digest
 from littlebit.runtime.packed import LayerSpec, install_packed_skeleton, pack_model
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "littlebit-partial.json"
+LEDGER_NAME = "littlebit-shards.json"
+# Pieces of each source weight file read into its fingerprint (reading a 70B checkpoint whole to
+# resume would take minutes; a rewritten file also changes its modification time, which counts too)
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
 
 
 class LayerHooks:
@@ -143,22 +151,75 @@ def _load_as_saved(checkpoint: SafetensorsCheckpoint, name: str) -> torch.Tensor
     return checkpoint.read(name, torch.float32 if entry.dtype.is_floating_point else None)
 
 
+def source_fingerprint(source: Path) -> str:
+    """Tells apart the checkpoints that could sit at one path: config.json whole, and for each weight
+    file its name, size, modification time, header and evenly spaced samples of its data."""
+    h = hashlib.sha256()
+    config = source / "config.json"
+    h.update(config.read_bytes() if config.is_file() else b"")
+    for file in weight_files(source):
+        stat = file.stat()
+        h.update(f"\0{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        with open(file, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header, stat.st_size)))
+            for i in range(_SAMPLES):
+                f.seek(stat.st_size * i // _SAMPLES)
+                h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def _ledger(work: Path) -> dict[str, str]:
+    try:
+        return json.loads((work / LEDGER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # none yet, or torn: every shard is then computed again
+
+
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a shard of the work directory, its digest entered in the ledger before it takes its name
+    (a shard in place is then always one the ledger can check)."""
     from safetensors.torch import save_file
 
+    work = path.parent
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    record = work / f".{LEDGER_NAME}.tmp-{os.getpid()}"
     try:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"}
         )
+        ledger = {**_ledger(work), path.name: file_digest(tmp)}
+        record.write_text(json.dumps(ledger, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(record, work / LEDGER_NAME)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
 
 
-def _open_partial(work: Path, manifest: dict) -> list[Path]:
-    """Create the work directory, or check that an existing one was started with these settings;
-    returns the parent directories it created (to remove if nothing comes of it)."""
+def _drop_altered_shards(work: Path, reconstructing: bool) -> None:
+    """Remove the shards whose bytes differ from the ledger (damaged, altered, or written without an
+    entry), so that they are computed again; with block reconstruction, whose later layers depend on
+    the earlier ones, refuse instead."""
+    ledger = _ledger(work)
+    for shard in sorted(work.glob("model*.safetensors")):
+        if ledger.get(shard.name) == file_digest(shard):
+            continue
+        if reconstructing:
+            raise LittleBitError(
+                f"{shard.name} in {work} was altered or damaged since it was written: "
+                f"remove {work} to start again"
+            )
+        log.warning(
+            "%s in %s was altered or damaged since it was written: computing it again", shard.name, work
+        )
+        shard.unlink()
+
+
+def _open_partial(work: Path, manifest: dict, reconstructing: bool = False) -> list[Path]:
+    """Create the work directory, or check that an existing one was started with these settings and
+    holds no altered shard; returns the parent directories it created (to remove if nothing comes of
+    it)."""
     record = work / MANIFEST_NAME
     if work.is_dir():
         try:
@@ -172,6 +233,7 @@ def _open_partial(work: Path, manifest: dict) -> list[Path]:
             )
         for stale in work.glob(".*.tmp-*"):  # a shard being written when the process died
             stale.unlink(missing_ok=True)
+        _drop_altered_shards(work, reconstructing)
         return []
     created = make_parents(work.parent)
     work.mkdir()
@@ -252,6 +314,7 @@ def compress_streamed(
     n_files = len(blocks) + 1
     manifest = {
         "source": str(source.resolve()),
+        "source_fingerprint": source_fingerprint(source),
         "littlebit": config.to_dict(),
         "dtype": str(dtype),
         "scale_dtype": str(scale_dtype),
@@ -260,7 +323,7 @@ def compress_streamed(
     }
     manifest = json.loads(json.dumps(manifest))  # as read back when resuming (tuples become lists)
     work = partial_dir(out)
-    created = _open_partial(work, manifest)
+    created = _open_partial(work, manifest, reconstructing=hooks is not None)
     merged = work / SINGLE_NAME
     try:
         first = hooks.start(model, checkpoint, work) if hooks is not None else 0
@@ -299,9 +362,10 @@ def compress_streamed(
         if hooks is not None:
             hooks.finish(work)
         # The manifest stays until the last step that can fail, so that a rerun still resumes.
-        seal_side_files(work, skip=(MANIFEST_NAME,))
+        seal_side_files(work, skip=(MANIFEST_NAME, LEDGER_NAME))
         check_output_dir(out)
         share_permissions(work)
+        (work / LEDGER_NAME).unlink(missing_ok=True)
         (work / MANIFEST_NAME).unlink()
         if out.is_dir():
             out.rmdir()  # empty: checked above

@@ -4,7 +4,8 @@ A cache folder is keyed by a hash of the model's identity and every setting that
 (``TextGenConfig``, the start prompts). It holds ``settings.json`` and ``shard-NNNNN.safetensors``
 files, each one batched sampling call of ``batch_size`` sequences of up to ``length`` tokens, each
 cut after its end-of-sequence token: ``tokens``, the documents end to end (1-D int32), and
-``lengths``, one per document. Past its end token a model only repeats it, so nothing after it is
+``lengths``, one per document; its metadata holds the token count and their SHA-256, checked when
+the shard is read. Past its end token a model only repeats it, so nothing after it is
 kept. Shard ``k`` depends only on the key and ``k``, so an interrupted generation resumes at the first
 missing shard and ends with the same files as one never stopped, and a larger request appends to a
 smaller. Every file is written to a temporary sibling and renamed into place.
@@ -29,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from littlebit.atomic import make_parents, remove_stale_temporaries
+from littlebit.atomic import make_parents, os_error_message, remove_stale_temporaries
 from littlebit.config import LittleBitError
 from littlebit.hf.models import context_length
 from littlebit.training.batch_decoding import sample_batch
@@ -245,8 +246,11 @@ class TextCache:
         ``progress(tokens_there, tokens, seconds_for_the_last_shard)`` is called after each new
         shard; ``limit`` stops after that many new shards (the rest is left for a later call).
         """
-        new_dirs = make_parents(self.dir)  # deepest first; the outermost goes if it ends with nothing
-        self._write_settings()
+        try:
+            new_dirs = make_parents(self.dir)  # deepest first; the outermost goes if it ends with nothing
+            self._write_settings()
+        except OSError as e:
+            raise LittleBitError(os_error_message(e, f"generated text to {self.dir}")) from e
         done = self.available()
         have = self.tokens_available()
         made = 0
@@ -260,9 +264,11 @@ class TextCache:
                     done, made, have = done + 1, made + 1, have + stream.numel()
                     if progress is not None:
                         progress(have, tokens, time.perf_counter() - t0)
-        except BaseException:
+        except BaseException as e:
             if new_dirs and done == 0:  # folders this call made and filled with nothing: leave no trace
                 shutil.rmtree(new_dirs[-1], ignore_errors=True)
+            if isinstance(e, OSError):  # the cache's disk or folder, which the user chose
+                raise LittleBitError(os_error_message(e, f"generated text to {self.dir}")) from e
             raise
         return done
 
@@ -272,11 +278,7 @@ class TextCache:
         for i in range(self.available()):
             if have >= tokens:
                 break
-            path = self.shard_path(i)
-            try:
-                parts.append(load_file(str(path))["tokens"])
-            except (SafetensorError, KeyError, OSError) as e:
-                raise LittleBitError(f"damaged shard {path}: delete it and generate again") from e
+            parts.append(self._read_tokens(self.shard_path(i)))
             have += parts[-1].numel()
         if have < tokens:
             raise LittleBitError(f"{self.dir} holds {have} of the {tokens} generated tokens needed")
@@ -289,7 +291,7 @@ class TextCache:
         template's assistant header, the answer."""
         cfg = self.config
         kind = self.kinds[index % len(self.kinds)]
-        seed = cfg.seed * 1_000_003 + index
+        seed = (cfg.seed * 1_000_003 + index) % 2**63  # a generator takes at most 2^64 - 1
         prefix = torch.tensor(self.prompts[kind], dtype=torch.int64).expand(cfg.batch_size, -1)
         if kind == "random":
             gen = torch.Generator().manual_seed(seed)
@@ -383,14 +385,36 @@ class TextCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.settings, indent=1)))
 
+    def _read_tokens(self, path: Path) -> torch.Tensor:
+        """A shard's tokens, refused unless they are what was written (shards written without a
+        digest: at least every id in the model's vocabulary)."""
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            tokens = load_file(str(path))["tokens"]
+        except (SafetensorError, KeyError, OSError) as e:
+            raise LittleBitError(f"damaged shard {path}: delete it and generate again") from e
+        digest = meta.get("sha256")
+        altered = digest is not None and digest != _token_digest(tokens)
+        if altered or (
+            tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < _vocab(self.model)
+        ):
+            raise LittleBitError(f"shard {path} was altered or damaged: delete it and generate again")
+        return tokens
+
     def _write_shard(self, index: int, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
         meta = {
             "index": str(index),
             "start": self.kinds[index % len(self.kinds)],
             "tokens": str(tokens.numel()),
+            "sha256": _token_digest(tokens),
         }
         tensors = {"tokens": tokens, "lengths": lengths}
         _atomic_write(self.shard_path(index), lambda tmp: save_file(tensors, str(tmp), meta))
+
+
+def _token_digest(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()
 
 
 def _vocab(model: nn.Module) -> int:
