@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from littlebit.config import LittleBitError
+from littlebit.config import LittleBitError, first_line
 
 TASKS_DIR_FLAG = "--littlebit-tasks-dir"
 
@@ -29,6 +29,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.parse_known_args = pass_through  # type: ignore[method-assign]
 
 
+def _output_path(argv: list[str]) -> str | None:
+    for i, word in enumerate(argv):
+        if word in ("--output_path", "-o") and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith("--output_path="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def _check_output_path(argv: list[str]) -> None:
+    """lm-eval only logs that it could not save its results, after the whole run, and exits 0: refuse
+    an unusable place first (a folder, or a ``.json`` file in one)."""
+    from pathlib import Path
+
+    from littlebit.atomic import check_writable_dir
+
+    value = _output_path(argv)
+    if value is not None:
+        path = Path(value)
+        check_writable_dir(path.parent if path.suffix == ".json" else path)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.args == [TASKS_DIR_FLAG]:
         from littlebit.evaluation.tasks import TASKS_DIR
@@ -43,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as e:
         raise LittleBitError(f"this lm-eval has no command-line entry point: {e}") from e
+    _check_output_path(args.args)
     register_quantizer()
     saved = sys.argv
     sys.argv = ["lm-eval", *args.args]
@@ -50,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         cli_evaluate()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except ValueError as e:  # how lm-eval answers task names it does not know
+        if "Tasks not found" in str(e):
+            raise LittleBitError(first_line(e)) from e
+        raise
     finally:
         sys.argv = saved
     return 0
