@@ -97,6 +97,13 @@ def test_data_specs_parse(spec, expected, tmp_path, monkeypatch):
     assert got == expected
 
 
+def test_one_file_named_two_ways_is_named_twice(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("some text\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LittleBitError, match="named twice"):
+        parse_data_spec(f"a.txt:0.5,./a.txt:0.3,{tmp_path}/a.txt:0.2")
+
+
 def test_data_weights_near_the_float_maximum_still_split():
     spec = "generated:1e308,wikitext2:valid:1e308"
     assert [s.weight for s in parse_data_spec(spec)] == [0.5, 0.5]

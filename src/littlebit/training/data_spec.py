@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from littlebit.config import LittleBitError
 from littlebit.evaluation.data import check_training_source, default_data_dirs
@@ -56,7 +57,7 @@ def parse_data_spec(spec: str) -> list[DataSource]:
                 name = head
         if not (weight > 0 and math.isfinite(weight)):
             raise LittleBitError(f"bad data spec {spec!r}: weight of {name!r} must be a finite number > 0")
-        if name in (s for s, _ in sources):
+        if _identity(name) in (_identity(s) for s, _ in sources):
             raise LittleBitError(f"bad data spec {spec!r}: {name!r} is named twice")
         if name != GENERATED:
             check_training_source(name)  # a hub source's form now, its rows when the run reads them
@@ -66,6 +67,12 @@ def parse_data_spec(spec: str) -> list[DataSource]:
         sources = [(name, w / top) for name, w in sources]
     total = sum(w for _, w in sources)
     return [DataSource(name, w / total) for name, w in sources]
+
+
+def _identity(source: str) -> str:
+    """One name for one source: a local file or folder by its resolved path (``a.txt``, ``./a.txt``)."""
+    path = Path(source)
+    return str(path.resolve()) if path.exists() else source
 
 
 def has_local_corpus() -> bool:
