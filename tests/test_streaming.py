@@ -175,6 +175,38 @@ def test_a_damaged_partial_shard_is_computed_again(tmp_path, monkeypatch, damage
     _assert_same_checkpoint(tmp_path / "straight", out)
 
 
+def test_block_reconstruction_recomputes_a_damaged_shard_it_had_not_moved_past(tmp_path, monkeypatch):
+    """A shard written, the states after it not: the resume fits that layer again, so its damaged file
+    is computed again rather than refused."""
+    from littlebit.training.streamed_blocks import STATES_NAME
+
+    source = _source(tmp_path)
+    hooks = _reconstruction()
+    compress_streamed(
+        source, tmp_path / "straight", CONFIG, compute_device="cpu", progress=False, hooks=hooks
+    )
+    out = tmp_path / "out"
+    shard = _interrupted_after_one_layer(source, out, monkeypatch, hooks=_reconstruction())
+    (partial_dir(out) / STATES_NAME).unlink()
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x40
+    shard.write_bytes(bytes(data))
+    compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False, hooks=_reconstruction())
+    _assert_same_checkpoint(tmp_path / "straight", out)
+
+
+def test_a_partial_without_digests_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    source = _source(tmp_path)
+    out = tmp_path / "out"
+    _interrupted_after_one_layer(source, out, monkeypatch)
+    manifest = partial_dir(out) / streaming.MANIFEST_NAME
+    record = json.loads(manifest.read_text())
+    del record["source_fingerprint"]
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(LittleBitError, match="kept no digests of its layers: remove it"):
+        compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False)
+
+
 def test_a_damaged_partial_shard_stops_block_reconstruction(tmp_path, monkeypatch):
     source = _source(tmp_path)
     out = tmp_path / "out"

@@ -89,7 +89,8 @@ def _offline_if_hub_unreachable(args: argparse.Namespace) -> None:
     hub_model = bool(model) and not os.path.exists(model)
     # a named dataset whose split is not found locally is read from the hub as well
     texts = [str(getattr(args, name, None) or "") for name in ("data", "ppl", "eval_text", "calibration")]
-    hub_data = any("hf:" in t or any(d in t for d in DATASETS) for t in texts)
+    names = {part.strip().split(":")[0] for t in texts for part in t.split(",")}
+    hub_data = any("hf:" in t for t in texts) or bool(names & set(DATASETS))
     if not (hub_model or hub_data):
         return
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"

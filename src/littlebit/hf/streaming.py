@@ -8,7 +8,7 @@ end, the packed model, a small fraction of the source, while the shards become o
 config, byte for byte, digests included.
 
 Work in progress lives in a hidden sibling of the output (``.NAME.partial``) with a manifest of the
-source (its path and a fingerprint of its files) and settings, and a ledger of the SHA-256 of every
+source (its path and a fingerprint of its files) and settings, and a ledger of the digest of every
 shard written there: after a crash, the same command resumes from the first layer without a shard,
 after computing again any shard whose bytes no longer match the ledger. A source that changed at the
 same path is refused, so one output never holds the layers of two models.
@@ -171,9 +171,11 @@ def source_fingerprint(source: Path) -> str:
 
 def _ledger(work: Path) -> dict[str, str]:
     try:
-        return json.loads((work / LEDGER_NAME).read_text(encoding="utf-8"))
+        ledger = json.loads((work / LEDGER_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}  # none yet, or torn: every shard is then computed again
+    ok = isinstance(ledger, dict) and all(isinstance(v, str) for v in ledger.values())
+    return ledger if ok else {}
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -197,16 +199,22 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
         record.unlink(missing_ok=True)
 
 
-def _drop_altered_shards(work: Path, reconstructing: bool) -> None:
+class _PartialUnusable(LittleBitError):
+    """A partial folder that no rerun can finish."""
+
+
+def _drop_altered_shards(work: Path, kept_before: int | None) -> None:
     """Remove the shards whose bytes differ from the ledger (damaged, altered, or written without an
-    entry), so that they are computed again; with block reconstruction, whose later layers depend on
-    the earlier ones, refuse instead."""
+    entry), so that they are computed again. With block reconstruction (``kept_before``: the first
+    layer it computes again), the layers before that one and the merged file cannot be: later layers
+    were fitted after them, so refuse instead."""
     ledger = _ledger(work)
     for shard in sorted(work.glob("model*.safetensors")):
         if ledger.get(shard.name) == file_digest(shard):
             continue
-        if reconstructing:
-            raise LittleBitError(
+        layer = int(shard.name[6:11]) - 1 if shard.name != SINGLE_NAME else None
+        if kept_before is not None and (layer is None or layer < kept_before):
+            raise _PartialUnusable(
                 f"{shard.name} in {work} was altered or damaged since it was written: "
                 f"remove {work} to start again"
             )
@@ -216,16 +224,19 @@ def _drop_altered_shards(work: Path, reconstructing: bool) -> None:
         shard.unlink()
 
 
-def _open_partial(work: Path, manifest: dict, reconstructing: bool = False) -> list[Path]:
-    """Create the work directory, or check that an existing one was started with these settings and
-    holds no altered shard; returns the parent directories it created (to remove if nothing comes of
-    it)."""
+def _open_partial(work: Path, manifest: dict) -> list[Path]:
+    """Create the work directory, or check that an existing one was started with these settings;
+    returns the parent directories it created (to remove if nothing comes of it)."""
     record = work / MANIFEST_NAME
     if work.is_dir():
         try:
             previous = json.loads(record.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise LittleBitError(f"{work} is not a resumable compression ({first_line(e)}): remove it") from e
+        if isinstance(previous, dict) and "source_fingerprint" not in previous:
+            raise LittleBitError(
+                f"{work} was started by a littlebit that kept no digests of its layers: remove it"
+            )
         if previous != manifest:
             raise LittleBitError(
                 f"{work} holds a partial compression of another model or with other settings: "
@@ -233,7 +244,6 @@ def _open_partial(work: Path, manifest: dict, reconstructing: bool = False) -> l
             )
         for stale in work.glob(".*.tmp-*"):  # a shard being written when the process died
             stale.unlink(missing_ok=True)
-        _drop_altered_shards(work, reconstructing)
         return []
     created = make_parents(work.parent)
     work.mkdir()
@@ -323,10 +333,11 @@ def compress_streamed(
     }
     manifest = json.loads(json.dumps(manifest))  # as read back when resuming (tuples become lists)
     work = partial_dir(out)
-    created = _open_partial(work, manifest, reconstructing=hooks is not None)
+    created = _open_partial(work, manifest)
     merged = work / SINGLE_NAME
     try:
         first = hooks.start(model, checkpoint, work) if hooks is not None else 0
+        _drop_altered_shards(work, first if hooks is not None else None)
         for k, block_name in enumerate(tqdm(blocks, desc="LittleBit layers", disable=not progress)):
             file = work / f"model-{k + 1:05d}-of-{n_files:05d}.safetensors"
             prefix = block_name + "."
@@ -365,13 +376,16 @@ def compress_streamed(
         seal_side_files(work, skip=(MANIFEST_NAME, LEDGER_NAME))
         check_output_dir(out)
         share_permissions(work)
-        (work / LEDGER_NAME).unlink(missing_ok=True)
+        # the manifest first: killed between the two, the folder is not taken for one to resume
         (work / MANIFEST_NAME).unlink()
+        (work / LEDGER_NAME).unlink(missing_ok=True)
         if out.is_dir():
             out.rmdir()  # empty: checked above
         os.replace(work, out)
     except BaseException as e:
         finished = len(list(work.glob("model*.safetensors")))
+        if isinstance(e, _PartialUnusable):
+            raise  # its message says what to do with the folder
         if finished == 0:
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind
             remove_empty(created)

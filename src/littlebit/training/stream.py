@@ -72,7 +72,7 @@ class SequenceOrder:
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             # a generator takes at most 2^64 - 1: any seed LittleBitConfig allows stays in range
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
         return self._perm
 

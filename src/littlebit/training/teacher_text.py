@@ -291,7 +291,7 @@ class TextCache:
         template's assistant header, the answer."""
         cfg = self.config
         kind = self.kinds[index % len(self.kinds)]
-        seed = (cfg.seed * 1_000_003 + index) % 2**63  # a generator takes at most 2^64 - 1
+        seed = (cfg.seed * 1_000_003 + index) % 2**64  # a generator takes at most 2^64 - 1
         prefix = torch.tensor(self.prompts[kind], dtype=torch.int64).expand(cfg.batch_size, -1)
         if kind == "random":
             gen = torch.Generator().manual_seed(seed)
@@ -395,7 +395,9 @@ class TextCache:
         except (SafetensorError, KeyError, OSError) as e:
             raise LittleBitError(f"damaged shard {path}: delete it and generate again") from e
         digest = meta.get("sha256")
-        altered = digest is not None and digest != _token_digest(tokens)
+        altered = meta.get("tokens") != str(tokens.numel()) or (
+            digest is not None and digest != _token_digest(tokens)
+        )
         if altered or (
             tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < _vocab(self.model)
         ):
