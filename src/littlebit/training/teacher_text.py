@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from littlebit.atomic import make_parents, os_error_message, remove_stale_temporaries
@@ -246,15 +246,14 @@ class TextCache:
         ``progress(tokens_there, tokens, seconds_for_the_last_shard)`` is called after each new
         shard; ``limit`` stops after that many new shards (the rest is left for a later call).
         """
+        new_dirs: list[Path] = []
+        done = 0
         try:
             new_dirs = make_parents(self.dir)  # deepest first; the outermost goes if it ends with nothing
             self._write_settings()
-        except OSError as e:
-            raise LittleBitError(os_error_message(e, f"generated text to {self.dir}")) from e
-        done = self.available()
-        have = self.tokens_available()
-        made = 0
-        try:
+            done = self.available()
+            have = self.tokens_available()
+            made = 0
             # one sampling copy of the teacher for all the shards this call writes
             with self._sampling() if have < tokens else contextlib.nullcontext():
                 while have < tokens and (limit is None or made < limit):
@@ -390,8 +389,7 @@ class TextCache:
         digest: at least every id in the model's vocabulary)."""
         try:
             with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            tokens = load_file(str(path))["tokens"]
+                meta, tokens = f.metadata() or {}, f.get_tensor("tokens")
         except (SafetensorError, KeyError, OSError) as e:
             raise LittleBitError(f"damaged shard {path}: delete it and generate again") from e
         digest = meta.get("sha256")
