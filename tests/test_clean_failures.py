@@ -255,3 +255,23 @@ def test_an_unverified_finding_is_said_once(compressed, tmp_path, capsys, caplog
     assert code == 0, err
     said = [r for r in caplog.records if "loading anyway" in r.getMessage()]
     assert len(said) == 1 and "tokenizer_config.json was altered" in said[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes"),
+        MemoryError(),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1024.00 GiB"),
+    ],
+)
+def test_running_out_of_memory_is_one_line_with_what_to_lower(compressed, capsys, monkeypatch, error):
+    from littlebit.cli import info
+
+    def allocate(args):
+        raise error
+
+    monkeypatch.setattr(info, "run", allocate)
+    code, _, err = run_cli(capsys, "info", str(compressed))
+    assert code == 1 and err.startswith("littlebit: error: out of memory") and "--batch-size" in err
+    assert err.count("\n") == 1

@@ -356,6 +356,19 @@ def test_train_command_prints_its_plan_and_keeps_to_its_budget(tiny_dir, tmp_pat
     assert 2000 - 64 < json.loads(out.splitlines()[-1])["tokens"] <= 2000
 
 
+def test_train_refuses_a_cache_that_cannot_exist_before_loading(tmp_path, capsys, monkeypatch):
+    from littlebit.hf import models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the teacher loaded before the cache was checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    (tmp_path / "file").write_text("")
+    argv = ["train", "missing-model", "--bpw", "1", "--out", str(tmp_path / "m"), "--data", "generated"]
+    code, _, err = run_cli(capsys, *argv, "--generated-dir", str(tmp_path / "file" / "g"), "--device", "cpu")
+    assert code == 2 and "is a file" in err and err.count("\n") == 1
+
+
 def test_a_chat_start_gets_an_answer_after_the_user_turn(teacher, tmp_path, monkeypatch):
     from littlebit.training.teacher_text import assistant_header
 

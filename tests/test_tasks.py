@@ -62,16 +62,18 @@ def test_lm_eval_cli_loads_littlebit_dir(compressed, piqa_data, capsys):
     assert "piqa_local" in out and "acc_norm" in out
 
 
-@pytest.mark.parametrize("case", ["unknown task", "output under a file"])
+@pytest.mark.parametrize("case", ["unknown task", "output under a file", "missing model folder"])
 def test_lm_eval_cli_refuses_bad_input_in_one_line(compressed, tmp_path, capsys, case):
     (tmp_path / "file").write_text("")
-    argv = ["lm-eval", "--model", "hf", "--model_args", f"pretrained={compressed}", "--limit", "2"]
+    model = tmp_path / "no_such_model" if case == "missing model folder" else compressed
+    argv = ["lm-eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32", "--limit", "2"]
     argv += ["--device", "cpu", "--tasks", "no_such_task" if case == "unknown task" else "piqa_local"]
     if case == "output under a file":
         argv += ["--output_path", str(tmp_path / "file" / "results")]
     code, _, err = run_cli(capsys, *argv)
     assert code == 2, err
-    assert ("Tasks not found" if case == "unknown task" else "is a file") in err.strip().splitlines()[-1]
+    expected = {"unknown task": "Tasks not found", "output under a file": "is a file"}
+    assert expected.get(case, "no such folder") in err.strip().splitlines()[-1]
 
 
 def test_missing_task_data_is_one_line(compressed, tmp_path, capsys):

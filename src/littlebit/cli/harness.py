@@ -29,13 +29,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.parse_known_args = pass_through  # type: ignore[method-assign]
 
 
-def _output_path(argv: list[str]) -> str | None:
+def _option(argv: list[str], names: tuple[str, ...]) -> str | None:
+    """The value of the last of lm-eval's options ``names`` (``--name VALUE`` or ``--name=VALUE``)."""
+    value = None
     for i, word in enumerate(argv):
-        if word in ("--output_path", "-o") and i + 1 < len(argv):
-            return argv[i + 1]
-        if word.startswith("--output_path="):
-            return word.split("=", 1)[1]
-    return None
+        if word in names and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(tuple(f"{n}=" for n in names if n.startswith("--"))):
+            value = word.split("=", 1)[1]
+    return value
+
+
+def _check_pretrained(argv: list[str]) -> None:
+    """A ``pretrained=`` path that does not exist reached the hub client, whose answer (a malformed
+    repo id) names neither the path nor the problem. A hub id has at most one ``/`` and no leading
+    ``.``, ``/`` or ``~``; anything else is a path."""
+    import os
+
+    model_args = _option(argv, ("--model_args",))
+    for item in (model_args or "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() != "pretrained" or not value:
+            continue
+        path_like = value.startswith((".", "/", "~")) or value.count("/") > 1
+        path_like = path_like or (os.sep != "/" and os.sep in value)
+        if path_like and not os.path.exists(os.path.expanduser(value)):
+            raise LittleBitError(f"--model_args pretrained={value}: no such folder")
 
 
 def _check_output_path(argv: list[str]) -> None:
@@ -45,7 +64,7 @@ def _check_output_path(argv: list[str]) -> None:
 
     from littlebit.atomic import check_writable_dir
 
-    value = _output_path(argv)
+    value = _option(argv, ("--output_path", "-o"))
     if value is not None:
         path = Path(value)
         check_writable_dir(path.parent if path.suffix == ".json" else path)
@@ -66,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise LittleBitError(f"this lm-eval has no command-line entry point: {e}") from e
     _check_output_path(args.args)
+    _check_pretrained(args.args)
     register_quantizer()
     saved = sys.argv
     sys.argv = ["lm-eval", *args.args]

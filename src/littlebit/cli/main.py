@@ -109,6 +109,16 @@ def _stdout_to_devnull() -> None:
         pass  # stdout is not a file descriptor (captured): nothing is flushed to a pipe
 
 
+MEMORY_HINT = "fewer sequences a step (--batch-size, --block-batch-size) or shorter ones (--seqlen) need less"
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: torch's CPU allocator raises a plain RuntimeError."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command and return its exit code."""
     parser = build_parser()
@@ -137,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.verbose:
             raise
+        if _out_of_memory(e):
+            what = f" ({first_line(e)})" if str(e) else ""
+            print(f"littlebit: error: out of memory{what}; {MEMORY_HINT}", file=sys.stderr)
+            return EXIT_FAILED
         print(
             f"littlebit: error: {type(e).__name__}: {first_line(e)} (--verbose shows the traceback)",
             file=sys.stderr,

@@ -441,12 +441,27 @@ def run(args: argparse.Namespace) -> int:
         trust = args.trust_remote_code
         grad_power_asked = args.grad_power is not None
         args.data, cfg, source = sharded_plan(args.model, args.data, cfg, grad_power_asked, trust)
+    _check_text_cache(args.generated_dir, args.data, cfg)  # the data torchrun's plan settled on
+    if launched is not None:
         sharded = Distributed(offload_teacher=args.offload_teacher, source=source, trust_remote_code=trust)
     try:
         return _train(args, lb, cfg, out, work, resume, sharded)
     finally:
         if sharded is not None:
             sharded.close()
+
+
+def _check_text_cache(root: str | None, data: str | None, cfg: TrainConfig) -> None:
+    """Refuse, before the teacher loads, a cache of generated text that cannot exist. A folder that
+    exists is left to the run: read-only, it may already hold every shard the run reads."""
+    from littlebit.training.data import generated_tokens_needed
+    from littlebit.training.teacher_text import default_cache_dir
+
+    if not generated_tokens_needed(data, cfg):
+        return
+    path = Path(root) if root is not None else default_cache_dir()
+    if not path.is_dir():
+        check_writable_dir(path)
 
 
 def _check_lengths(model, cfg: TrainConfig) -> None:
