@@ -51,7 +51,7 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, acceptance, threshold, expand, host, compile, bounds, causalbounds, compiledprofile, trainstep,
+  # Any of: tests, gemm, acceptance, threshold, expand, overlap, host, compile, bounds, causalbounds, compiledprofile, trainstep,
   # blockstep (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
@@ -95,6 +95,9 @@ speed() {
       threshold) timeout 200 python benchmarks/prefill.py --order gemm-threshold --tokens "" --ttft "" --serve "" \
         --out "$ROOT/prefill_threshold.json" > "$ROOT/prefill_threshold.log" 2>&1 ;;
       expand) timeout 150 python benchmarks/dev/gemm_expand.py > "$ROOT/gemm_expand.log" 2>&1 ;;
+      # overlap: one 7B decoder layer's packed calls at 256 and 64 tokens with each call's expansion on a
+      # second stream behind the previous call's GEMMs, against dense and the packed op (under a minute)
+      overlap) timeout 120 python benchmarks/dev/expand_overlap.py > "$ROOT/expand_overlap.log" 2>&1 ;;
       # host: one packed call's host time piece by piece on a tiny layer and on the 7B up projection (op,
       # backend, one launch; under two minutes)
       host) timeout 90 python benchmarks/dev/host_overhead.py > "$ROOT/host_overhead.log" 2>&1
@@ -127,7 +130,7 @@ speed() {
     esac
   done
   find benchmarks/results \( -name 'eval_speed_gpu*.json' -o -name 'ttft_profile.json' -o -name 'generate_rate_cuda.json' \
-    -o -name 'ttft_compile_gemm.json' -o -name 'ttft_bounds*.json' -o -name 'ttft_profile_compiled.json' -o -name 'gemm_expand.json' -o -name 'host_overhead_cuda*.json' -o -name 'sampling_speed_cuda*.json' \) \
+    -o -name 'ttft_compile_gemm.json' -o -name 'ttft_bounds*.json' -o -name 'ttft_profile_compiled.json' -o -name 'gemm_expand.json' -o -name 'expand_overlap.json' -o -name 'host_overhead_cuda*.json' -o -name 'sampling_speed_cuda*.json' \) \
     -newer "$ROOT/.speed-start" -exec cp {} "$ROOT/" \;
   pack
 }
