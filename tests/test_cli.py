@@ -230,3 +230,17 @@ def test_text_that_may_come_from_the_hub_goes_offline_without_a_route(monkeypatc
     monkeypatch.setattr(main, "_resolves", lambda host, timeout: False)
     main._offline_if_hub_unreachable(argparse.Namespace(**{flag: value}))
     assert os.environ.get("HF_HUB_OFFLINE") == "1" and os.environ.get("HF_DATASETS_OFFLINE") == "1"
+
+
+def test_lm_eval_with_a_hub_model_goes_offline_without_a_route(monkeypatch):
+    import littlebit.cli.main as main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "")
+    monkeypatch.setattr(main, "_resolves", lambda host, timeout: False)
+    args = main.build_parser().parse_args(
+        ["lm-eval", "--model", "hf", "--model_args", "pretrained=org/m,dtype=bf16"]
+    )
+    assert args.model == "org/m"
+    main._offline_if_hub_unreachable(args)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     def pass_through(args=None, namespace=None):
         namespace, _ = argparse.ArgumentParser.parse_known_args(p, [], namespace)  # the defaults
         namespace.args = list(args or [])
+        namespace.model = pretrained(namespace.args)  # for the offline switch every command has
         return namespace, []
 
     p.parse_known_args = pass_through  # type: ignore[method-assign]
@@ -40,21 +41,28 @@ def _option(argv: list[str], names: tuple[str, ...]) -> str | None:
     return value
 
 
+def pretrained(argv: list[str]) -> str | None:
+    """The model of lm-eval's ``--model_args pretrained=...,key=value``, if named."""
+    for item in (_option(argv, ("--model_args",)) or "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "pretrained" and value:
+            return value
+    return None
+
+
 def _check_pretrained(argv: list[str]) -> None:
     """A ``pretrained=`` path that does not exist reached the hub client, whose answer (a malformed
     repo id) names neither the path nor the problem. A hub id has at most one ``/`` and no leading
     ``.``, ``/`` or ``~``; anything else is a path."""
     import os
 
-    model_args = _option(argv, ("--model_args",))
-    for item in (model_args or "").split(","):
-        key, _, value = item.partition("=")
-        if key.strip() != "pretrained" or not value:
-            continue
-        path_like = value.startswith((".", "/", "~")) or value.count("/") > 1
-        path_like = path_like or (os.sep != "/" and os.sep in value)
-        if path_like and not os.path.exists(os.path.expanduser(value)):
-            raise LittleBitError(f"--model_args pretrained={value}: no such folder")
+    value = pretrained(argv)
+    if value is None:
+        return
+    path_like = value.startswith((".", "/", "~")) or value.count("/") > 1
+    path_like = path_like or (os.sep != "/" and os.sep in value)
+    if path_like and not os.path.exists(os.path.expanduser(value)):
+        raise LittleBitError(f"--model_args pretrained={value}: no such folder")
 
 
 def _check_output_path(argv: list[str]) -> None:
