@@ -13,8 +13,9 @@ tokens a call, bf16, each schedule recorded as one CUDA graph and replayed (medi
 - ``overlapped``: the same expansions and GEMMs, the expansion of call i + 1 on a second stream while
   call i's GEMMs run (two sets of factor buffers, each reused once the GEMMs reading it are done).
 
-The overlapped schedule's outputs are checked against the packed op's. Prints one line per case and
-writes ``benchmarks/results/<--name>.json``.
+The overlapped schedule's outputs are checked against the packed op's. For each distinct layer, one
+call's parts are timed alone too (``stages``: dense, the packed op, each factor's expansion, each GEMM).
+Prints one line per case and writes ``benchmarks/results/<--name>.json``.
 
     python benchmarks/dev/expand_overlap.py                  # GPU: under a minute
     TRITON_INTERPRET=1 python benchmarks/dev/expand_overlap.py --smoke --name expand_overlap_smoke
@@ -127,6 +128,35 @@ class Schedules:
             main.wait_stream(self.side)  # and joins here
 
 
+def stage_times(s: Schedules, names: list[str], device: str) -> list[dict]:
+    """µs of each part of one call, for each distinct layer: where a packed call's time goes."""
+    out = []
+    for name in dict.fromkeys(names):
+        i = names.index(name)
+        rec = {"layer": name, "rank": s.layers[i][3].shape[-1], "paths": s.layers[i][0].shape[0]}
+        for part, fn in call_parts(s.x[i], s.dense[i], s.layers[i], *s.pre[i]).items():
+            rec[f"{part}_us"] = gpu_us(fn, device)
+        out.append(rec)
+    return out
+
+
+def call_parts(x, dense, layer, a, b) -> dict:
+    from littlebit.kernels.gpu import triton_littlebit as tk
+    from littlebit.kernels.gpu.gemm import _expand
+
+    u, v, h, l, g = layer
+    r, d_in = l.shape[-1], g.shape[-1]
+    t = torch.mm(x, a.T)
+    return {
+        "dense": lambda: torch.mm(x, dense.T),
+        "packed": lambda: tk.littlebit_linear_triton(x, u, v, h, l, g),
+        "expand_a": lambda: _expand(v, l, g, a, d_in, r, 0),
+        "expand_b": lambda: _expand(u, h, None, b, r, 0, r),
+        "gemm_1": lambda: torch.mm(x, a.T),
+        "gemm_2": lambda: torch.mm(t, b.T),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bpw", default="0.55,0.1,1.0")
@@ -151,7 +181,10 @@ def main() -> int:
                 rec[f"{what}_us"] = gpu_us(getattr(s, f"run_{what}"), device)
             for what in ("packed", "gemms", "overlapped"):
                 rec[f"{what}_vs_dense"] = rec["dense_us"] / rec[f"{what}_us"]
+            rec["stages"] = stage_times(s, names, device)
             records.append(rec)
+            for st in rec["stages"]:
+                print("   ", {k: round(v, 2) if isinstance(v, float) else v for k, v in st.items()})
             print(
                 f"{bpw:5} BPW {tokens:4} tokens, {len(names)} calls: dense {rec['dense_us']:8.1f}  packed "
                 f"{rec['packed_us']:8.1f}  gemms {rec['gemms_us']:8.1f}  expand {rec['expand_us']:8.1f}  "
