@@ -91,8 +91,9 @@ speed() {
       # acceptance: the same per layer and end to end without the threshold sweep (about 6 minutes)
       acceptance) timeout 400 python benchmarks/prefill.py "${grid[@]}" --order layers,models \
         --out "$ROOT/prefill_acceptance.json" > "$ROOT/prefill_acceptance.log" 2>&1 ;;
-      # threshold: the GEMM path against the register-decoding kernels at 32-256 tokens (about 2 minutes)
-      threshold) timeout 200 python benchmarks/prefill.py --order gemm-threshold --tokens "" --ttft "" --serve "" \
+      # threshold: the GEMM path against the register-decoding kernels at 32-2048 tokens, the prefill
+      # kernels with g * x pre-scaled and formed in the loop (about 4 minutes)
+      threshold) timeout 300 python benchmarks/prefill.py --order gemm-threshold --tokens "" --ttft "" --serve "" \
         --out "$ROOT/prefill_threshold.json" > "$ROOT/prefill_threshold.log" 2>&1 ;;
       expand) timeout 150 python benchmarks/dev/gemm_expand.py > "$ROOT/gemm_expand.log" 2>&1 ;;
       # overlap: one 7B decoder layer's packed calls at 256 and 64 tokens with each call's expansion on a

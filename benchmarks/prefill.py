@@ -241,12 +241,14 @@ GEMM_THRESHOLD_CASES = [
     ("7b-qo", 0.1),
     *((name, bpw) for name in ("7b-up", "7b-down", "70b-up") for bpw in (0.1, 0.55, 1.0)),
 ]
-GEMM_THRESHOLD_TOKENS = [32, 64, 65, 96, 128, 192, 256]
+GEMM_THRESHOLD_TOKENS = [32, 64, 65, 96, 128, 192, 256, 512, 2048]
 
 
 def gemm_threshold(device: str, save) -> list[dict]:
     """µs of the GEMM path and of the register-decoding kernels (``prefill_us``; ``family`` names
-    them) on ``GEMM_THRESHOLD_CASES``, for choosing ``KernelConfig.gemm_min_tokens``."""
+    them) on ``GEMM_THRESHOLD_CASES``, for choosing ``KernelConfig.gemm_min_tokens``; from 65 tokens
+    also the prefill kernels with g * x formed in stage 1's loop (``prefill_in_loop_us``,
+    ``KernelConfig.prefill_prescale`` off)."""
     from littlebit.kernels.gpu import triton_littlebit as tk
     from littlebit.kernels.gpu.route import kernel_family
 
@@ -258,10 +260,11 @@ def gemm_threshold(device: str, save) -> list[dict]:
             x = torch.randn(m, d_in, device=device).bfloat16()
             below = tk.KernelConfig(gemm_min_tokens=1 << 30)
             rec = {"layer": name, "bpw": bpw, "tokens": m, "family": kernel_family(m, below)}
-            for family, cfg in [
-                ("gemm", tk.KernelConfig(gemm_min_tokens=1)),
-                ("prefill", below),
-            ]:
+            families = [("gemm", tk.KernelConfig(gemm_min_tokens=1)), ("prefill", below)]
+            if rec["family"] == "prefill":
+                in_loop = tk.KernelConfig(gemm_min_tokens=1 << 30, prefill_prescale=False)
+                families.append(("prefill_in_loop", in_loop))
+            for family, cfg in families:
                 try:
                     rec[f"{family}_us"] = gpu_us(
                         lambda c=cfg, x=x, t=layer: tk.littlebit_linear_triton(x, *t, config=c), device

@@ -52,6 +52,13 @@ CASES = {
     "grouped": (80, 120, 40, 56, 2, BF16, {"groups": 3}),
     # the threshold itself: 65 tokens take prefill, fewer the tensor-core path (both checked)
     "min-tokens-lowered": (20, 100, 40, 72, 2, F16, {"config": {"prefill_min_tokens": 2}}),
+    # stage 1 forming g * x in its loop instead of reading it pre-scaled
+    "in-loop-scaling": (130, 300, 120, 200, 2, BF16, {"config": {"prefill_prescale": False}}),
+    "in-loop-scaling-split": (
+        70, 1000, 40, 60, 2, F16, {"config": {"prefill_waves": 64.0, "prefill_prescale": False}},
+    ),
+    # pre-scaled: 3 splits of an input width that ends inside a word, one path
+    "split-d_in-p1": (66, 1111, 56, 90, 1, BF16, {"config": {"prefill_waves": 64.0}}),
 }  # fmt: skip
 # The factors expanded per call and two GEMMs (``kernels.gpu.gemm``): widths and ranks off the
 # expansion's 32 x 256 blocks and off whole words, one and two paths, grouped layers, the threshold.

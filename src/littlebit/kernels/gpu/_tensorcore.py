@@ -63,27 +63,38 @@ def _pair_slot(j):
 
 
 @triton.jit
+def _v_program(pid0, split, pid2, n_rb, chunk, W_in, BR: tl.constexpr, BM: tl.constexpr):
+    """A stage-1 program's path, latent rows, tokens and words [k_lo, k_hi) of d_in, for grid
+    (P * n_rb, splits of d_in, token blocks)."""
+    k_lo = split * chunk
+    rows = (pid0 % n_rb) * BR + tl.arange(0, BR)
+    return pid0 // n_rb, rows, pid2 * BM + tl.arange(0, BM), k_lo, tl.minimum(k_lo + chunk, W_in)
+
+
+@triton.jit
+def _v_words(v_ptr, p, rows, R, W_in, k0, k_hi, BKW: tl.constexpr):
+    """Words k0 .. k0 + BKW of path p's S_V^T rows ``rows``; 0 past row R and word k_hi."""
+    cols = k0 + tl.arange(0, BKW)
+    return tl.load(
+        v_ptr + (p * R + rows)[:, None] * W_in + cols[None, :],
+        mask=(rows < R)[:, None] & (cols < k_hi)[None, :],
+        other=0,
+    )
+
+
+@triton.jit
 def _tc_v_body(
     x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, pid0, pid1, pid2, M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk,
     P: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, OP_DT: tl.constexpr,
     PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Stage 1 for program (pid0, pid1, pid2) of grid (P * n_rb, n_split, n_mb)."""
-    p = pid0 // n_rb
-    rows = (pid0 % n_rb) * BR + tl.arange(0, BR)
+    p, rows, toks, k_lo, k_hi = _v_program(pid0, pid1, pid2, n_rb, chunk, W_in, BR, BM)
     row_ok = rows < R
-    toks = pid2 * BM + tl.arange(0, BM)
     tok_ok = toks < M
-    k_lo = pid1 * chunk
-    k_hi = tl.minimum(k_lo + chunk, W_in)
     acc = tl.zeros((BR, BM), tl.float32)
     for k0 in range(k_lo, k_hi, BKW):
-        cols = k0 + tl.arange(0, BKW)
-        w = tl.load(
-            v_ptr + (p * R + rows)[:, None] * W_in + cols[None, :],
-            mask=row_ok[:, None] & (cols < k_hi)[None, :],
-            other=0,
-        )
+        w = _v_words(v_ptr, p, rows, R, W_in, k0, k_hi, BKW)
         e = k0 * 32 + tl.arange(0, BKW * 32)
         e_ok = (e < k_hi * 32) & (e < d_in)
         xv = tl.load(
@@ -120,13 +131,15 @@ def _u_offsets(p, rows, cols, d_out, W_r, TILED: tl.constexpr):
 
 @triton.jit
 def _tc_u_body(
-    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, pid0, pid1, M, d_out, W_r, Rp, stride_ym, n_split, split_stride,
+    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, pid0, pid1, M, d_out, W_r, Rp, stride_ym, split_stride,
     P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    OP_DT: tl.constexpr, PDL: tl.constexpr, TILED: tl.constexpr, SPLITS: tl.constexpr,
+    OP_DT: tl.constexpr, PDL: tl.constexpr, TILED: tl.constexpr, N_SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Stage 2 for program (pid0, pid1) of grid (cdiv(d_out, BO), n_mb); S_U in tile order with
-    ``TILED``. With ``SPLITS`` t is ``n_split`` partial sums ``split_stride`` apart (one per split of
-    d_in in stage 1), added as they are loaded."""
+    ``TILED``. t is ``N_SPLIT`` partial sums ``split_stride`` apart (one per split of d_in in stage 1),
+    added as they are loaded. The count is a compile-time constant: a loop over the splits inside the
+    loop over r kept Triton from pipelining the loads of the outer one (a nested loop), and with one
+    split t goes from memory straight to the MMA, which then runs asynchronously."""
     rows = pid0 * BO + tl.arange(0, BO)
     row_ok = rows < d_out
     toks = pid1 * BM + tl.arange(0, BM)
@@ -145,9 +158,9 @@ def _tc_u_body(
             tp = t_ptr + (toks[None, :] * P + p) * Rp + e[:, None]
             tmask = (e < Rp)[:, None] & tok_ok[None, :]
             tv = tl.load(tp, mask=tmask, other=0.0)
-            if SPLITS:
+            if N_SPLIT > 1:
                 tv = tv.to(tl.float32)
-                for s in range(1, n_split):
+                for s in tl.static_range(1, N_SPLIT):
                     tv += tl.load(tp + s * split_stride, mask=tmask, other=0.0).to(tl.float32)
             acc = _dot(_sign_tile(w, BO, BKW, OP_DT), tv.to(OP_DT), acc, OP_DT)
         hv = tl.load(h_ptr + p * d_out + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -183,6 +196,6 @@ def _tc_u_kernel(
     _pdl_wait(PDL)
     _tc_u_body(
         t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, tl.program_id(0), tl.program_id(1), M, d_out, W_r, Rp, stride_ym,
-        1, 0, P, BO, BKW, BM, HAS_BIAS, OP_DT, PDL, TILED, False,
+        0, P, BO, BKW, BM, HAS_BIAS, OP_DT, PDL, TILED, 1,
     )  # fmt: skip
     _release_t(t_ptr, cnt_ptr, M * P * Rp, tl.num_programs(0) * tl.num_programs(1), ZB)

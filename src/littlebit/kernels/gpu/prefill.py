@@ -4,12 +4,19 @@ Two GEMM-shaped launches, signs decoded to +-1 in registers (``_tensorcore._sign
 ``tl.dot`` operand, never a +-1 matrix in memory:
 
 - stage 1, grid (P * row blocks, splits of d_in, token blocks): t = l * S_V^T (g * x) for a tile of
-  latents x tokens, g * x formed per step from x and g; t is stored whole in the activations' dtype,
-  or, with d_in split, as fp32 partial sums, one buffer per split: plain stores (no atomics, no zeroed
-  workspace), in the column order stage 2's decoded signs take (``_pair_slot``), padding latents as
-  zeros;
+  latents x tokens; t is stored whole in the activations' dtype, or, with d_in split, as fp32 partial
+  sums, one buffer per split: plain stores (no atomics, no zeroed workspace), in the column order stage
+  2's decoded signs take (``_pair_slot``), padding latents as zeros;
 - stage 2, grid (output blocks, token blocks): y = sum_p h_p * S_U,p t_p + bias, adding the splits'
   partials as it loads t (a few, L2-resident), both paths in one program.
+
+Stage 1 reads g * x from a buffer one small launch writes before it (``_pf_scale_x_kernel``: each
+path's g applied, entries in the order of the decoded signs' columns), so that its tile goes from
+memory to the MMA untouched: Triton then copies it asynchronously through the software pipeline and
+keeps an MMA in flight while the next signs are decoded. Formed in the loop from x and g
+(``KernelConfig.prefill_prescale`` off), the tile passed through registers into shared memory at every
+step, and each MMA was waited for before the next step began (the compiled loops:
+``benchmarks/dev/kernel_pipelining.py``).
 
 d_in is split (up to 4 ways) only where the token and row blocks alone leave the GPU under
 ``prefill_waves`` programs per SM: few tokens, small ranks.
@@ -21,40 +28,51 @@ import torch
 import triton
 import triton.language as tl
 
-from littlebit.kernels.gpu._tensorcore import _dot, _pair_slot, _sign_tile, _tc_u_body, _to_pair_order
+from littlebit.kernels.gpu._tensorcore import (
+    _dot,
+    _pair_slot,
+    _sign_tile,
+    _tc_u_body,
+    _to_pair_order,
+    _v_program,
+    _v_words,
+)
 from littlebit.kernels.gpu.config import KernelConfig
 from littlebit.kernels.gpu.tiles import _split, cdiv
+
+# tokens and entries per program of ``_pf_scale_x_kernel``
+_SCALE_TOKENS, _SCALE_ENTRIES = 16, 256
 
 
 @triton.jit
 def _pf_v_kernel(
     x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk, split_stride,
     P: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, OP_DT: tl.constexpr,
+    PRESCALED: tl.constexpr,
 ):  # fmt: skip
-    """Stage 1: partial t of rows ``BR`` x tokens ``BM`` over one split of d_in."""
+    """Stage 1: partial t of rows ``BR`` x tokens ``BM`` over one split of d_in. ``PRESCALED``: x_ptr is
+    ``_pf_scale_x_kernel``'s (P, M, stride_xm) g * x in the decoded columns' order; else x itself, g * x
+    formed per step."""
     pid0, split, pid2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    p = pid0 // n_rb
-    rows = (pid0 % n_rb) * BR + tl.arange(0, BR)
-    toks = pid2 * BM + tl.arange(0, BM)
+    p, rows, toks, k_lo, k_hi = _v_program(pid0, split, pid2, n_rb, chunk, W_in, BR, BM)
     tok_ok = toks < M
-    k_lo = split * chunk
-    k_hi = tl.minimum(k_lo + chunk, W_in)
     acc = tl.zeros((BR, BM), tl.float32)
     for k0 in range(k_lo, k_hi, BKW):
-        cols = k0 + tl.arange(0, BKW)
-        w = tl.load(
-            v_ptr + (p * R + rows)[:, None] * W_in + cols[None, :],
-            mask=(rows < R)[:, None] & (cols < k_hi)[None, :],
-            other=0,
-        )
+        w = _v_words(v_ptr, p, rows, R, W_in, k0, k_hi, BKW)
         e = k0 * 32 + tl.arange(0, BKW * 32)
-        e_ok = (e < k_hi * 32) & (e < d_in)
-        xv = tl.load(
-            x_ptr + toks[None, :] * stride_xm + e[:, None], mask=e_ok[:, None] & tok_ok[None, :], other=0.0
-        )
-        gv = tl.load(g_ptr + p * d_in + e, mask=e_ok, other=0.0)
-        xg = (xv.to(tl.float32) * gv.to(tl.float32)[:, None]).to(OP_DT)
-        acc = _dot(_sign_tile(w, BR, BKW, OP_DT), _to_pair_order(xg, BKW, BM), acc, OP_DT)
+        if PRESCALED:  # straight from memory to the MMA: copied asynchronously, an MMA kept in flight
+            xv = tl.load(
+                x_ptr + (p * M + toks[None, :]) * stride_xm + e[:, None],
+                mask=(e < k_hi * 32)[:, None] & tok_ok[None, :],
+                other=0.0,
+            )
+        else:
+            e_ok = (e < k_hi * 32) & (e < d_in)
+            mask = e_ok[:, None] & tok_ok[None, :]
+            xv = tl.load(x_ptr + toks[None, :] * stride_xm + e[:, None], mask=mask, other=0.0)
+            gv = tl.load(g_ptr + p * d_in + e, mask=e_ok, other=0.0)
+            xv = _to_pair_order((xv.to(tl.float32) * gv.to(tl.float32)[:, None]).to(OP_DT), BKW, BM)
+        acc = _dot(_sign_tile(w, BR, BKW, OP_DT), xv, acc, OP_DT)
     # rows past R (masked words decode to -1) get l = 0: t's padding latents are stored as zeros
     lv = tl.load(l_ptr + p * R + rows, mask=rows < R, other=0.0).to(tl.float32)
     dst = t_ptr + split * split_stride + (toks[None, :] * P + p) * Rp + _pair_slot(rows)[:, None]
@@ -62,16 +80,36 @@ def _pf_v_kernel(
 
 
 @triton.jit
-def _pf_u_kernel(
-    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, Rp, stride_ym, n_split, split_stride,
-    P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    OP_DT: tl.constexpr, TILED: tl.constexpr,
+def _pf_scale_x_kernel(
+    x_ptr, g_ptr, xg_ptr, M, d_in, Kp, stride_xm, BM: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
-    """Stage 2: y for output rows ``BO`` x tokens ``BM``, adding stage 1's splits of d_in as t is read;
-    S_U in tile order with ``TILED``."""
+    """xg[p, m, _pair_slot(e)] = g[p, e] * x[m, e], rounded once to xg's dtype from the fp32 product;
+    zeros from d_in up to Kp (the last word's padding). Grid (token blocks, entry blocks, P); ``BE`` a
+    multiple of 32, so each entry's slot is inside its own block."""
+    pid_m, pid_e, p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    toks = pid_m * BM + tl.arange(0, BM)
+    e = pid_e * BE + tl.arange(0, BE)
+    tok_ok = toks < M
+    e_ok = e < d_in
+    mask = tok_ok[:, None] & e_ok[None, :]
+    xv = tl.load(x_ptr + toks[:, None] * stride_xm + e[None, :], mask=mask, other=0.0)
+    gv = tl.load(g_ptr + p * d_in + e, mask=e_ok, other=0.0)
+    val = xv.to(tl.float32) * gv.to(tl.float32)[None, :]
+    dst = xg_ptr + (p * M + toks[:, None]) * Kp + _pair_slot(e)[None, :]
+    tl.store(dst, val.to(xg_ptr.dtype.element_ty), mask=tok_ok[:, None] & (e < Kp)[None, :])
+
+
+@triton.jit
+def _pf_u_kernel(
+    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, Rp, stride_ym, split_stride,
+    P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OP_DT: tl.constexpr, TILED: tl.constexpr, N_SPLIT: tl.constexpr,
+):  # fmt: skip
+    """Stage 2: y for output rows ``BO`` x tokens ``BM``, adding stage 1's ``N_SPLIT`` splits of d_in
+    as t is read; S_U in tile order with ``TILED``."""
     _tc_u_body(
         t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, tl.program_id(0), tl.program_id(1), M, d_out, W_r, Rp, stride_ym,
-        n_split, split_stride, P, BO, BKW, BM, HAS_BIAS, OP_DT, False, TILED, True,
+        split_stride, P, BO, BKW, BM, HAS_BIAS, OP_DT, False, TILED, N_SPLIT,
     )  # fmt: skip
 
 
@@ -125,12 +163,22 @@ def prefill(
     t_dtype = torch.float32 if n_split > 1 or op_dt == tl.float32 else x2.dtype
     t = torch.empty((n_split, M, P, Rp), dtype=t_dtype, device=x2.device)
     split_stride = M * P * Rp
+    stages = cfg.prefill_stages or 3
+    x_arg, stride = x2, x2.stride(0)
+    if cfg.prefill_prescale:
+        Kp = 32 * W_in
+        xg_dtype = torch.float32 if op_dt == tl.float32 else x2.dtype
+        x_arg, stride = torch.empty((P, M, Kp), dtype=xg_dtype, device=x2.device), Kp
+        _pf_scale_x_kernel[(cdiv(M, _SCALE_TOKENS), cdiv(Kp, _SCALE_ENTRIES), P)](
+            x2, g, x_arg, M, d_in, Kp, x2.stride(0), BM=_SCALE_TOKENS, BE=_SCALE_ENTRIES, num_warps=4,
+        )  # fmt: skip
     _pf_v_kernel[(P * n_rb, n_split, n_mb)](
-        x2, g, v, l, t, M, r, W_in, d_in, x2.stride(0), Rp, n_rb, chunk, split_stride,
-        P=P, BR=br, BKW=words, BM=bm, OP_DT=op_dt, num_warps=warps, num_stages=cfg.prefill_stages or 3,
+        x_arg, g, v, l, t, M, r, W_in, d_in, stride, Rp, n_rb, chunk, split_stride,
+        P=P, BR=br, BKW=words, BM=bm, OP_DT=op_dt, PRESCALED=cfg.prefill_prescale, num_warps=warps,
+        num_stages=stages,
     )  # fmt: skip
     _pf_u_kernel[(cdiv(d_out, bo), n_mb)](
-        t, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0), n_split, split_stride,
+        t, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0), split_stride,
         P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=op_dt, TILED=u_tiled,
-        num_warps=warps, num_stages=cfg.prefill_stages or 3,
+        N_SPLIT=n_split, num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -1,0 +1,158 @@
+"""What Triton makes of the many-token kernels' inner loops on Hopper, without a GPU: each kernel is
+compiled for sm_90 (integer arguments marked divisible by 16, as a launch on real shapes marks them)
+and its main loops, those holding an MMA, are read from the TTGIR:
+
+- ``async_copies``: loads the software pipeline turned into asynchronous copies to shared memory;
+- ``sync_loads``: loads left synchronous (their latency is paid at every step);
+- ``register_tiles_to_shared``: tiles computed in registers and stored to shared memory for the MMA;
+- ``mma_waits``: the number of MMAs each wait leaves in flight (0: every MMA is waited for before the
+  loop goes on; more: the next step's loads and sign decoding overlap it);
+
+and, from ``ptxas -v`` on the PTX, registers per thread and bytes spilled. Writes
+``benchmarks/results/<--name>.json``.
+
+    python benchmarks/dev/kernel_pipelining.py                        # about a minute, CPU
+    python benchmarks/dev/kernel_pipelining.py --source-root DIR      # the kernels of another checkout
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+
+# pointer arguments by name: what the kernels get on a bf16 model (scales fp16, sign words int32)
+POINTERS = {
+    "x_ptr": "*bf16", "xg_ptr": "*bf16", "g_ptr": "*fp16", "v_ptr": "*i32", "u_ptr": "*i32",
+    "l_ptr": "*fp16", "h_ptr": "*fp16", "t_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+    "cnt_ptr": "*i32",
+}  # fmt: skip
+# (label, module, kernel, constexprs, warps, stages); constexprs missing from a kernel are dropped (an
+# older checkout's stage 2 took its splits at run time, its stage 1 formed g * x in the loop), but a
+# stage 1 without PRESCALED is not the kernel the pre-scaled rows ask for
+COMMON = {"P": 2, "BKW": 2, "OP_DT": "bf16", "HAS_BIAS": False, "TILED": True, "PDL": False, "ZB": 1024}
+S1, S1P, S2 = "prefill stage 1, g*x in the loop", "prefill stage 1, g*x pre-scaled", "prefill stage 2"
+CASES = [
+    (f"{S1}, 64x64", "prefill", "_pf_v_kernel", {"BR": 64, "BM": 64, "PRESCALED": False}, 4, 3),
+    (f"{S1}, 128x128", "prefill", "_pf_v_kernel", {"BR": 128, "BM": 128, "PRESCALED": False}, 8, 3),
+    (f"{S1P}, 64x64", "prefill", "_pf_v_kernel", {"BR": 64, "BM": 64, "PRESCALED": True}, 4, 3),
+    (f"{S1P}, 128x128", "prefill", "_pf_v_kernel", {"BR": 128, "BM": 128, "PRESCALED": True}, 8, 3),
+    (f"{S2}, 1 split, 128x64", "prefill", "_pf_u_kernel", {"BO": 128, "BM": 64, "N_SPLIT": 1}, 4, 3),
+    (f"{S2}, 1 split, 128x128", "prefill", "_pf_u_kernel", {"BO": 128, "BM": 128, "N_SPLIT": 1}, 8, 3),
+    (f"{S2}, 2 splits, 128x64", "prefill", "_pf_u_kernel", {"BO": 128, "BM": 64, "N_SPLIT": 2}, 4, 3),
+    ("tensor cores stage 1, 64 rows x 16 tokens", "_tensorcore", "_tc_v_kernel", {"BR": 64, "BM": 16}, 4, 3),
+    ("tensor cores stage 2, 64 rows x 16 tokens", "_tensorcore", "_tc_u_kernel", {"BO": 64, "BM": 16}, 4, 3),
+]  # fmt: skip
+
+
+def compile_sm90(fn, constexprs: dict, warps: int, stages: int):
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names, const_idx = fn.arg_names, set(fn.constexprs)
+    signature, consts, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        if i in const_idx:
+            signature[name] = "constexpr"
+            value = constexprs.get(name)
+            if value is None:
+                raise KeyError(f"{fn.__name__}: no value for constexpr {name}")
+            consts[name] = {"bf16": tl.bfloat16}.get(value, value) if isinstance(value, str) else value
+        else:
+            signature[name] = POINTERS.get(name, "i32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    options = {"num_warps": warps, "num_stages": stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def mma_loops(ttgir: str) -> list[str]:
+    """The text of each outermost ``scf.for`` region that holds an MMA."""
+    loops, depth, start, lines = [], 0, None, ttgir.splitlines()
+    for i, line in enumerate(lines):
+        if depth == 0 and "scf.for" in line and line.rstrip().endswith("{"):
+            start = i
+        if start is not None:
+            depth += line.count("{") - line.count("}")
+            if depth == 0:
+                body = "\n".join(lines[start : i + 1])
+                if "warp_group_dot " in body or "tt.dot " in body:
+                    loops.append(body)
+                start = None
+    return loops
+
+
+def loop_record(body: str) -> dict:
+    return {
+        "async_copies": body.count("async_copy_global_to_local"),
+        "sync_loads": len(re.findall(r"= tt\.load ", body)),
+        "register_tiles_to_shared": len(re.findall(r"= ttg\.local_alloc %", body)),
+        "mma_waits": [int(n) for n in re.findall(r"warp_group_dot_wait.*?pendings = (\d+)", body)],
+    }
+
+
+def ptxas_usage(kernel) -> tuple[int | None, int | None]:
+    import triton
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as d:
+        ptx = Path(d, "k.ptx")
+        ptx.write_text(kernel.asm["ptx"])
+        out = ""
+        for ptxas in (bin_dir / "ptxas", bin_dir / "ptxas-blackwell"):  # the one that reads this PTX version
+            cmd = [str(ptxas), "-v", "-arch=sm_90a", str(ptx), "-o", os.devnull]
+            run = subprocess.run(cmd, capture_output=True)
+            out = run.stderr.decode()
+            if run.returncode == 0:
+                break
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return (int(regs.group(1)) if regs else None, int(spill.group(1)) if spill else None)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source-root", help="a littlebit checkout whose kernels to compile (default: this one)")
+    ap.add_argument("--name", default="kernel_pipelining_cpu")
+    args = ap.parse_args()
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said once
+    if args.source_root:  # ahead of this checkout's src, which ``common`` put on the path
+        sys.path.insert(0, str(Path(args.source_root, "src").resolve()))
+    import importlib
+
+    import triton
+
+    records = []
+    for label, module, kernel, consts, warps, stages in CASES:
+        mod = importlib.import_module(f"littlebit.kernels.gpu.{module}")
+        fn = getattr(mod, kernel, None)
+        if fn is None:
+            print(f"{label}: no {kernel} in {mod.__file__}", flush=True)
+            continue
+        if consts.get("PRESCALED") and "PRESCALED" not in fn.arg_names:  # a checkout without that choice
+            print(f"{label}: {kernel} in {mod.__file__} has no PRESCALED", flush=True)
+            continue
+        wanted = {n: v for n, v in {**COMMON, **consts}.items() if n in fn.arg_names}
+        compiled = compile_sm90(fn, wanted, warps, stages)
+        loops = [loop_record(body) for body in mma_loops(compiled.asm["ttgir"])]
+        regs, spill = ptxas_usage(compiled)
+        rec = {"kernel": label, "function": kernel, "warps": warps, "stages": stages, "constexprs": wanted}
+        rec.update({"loops": loops, "registers": regs, "spill_bytes": spill})
+        records.append(rec)
+        print(f"{label}: {loops} registers {regs} spilled {spill}", flush=True)
+    print(common.write_results(args.name, records, triton=triton.__version__, source_root=args.source_root))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
