@@ -51,7 +51,7 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, acceptance, threshold, expand, overlap, host, compile, bounds, causalbounds, compiledprofile, trainstep,
+  # Any of: tests, gemm, acceptance, threshold, tiles, expand, overlap, host, compile, bounds, causalbounds, compiledprofile, trainstep,
   # blockstep (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
@@ -95,6 +95,10 @@ speed() {
       # kernels with g * x pre-scaled and formed in the loop (about 4 minutes)
       threshold) timeout 300 python benchmarks/prefill.py --order gemm-threshold --tokens "" --ttft "" --serve "" \
         --out "$ROOT/prefill_threshold.json" > "$ROOT/prefill_threshold.log" 2>&1 ;;
+      # tiles: the prefill kernels' tiles (``SWEEP``) on prompts and 256-token batches, and where they take
+      # over from the 2-64-token kernels (about 3 minutes)
+      tiles) timeout 240 python benchmarks/prefill.py --order sweep --tokens "" --ttft "" --serve "" \
+        --out "$ROOT/prefill_tiles.json" > "$ROOT/prefill_tiles.log" 2>&1 ;;
       expand) timeout 150 python benchmarks/dev/gemm_expand.py > "$ROOT/gemm_expand.log" 2>&1 ;;
       # overlap: one 7B decoder layer's packed calls at 256 and 64 tokens with each call's expansion on a
       # second stream behind the previous call's GEMMs, against dense and the packed op, and each call's parts (about two minutes)

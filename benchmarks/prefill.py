@@ -183,8 +183,19 @@ SWEEP = [  # prefill tiles the sweep section tries: (tokens, stage-1 rows, stage
     (128, 64, 128, 2, 4, 3),
     (128, 64, 128, 2, 8, 4),
     (64, 64, 128, 2, 4, 3),
+    # with the loops pipelined, deeper pipelines and longer steps may pay
+    (128, 128, 128, 4, 8, 3),
+    (128, 128, 128, 2, 8, 4),
+    (64, 64, 128, 4, 4, 4),
+    (64, 128, 128, 2, 4, 4),
+    (256, 64, 128, 2, 8, 3),
 ]
-SWEEP_CASES = [("70b-up", 0.1, 2048), ("7b-up", 1.0, 2048), ("7b-up", 0.1, 128)]
+# the acceptance layer's prompt, the 7B up projection's prompt at both ends of the BPW range, a short
+# prompt, and batch-256 decoding at 0.55 BPW (the GEMM path's case against FP16)
+SWEEP_CASES = [
+    ("70b-up", 0.1, 2048), ("7b-up", 1.0, 2048), ("7b-up", 0.1, 128), ("7b-up", 0.55, 256),
+    ("7b-down", 0.55, 256), ("70b-up", 0.55, 256),
+]  # fmt: skip
 # where the prefill kernels take over from the 2-64-token tensor-core kernels: both, on these
 THRESHOLD_CASES = [("7b-qo", 0.1, 65), ("7b-up", 0.1, 256), ("7b-up", 0.55, 256), ("7b-down", 1.0, 128)]
 
