@@ -196,13 +196,17 @@ SWEEP_CASES = [
     ("70b-up", 0.1, 2048), ("7b-up", 1.0, 2048), ("7b-up", 0.1, 128), ("7b-up", 0.55, 256),
     ("7b-down", 0.55, 256), ("70b-up", 0.55, 256),
 ]  # fmt: skip
-# where the prefill kernels take over from the 2-64-token tensor-core kernels: both, on these
-THRESHOLD_CASES = [("7b-qo", 0.1, 65), ("7b-up", 0.1, 256), ("7b-up", 0.55, 256), ("7b-down", 1.0, 128)]
+# where the prefill kernels take over from the 2-64-token tensor-core kernels: both, on these (batch-64
+# decoding is 64 tokens a call)
+THRESHOLD_CASES = [
+    ("7b-qo", 0.1, 65), ("7b-up", 0.1, 256), ("7b-up", 0.55, 256), ("7b-down", 1.0, 128),
+    ("7b-qo", 0.55, 64), ("7b-up", 0.55, 64), ("7b-down", 0.55, 64), ("7b-up", 0.55, 32),
+]  # fmt: skip
 
 
 def sweep_tiles(device: str, save) -> list[dict]:
-    """µs of each ``SWEEP`` tile on ``SWEEP_CASES``, for choosing the tile rule, and of both token paths on
-    ``THRESHOLD_CASES``."""
+    """µs of each ``SWEEP`` tile of the prefill kernels on ``SWEEP_CASES`` (the GEMM path switched off), for
+    choosing the tile rule, and of both register-decoding families on ``THRESHOLD_CASES``."""
     from littlebit.kernels.gpu import triton_littlebit as tk
 
     records = []
@@ -213,7 +217,7 @@ def sweep_tiles(device: str, save) -> list[dict]:
         for bm, br, bo, words, warps, stages in SWEEP:
             cfg = tk.KernelConfig(
                 prefill_tokens=bm, prefill_rows=br, prefill_out=bo, prefill_words=words,
-                prefill_warps=warps, prefill_stages=stages,
+                prefill_warps=warps, prefill_stages=stages, prefill_min_tokens=2, gemm_min_tokens=1 << 30,
             )  # fmt: skip
             rec = {"layer": name, "bpw": bpw, "tokens": m, "tile": [bm, br, bo, words, warps, stages]}
             try:
@@ -229,9 +233,10 @@ def sweep_tiles(device: str, save) -> list[dict]:
         d_in, d_out = LAYERS[name]
         layer = random_layer(d_in, d_out, bpw, device, seed=2)
         x = torch.randn(m, d_in, device=device).bfloat16()
+        never = 1 << 30  # neither family gives way to the GEMM path
         for family, cfg in [
-            ("prefill", tk.KernelConfig()),
-            ("tensor-core", tk.KernelConfig(prefill_min_tokens=1 << 30)),
+            ("prefill", tk.KernelConfig(prefill_min_tokens=2, gemm_min_tokens=never)),
+            ("tensor-core", tk.KernelConfig(prefill_min_tokens=never, gemm_min_tokens=never)),
         ]:
             rec = {"layer": name, "bpw": bpw, "tokens": m, "tile": family}
             try:
