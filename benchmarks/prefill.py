@@ -189,12 +189,15 @@ SWEEP = [  # prefill tiles the sweep section tries: (tokens, stage-1 rows, stage
     (64, 64, 128, 4, 4, 4),
     (64, 128, 128, 2, 4, 4),
     (256, 64, 128, 2, 8, 3),
+    (64, 64, 64, 2, 4, 3),
+    (64, 64, 64, 2, 4, 4),
 ]
 # the acceptance layer's prompt, the 7B up projection's prompt at both ends of the BPW range, a short
-# prompt, and batch-256 decoding at 0.55 BPW (the GEMM path's case against FP16)
+# prompt, and batch-256 and batch-64 decoding at 0.55 BPW (below FP16 on the GEMM path and the 2-64-token
+# kernels)
 SWEEP_CASES = [
     ("70b-up", 0.1, 2048), ("7b-up", 1.0, 2048), ("7b-up", 0.1, 128), ("7b-up", 0.55, 256),
-    ("7b-down", 0.55, 256), ("70b-up", 0.55, 256),
+    ("7b-down", 0.55, 256), ("70b-up", 0.55, 256), ("7b-up", 0.55, 64),
 ]  # fmt: skip
 # where the prefill kernels take over from the 2-64-token tensor-core kernels: both, on these (batch-64
 # decoding is 64 tokens a call)
