@@ -51,7 +51,7 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, acceptance, threshold, tiles, expand, overlap, host, compile, bounds, causalbounds, compiledprofile, trainstep,
+  # Any of: tests, gemm, acceptance, threshold, tiles, serving, expand, overlap, host, compile, bounds, causalbounds, compiledprofile, trainstep,
   # blockstep (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
@@ -99,6 +99,15 @@ speed() {
       # over from the 2-64-token kernels (about 3 minutes)
       tiles) timeout 240 python benchmarks/prefill.py --order sweep --tokens "" --ttft "" --serve "" \
         --out "$ROOT/prefill_tiles.json" > "$ROOT/prefill_tiles.log" 2>&1 ;;
+      # serving: batched decoding of the 7B shape at batch 64 and 256, the shipped routing and every
+      # call of 2 tokens or more on the prefill kernels, side by side (about 4 minutes)
+      serving) for route in shipped prefill; do
+          local cfg='{}'
+          [ "$route" = prefill ] && cfg='{"prefill_min_tokens": 2, "gemm_min_tokens": 1073741824}'
+          timeout 140 python benchmarks/prefill.py --order models --models fp16,0.1,0.55 --ttft "" --serve 64,256 \
+            --steps 16 --reference-ttft 0 --kernel-config "$cfg" --out "$ROOT/serving_$route.json" \
+            >> "$ROOT/serving.log" 2>&1
+        done ;;
       expand) timeout 150 python benchmarks/dev/gemm_expand.py > "$ROOT/gemm_expand.log" 2>&1 ;;
       # overlap: one 7B decoder layer's packed calls at 256 and 64 tokens with each call's expansion on a
       # second stream behind the previous call's GEMMs, against dense and the packed op, and each call's parts (about two minutes)
