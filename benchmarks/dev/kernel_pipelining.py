@@ -35,11 +35,15 @@ POINTERS = {
     "l_ptr": "*fp16", "h_ptr": "*fp16", "t_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
     "cnt_ptr": "*i32",
 }  # fmt: skip
-# (label, module, kernel, constexprs, warps, stages); constexprs missing from a kernel are dropped (an
-# older checkout's stage 2 took its splits at run time, its stage 1 formed g * x in the loop), but a
-# stage 1 without PRESCALED is not the kernel the pre-scaled rows ask for
+# (label, module, kernel, constexprs and "t" (t's pointer type where not bf16), warps, stages);
+# constexprs missing from a kernel are dropped (an older checkout's stage 2 took its splits at run time,
+# its stage 1 formed g * x in the loop), but a stage 1 without PRESCALED is not the kernel the
+# pre-scaled rows ask for
 COMMON = {"P": 2, "BKW": 2, "OP_DT": "bf16", "HAS_BIAS": False, "TILED": True, "PDL": False, "ZB": 1024}
 S1, S1P, S2 = "prefill stage 1, g*x in the loop", "prefill stage 1, g*x pre-scaled", "prefill stage 2"
+TWO = {"BO": 128, "BM": 64, "N_SPLIT": 2}
+TC1, TC2 = "tensor cores stage 1, 64 rows x 16 tokens", "tensor cores stage 2, 64 rows x 16 tokens"
+F32 = "*fp32"  # t with splits of d_in: fp32 partial sums (prefill) or an fp32 workspace (tensor cores)
 CASES = [
     (f"{S1}, 64x64", "prefill", "_pf_v_kernel", {"BR": 64, "BM": 64, "PRESCALED": False}, 4, 3),
     (f"{S1}, 128x128", "prefill", "_pf_v_kernel", {"BR": 128, "BM": 128, "PRESCALED": False}, 8, 3),
@@ -47,13 +51,13 @@ CASES = [
     (f"{S1P}, 128x128", "prefill", "_pf_v_kernel", {"BR": 128, "BM": 128, "PRESCALED": True}, 8, 3),
     (f"{S2}, 1 split, 128x64", "prefill", "_pf_u_kernel", {"BO": 128, "BM": 64, "N_SPLIT": 1}, 4, 3),
     (f"{S2}, 1 split, 128x128", "prefill", "_pf_u_kernel", {"BO": 128, "BM": 128, "N_SPLIT": 1}, 8, 3),
-    (f"{S2}, 2 splits, 128x64", "prefill", "_pf_u_kernel", {"BO": 128, "BM": 64, "N_SPLIT": 2}, 4, 3),
-    ("tensor cores stage 1, 64 rows x 16 tokens", "_tensorcore", "_tc_v_kernel", {"BR": 64, "BM": 16}, 4, 3),
-    ("tensor cores stage 2, 64 rows x 16 tokens", "_tensorcore", "_tc_u_kernel", {"BO": 64, "BM": 16}, 4, 3),
+    (f"{S2}, 2 splits, 128x64", "prefill", "_pf_u_kernel", {**TWO, "t": F32}, 4, 3),
+    (TC1, "_tensorcore", "_tc_v_kernel", {"BR": 64, "BM": 16, "t": F32}, 4, 3),
+    (TC2, "_tensorcore", "_tc_u_kernel", {"BO": 64, "BM": 16, "t": F32}, 4, 3),
 ]  # fmt: skip
 
 
-def compile_sm90(fn, constexprs: dict, warps: int, stages: int):
+def compile_sm90(fn, constexprs: dict, warps: int, stages: int, t_type: str = "*bf16"):
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -69,7 +73,7 @@ def compile_sm90(fn, constexprs: dict, warps: int, stages: int):
                 raise KeyError(f"{fn.__name__}: no value for constexpr {name}")
             consts[name] = {"bf16": tl.bfloat16}.get(value, value) if isinstance(value, str) else value
         else:
-            signature[name] = POINTERS.get(name, "i32")
+            signature[name] = t_type if name == "t_ptr" else POINTERS.get(name, "i32")
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     options = {"num_warps": warps, "num_stages": stages}
@@ -142,8 +146,10 @@ def main() -> int:
         if consts.get("PRESCALED") and "PRESCALED" not in fn.arg_names:  # a checkout without that choice
             print(f"{label}: {kernel} in {mod.__file__} has no PRESCALED", flush=True)
             continue
+        consts = dict(consts)
+        t_type = consts.pop("t", "*bf16")
         wanted = {n: v for n, v in {**COMMON, **consts}.items() if n in fn.arg_names}
-        compiled = compile_sm90(fn, wanted, warps, stages)
+        compiled = compile_sm90(fn, wanted, warps, stages, t_type)
         loops = [loop_record(body) for body in mma_loops(compiled.asm["ttgir"])]
         regs, spill = ptxas_usage(compiled)
         rec = {"kernel": label, "function": kernel, "warps": warps, "stages": stages, "constexprs": wanted}
