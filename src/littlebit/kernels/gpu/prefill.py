@@ -61,8 +61,8 @@ def _pf_v_kernel(
         w = _v_words(v_ptr, p, rows, R, W_in, k0, k_hi, BKW)
         e = k0 * 32 + tl.arange(0, BKW * 32)
         if PRESCALED:  # straight from memory to the MMA: copied asynchronously, an MMA kept in flight
-            xv = tl.load(
-                x_ptr + (p * M + toks[None, :]) * stride_xm + e[:, None],
+            xv = tl.load(  # 64-bit offsets: P * tokens * d_in passes 2^31 on long 70B prompts
+                x_ptr + (p * M + toks[None, :]).to(tl.int64) * stride_xm + e[:, None],
                 mask=(e < k_hi * 32)[:, None] & tok_ok[None, :],
                 other=0.0,
             )
@@ -95,7 +95,7 @@ def _pf_scale_x_kernel(
     xv = tl.load(x_ptr + toks[:, None] * stride_xm + e[None, :], mask=mask, other=0.0)
     gv = tl.load(g_ptr + p * d_in + e, mask=e_ok, other=0.0)
     val = xv.to(tl.float32) * gv.to(tl.float32)[None, :]
-    dst = xg_ptr + (p * M + toks[:, None]) * Kp + _pair_slot(e)[None, :]
+    dst = xg_ptr + (p * M + toks[:, None]).to(tl.int64) * Kp + _pair_slot(e)[None, :]
     tl.store(dst, val.to(xg_ptr.dtype.element_ty), mask=tok_ok[:, None] & (e < Kp)[None, :])
 
 
