@@ -57,7 +57,7 @@ CASES = {
     "in-loop-scaling-split": (
         70, 1000, 40, 60, 2, F16, {"config": {"prefill_waves": 64.0, "prefill_prescale": False}},
     ),
-    # pre-scaled: 3 splits of an input width that ends inside a word, one path
+    # pre-scaled: 4 splits of an input width that ends inside a word, one path
     "split-d_in-p1": (66, 1111, 56, 90, 1, BF16, {"config": {"prefill_waves": 64.0}}),
 }  # fmt: skip
 # The factors expanded per call and two GEMMs (``kernels.gpu.gemm``): widths and ranks off the
@@ -140,6 +140,66 @@ def _check_kv_cache_factors() -> float:
     return max(diffs)
 
 
+def _check_scale_x() -> float:
+    """``_pf_scale_x_kernel`` into a NaN-filled buffer, from x with a row stride wider than d_in, two
+    paths, a width that ends inside a word, fp32 and fp16: largest difference from g * x rounded once,
+    in the decoded columns' order, and zeros in the last word's padding (0.0 when exact)."""
+    from littlebit.kernels.gpu.prefill import _pf_scale_x_kernel
+
+    worst = 0.0
+    for dtype in (torch.float32, F16):
+        gen = torch.Generator().manual_seed(11)
+        m, d_in, P = 21, 70, 2
+        wide = torch.randn(m, d_in + 9, generator=gen).to(dtype)
+        x = wide[:, :d_in]
+        g = (torch.rand(P, d_in, generator=gen) + 0.5).half()
+        kp = 32 * ((d_in + 31) // 32)
+        xg = torch.full((P, m, kp), float("nan"), dtype=dtype, device=DEVICE)
+        xd = wide.to(DEVICE)[:, :d_in]
+        _pf_scale_x_kernel[(2, 1, P)](xd, g.to(DEVICE), xg, m, d_in, kp, xd.stride(0), BM=16, BE=256)
+        ref = torch.zeros(P, m, kp, dtype=dtype)
+        # the decoded tile's column 32k + 2i + j holds bit i + 16j of word k (``_sign_tile``)
+        slots = torch.tensor([32 * (e // 32) + 2 * (e % 16) + (e % 32) // 16 for e in range(d_in)])
+        ref[:, :, slots] = (x.float()[None] * g.float()[:, None, :]).to(dtype)
+        got = xg.cpu()
+        if torch.isnan(got).any():
+            return float("inf")
+        worst = max(worst, (got.float() - ref.float()).abs().max().item())
+    return worst
+
+
+def _check_prescale_identical() -> float:
+    """The prefill kernels with g * x pre-scaled and formed in the loop on the same inputs: 0.0 when
+    every output is bit for bit the same, else their largest difference. Splits of d_in (3 and 4), one
+    and two paths, a one-word input width, x with a wider row stride, tile-ordered S_U, grouped calls."""
+    from littlebit.kernels.gpu import triton_littlebit as tk
+
+    cases = [  # (m, d_in, r, d_out, paths, dtype, tiled, groups, waves)
+        (65, 170, 40, 72, 2, F16, False, 1, 64.0),
+        (70, 1111, 56, 90, 1, F16, False, 1, 64.0),
+        (66, 20, 24, 40, 2, F16, False, 1, 2.0),
+        (97, 600, 72, 48, 2, F16, True, 1, 64.0),
+        (80, 300, 40, 56, 1, F16, False, 3, 64.0),
+        (130, 300, 120, 200, 2, torch.float32, False, 1, 2.0),
+    ]
+    worst = 0.0
+    for i, (m, d_in, r, d_out, paths, dtype, tiled, groups, waves) in enumerate(cases):
+        layers = [make_layer(d_in, r, d_out, paths, dtype, DEVICE, 40 + 7 * i + j) for j in range(groups)]
+        u, v, h, l, g = (torch.cat([layer[k] for layer in layers]) for k in range(5))
+        b = torch.cat([layer[5] for layer in layers])
+        wide = torch.randn(m, d_in + 5, generator=torch.Generator().manual_seed(i)).to(dtype).to(DEVICE)
+        x = wide[:, :d_in]  # rows d_in + 5 apart
+        outs = []
+        for prescale in (True, False):
+            cfg = tk.KernelConfig(gemm_min_tokens=1 << 30, prefill_waves=waves, prefill_prescale=prescale)
+            uu = tile_order(u) if tiled else u
+            y = tk.littlebit_linear_triton(x, uu, v, h, l, g, b, config=cfg, groups=groups, u_tiled=tiled)
+            outs.append(y)
+        if not torch.equal(outs[0], outs[1]):
+            worst = max(worst, (outs[0].float() - outs[1].float()).abs().max().item(), 1e-30)
+    return worst
+
+
 def run_checks() -> dict[str, float | str]:
     from littlebit.kernels.gpu import triton_littlebit as tk
 
@@ -153,6 +213,8 @@ def run_checks() -> dict[str, float | str]:
     checks = {
         "gemm-factors": _check_factors,
         "kv-cache-factors": _check_kv_cache_factors,
+        "scale-x": _check_scale_x,
+        "prescale-identical": _check_prescale_identical,
     }
     for name, check in checks.items():
         try:
@@ -189,6 +251,11 @@ def test_prefill_matches_reference(name, prefill_results):
     err = prefill_results[name]
     assert isinstance(err, float), err
     assert err < TOL
+
+
+@pytest.mark.parametrize("name", ["scale-x", "prescale-identical"])
+def test_prefill_prescaled_input_is_exact(name, prefill_results):
+    assert prefill_results[name] == 0.0
 
 
 def test_prefill_routing():

@@ -23,7 +23,8 @@ def _sign_tile(w, BR: tl.constexpr, BKW: tl.constexpr, DT: tl.constexpr):
 
     That order comes from building 16-bit pairs: ~w shifted left by 15 - i has bits i and i+16 at the
     two half-word sign positions, so one and/or turns them into the pair (+-1, +-1) (fp16 and bf16 alike,
-    with their own 1.0). The caller permutes the other operand's rows to match (``_to_pair_order``).
+    with their own 1.0). The other operand's rows take the same order: permuted in registers
+    (``_to_pair_order``), or written in it (``prefill._pf_scale_x_kernel``, at ``_pair_slot``).
     """
     if DT == tl.float16 or DT == tl.bfloat16:
         sh = (~w)[:, :, None] << (15 - tl.arange(0, 16))[None, None, :]
@@ -142,7 +143,8 @@ def _tc_u_body(
     split t goes from memory straight to the MMA, which then runs asynchronously."""
     rows = pid0 * BO + tl.arange(0, BO)
     row_ok = rows < d_out
-    toks = pid1 * BM + tl.arange(0, BM)
+    t0, lt = (pid1 * BM).to(tl.int64), tl.arange(0, BM)  # 64-bit base, 32-bit offsets (long prompts)
+    toks = pid1 * BM + lt
     tok_ok = toks < M
     y = tl.zeros((BO, BM), tl.float32)
     for p in tl.static_range(P):
@@ -155,7 +157,7 @@ def _tc_u_body(
                 other=0,
             )
             e = k0 * 32 + tl.arange(0, BKW * 32)
-            tp = t_ptr + (toks[None, :] * P + p) * Rp + e[:, None]
+            tp = t_ptr + t0 * P * Rp + (lt[None, :] * P + p) * Rp + e[:, None]
             tmask = (e < Rp)[:, None] & tok_ok[None, :]
             tv = tl.load(tp, mask=tmask, other=0.0)
             if N_SPLIT > 1:
@@ -168,7 +170,7 @@ def _tc_u_body(
     _pdl_launch_next(PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    out = y_ptr + toks[None, :] * stride_ym + rows[:, None]
+    out = y_ptr + t0 * stride_ym + lt[None, :] * stride_ym + rows[:, None]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & tok_ok[None, :])
 
 

@@ -4,7 +4,7 @@ Two GEMM-shaped launches, signs decoded to +-1 in registers (``_tensorcore._sign
 ``tl.dot`` operand, never a +-1 matrix in memory:
 
 - stage 1, grid (P * row blocks, splits of d_in, token blocks): t = l * S_V^T (g * x) for a tile of
-  latents x tokens; t is stored whole in the activations' dtype, or, with d_in split, as fp32 partial
+  latents x tokens; t is stored whole in the MMA operands' dtype, or, with d_in split, as fp32 partial
   sums, one buffer per split: plain stores (no atomics, no zeroed workspace), in the column order stage
   2's decoded signs take (``_pair_slot``), padding latents as zeros;
 - stage 2, grid (output blocks, token blocks): y = sum_p h_p * S_U,p t_p + bias, adding the splits'
@@ -42,6 +42,7 @@ from littlebit.kernels.gpu.tiles import _split, cdiv
 
 # tokens and entries per program of ``_pf_scale_x_kernel``
 _SCALE_TOKENS, _SCALE_ENTRIES = 16, 256
+_TORCH_DTYPES = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16}
 
 
 @triton.jit
@@ -56,26 +57,30 @@ def _pf_v_kernel(
     pid0, split, pid2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p, rows, toks, k_lo, k_hi = _v_program(pid0, split, pid2, n_rb, chunk, W_in, BR, BM)
     tok_ok = toks < M
+    # A program's first token in 64-bit arithmetic (P * tokens * d_in passes 2^31 on long 70B prompts),
+    # offsets inside its tile in 32, which hold half the registers that 64-bit ones for every element do.
+    t0, lt = (pid2 * BM).to(tl.int64), tl.arange(0, BM)
     acc = tl.zeros((BR, BM), tl.float32)
     for k0 in range(k_lo, k_hi, BKW):
         w = _v_words(v_ptr, p, rows, R, W_in, k0, k_hi, BKW)
         e = k0 * 32 + tl.arange(0, BKW * 32)
         if PRESCALED:  # straight from memory to the MMA: copied asynchronously, an MMA kept in flight
-            xv = tl.load(  # 64-bit offsets: P * tokens * d_in passes 2^31 on long 70B prompts
-                x_ptr + (p * M + toks[None, :]).to(tl.int64) * stride_xm + e[:, None],
+            xv = tl.load(
+                x_ptr + (p * M + t0) * stride_xm + lt[None, :] * stride_xm + e[:, None],
                 mask=(e < k_hi * 32)[:, None] & tok_ok[None, :],
                 other=0.0,
             )
         else:
             e_ok = (e < k_hi * 32) & (e < d_in)
             mask = e_ok[:, None] & tok_ok[None, :]
-            xv = tl.load(x_ptr + toks[None, :] * stride_xm + e[:, None], mask=mask, other=0.0)
+            xv = tl.load(x_ptr + t0 * stride_xm + lt[None, :] * stride_xm + e[:, None], mask=mask, other=0.0)
             gv = tl.load(g_ptr + p * d_in + e, mask=e_ok, other=0.0)
             xv = _to_pair_order((xv.to(tl.float32) * gv.to(tl.float32)[:, None]).to(OP_DT), BKW, BM)
         acc = _dot(_sign_tile(w, BR, BKW, OP_DT), xv, acc, OP_DT)
     # rows past R (masked words decode to -1) get l = 0: t's padding latents are stored as zeros
     lv = tl.load(l_ptr + p * R + rows, mask=rows < R, other=0.0).to(tl.float32)
-    dst = t_ptr + split * split_stride + (toks[None, :] * P + p) * Rp + _pair_slot(rows)[:, None]
+    base = t_ptr + split.to(tl.int64) * split_stride + t0 * P * Rp
+    dst = base + (lt[None, :] * P + p) * Rp + _pair_slot(rows)[:, None]
     tl.store(dst, (acc * lv[:, None]).to(t_ptr.dtype.element_ty), mask=(rows < Rp)[:, None] & tok_ok[None, :])
 
 
@@ -87,15 +92,16 @@ def _pf_scale_x_kernel(
     zeros from d_in up to Kp (the last word's padding). Grid (token blocks, entry blocks, P); ``BE`` a
     multiple of 32, so each entry's slot is inside its own block."""
     pid_m, pid_e, p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    toks = pid_m * BM + tl.arange(0, BM)
+    t0, lt = (pid_m * BM).to(tl.int64), tl.arange(0, BM)  # 64-bit base, 32-bit offsets (``_pf_v_kernel``)
+    toks = pid_m * BM + lt
     e = pid_e * BE + tl.arange(0, BE)
     tok_ok = toks < M
     e_ok = e < d_in
     mask = tok_ok[:, None] & e_ok[None, :]
-    xv = tl.load(x_ptr + toks[:, None] * stride_xm + e[None, :], mask=mask, other=0.0)
+    xv = tl.load(x_ptr + t0 * stride_xm + lt[:, None] * stride_xm + e[None, :], mask=mask, other=0.0)
     gv = tl.load(g_ptr + p * d_in + e, mask=e_ok, other=0.0)
     val = xv.to(tl.float32) * gv.to(tl.float32)[None, :]
-    dst = xg_ptr + (p * M + toks[:, None]).to(tl.int64) * Kp + _pair_slot(e)[None, :]
+    dst = xg_ptr + (p * M + t0) * Kp + lt[:, None] * Kp + _pair_slot(e)[None, :]
     tl.store(dst, val.to(xg_ptr.dtype.element_ty), mask=tok_ok[:, None] & (e < Kp)[None, :])
 
 
@@ -160,15 +166,14 @@ def prefill(
     n_rb, n_mb = cdiv(Rp, br), cdiv(M, bm)  # row blocks cover the padding latents too
     # t in the operand dtype when whole (as the reference rounds it; half the bytes stage 2 reads per
     # step), fp32 partial sums when split
-    t_dtype = torch.float32 if n_split > 1 or op_dt == tl.float32 else x2.dtype
+    t_dtype = torch.float32 if n_split > 1 else _TORCH_DTYPES[op_dt]
     t = torch.empty((n_split, M, P, Rp), dtype=t_dtype, device=x2.device)
     split_stride = M * P * Rp
     stages = cfg.prefill_stages or 3
     x_arg, stride = x2, x2.stride(0)
     if cfg.prefill_prescale:
         Kp = 32 * W_in
-        xg_dtype = torch.float32 if op_dt == tl.float32 else x2.dtype
-        x_arg, stride = torch.empty((P, M, Kp), dtype=xg_dtype, device=x2.device), Kp
+        x_arg, stride = torch.empty((P, M, Kp), dtype=_TORCH_DTYPES[op_dt], device=x2.device), Kp
         _pf_scale_x_kernel[(cdiv(M, _SCALE_TOKENS), cdiv(Kp, _SCALE_ENTRIES), P)](
             x2, g, x_arg, M, d_in, Kp, x2.stride(0), BM=_SCALE_TOKENS, BE=_SCALE_ENTRIES, num_warps=4,
         )  # fmt: skip

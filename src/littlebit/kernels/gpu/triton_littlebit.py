@@ -2,7 +2,8 @@
 
 Below ``KernelConfig.gemm_min_tokens`` tokens, signs are read as packed words and decoded in registers;
 no unpacked matrix ever reaches memory. Such a call has two stages: stage 1 (t = l * S_V^T (g*x), g*x
-built from x and g in the kernel, split over d_in so small ranks still fill the GPU) and stage 2
+built from x and g in the kernel or, on the prefill route, by a launch before it; split over d_in so
+small ranks still fill the GPU) and stage 2
 (y = sum_p h_p * S_U,p t_p + bias), each a launch, the second a programmatic dependent launch of the
 first on sm_90+ (``_sync``). Which kernels run is ``route``'s policy, their tiles ``tiles``' rules,
 their scratch memory ``workspace``'s; this module launches them:
