@@ -52,10 +52,10 @@ CASES = {
     "grouped": (80, 120, 40, 56, 2, BF16, {"groups": 3}),
     # the threshold itself: 65 tokens take prefill, fewer the tensor-core path (both checked)
     "min-tokens-lowered": (20, 100, 40, 72, 2, F16, {"config": {"prefill_min_tokens": 2}}),
-    # stage 1 forming g * x in its loop instead of reading it pre-scaled
-    "in-loop-scaling": (130, 300, 120, 200, 2, BF16, {"config": {"prefill_prescale": False}}),
+    # the loops not pipelined: g * x formed in stage 1's loop, d_in splits added in stage 2's
+    "in-loop-scaling": (130, 300, 120, 200, 2, BF16, {"config": {"prefill_pipelined": False}}),
     "in-loop-scaling-split": (
-        70, 1000, 40, 60, 2, F16, {"config": {"prefill_waves": 64.0, "prefill_prescale": False}},
+        70, 1000, 40, 60, 2, F16, {"config": {"prefill_waves": 64.0, "prefill_pipelined": False}},
     ),
     # pre-scaled: 4 splits of an input width that ends inside a word, one path
     "split-d_in-p1": (66, 1111, 56, 90, 1, BF16, {"config": {"prefill_waves": 64.0}}),
@@ -168,10 +168,11 @@ def _check_scale_x() -> float:
     return worst
 
 
-def _check_prescale_identical() -> float:
-    """The prefill kernels with g * x pre-scaled and formed in the loop on the same inputs: 0.0 when
-    every output is bit for bit the same, else their largest difference. Splits of d_in (3 and 4), one
-    and two paths, a one-word input width, x with a wider row stride, tile-ordered S_U, grouped calls."""
+def _check_pipelined_identical() -> float:
+    """The prefill kernels pipelined (g * x pre-scaled, d_in splits summed between the stages) and with
+    both tiles formed in their loops, on the same inputs: 0.0 when every output is bit for bit the
+    same, else their largest difference. Splits of d_in (3 and 4), one and two paths, a one-word input
+    width, x with a wider row stride, tile-ordered S_U, grouped calls."""
     from littlebit.kernels.gpu import triton_littlebit as tk
 
     cases = [  # (m, d_in, r, d_out, paths, dtype, tiled, groups, waves)
@@ -190,8 +191,8 @@ def _check_prescale_identical() -> float:
         wide = torch.randn(m, d_in + 5, generator=torch.Generator().manual_seed(i)).to(dtype).to(DEVICE)
         x = wide[:, :d_in]  # rows d_in + 5 apart
         outs = []
-        for prescale in (True, False):
-            cfg = tk.KernelConfig(gemm_min_tokens=1 << 30, prefill_waves=waves, prefill_prescale=prescale)
+        for pipelined in (True, False):
+            cfg = tk.KernelConfig(gemm_min_tokens=1 << 30, prefill_waves=waves, prefill_pipelined=pipelined)
             uu = tile_order(u) if tiled else u
             y = tk.littlebit_linear_triton(x, uu, v, h, l, g, b, config=cfg, groups=groups, u_tiled=tiled)
             outs.append(y)
@@ -214,7 +215,7 @@ def run_checks() -> dict[str, float | str]:
         "gemm-factors": _check_factors,
         "kv-cache-factors": _check_kv_cache_factors,
         "scale-x": _check_scale_x,
-        "prescale-identical": _check_prescale_identical,
+        "pipelined-identical": _check_pipelined_identical,
     }
     for name, check in checks.items():
         try:
@@ -253,8 +254,8 @@ def test_prefill_matches_reference(name, prefill_results):
     assert err < TOL
 
 
-@pytest.mark.parametrize("name", ["scale-x", "prescale-identical"])
-def test_prefill_prescaled_input_is_exact(name, prefill_results):
+@pytest.mark.parametrize("name", ["scale-x", "pipelined-identical"])
+def test_prefill_pipelined_inputs_are_exact(name, prefill_results):
     assert prefill_results[name] == 0.0
 
 

@@ -51,7 +51,7 @@ CASES = [
     (f"{S1P}, 128x128", "prefill", "_pf_v_kernel", {"BR": 128, "BM": 128, "PRESCALED": True}, 8, 3),
     (f"{S2}, 1 split, 128x64", "prefill", "_pf_u_kernel", {"BO": 128, "BM": 64, "N_SPLIT": 1}, 4, 3),
     (f"{S2}, 1 split, 128x128", "prefill", "_pf_u_kernel", {"BO": 128, "BM": 128, "N_SPLIT": 1}, 8, 3),
-    (f"{S2}, 2 splits, 128x64", "prefill", "_pf_u_kernel", {**TWO, "t": F32}, 4, 3),
+    (f"{S2}, adding 2 splits, 128x64", "prefill", "_pf_u_kernel", {**TWO, "t": F32}, 4, 3),
     (TC1, "_tensorcore", "_tc_v_kernel", {"BR": 64, "BM": 16, "t": F32}, 4, 3),
     (TC2, "_tensorcore", "_tc_u_kernel", {"BO": 64, "BM": 16, "t": F32}, 4, 3),
 ]  # fmt: skip

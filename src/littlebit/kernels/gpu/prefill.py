@@ -7,15 +7,17 @@ Two GEMM-shaped launches, signs decoded to +-1 in registers (``_tensorcore._sign
   latents x tokens; t is stored whole in the MMA operands' dtype, or, with d_in split, as fp32 partial
   sums, one buffer per split: plain stores (no atomics, no zeroed workspace), in the column order stage
   2's decoded signs take (``_pair_slot``), padding latents as zeros;
-- stage 2, grid (output blocks, token blocks): y = sum_p h_p * S_U,p t_p + bias, adding the splits'
-  partials as it loads t (a few, L2-resident), both paths in one program.
+- stage 2, grid (output blocks, token blocks): y = sum_p h_p * S_U,p t_p + bias, both paths in one
+  program.
 
-Stage 1 reads g * x from a buffer one small launch writes before it (``_pf_scale_x_kernel``: each
-path's g applied, entries in the order of the decoded signs' columns), so that its tile goes from
-memory to the MMA untouched: Triton then copies it asynchronously through the software pipeline and
-keeps an MMA in flight while the next signs are decoded. Formed in the loop from x and g
-(``KernelConfig.prefill_prescale`` off), the tile passed through registers into shared memory at every
-step, and each MMA was waited for before the next step began (the compiled loops:
+Both loops are written so that their tiles go from memory to the MMA untouched: Triton then copies
+them asynchronously through the software pipeline and keeps MMAs in flight while the next signs are
+decoded (``KernelConfig.prefill_pipelined``). Stage 1 reads g * x from a buffer one small launch writes
+before it (``_pf_scale_x_kernel``: each path's g applied, entries in the order of the decoded signs'
+columns), and where d_in is split, a launch between the stages adds the partial sums into one t
+(``_pf_sum_splits_kernel``). Without that (``prefill_pipelined`` off) stage 1 forms g * x in its loop
+and stage 2 adds the splits as it loads t: both tiles then pass through registers into shared memory
+at every step, and each MMA is waited for before the next step begins (the compiled loops:
 ``benchmarks/dev/kernel_pipelining.py``).
 
 d_in is split (up to 4 ways) only where the token and row blocks alone leave the GPU under
@@ -42,6 +44,7 @@ from littlebit.kernels.gpu.tiles import _split, cdiv
 
 # tokens and entries per program of ``_pf_scale_x_kernel``
 _SCALE_TOKENS, _SCALE_ENTRIES = 16, 256
+_SUM_BLOCK = 1024  # entries of t per program of ``_pf_sum_splits_kernel``
 _TORCH_DTYPES = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16}
 
 
@@ -103,6 +106,18 @@ def _pf_scale_x_kernel(
     val = xv.to(tl.float32) * gv.to(tl.float32)[None, :]
     dst = xg_ptr + (p * M + t0) * Kp + lt[:, None] * Kp + _pair_slot(e)[None, :]
     tl.store(dst, val.to(xg_ptr.dtype.element_ty), mask=tok_ok[:, None] & (e < Kp)[None, :])
+
+
+@triton.jit
+def _pf_sum_splits_kernel(t_ptr, out_ptr, n, split_stride, N_SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = the sum of stage 1's ``N_SPLIT`` fp32 partials of t[i], in a fixed order, rounded once to
+    out's dtype: stage 2 then reads one t in the operands' dtype and its loop stays pipelined."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    acc = tl.load(t_ptr + i, mask=ok, other=0.0)
+    for s in tl.static_range(1, N_SPLIT):
+        acc += tl.load(t_ptr + s * split_stride + i, mask=ok, other=0.0)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -171,7 +186,7 @@ def prefill(
     split_stride = M * P * Rp
     stages = cfg.prefill_stages or 3
     x_arg, stride = x2, x2.stride(0)
-    if cfg.prefill_prescale:
+    if cfg.prefill_pipelined:
         Kp = 32 * W_in
         x_arg, stride = torch.empty((P, M, Kp), dtype=_TORCH_DTYPES[op_dt], device=x2.device), Kp
         _pf_scale_x_kernel[(cdiv(M, _SCALE_TOKENS), cdiv(Kp, _SCALE_ENTRIES), P)](
@@ -179,9 +194,15 @@ def prefill(
         )  # fmt: skip
     _pf_v_kernel[(P * n_rb, n_split, n_mb)](
         x_arg, g, v, l, t, M, r, W_in, d_in, stride, Rp, n_rb, chunk, split_stride,
-        P=P, BR=br, BKW=words, BM=bm, OP_DT=op_dt, PRESCALED=cfg.prefill_prescale, num_warps=warps,
+        P=P, BR=br, BKW=words, BM=bm, OP_DT=op_dt, PRESCALED=cfg.prefill_pipelined, num_warps=warps,
         num_stages=stages,
     )  # fmt: skip
+    if cfg.prefill_pipelined and n_split > 1:
+        whole = torch.empty((M, P, Rp), dtype=_TORCH_DTYPES[op_dt], device=x2.device)
+        _pf_sum_splits_kernel[(cdiv(split_stride, _SUM_BLOCK),)](
+            t, whole, split_stride, split_stride, N_SPLIT=n_split, BLOCK=_SUM_BLOCK, num_warps=4
+        )
+        t, n_split = whole, 1
     _pf_u_kernel[(cdiv(d_out, bo), n_mb)](
         t, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0), split_stride,
         P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=op_dt, TILED=u_tiled,
