@@ -99,12 +99,15 @@ speed() {
       # over from the 2-64-token kernels (about 3 minutes)
       tiles) timeout 240 python benchmarks/prefill.py --order sweep --tokens "" --ttft "" --serve "" \
         --out "$ROOT/prefill_tiles.json" > "$ROOT/prefill_tiles.log" 2>&1 ;;
-      # serving: batched decoding of the 7B shape at batch 64 and 256, the shipped routing and every
-      # call of 2 tokens or more on the prefill kernels, side by side (about 4 minutes)
-      serving) for route in shipped prefill; do
+      # serving: batched decoding of the 7B shape at batch 64 and 256 and an eager 96-token prompt (the
+      # prefill kernels' range, where their extra launches cost host time), on the shipped routing, the
+      # same with the prefill kernels' loops not pipelined, and every call of 2 tokens or more on the
+      # prefill kernels (about 5 minutes)
+      serving) for route in shipped in-loop prefill; do
           local cfg='{}'
+          [ "$route" = in-loop ] && cfg='{"prefill_pipelined": false}'
           [ "$route" = prefill ] && cfg='{"prefill_min_tokens": 2, "gemm_min_tokens": 1073741824}'
-          timeout 140 python benchmarks/prefill.py --order models --models fp16,0.1,0.55 --ttft "" --serve 64,256 \
+          timeout 110 python benchmarks/prefill.py --order models --models fp16,0.1,0.55 --ttft 96 --serve 64,256 \
             --steps 16 --reference-ttft 0 --kernel-config "$cfg" --out "$ROOT/serving_$route.json" \
             >> "$ROOT/serving.log" 2>&1
         done ;;
