@@ -138,9 +138,9 @@ def _tc_u_body(
 ):  # fmt: skip
     """Stage 2 for program (pid0, pid1) of grid (cdiv(d_out, BO), n_mb); S_U in tile order with
     ``TILED``. t is ``N_SPLIT`` partial sums ``split_stride`` apart (one per split of d_in in stage 1),
-    added as they are loaded. The count is a compile-time constant: a loop over the splits inside the
-    loop over r kept Triton from pipelining the loads of the outer one (a nested loop), and with one
-    split t goes from memory straight to the MMA, which then runs asynchronously."""
+    added as they are loaded. The count is a compile-time constant: Triton does not pipeline a loop that
+    holds another, such as one over the splits inside the loop over r, and with one split t goes from
+    memory straight to the MMA, which then runs asynchronously."""
     rows = pid0 * BO + tl.arange(0, BO)
     row_ok = rows < d_out
     t0, lt = (pid1 * BM).to(tl.int64), tl.arange(0, BM)  # 64-bit base, 32-bit offsets (long prompts)
