@@ -198,6 +198,8 @@ SWEEP = [  # prefill tiles the sweep section tries: (tokens, stage-1 rows, stage
 SWEEP_CASES = [
     ("70b-up", 0.1, 2048), ("7b-up", 1.0, 2048), ("7b-up", 0.1, 128), ("7b-up", 0.55, 256),
     ("7b-down", 0.55, 256), ("70b-up", 0.55, 256), ("7b-up", 0.55, 64),
+    # a narrow layer inside the prefill kernels' default range: 128-row stage-2 blocks leave half the SMs idle
+    ("7b-qo", 0.55, 96),
 ]  # fmt: skip
 # where the prefill kernels take over from the 2-64-token tensor-core kernels: both, on these (batch-64
 # decoding is 64 tokens a call)
