@@ -8,8 +8,10 @@ and its main loops, those holding an MMA, are read from the TTGIR:
 - ``mma_waits``: the number of MMAs each wait leaves in flight (0: every MMA is waited for before the
   loop goes on; more: the next step's loads and sign decoding overlap it);
 
-and, from ``ptxas -v`` on the PTX, registers per thread and bytes spilled. Writes
-``benchmarks/results/<--name>.json``.
+and, from ``ptxas -v`` on the PTX, registers per thread and bytes spilled, and from the SASS
+(``cuobjdump``) the instructions a thread issues per step of its longest loop, by opcode (``HGMMA``: the
+tensor-core MMAs; the rest is decoding, addressing and, where a tile is formed in registers, its
+arithmetic and shared-memory stores). Writes ``benchmarks/results/<--name>.json``.
 
     python benchmarks/dev/kernel_pipelining.py                        # about a minute, CPU
     python benchmarks/dev/kernel_pipelining.py --source-root DIR      # the kernels of another checkout
@@ -124,6 +126,33 @@ def ptxas_usage(kernel) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None, int(spill.group(1)) if spill else None)
 
 
+def sass_loop(kernel) -> dict:
+    """Instructions per step of the kernel's longest loop (the span of its longest backward branch)."""
+    import collections
+
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d, "k.cubin")
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    longest: list[str] = []
+    for addr, text in code:
+        target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)|BRA\s+0x([0-9a-f]+)", text)
+        if target is None:
+            continue
+        start = int(target.group(1) or target.group(2), 16)
+        if start < addr:
+            body = [t for a, t in code if start <= a <= addr]
+            longest = body if len(body) > len(longest) else longest
+    opcodes = collections.Counter(
+        re.sub(r"^@!?U?P[T0-9]+\s+", "", t).split()[0].split(".")[0] for t in longest
+    )
+    return {"instructions": len(longest), "by_opcode": dict(opcodes.most_common())}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source-root", help="a littlebit checkout whose kernels to compile (default: this one)")
@@ -153,9 +182,17 @@ def main() -> int:
         loops = [loop_record(body) for body in mma_loops(compiled.asm["ttgir"])]
         regs, spill = ptxas_usage(compiled)
         rec = {"kernel": label, "function": kernel, "warps": warps, "stages": stages, "constexprs": wanted}
-        rec.update({"loops": loops, "registers": regs, "spill_bytes": spill})
+        rec.update(
+            {"loops": loops, "registers": regs, "spill_bytes": spill, "sass_loop": sass_loop(compiled)}
+        )
         records.append(rec)
-        print(f"{label}: {loops} registers {regs} spilled {spill}", flush=True)
+        step = rec["sass_loop"]
+        mma = step["by_opcode"].get("HGMMA", 0)
+        print(
+            f"{label}: {loops} registers {regs} spilled {spill}; {step['instructions']} instructions a step, "
+            f"{mma} HGMMA",
+            flush=True,
+        )
     print(common.write_results(args.name, records, triton=triton.__version__, source_root=args.source_root))
     return 0
 
