@@ -79,13 +79,14 @@ if HAVE_TRITON:  # a kernel that stores the decoded tile (module level: jit code
     import triton
     import triton.language as tl
 
-    from littlebit.kernels.gpu._tensorcore import _sign_tile
+    from littlebit.kernels.gpu._tensorcore import _sign_tile, sign_ones
 
     @triton.jit
-    def _decode(w_ptr, o_ptr, BR: tl.constexpr, BKW: tl.constexpr, DT: tl.constexpr):
+    def _decode(w_ptr, o_ptr, ones, BR: tl.constexpr, BKW: tl.constexpr, DT: tl.constexpr):
         r, c, e = tl.arange(0, BR), tl.arange(0, BKW), tl.arange(0, BKW * 32)
         w = tl.load(w_ptr + r[:, None] * BKW + c[None, :])
-        tl.store(o_ptr + r[:, None] * (BKW * 32) + e[None, :], _sign_tile(w, BR, BKW, DT).to(tl.float32))
+        s = _sign_tile(w, ones, BR, BKW, DT)
+        tl.store(o_ptr + r[:, None] * (BKW * 32) + e[None, :], s.to(tl.float32))
 
 
 def _check_sign_tile(dtype) -> float:
@@ -95,7 +96,8 @@ def _check_sign_tile(dtype) -> float:
     w = torch.randint(-(2**31), 2**31, (16, 2), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
     w = w.to(torch.int32).to(DEVICE)
     out = torch.empty(16, 64, device=DEVICE)
-    _decode[(1,)](w, out, BR=16, BKW=2, DT=tl.float16 if dtype == F16 else tl.bfloat16)
+    dt = tl.float16 if dtype == F16 else tl.bfloat16
+    _decode[(1,)](w, out, sign_ones(dt), BR=16, BKW=2, DT=dt)
     # column 32k + 2i + j holds bit i + 16j of word k
     order = [32 * k + i + 16 * j for k in range(2) for i in range(16) for j in range(2)]
     return 0.0 if torch.equal(out.cpu(), unpack_signs(w.cpu(), 64)[:, order]) else float("inf")

@@ -17,20 +17,31 @@ from littlebit.kernels.gpu._gemv import _release_t
 from littlebit.kernels.gpu._sync import _pdl_launch_next, _pdl_wait
 
 
+def sign_ones(dt: tl.dtype) -> int:
+    """The bits of the pair (1.0, 1.0) in the 16-bit operand dtype ``dt`` (0 for fp32), which
+    ``_sign_tile`` takes at run time."""
+    return {tl.float16: 0x3C003C00, tl.bfloat16: 0x3F803F80}.get(dt, 0)
+
+
 @triton.jit
-def _sign_tile(w, BR: tl.constexpr, BKW: tl.constexpr, DT: tl.constexpr):
+def _sign_tile(w, ones, BR: tl.constexpr, BKW: tl.constexpr, DT: tl.constexpr):
     """(BR, BKW) words -> (BR, 32 * BKW) +-1 in DT. Column 32k + 2i + j holds bit i + 16j of word k.
 
-    That order comes from building 16-bit pairs: ~w shifted left by 15 - i has bits i and i+16 at the
-    two half-word sign positions, so one and/or turns them into the pair (+-1, +-1) (fp16 and bf16 alike,
-    with their own 1.0). The other operand's rows take the same order: permuted in registers
-    (``_to_pair_order``), or written in it (``prefill._pf_scale_x_kernel``, at ``_pair_slot``).
+    That order comes from building 16-bit pairs: w shifted left by 15 - i has bits i and i+16 at the
+    two half-word sign positions, so inverting them, masking them and or-ing the 1.0 bits in gives the
+    pair (+-1, +-1) (fp16 and bf16 alike, with their own 1.0). The other operand's rows take the same
+    order: permuted in registers (``_to_pair_order``), or written in it (``prefill._pf_scale_x_kernel``,
+    at ``_pair_slot``).
+
+    ``ones`` is ``sign_ones(DT)``, a kernel argument rather than a literal: with the 1.0 bits in a
+    register ptxas makes the inversion, the mask and the or one LOP3 a pair, after one shift (two
+    literals took two LOP3s, and inverting each word first one more a word; the compiled loops:
+    ``benchmarks/dev/kernel_pipelining.py``).
     """
     if DT == tl.float16 or DT == tl.bfloat16:
-        sh = (~w)[:, :, None] << (15 - tl.arange(0, 16))[None, None, :]
-        # sign bits 0x80008000 over 1.0 in both halves: 0x3C00 in fp16, 0x3F80 in bf16
-        one = 0x3C003C00 if DT == tl.float16 else 0x3F803F80
-        pair = (sh & -2147450880) | one
+        sh = w[:, :, None] << (15 - tl.arange(0, 16))[None, None, :]
+        # the inverted sign bits 0x80008000 over (1.0, 1.0)
+        pair = (~sh & -2147450880) | ones
         lo = pair.to(tl.int16).to(DT, bitcast=True)
         hi = (pair >> 16).to(tl.int16).to(DT, bitcast=True)
         s = tl.join(lo, hi)
@@ -85,7 +96,7 @@ def _v_words(v_ptr, p, rows, R, W_in, k0, k_hi, BKW: tl.constexpr):
 
 @triton.jit
 def _tc_v_body(
-    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, pid0, pid1, pid2, M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk,
+    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, pid0, pid1, pid2, M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk, ones,
     P: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, OP_DT: tl.constexpr,
     PDL: tl.constexpr = False,
 ):  # fmt: skip
@@ -104,7 +115,7 @@ def _tc_v_body(
         gv = tl.load(g_ptr + p * d_in + e, mask=e_ok, other=0.0)
         # rounded once to the operand dtype, from the fp32 product
         xg = (xv.to(tl.float32) * gv.to(tl.float32)[:, None]).to(OP_DT)
-        acc = _dot(_sign_tile(w, BR, BKW, OP_DT), _to_pair_order(xg, BKW, BM), acc, OP_DT)
+        acc = _dot(_sign_tile(w, ones, BR, BKW, OP_DT), _to_pair_order(xg, BKW, BM), acc, OP_DT)
     _pdl_launch_next(PDL)
     lv = tl.load(l_ptr + p * R + rows, mask=row_ok, other=0.0).to(tl.float32)
     dst = t_ptr + (toks[None, :] * P + p) * Rp + _pair_slot(rows)[:, None]
@@ -132,7 +143,7 @@ def _u_offsets(p, rows, cols, d_out, W_r, TILED: tl.constexpr):
 
 @triton.jit
 def _tc_u_body(
-    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, pid0, pid1, M, d_out, W_r, Rp, stride_ym, split_stride,
+    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, pid0, pid1, M, d_out, W_r, Rp, stride_ym, split_stride, ones,
     P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
     OP_DT: tl.constexpr, PDL: tl.constexpr, TILED: tl.constexpr, N_SPLIT: tl.constexpr,
 ):  # fmt: skip
@@ -164,7 +175,7 @@ def _tc_u_body(
                 tv = tv.to(tl.float32)
                 for s in tl.static_range(1, N_SPLIT):
                     tv += tl.load(tp + s * split_stride, mask=tmask, other=0.0).to(tl.float32)
-            acc = _dot(_sign_tile(w, BO, BKW, OP_DT), tv.to(OP_DT), acc, OP_DT)
+            acc = _dot(_sign_tile(w, ones, BO, BKW, OP_DT), tv.to(OP_DT), acc, OP_DT)
         hv = tl.load(h_ptr + p * d_out + rows, mask=row_ok, other=0.0).to(tl.float32)
         y += acc * hv[:, None]
     _pdl_launch_next(PDL)
@@ -176,7 +187,7 @@ def _tc_u_body(
 
 @triton.jit
 def _tc_v_kernel(
-    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk,
+    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk, ones,
     P: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, OP_DT: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
@@ -184,13 +195,13 @@ def _tc_v_kernel(
     _pdl_wait(PDL)
     _tc_v_body(
         x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), M, R, W_in,
-        d_in, stride_xm, Rp, n_rb, chunk, P, BR, BKW, BM, OP_DT, PDL,
+        d_in, stride_xm, Rp, n_rb, chunk, ones, P, BR, BKW, BM, OP_DT, PDL,
     )  # fmt: skip
 
 
 @triton.jit
 def _tc_u_kernel(
-    t_ptr, cnt_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, Rp, stride_ym,
+    t_ptr, cnt_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, Rp, stride_ym, ones,
     P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
     OP_DT: tl.constexpr, ZB: tl.constexpr, PDL: tl.constexpr, TILED: tl.constexpr = False,
 ):  # fmt: skip
@@ -198,6 +209,6 @@ def _tc_u_kernel(
     _pdl_wait(PDL)
     _tc_u_body(
         t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, tl.program_id(0), tl.program_id(1), M, d_out, W_r, Rp, stride_ym,
-        0, P, BO, BKW, BM, HAS_BIAS, OP_DT, PDL, TILED, 1,
+        0, ones, P, BO, BKW, BM, HAS_BIAS, OP_DT, PDL, TILED, 1,
     )  # fmt: skip
     _release_t(t_ptr, cnt_ptr, M * P * Rp, tl.num_programs(0) * tl.num_programs(1), ZB)

@@ -38,6 +38,7 @@ from littlebit.kernels.gpu._tensorcore import (
     _to_pair_order,
     _v_program,
     _v_words,
+    sign_ones,
 )
 from littlebit.kernels.gpu.config import KernelConfig
 from littlebit.kernels.gpu.tiles import _split, cdiv
@@ -50,7 +51,7 @@ _TORCH_DTYPES = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat
 
 @triton.jit
 def _pf_v_kernel(
-    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk, split_stride,
+    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk, split_stride, ones,
     P: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, OP_DT: tl.constexpr,
     PRESCALED: tl.constexpr,
 ):  # fmt: skip
@@ -79,7 +80,7 @@ def _pf_v_kernel(
             xv = tl.load(x_ptr + t0 * stride_xm + lt[None, :] * stride_xm + e[:, None], mask=mask, other=0.0)
             gv = tl.load(g_ptr + p * d_in + e, mask=e_ok, other=0.0)
             xv = _to_pair_order((xv.to(tl.float32) * gv.to(tl.float32)[:, None]).to(OP_DT), BKW, BM)
-        acc = _dot(_sign_tile(w, BR, BKW, OP_DT), xv, acc, OP_DT)
+        acc = _dot(_sign_tile(w, ones, BR, BKW, OP_DT), xv, acc, OP_DT)
     # rows past R (masked words decode to -1) get l = 0: t's padding latents are stored as zeros
     lv = tl.load(l_ptr + p * R + rows, mask=rows < R, other=0.0).to(tl.float32)
     base = t_ptr + split.to(tl.int64) * split_stride + t0 * P * Rp
@@ -122,7 +123,7 @@ def _pf_sum_splits_kernel(t_ptr, out_ptr, n, split_stride, N_SPLIT: tl.constexpr
 
 @triton.jit
 def _pf_u_kernel(
-    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, Rp, stride_ym, split_stride,
+    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, Rp, stride_ym, split_stride, ones,
     P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
     OP_DT: tl.constexpr, TILED: tl.constexpr, N_SPLIT: tl.constexpr,
 ):  # fmt: skip
@@ -130,7 +131,7 @@ def _pf_u_kernel(
     as t is read; S_U in tile order with ``TILED``."""
     _tc_u_body(
         t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, tl.program_id(0), tl.program_id(1), M, d_out, W_r, Rp, stride_ym,
-        split_stride, P, BO, BKW, BM, HAS_BIAS, OP_DT, False, TILED, N_SPLIT,
+        split_stride, ones, P, BO, BKW, BM, HAS_BIAS, OP_DT, False, TILED, N_SPLIT,
     )  # fmt: skip
 
 
@@ -185,6 +186,7 @@ def prefill(
     t = torch.empty((n_split, M, P, Rp), dtype=t_dtype, device=x2.device)
     split_stride = M * P * Rp
     stages = cfg.prefill_stages or 3
+    ones = sign_ones(op_dt)
     x_arg, stride = x2, x2.stride(0)
     if cfg.prefill_pipelined:
         Kp = 32 * W_in
@@ -193,7 +195,7 @@ def prefill(
             x2, g, x_arg, M, d_in, Kp, x2.stride(0), BM=_SCALE_TOKENS, BE=_SCALE_ENTRIES, num_warps=4,
         )  # fmt: skip
     _pf_v_kernel[(P * n_rb, n_split, n_mb)](
-        x_arg, g, v, l, t, M, r, W_in, d_in, stride, Rp, n_rb, chunk, split_stride,
+        x_arg, g, v, l, t, M, r, W_in, d_in, stride, Rp, n_rb, chunk, split_stride, ones,
         P=P, BR=br, BKW=words, BM=bm, OP_DT=op_dt, PRESCALED=cfg.prefill_pipelined, num_warps=warps,
         num_stages=stages,
     )  # fmt: skip
@@ -204,7 +206,7 @@ def prefill(
         )
         t, n_split = whole, 1
     _pf_u_kernel[(cdiv(d_out, bo), n_mb)](
-        t, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0), split_stride,
+        t, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0), split_stride, ones,
         P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=op_dt, TILED=u_tiled,
         N_SPLIT=n_split, num_warps=warps, num_stages=stages,
     )  # fmt: skip

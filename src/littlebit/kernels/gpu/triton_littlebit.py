@@ -27,7 +27,7 @@ import triton.language as tl
 from littlebit.core.packing import untile_order
 from littlebit.kernels.gpu import cuda_bitserial, cuda_mma
 from littlebit.kernels.gpu._gemv import _gemv_u_kernel, _gemv_v_kernel
-from littlebit.kernels.gpu._tensorcore import _tc_u_kernel, _tc_v_kernel
+from littlebit.kernels.gpu._tensorcore import _tc_u_kernel, _tc_v_kernel, sign_ones
 from littlebit.kernels.gpu.config import DEFAULT_CONFIG, KernelConfig
 from littlebit.kernels.gpu.gemm import gemm
 from littlebit.kernels.gpu.prefill import prefill
@@ -232,18 +232,19 @@ def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, u_til
     r, W_in = v.shape[1:]
     bm, n_mb, rows, words, chunk, n_split, bo = _tc_tile(M, r, W_in, d_out, P, cfg, sms)
     Rp = 32 * W_r
-    op_dt = _op_dtype(x2)
+    op_dt = _TL_DTYPES[_op_dtype(x2)]
+    ones = sign_ones(op_dt)
     n_rb = cdiv(r, rows)
     ws = _workspace(x2.device, M * P * Rp)
     pdl = _pdl_args(x2, cfg)
     with _zeroed_on_error(ws):
         _tc_v_kernel[(P * n_rb, n_split, n_mb)](
-            x2, g, v, l, ws.t, M, r, W_in, d_in, x2.stride(0), Rp, n_rb, chunk,
-            P=P, BR=rows, BKW=words, BM=bm, OP_DT=_TL_DTYPES[op_dt], num_warps=cfg.tc_warps, **pdl,
+            x2, g, v, l, ws.t, M, r, W_in, d_in, x2.stride(0), Rp, n_rb, chunk, ones,
+            P=P, BR=rows, BKW=words, BM=bm, OP_DT=op_dt, num_warps=cfg.tc_warps, **pdl,
         )  # fmt: skip
         _tc_u_kernel[(cdiv(d_out, bo), n_mb)](
-            ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0),
-            P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=_TL_DTYPES[op_dt],
+            ws.t, ws.counter, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0), ones,
+            P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=op_dt,
             ZB=_ZERO_BLOCK, TILED=u_tiled, num_warps=cfg.tc_warps, **pdl,
         )  # fmt: skip
 
