@@ -62,9 +62,9 @@ def test_the_unpipelined_form_is_told_apart(analysis):
 
 def test_the_pipelined_stage_1_issues_few_instructions_a_step(analysis):
     """A step of 64 entries: 127 instructions a thread with Triton 3.6 and 132 with 3.9, with a pair of
-    signs decoded by one shift and one LOP3 (``_tensorcore.sign_ones``); with the 1.0 bits as a literal
-    it took 142 and 149, forming g * x in the loop 276-283. A new Triton may move these: read the loop
-    again (``python benchmarks/dev/kernel_pipelining.py``) before moving the bound."""
+    signs decoded by one shift and one LOP3 (``_tensorcore.sign_ones``; the 1.0 bits as a literal take
+    a second LOP3 a pair), 276-280 with g * x formed in the loop. A new Triton may move these: read the
+    loop again (``python benchmarks/dev/kernel_pipelining.py``) before moving the bound."""
     _, step = analysis("_pf_v_kernel", {"BR": 128, "BM": 128, "PRESCALED": True}, 8)
     assert step["by_opcode"].get("HGMMA", 0) >= 1 and step["instructions"] <= 138, step
     _, in_loop = analysis("_pf_v_kernel", {"BR": 128, "BM": 128, "PRESCALED": False}, 8)

@@ -1,6 +1,7 @@
 """What Triton makes of the many-token kernels' inner loops on Hopper, without a GPU: each kernel is
-compiled for sm_90 (integer arguments marked divisible by 16, as a launch on real shapes marks them)
-and its main loops, those holding an MMA, are read from the TTGIR:
+compiled for sm_90 (pointers, and the widths and strides that are multiples of 16 on the 7B and 70B
+layers, marked divisible by 16 as a launch on those shapes marks them; token counts, ranks and word
+counts not) and its main loops, those holding an MMA, are read from the TTGIR:
 
 - ``async_copies``: loads the software pipeline turned into asynchronous copies to shared memory;
 - ``sync_loads``: loads left synchronous (their latency is paid at every step);
@@ -31,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 
+# integer arguments that are multiples of 16 on the 7B and 70B layers (d_in and d_out of 4096, 8192,
+# 11008, 28672; 32-entry padded widths); others (tokens, ranks, words of 11008 = 344) are left unmarked
+DIVISIBLE = {"d_in", "d_out", "stride_xm", "stride_ym", "Kp", "Rp", "split_stride", "ones"}
 # pointer arguments by name: what the kernels get on a bf16 model (scales fp16, sign words int32)
 POINTERS = {
     "x_ptr": "*bf16", "xg_ptr": "*bf16", "g_ptr": "*fp16", "v_ptr": "*i32", "u_ptr": "*i32",
@@ -76,7 +80,8 @@ def compile_sm90(fn, constexprs: dict, warps: int, stages: int, t_type: str = "*
             consts[name] = {"bf16": tl.bfloat16}.get(value, value) if isinstance(value, str) else value
         else:
             signature[name] = t_type if name == "t_ptr" else POINTERS.get(name, "i32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if name.endswith("_ptr") or name in DIVISIBLE:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     options = {"num_warps": warps, "num_stages": stages}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

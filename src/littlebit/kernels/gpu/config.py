@@ -75,7 +75,8 @@ class KernelConfig:
     prefill_waves: float = 2.0  # programs per SM aimed for, by smaller token blocks, then splits of d_in
     # the prefill kernels' tiles go from memory to the MMA untouched (g * x written in the decoded signs'
     # order by a launch before stage 1, d_in splits added by a launch before stage 2), so both loops are
-    # pipelined with MMAs in flight (``prefill``); off: formed in the loops, every MMA waited for
+    # pipelined with MMAs in flight (``prefill``); off: stage 1 forms g * x in its loop and stage 2 adds
+    # any splits in its own, each such loop waiting for every MMA
     prefill_pipelined: bool = True
     # from this many tokens on, the factors expanded per call and two cuBLAS GEMMs (``gemm``) instead of
     # the prefill kernels: on the H100 the GEMMs were faster from 65 tokens on the three 7B cases of the

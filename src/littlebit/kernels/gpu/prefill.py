@@ -16,8 +16,8 @@ decoded (``KernelConfig.prefill_pipelined``). Stage 1 reads g * x from a buffer 
 before it (``_pf_scale_x_kernel``: each path's g applied, entries in the order of the decoded signs'
 columns), and where d_in is split, a launch between the stages adds the partial sums into one t
 (``_pf_sum_splits_kernel``). Without that (``prefill_pipelined`` off) stage 1 forms g * x in its loop
-and stage 2 adds the splits as it loads t: both tiles then pass through registers into shared memory
-at every step, and each MMA is waited for before the next step begins (the compiled loops:
+and stage 2 adds any splits as it loads t: such a tile passes through registers into shared memory at
+every step, and each MMA is waited for before the next step begins (the compiled loops:
 ``benchmarks/dev/kernel_pipelining.py``).
 
 d_in is split (up to 4 ways) only where the token and row blocks alone leave the GPU under
