@@ -28,11 +28,8 @@ def analysis():
     from littlebit.kernels.gpu import prefill
 
     def compile_case(name: str, constexprs: dict, warps: int) -> tuple[list[dict], dict]:
-        fn = getattr(prefill, name)
-        wanted = {n: v for n, v in {**kp.COMMON, **constexprs}.items() if n in fn.arg_names}
-        compiled = kp.compile_sm90(fn, wanted, warps, 3)
-        loops = [kp.loop_record(body) for body in kp.mma_loops(compiled.asm["ttgir"])]
-        return loops, kp.sass_loop(compiled)
+        read = kp.analyse(getattr(prefill, name), constexprs, warps)
+        return read["loops"], read["sass_loop"]
 
     return compile_case
 

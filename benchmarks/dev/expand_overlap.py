@@ -66,17 +66,10 @@ class Schedules:
         return expanded_factors(*layer, dtype=torch.bfloat16)
 
     def expand_into(self, i: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's factors written into buffer set ``slot`` (views of its first entries)."""
-        from littlebit.kernels.gpu.gemm import _expand
+        """Layer i's factors written into buffer set ``slot``."""
+        from littlebit.kernels.gpu.gemm import expanded_factors
 
-        u, v, h, l, g = self.layers[i]
-        P, d_out, _ = u.shape
-        r, d_in = l.shape[-1], g.shape[-1]
-        a = self.buffers[slot][0][: P * r * d_in].view(P * r, d_in)
-        b = self.buffers[slot][1][: d_out * P * r].view(d_out, P * r)
-        _expand(v, l, g, a, d_in, r, 0)
-        _expand(u, h, None, b, r, 0, r)
-        return a, b
+        return expanded_factors(*self.layers[i], dtype=torch.bfloat16, out=self.buffers[slot])
 
     def run_dense(self) -> None:
         for x, w, y in zip(self.x, self.dense, self.y, strict=True):

@@ -158,6 +158,17 @@ def sass_loop(kernel) -> dict:
     return {"instructions": len(longest), "by_opcode": dict(opcodes.most_common())}
 
 
+def analyse(fn, constexprs: dict, warps: int, stages: int = 3) -> dict:
+    """One kernel compiled and read: ``constexprs`` may hold more than ``fn`` takes (``COMMON``, and
+    "t" for t's pointer type), which are dropped."""
+    consts = dict(constexprs)
+    t_type = consts.pop("t", "*bf16")
+    wanted = {n: v for n, v in {**COMMON, **consts}.items() if n in fn.arg_names}
+    compiled = compile_sm90(fn, wanted, warps, stages, t_type)
+    loops = [loop_record(body) for body in mma_loops(compiled.asm["ttgir"])]
+    return {"constexprs": wanted, "loops": loops, "sass_loop": sass_loop(compiled), "compiled": compiled}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source-root", help="a littlebit checkout whose kernels to compile (default: this one)")
@@ -180,16 +191,12 @@ def main() -> int:
         if consts.get("PRESCALED") and "PRESCALED" not in fn.arg_names:  # a checkout without that choice
             print(f"{label}: {kernel} in {mod.__file__} has no PRESCALED", flush=True)
             continue
-        consts = dict(consts)
-        t_type = consts.pop("t", "*bf16")
-        wanted = {n: v for n, v in {**COMMON, **consts}.items() if n in fn.arg_names}
-        compiled = compile_sm90(fn, wanted, warps, stages, t_type)
-        loops = [loop_record(body) for body in mma_loops(compiled.asm["ttgir"])]
-        regs, spill = ptxas_usage(compiled)
-        rec = {"kernel": label, "function": kernel, "warps": warps, "stages": stages, "constexprs": wanted}
-        rec.update(
-            {"loops": loops, "registers": regs, "spill_bytes": spill, "sass_loop": sass_loop(compiled)}
-        )
+        read = analyse(fn, consts, warps, stages)
+        loops = read["loops"]
+        regs, spill = ptxas_usage(read["compiled"])
+        rec = {"kernel": label, "function": kernel, "warps": warps, "stages": stages}
+        rec.update(constexprs=read["constexprs"], loops=loops, registers=regs, spill_bytes=spill)
+        rec["sass_loop"] = read["sass_loop"]
         records.append(rec)
         step = rec["sass_loop"]
         mma = step["by_opcode"].get("HGMMA", 0)

@@ -50,13 +50,12 @@ def pretrained(argv: list[str]) -> str | None:
     return None
 
 
-def _check_pretrained(argv: list[str]) -> None:
+def _check_pretrained(value: str | None) -> None:
     """A ``pretrained=`` path that does not exist reached the hub client, whose answer (a malformed
     repo id) names neither the path nor the problem. A hub id has at most one ``/`` and no leading
     ``.``, ``/`` or ``~``; anything else is a path."""
     import os
 
-    value = pretrained(argv)
     if value is None:
         return
     path_like = value.startswith((".", "/", "~")) or value.count("/") > 1
@@ -93,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise LittleBitError(f"this lm-eval has no command-line entry point: {e}") from e
     _check_output_path(args.args)
-    _check_pretrained(args.args)
+    _check_pretrained(args.model)  # ``pretrained(args.args)``, parsed with the arguments
     register_quantizer()
     saved = sys.argv
     sys.argv = ["lm-eval", *args.args]

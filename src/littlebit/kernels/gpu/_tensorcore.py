@@ -10,11 +10,15 @@ atomics are relaxed: the default (acq_rel) made every element an ``atom.acq_rel`
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from littlebit.kernels.gpu._gemv import _release_t
 from littlebit.kernels.gpu._sync import _pdl_launch_next, _pdl_wait
+
+# the Triton dtype of MMA operands in each torch dtype
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def sign_ones(dt: tl.dtype) -> int:

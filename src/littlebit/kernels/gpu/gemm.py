@@ -90,13 +90,18 @@ def expanded_factors(
     g: torch.Tensor,
     dtype: torch.dtype,
     u_tiled: bool = False,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A (P*r x d_in) and B (d_out x P*r) of one layer in ``dtype``, with y = x A^T B^T + bias;
-    ``u_tiled``: S_U's words in tile order."""
+    ``u_tiled``: S_U's words in tile order; ``out``: flat buffers of at least that many entries to
+    write them into (A and B are then views of their first entries)."""
     P, d_out, _ = u.shape
     r, d_in = l.shape[-1], g.shape[-1]
-    a = torch.empty((P * r, d_in), dtype=dtype, device=u.device)
-    b = torch.empty((d_out, P * r), dtype=dtype, device=u.device)
+    if out is None:
+        a = torch.empty((P * r, d_in), dtype=dtype, device=u.device)
+        b = torch.empty((d_out, P * r), dtype=dtype, device=u.device)
+    else:
+        a, b = out[0][: P * r * d_in].view(P * r, d_in), out[1][: d_out * P * r].view(d_out, P * r)
     _expand(v, l, g, a, d_in, r, 0)
     _expand(u, h, None, b, r, 0, r, u_tiled)
     return a, b

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from littlebit.kernels.gpu._tensorcore import (
+    TL_DTYPES,
     _dot,
     _pair_slot,
     _sign_tile,
@@ -46,7 +47,6 @@ from littlebit.kernels.gpu.tiles import _split, cdiv
 # tokens and entries per program of ``_pf_scale_x_kernel``
 _SCALE_TOKENS, _SCALE_ENTRIES = 16, 256
 _SUM_BLOCK = 1024  # entries of t per program of ``_pf_sum_splits_kernel``
-_TORCH_DTYPES = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16}
 
 
 @triton.jit
@@ -169,11 +169,11 @@ def prefill(
     y: torch.Tensor,
     cfg: KernelConfig,
     sms: int,
-    op_dt: tl.dtype,
+    dtype: torch.dtype,
     u_tiled: bool,
 ) -> None:
-    """y (M, d_out, any row stride) = the packed product of x2 (M, d_in) for one layer; ``op_dt`` is
-    the Triton dtype of the MMA operands."""
+    """y (M, d_out, any row stride) = the packed product of x2 (M, d_in) for one layer; ``dtype`` is
+    the MMA operands' dtype."""
     M, d_in = x2.shape
     P, d_out, W_r = u.shape
     r, W_in = v.shape[1:]
@@ -182,7 +182,8 @@ def prefill(
     n_rb, n_mb = cdiv(Rp, br), cdiv(M, bm)  # row blocks cover the padding latents too
     # t in the operand dtype when whole (as the reference rounds it; half the bytes stage 2 reads per
     # step), fp32 partial sums when split
-    t_dtype = torch.float32 if n_split > 1 else _TORCH_DTYPES[op_dt]
+    op_dt = TL_DTYPES[dtype]
+    t_dtype = torch.float32 if n_split > 1 else dtype
     t = torch.empty((n_split, M, P, Rp), dtype=t_dtype, device=x2.device)
     split_stride = M * P * Rp
     stages = cfg.prefill_stages or 3
@@ -190,7 +191,7 @@ def prefill(
     x_arg, stride = x2, x2.stride(0)
     if cfg.prefill_pipelined:
         Kp = 32 * W_in
-        x_arg, stride = torch.empty((P, M, Kp), dtype=_TORCH_DTYPES[op_dt], device=x2.device), Kp
+        x_arg, stride = torch.empty((P, M, Kp), dtype=dtype, device=x2.device), Kp
         _pf_scale_x_kernel[(cdiv(M, _SCALE_TOKENS), cdiv(Kp, _SCALE_ENTRIES), P)](
             x2, g, x_arg, M, d_in, Kp, x2.stride(0), BM=_SCALE_TOKENS, BE=_SCALE_ENTRIES, num_warps=4,
         )  # fmt: skip
@@ -200,7 +201,7 @@ def prefill(
         num_stages=stages,
     )  # fmt: skip
     if cfg.prefill_pipelined and n_split > 1:
-        whole = torch.empty((M, P, Rp), dtype=_TORCH_DTYPES[op_dt], device=x2.device)
+        whole = torch.empty((M, P, Rp), dtype=dtype, device=x2.device)
         _pf_sum_splits_kernel[(cdiv(split_stride, _SUM_BLOCK),)](
             t, whole, split_stride, split_stride, N_SPLIT=n_split, BLOCK=_SUM_BLOCK, num_warps=4
         )

@@ -22,12 +22,11 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton.language as tl
 
 from littlebit.core.packing import untile_order
 from littlebit.kernels.gpu import cuda_bitserial, cuda_mma
 from littlebit.kernels.gpu._gemv import _gemv_u_kernel, _gemv_v_kernel
-from littlebit.kernels.gpu._tensorcore import _tc_u_kernel, _tc_v_kernel, sign_ones
+from littlebit.kernels.gpu._tensorcore import TL_DTYPES, _tc_u_kernel, _tc_v_kernel, sign_ones
 from littlebit.kernels.gpu.config import DEFAULT_CONFIG, KernelConfig
 from littlebit.kernels.gpu.gemm import gemm
 from littlebit.kernels.gpu.prefill import prefill
@@ -76,8 +75,6 @@ _REEXPORTED = (
     _BITSERIAL_RANK_WORDS, _BITSERIAL_STAGE1_WORDS, _BITSERIAL_WORDS, _MMA_WORDS, _WORKSPACES, _row_tile,
     _split, _use_bitserial,
 )  # fmt: skip
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @functools.cache
@@ -232,7 +229,7 @@ def _tensor_cores(x2, u, v, h, l, g, bias, y, cfg: KernelConfig, sms: int, u_til
     r, W_in = v.shape[1:]
     bm, n_mb, rows, words, chunk, n_split, bo = _tc_tile(M, r, W_in, d_out, P, cfg, sms)
     Rp = 32 * W_r
-    op_dt = _TL_DTYPES[_op_dtype(x2)]
+    op_dt = TL_DTYPES[_op_dtype(x2)]
     ones = sign_ones(op_dt)
     n_rb = cdiv(r, rows)
     ws = _workspace(x2.device, M * P * Rp)
@@ -297,8 +294,7 @@ def littlebit_linear_triton(
                 if family == "gemm":
                     gemm(x2, *layer, bj, out, _op_dtype(x2), u_tiled)
                 elif family == "prefill":
-                    op_dt = _TL_DTYPES[_op_dtype(x2)]
-                    prefill(x2, *layer, bj, out, cfg, sms, op_dt, u_tiled)
+                    prefill(x2, *layer, bj, out, cfg, sms, _op_dtype(x2), u_tiled)
                 else:
                     _tensor_cores(x2, *layer, bj, out, cfg, sms, u_tiled)
     return y.reshape(*x.shape[:-1], groups * d_out)
