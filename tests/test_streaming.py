@@ -218,6 +218,34 @@ def test_a_damaged_partial_shard_stops_block_reconstruction(tmp_path, monkeypatc
         compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False, hooks=_reconstruction())
 
 
+def _damage_states(path):
+    """Flip one bit of the saved calibration states (in a tensor, the header left readable)."""
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_damage_states, lambda p: p.write_bytes(p.read_bytes()[:100])])
+def test_damaged_calibration_states_stop_block_reconstruction(tmp_path, monkeypatch, damage):
+    from littlebit.training.streamed_blocks import STATES_NAME
+
+    source = _source(tmp_path)
+    out = tmp_path / "out"
+    _interrupted_after_one_layer(source, out, monkeypatch, hooks=_reconstruction())
+    damage(partial_dir(out) / STATES_NAME)
+    with pytest.raises(LittleBitError, match=f"{STATES_NAME} in .* altered or damaged .*: remove"):
+        compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False, hooks=_reconstruction())
+
+
+def test_a_missing_shard_behind_the_calibration_states_stops_block_reconstruction(tmp_path, monkeypatch):
+    source = _source(tmp_path)
+    out = tmp_path / "out"
+    shard = _interrupted_after_one_layer(source, out, monkeypatch, hooks=_reconstruction())
+    shard.unlink()  # the states have moved past this layer: it cannot be fitted again from them
+    with pytest.raises(LittleBitError, match=f"{shard.name} is missing from .*: remove"):
+        compress_streamed(source, out, CONFIG, compute_device="cpu", progress=False, hooks=_reconstruction())
+
+
 def test_failure_after_the_last_layer_still_resumes(tmp_path, monkeypatch):
     """A disk filling up while the side files are sealed leaves a partial that a rerun finishes."""
     source = _source(tmp_path)

@@ -199,7 +199,7 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
         record.unlink(missing_ok=True)
 
 
-class _PartialUnusable(LittleBitError):
+class PartialUnusable(LittleBitError):
     """A partial folder that no rerun can finish."""
 
 
@@ -214,7 +214,7 @@ def _drop_altered_shards(work: Path, kept_before: int | None) -> None:
             continue
         layer = int(shard.name[6:11]) - 1 if shard.name != SINGLE_NAME else None
         if kept_before is not None and (layer is None or layer < kept_before):
-            raise _PartialUnusable(
+            raise PartialUnusable(
                 f"{shard.name} in {work} was altered or damaged since it was written: "
                 f"remove {work} to start again"
             )
@@ -338,8 +338,13 @@ def compress_streamed(
     try:
         first = hooks.start(model, checkpoint, work) if hooks is not None else 0
         _drop_altered_shards(work, first if hooks is not None else None)
+        shard_files = [work / f"model-{k + 1:05d}-of-{n_files:05d}.safetensors" for k in range(n_files)]
+        lost = [f.name for f in shard_files[:first] if not f.is_file()]
+        if lost and not merged.is_file():
+            # the hooks' states are past these layers: they cannot be computed again from them
+            raise PartialUnusable(f"{lost[0]} is missing from {work}: remove {work} to start again")
         for k, block_name in enumerate(tqdm(blocks, desc="LittleBit layers", disable=not progress)):
-            file = work / f"model-{k + 1:05d}-of-{n_files:05d}.safetensors"
+            file = shard_files[k]
             prefix = block_name + "."
             modules = [m for m in by_module if m.startswith(prefix)]
             if merged.is_file() or (file.is_file() and (hooks is None or k < first)):
@@ -362,7 +367,7 @@ def compress_streamed(
                     compute_device,
                 )
         if not merged.is_file():
-            rest_file = work / f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
+            rest_file = shard_files[-1]
             rest = [n for n in names if not n.startswith(tuple(b + "." for b in blocks))]
             if not rest_file.is_file():
                 _write_rest(model, checkpoint, rest, rest_file, dtype)
@@ -384,7 +389,7 @@ def compress_streamed(
         os.replace(work, out)
     except BaseException as e:
         finished = len(list(work.glob("model*.safetensors")))
-        if isinstance(e, _PartialUnusable):
+        if isinstance(e, PartialUnusable):
             raise  # its message says what to do with the folder
         if finished == 0:
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind

@@ -26,11 +26,21 @@ import torch
 from torch import nn
 
 from littlebit.hf.shards import SafetensorsCheckpoint
-from littlebit.hf.streaming import LayerHooks
+from littlebit.hf.streaming import LayerHooks, PartialUnusable
 from littlebit.training.blockwise import _as_tensor, _fit_layer, first_layer_inputs
 from littlebit.training.config import BlockConfig, LearningRates
 
 STATES_NAME = "block-states.safetensors"
+
+
+def _states_digest(layer: int, teacher: torch.Tensor, student: torch.Tensor) -> str:
+    """The saved states' digest, kept in the file itself: it is replaced after every layer, and a
+    digest written apart from it could be left describing the previous one by a crash between the two."""
+    h = hashlib.blake2b(str(layer).encode(), digest_size=16)
+    for t in (teacher, student):
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _autocast(device: torch.device):
@@ -82,9 +92,19 @@ class StreamedBlockReconstruction(LayerHooks):
         if states.is_file():
             from safetensors import safe_open
 
-            with safe_open(str(states), framework="pt") as f:
-                self.x_t, self.x_s = f.get_tensor("teacher"), f.get_tensor("student")
-                return int(f.metadata()["layer"]) + 1
+            try:
+                with safe_open(str(states), framework="pt") as f:
+                    self.x_t, self.x_s = f.get_tensor("teacher"), f.get_tensor("student")
+                    meta = f.metadata()
+                intact = meta["digest"] == _states_digest(int(meta["layer"]), self.x_t, self.x_s)
+            except Exception:  # unreadable header or tensors, or metadata not ours
+                intact = False
+            if not intact:
+                raise PartialUnusable(
+                    f"{STATES_NAME} in {work} was altered or damaged since it was written: "
+                    f"remove {work} to start again"
+                )
+            return int(meta["layer"]) + 1
         self.x_t, self.x_s = x0, x0.clone()
         return 0
 
@@ -149,7 +169,8 @@ class StreamedBlockReconstruction(LayerHooks):
         path = work / STATES_NAME
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            save_file({"teacher": self.x_t, "student": self.x_s}, tmp, metadata={"layer": str(index)})
+            meta = {"layer": str(index), "digest": _states_digest(index, self.x_t, self.x_s)}
+            save_file({"teacher": self.x_t, "student": self.x_s}, tmp, metadata=meta)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
