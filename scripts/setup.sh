@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with littlebit, its test tools and the default model (SmolLM2-135M), all at the
 # versions the suite was tested with (requirements/lock.txt). On a machine without a GPU, torch is
-# the CPU build (requirements/torch-cpu.txt). scripts/test-newest.sh tries the newest releases instead.
+# the CPU build (requirements/torch-cpu.txt). scripts/test-releases.sh newest tries the newest releases instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${LITTLEBIT_VENV:-.venv}

@@ -109,6 +109,33 @@ def _check_leading_dims(tk, m):
     return rel_err(y.reshape(-1, 40), x.reshape(-1, 100), u, v, h, l, g, None)
 
 
+def plane_bits(planes: torch.Tensor, nkb: int) -> torch.Tensor:
+    """From ``cuda_bitserial``'s kernel order back to the bit of each plane per entry: int64 (P, nkb,
+    256, 16)."""
+    from littlebit.kernels.gpu import cuda_bitserial as bs
+
+    order = planes.reshape(-1, nkb, 8, 4, 4).to(torch.int64) & 0xFFFFFFFF  # (P, nkb, g, q, j)
+    lo = torch.stack([order[..., 0], order[..., 1]], -1).flatten(-2)  # (P, nkb, g, word 0..7)
+    hi = torch.stack([order[..., 2], order[..., 3]], -1).flatten(-2)
+    words = torch.cat([lo, hi], 2)  # (P, nkb, plane k, word w)
+    bits = (words.unsqueeze(-1) >> torch.arange(32, device=planes.device)) & 1  # (P, nkb, k, w, bit)
+    return bits.permute(0, 1, 3, 4, 2).reshape(-1, nkb, bs.BLOCK, 16)
+
+
+def reference_dequantize(
+    planes: torch.Tensor, scales: torch.Tensor, W: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``cuda_bitserial``'s planes and scales in the kernel's order hold: (q int64 (P, blocks *
+    256), s * q fp64)."""
+    from littlebit.kernels.gpu import cuda_bitserial as bs
+
+    nkb = bs.n_blocks(W)
+    weights = torch.tensor([int(w) for w in bs._PLANE_WEIGHTS], dtype=torch.int64, device=planes.device)
+    q = (plane_bits(planes, nkb) * weights).sum(-1)  # (P, nkb, 256)
+    s = scales.reshape(-1, nkb, 2)[..., 0].double()
+    return q.flatten(1), (q.double() * s[..., None]).flatten(1)
+
+
 def _check_stage1_planes(tk, d_in, r, paths, dtype):
     """The Triton stage 1 that ends in the bit-serial stage 2's planes (``_stage1_to_planes``): they
     hold t = l * S_V^T (g * x) quantized per block of 256 (each block's largest entry at 32767, the
@@ -127,7 +154,7 @@ def _check_stage1_planes(tk, d_in, r, paths, dtype):
     for _ in range(2):
         region = tk._stage1_to_planes(x, v, l, g, tk.KernelConfig(), sms)
         planes, scales = (a.cpu() for a in bs.split_workspace(region, paths, W_r))
-        q, got = bs.reference_dequantize(planes, scales, W_r)
+        q, got = reference_dequantize(planes, scales, W_r)
         qb = q.view(paths, -1, 256)
         pair = scales.view(paths, -1, 2)
         if not (qb.abs().amax(-1) == 32767).all() or q[:, r:].any():

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from littlebit.config import INIT_METHODS, LittleBitConfig, LittleBitError, check_bpw, first_line
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL_HELP = "Hugging Face id, local directory or .gguf file (default: SmolLM2-135M-Instruct)"
 UNVERIFIED_HELP = (
@@ -37,7 +41,7 @@ def bpw_type(text: str) -> float:
 SEED_MAX = 2**63 - 1
 
 
-def int_at_least(minimum: int, maximum: int | None = None):
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -75,7 +79,7 @@ def device_name(name: str | None) -> str:
     return name
 
 
-def torch_dtype(name: str):
+def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -129,7 +133,7 @@ def compression_config(
     args: argparse.Namespace,
     seed_from_flag: bool = True,
     layout: dict[str, Any] | None = None,
-    **extra,
+    **extra: Any,
 ) -> LittleBitConfig:
     """The LittleBitConfig the flags ask for (``--config`` first, the flags over it). ``train`` keeps
     ``--seed`` for its data order (``seed_from_flag=False``): its initialisation seed is the config's.

@@ -10,6 +10,8 @@ error the model's predictions actually see.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -64,7 +66,7 @@ def input_rms(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) ->
     return squares.rms(count)
 
 
-def scale_function(rms: dict[str, torch.Tensor], power: float = 1.0):
+def scale_function(rms: dict[str, torch.Tensor], power: float = 1.0) -> Callable[[str], torch.Tensor | None]:
     """``convert``'s ``input_scales`` callback: ``rms ** power``, normalised to mean 1 per layer.
 
     The normalisation only keeps the fitted scales near their usual magnitude; the fit itself is

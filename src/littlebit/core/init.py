@@ -45,7 +45,9 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-def reconstruct(u, v, h, l, g) -> torch.Tensor:
+def reconstruct(
+    u: torch.Tensor, v: torch.Tensor, h: torch.Tensor, l: torch.Tensor, g: torch.Tensor
+) -> torch.Tensor:
     w = 0
     for p in range(u.shape[0]):
         w = w + (h[p, :, None] * sign(u[p]) * l[p]) @ (sign(v[p]) * g[p, :, None]).T

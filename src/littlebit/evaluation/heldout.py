@@ -11,11 +11,15 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from littlebit.evaluation.perplexity import perplexity, tokenize_eval
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PARTS = ("wikitext2", "ptb", "piqa")
 RATIO_CONVENTION = (
@@ -34,7 +38,7 @@ def _amp(model: nn.Module):
 
 def held_out_scores(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     parts: tuple[str, ...] = PARTS,
     seqlen: int = 2048,
     max_windows: int | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,8 +15,13 @@ from littlebit.evaluation.data import eval_text, test_set_text
 from littlebit.evaluation.hub import is_hub_source
 from littlebit.runtime.step_graph import GraphedMicroStep
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def tokenize_eval(tokenizer, name: str, split: str = "test", data_dir: str | Path | None = None):
+
+def tokenize_eval(
+    tokenizer: PreTrainedTokenizerBase, name: str, split: str = "test", data_dir: str | Path | None = None
+) -> torch.Tensor:
     """The whole split as one token sequence, shape ``(1, n)``."""
     return tokenizer(eval_text(name, split, data_dir), return_tensors="pt").input_ids
 
@@ -70,7 +76,7 @@ def perplexity(
 
 def evaluate_perplexity(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     datasets: list[str],
     seqlen: int = 2048,
     max_windows: int | None = None,

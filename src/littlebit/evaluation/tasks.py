@@ -13,9 +13,15 @@ imported only when a task runs: it is an optional extra.
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from littlebit.config import LittleBitError, first_line
 from littlebit.evaluation.data import default_data_dirs
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 
@@ -41,7 +47,7 @@ def local_task_dir(name: str, data_dir: str | Path | None = None, required: bool
     return None
 
 
-def import_lm_eval():
+def import_lm_eval() -> ModuleType:
     try:
         import lm_eval
     except ImportError as e:
@@ -99,8 +105,8 @@ def _metrics(row: dict) -> dict[str, float | None]:
 
 
 def evaluate_tasks(
-    model,
-    tokenizer,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     names: list[str],
     limit: int | None = None,
     num_fewshot: int | None = None,

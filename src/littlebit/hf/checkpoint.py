@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from littlebit.hf.verification import (
 )
 from littlebit.runtime.packed import pack_model
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 def prepare_for_save(model: nn.Module, config: LittleBitConfig | None, scale_dtype: torch.dtype) -> None:
     """Attach the quantizer so ``save_pretrained`` writes (and ``from_pretrained`` reads) this format."""
@@ -32,7 +36,7 @@ def prepare_for_save(model: nn.Module, config: LittleBitConfig | None, scale_dty
 def save_compressed(
     model: nn.Module,
     out_dir: str | Path,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     config: LittleBitConfig | None = None,
     dtype: torch.dtype | None = torch.bfloat16,
     scale_dtype: torch.dtype = torch.float16,
@@ -102,7 +106,7 @@ def load_compressed(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     allow_unverified: bool = False,
-):
+) -> PreTrainedModel:
     """Load a packed checkpoint through transformers (the skeleton is built on the meta device).
 
     Every tensor, ``config.json`` and the files saved beside them (tokenizer, generation defaults) are

@@ -15,7 +15,6 @@ from littlebit.config import LittleBitConfig, LittleBitError
 from littlebit.runtime.packed import PackedLittleBitLinear, layer_specs
 
 FORMAT_VERSION = 1
-SCALE_NAMES = ("h", "l", "g")
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # The name every packed layer's first sign matrix ends with: how littlebit recognises its tensors
 # where config.json lost its quantization_config (transformers would load a plain, random model).

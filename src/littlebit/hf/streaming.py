@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -44,6 +45,9 @@ from littlebit.hf.quantizer import config_as_saved
 from littlebit.hf.shards import SINGLE_NAME, SafetensorsCheckpoint, weight_files
 from littlebit.hf.verification import config_digest, file_digest, seal_side_files, tensor_digest
 from littlebit.runtime.packed import LayerSpec, install_packed_skeleton, pack_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +299,7 @@ def compress_streamed(
     source: str | Path,
     out: str | Path,
     config: LittleBitConfig,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     dtype: torch.dtype = torch.bfloat16,
     scale_dtype: torch.dtype = torch.float16,
     compute_device: torch.device | str | None = None,

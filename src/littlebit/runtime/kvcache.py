@@ -322,14 +322,6 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def remove_hooks(model: nn.Module) -> None:
-    for m in model.modules():
-        handle = getattr(m, _HOOK_ATTR, None)
-        if handle is not None:
-            handle.remove()
-            delattr(m, _HOOK_ATTR)
-
-
 class LatentKVCache(Cache):
     """A transformers ``Cache`` keeping k/v latents for LittleBit layers (see the module docstring).
 

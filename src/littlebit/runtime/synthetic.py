@@ -6,12 +6,17 @@ linear layers are swapped for packed layers, and only then is memory allocated o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
 from littlebit.config import LittleBitConfig
 from littlebit.core.budget import rank_for_bpw
 from littlebit.runtime.packed import LayerSpec, install_packed_skeleton
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 SHAPES = {
     "llama-2-7b": dict(
@@ -30,7 +35,7 @@ SHAPES = {
 }
 
 
-def llama_config(shape: str = "llama-2-7b", **overrides):
+def llama_config(shape: str = "llama-2-7b", **overrides: Any) -> LlamaConfig:
     from transformers import LlamaConfig
 
     kw = dict(vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5, **SHAPES[shape])
@@ -59,7 +64,7 @@ def random_dense_llama(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float16,
     seed: int = 0,
-    **config_overrides,
+    **config_overrides: Any,
 ) -> nn.Module:
     """The dense Llama-shaped model that ``random_packed_llama`` compresses, with random weights
     (N(0, 0.02), norms at 1), built on the meta device and allocated once on ``device``."""
@@ -84,7 +89,7 @@ def random_packed_llama(
     dtype: torch.dtype = torch.float16,
     residual: bool = True,
     seed: int = 0,
-    **config_overrides,
+    **config_overrides: Any,
 ) -> nn.Module:
     """A Llama-shaped causal LM whose decoder linears are packed LittleBit layers with random bits."""
     from transformers import LlamaForCausalLM

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from littlebit.config import LittleBitError
 from littlebit.training.config import TrainConfig
 from littlebit.training.data_spec import default_data_spec, mixture_counts, parse_data_spec
 from littlebit.training.stream import load_tokens, pack_sequences
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _MIX_SEED = 0x5EED
 
@@ -56,7 +60,7 @@ def _cycled(sequences: torch.Tensor, count: int) -> torch.Tensor:
 def training_sequences(
     data: torch.Tensor | str | Path | None,
     config: TrainConfig,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     teacher: nn.Module | None = None,
     cache_root: str | Path | None = None,
     on_shard: Callable[[int, int, float], None] | None = None,

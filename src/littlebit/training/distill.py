@@ -25,7 +25,9 @@ from littlebit.config import LittleBitError
 from littlebit.training.config import DistillConfig
 
 
-def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
+def kl_per_token(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Mean over tokens of KL(p_teacher || p_student), computed in fp32 whatever the logits' dtype."""
     v = student_logits.shape[-1]
     s = F.log_softmax(student_logits.reshape(-1, v).float() / temperature, dim=-1)

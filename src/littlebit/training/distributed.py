@@ -38,7 +38,7 @@ import os
 import shutil
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -81,6 +81,9 @@ from littlebit.training.sharded_init import (
     rebuild_rotary,
 )
 from littlebit.training.student import cast_floating, make_student
+
+if TYPE_CHECKING:
+    from littlebit.training.stream import Batches
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +194,7 @@ class _NoLog:
 class RankBatches:
     """This rank's contiguous share of each global batch of ``batches``."""
 
-    def __init__(self, batches, rank: int, world_size: int) -> None:
+    def __init__(self, batches: Batches, rank: int, world_size: int) -> None:
         if batches.batch_size % world_size:
             raise LittleBitError(
                 f"batch size {batches.batch_size} is not a multiple of {world_size} processes"
@@ -402,7 +405,7 @@ class Distributed:
         fill_from_checkpoint(trainer.student, checkpoint)
 
     # ----- hooks of the training step ------------------------------------------------------------
-    def shard_batches(self, batches) -> RankBatches:
+    def shard_batches(self, batches: Batches) -> RankBatches:
         return RankBatches(batches, self.rank, self.world_size)
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:

@@ -8,18 +8,22 @@ one integer, which is what makes resuming exact.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from littlebit.config import LittleBitError
 from littlebit.evaluation.data import training_text
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 # Tokenize long text in pieces: fast tokenizers are quadratic-free but hold the whole encoding in
 # memory, and a few MB of text at once is where they stay quick.
 _CHUNK_CHARS = 1 << 20
 
 
-def tokenize_text(text: str, tokenizer) -> torch.Tensor:
+def tokenize_text(text: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """The text as one 1-D int64 token stream, cut at line breaks so no word is split."""
     pieces, start = [], 0
     while start < len(text):
@@ -36,7 +40,9 @@ def tokenize_text(text: str, tokenizer) -> torch.Tensor:
 
 
 def load_tokens(
-    source: str | Path | torch.Tensor | None, tokenizer=None, max_tokens: int | None = None
+    source: str | Path | torch.Tensor | None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """A token stream from a tensor of ids, or from a text source (see ``data.training_text``;
     a Hugging Face dataset is read as far as ``max_tokens`` need)."""
@@ -94,7 +100,3 @@ class Batches:
         idx = self.order.indices(self.position, self.batch_size)
         self.position += self.batch_size
         return self.sequences[idx]
-
-    @property
-    def tokens_per_batch(self) -> int:
-        return self.batch_size * self.sequences.shape[1]

@@ -24,6 +24,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -35,6 +36,9 @@ from littlebit.config import LittleBitError
 from littlebit.hf.models import context_length
 from littlebit.training.batch_decoding import sample_batch
 from littlebit.training.config import TextGenConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +137,7 @@ def model_identity(model: nn.Module) -> dict:
     }
 
 
-def start_prompts(tokenizer, config: TextGenConfig) -> dict[str, list[int]]:
+def start_prompts(tokenizer: PreTrainedTokenizerBase, config: TextGenConfig) -> dict[str, list[int]]:
     """The token ids each start kind begins with (``random`` adds one random token per sequence)."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     out: dict[str, list[int]] = {}
@@ -154,7 +158,7 @@ def start_prompts(tokenizer, config: TextGenConfig) -> dict[str, list[int]]:
     return out
 
 
-def assistant_header(tokenizer) -> list[int]:
+def assistant_header(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """What the chat template puts after the end token of a user's message, before the
     assistant's answer (``\\n<|im_start|>assistant\\n`` for ChatML templates)."""
     text = tokenizer.apply_chat_template(
@@ -175,7 +179,7 @@ class TextCache:
     def __init__(
         self,
         model: nn.Module,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         config: TextGenConfig,
         root: str | Path | None = None,
         record_steps: bool | None = None,
@@ -210,11 +214,6 @@ class TextCache:
         }
         key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root if root is not None else default_cache_dir()) / key
-
-    @property
-    def tokens_per_shard(self) -> int:
-        """The most a shard can hold (sequences end early at their end token)."""
-        return self.config.batch_size * self.config.length
 
     def shard_path(self, index: int) -> Path:
         return self.dir / _SHARD.format(index)

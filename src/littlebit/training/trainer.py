@@ -54,6 +54,8 @@ from littlebit.training.student import cast_floating, make_student
 from littlebit.training.teacher_text import model_identity
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from littlebit.training.distributed import Distributed
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ class Trainer:
         lb_config: LittleBitConfig,
         config: TrainConfig,
         work_dir: str | Path,
-        tokenizer=None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         eval_ids: torch.Tensor | None = None,
         progress: bool = True,
         distributed: Distributed | None = None,
@@ -450,7 +452,7 @@ def train(
     lb_config: LittleBitConfig,
     config: TrainConfig | None = None,
     work_dir: str | Path = "littlebit-train",
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     eval_ids: torch.Tensor | None = None,
     resume: bool = False,
     progress: bool = True,
