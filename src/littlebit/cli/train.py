@@ -70,7 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         paths_default=f"one {large}, two below",
         attention_default=f"{ATTENTION_BPW_FACTOR:g} {large}, 1 below",
     )
-    parser.add_argument(
+    _budget_arguments(parser.add_argument_group("budget and resuming"))
+    _text_arguments(parser.add_argument_group("training text"))
+    _distillation_arguments(parser.add_argument_group("distillation"), defaults)
+    _init_arguments(parser.add_argument_group("initialisation"))
+    _evaluation_arguments(parser.add_argument_group("evaluation and checkpoints"), defaults)
+    _runtime_arguments(parser.add_argument_group("how it runs"))
+
+
+def _budget_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
         "--tokens",
         type=int,
         default=None,
@@ -78,149 +87,162 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"and global distillation (default: {DEFAULT_TOKENS:,}; not with --steps, --block-sequences "
         "or --calib-sequences)",
     )
-    parser.add_argument("--work-dir", default=None, help="checkpoints and logs (default: OUT-train)")
-    parser.add_argument(
+    group.add_argument("--work-dir", default=None, help="checkpoints and logs (default: OUT-train)")
+    group.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in the work dir"
     )
-    parser.add_argument(
+    group.add_argument(
         "--resume-from", default=None, metavar="PATH", help="continue from this checkpoint (a state-*.json)"
     )
-    parser.add_argument(
+
+
+def _text_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
         "--data",
         default=None,
         help=f"SOURCE[:WEIGHT],...: {GENERATED} (text the teacher writes), wikitext2:valid, a text file or "
         f"a folder (default where a local WikiText-2 is: {DEFAULT_WITH_LOCAL_CORPUS} up to "
         f"{MIXTURE_FROM_TOKENS:,} tokens, else {DEFAULT_MIXTURE}; without one: {GENERATED})",
     )
-    parser.add_argument(
+    group.add_argument(
         "--data-tokens",
         type=int,
         default=None,
         help="unique training tokens to assemble from the sources (default: as many as the run reads)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--generated-dir",
         default=None,
         help="cache of generated text (default: ~/.cache/littlebit/generated)",
     )
     gen = TextGenConfig()
-    parser.add_argument("--gen-temperature", type=float, default=gen.temperature, help="sampling temperature")
-    parser.add_argument("--gen-top-p", type=float, default=gen.top_p, help="nucleus sampling threshold")
-    parser.add_argument(
+    group.add_argument("--gen-temperature", type=float, default=gen.temperature, help="sampling temperature")
+    group.add_argument("--gen-top-p", type=float, default=gen.top_p, help="nucleus sampling threshold")
+    group.add_argument(
         "--gen-batch-size",
         type=int,
         default=None,
         help="sequences per generated shard (GPU: as many as 16 GiB of cache holds; CPU: 32)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--gen-dtype",
         choices=SAMPLING_DTYPES,
         default=None,
         help="the teacher's dtype as it writes text (default: GPU, bfloat16 for an fp32 model; else its own)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--gen-starts",
         default=",".join(gen.starts),
         help=f"start kinds of generated sequences, some of {','.join(START_KINDS)}",
     )
-    parser.add_argument(
+
+
+def _distillation_arguments(group: argparse._ArgumentGroup, defaults: TrainConfig) -> None:
+    group.add_argument(
         "--steps", type=int, default=None, help=f"global distillation steps (default: {defaults.steps})"
     )
-    parser.add_argument("--seqlen", type=int, default=512, help="tokens per training sequence (at least 8)")
-    parser.add_argument(
+    group.add_argument("--seqlen", type=int, default=512, help="tokens per training sequence (at least 8)")
+    group.add_argument(
         "--batch-size",
         type=int,
         default=None,
         help=f"sequences per micro-batch (default: {defaults.batch_size})",
     )
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument(
+    group.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    group.add_argument(
         "--lr", type=float, default=None, help="scale learning rate, relative to each scale's RMS"
     )
-    parser.add_argument("--latent-lr", type=float, default=None, help="learning rate of the latent factors")
-    parser.add_argument("--norm-lr", type=float, default=None, help="norm learning rate (relative)")
-    parser.add_argument("--freeze-norms", action="store_true", help="do not train the RMSNorm weights")
-    parser.add_argument("--loss", choices=LOSS_FORMS, default="normalized", help="distillation loss form")
-    parser.add_argument("--hidden-weight", type=float, default=None, help="weight of the hidden-state term")
-    parser.add_argument("--warmup", type=float, default=0.02, help="warm-up, as a fraction of the steps")
-    parser.add_argument(
+    group.add_argument("--latent-lr", type=float, default=None, help="learning rate of the latent factors")
+    group.add_argument("--norm-lr", type=float, default=None, help="norm learning rate (relative)")
+    group.add_argument("--freeze-norms", action="store_true", help="do not train the RMSNorm weights")
+    group.add_argument("--loss", choices=LOSS_FORMS, default="normalized", help="distillation loss form")
+    group.add_argument("--hidden-weight", type=float, default=None, help="weight of the hidden-state term")
+    group.add_argument("--warmup", type=float, default=0.02, help="warm-up, as a fraction of the steps")
+    group.add_argument(
         "--max-grad-norm",
         type=float,
         default=None,
         help=f"clip the global gradient norm to this (0: off; default: {defaults.max_grad_norm})",
     )
-    parser.add_argument(
+    group.add_argument(
         "--block-sequences", type=int, default=None, help="sequences for block reconstruction (0: off)"
     )
-    parser.add_argument("--block-epochs", type=int, default=None)
-    parser.add_argument("--block-batch-size", type=int, default=None, help="sequences per block-stage step")
-    parser.add_argument("--block-inputs", choices=BLOCK_INPUTS, default="student")
-    parser.add_argument(
+    group.add_argument("--block-epochs", type=int, default=None)
+    group.add_argument("--block-batch-size", type=int, default=None, help="sequences per block-stage step")
+    group.add_argument("--block-inputs", choices=BLOCK_INPUTS, default="student")
+
+
+def _init_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
         "--calib-sequences", type=int, default=None, help="sequences for activation statistics"
     )
-    parser.add_argument(
+    group.add_argument(
         "--act-power", type=float, default=None, help="activation-aware init exponent (0: off)"
     )
-    parser.add_argument(
+    group.add_argument(
         "--grad-power",
         type=float,
         default=None,
         help="weight each layer's output rows at init by the teacher's loss-gradient RMS to this power "
         f"(0: off; default: {DEFAULT_GRAD_POWER}; under torchrun 0 where the model is built shard by shard)",
     )
-    parser.add_argument(
-        "--latent-rms", type=float, default=None, help="rescale latents to this RMS (0: keep)"
-    )
-    parser.add_argument("--sign", choices=SIGN_FUNCTIONS, default="smooth", help="sign surrogate gradient")
-    parser.add_argument(
+    group.add_argument("--latent-rms", type=float, default=None, help="rescale latents to this RMS (0: keep)")
+    group.add_argument("--sign", choices=SIGN_FUNCTIONS, default="smooth", help="sign surrogate gradient")
+
+
+def _evaluation_arguments(group: argparse._ArgumentGroup, defaults: TrainConfig) -> None:
+    group.add_argument(
         "--eval-every", type=int, default=50, help="steps between perplexity evaluations (0: end only)"
     )
-    parser.add_argument("--eval-windows", type=int, default=8, help="windows per evaluation (0: whole split)")
-    parser.add_argument("--eval-seqlen", type=int, default=512)
-    parser.add_argument(
+    group.add_argument("--eval-windows", type=int, default=8, help="windows per evaluation (0: whole split)")
+    group.add_argument("--eval-seqlen", type=int, default=512)
+    group.add_argument(
         "--eval-text",
         default="wikitext2",
         help="held-out text the evaluations score, as littlebit eval --ppl takes one: wikitext2 or ptb (test "
         "splits), a text file or folder, or hf:NAME[?config=C&split=S&column=COL] (default: wikitext2)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--save-every",
         type=int,
         default=defaults.save_every,
         help="also a checkpoint every N global steps and after every block-stage layer (0: by time only)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--save-interval",
         type=float,
         default=defaults.save_interval_s,
         help=f"seconds between checkpoints (0: not by time; default: {defaults.save_interval_s:g})",
     )
-    parser.add_argument(
+    group.add_argument(
         "--keep-checkpoints",
         type=int,
         default=defaults.keep_checkpoints,
         help=f"newest checkpoints kept on disk (0: all; default: {defaults.keep_checkpoints})",
     )
-    parser.add_argument(
+    group.add_argument(
         "--keep-state", action="store_true", help="keep the checkpoints once the model is written"
     )
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument(
+
+
+def _runtime_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    group.add_argument(
         "--no-cuda-graphs", action="store_true", help="launch each kernel of a step from Python (GPU)"
     )
-    parser.add_argument("--no-amp", action="store_true", help="train in fp32 even on GPU")
-    parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
-    parser.add_argument(
+    group.add_argument("--no-amp", action="store_true", help="train in fp32 even on GPU")
+    group.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward")
+    group.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    group.add_argument(
         "--nproc",
         type=int,
         default=None,
         help="train on N processes (one per GPU), sharded with FSDP2: runs this command under torchrun",
     )
-    parser.add_argument(
+    group.add_argument(
         "--offload-teacher", action="store_true", help="sharded runs: keep the teacher's shards in CPU memory"
     )
-    parser.add_argument(
+    group.add_argument(
         "--threads",
         type=threads_type,
         default=None,
