@@ -192,12 +192,12 @@ _SCRIPT = textwrap.dedent(
     work, kill_at, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     phase, n = kill_at.split(":")
     if phase == "block":  # SIGKILL when the fit of decoder layer n starts (layers before it are saved)
-        orig_fit = bw._fit_layer
+        orig_fit = bw.fit_layer
         def fit(layer, *a, **k):
             if a[-2] == int(n):
                 os.kill(os.getpid(), signal.SIGKILL)
             return orig_fit(layer, *a, **k)
-        bw._fit_layer = fit
+        bw.fit_layer = fit
     elif phase == "global":  # SIGKILL right after the optimizer step of global step n, unsaved
         orig_step = Trainer._train_step
         def step(self, *a):

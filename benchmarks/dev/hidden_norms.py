@@ -1,7 +1,7 @@
 """Where a hidden state's size sits: for each decoder layer of the default model (FP teacher, fp32,
 CPU), the share of the output's squared norm held by its largest token and by its 4 largest channels,
 over one ``--tokens``-token WikiText-2 validation sequence. Behind the block stage's error
-(``training.blockwise._fit_layer``): from the middle layers on, the first position (the attention
+(``training.blockwise.fit_layer``): from the middle layers on, the first position (the attention
 sink) holds nearly all of it. Prints one line per layer and writes ``benchmarks/results/<--name>.json``.
 
     python benchmarks/dev/hidden_norms.py      # CPU: under a minute

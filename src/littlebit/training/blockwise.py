@@ -76,7 +76,8 @@ def first_layer_inputs(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Ten
     return seen["x"], seen["kwargs"]
 
 
-def _as_tensor(out) -> torch.Tensor:
+def layer_output(out: torch.Tensor | tuple | list) -> torch.Tensor:
+    """The hidden states a decoder layer returns (transformers' layers return a tuple or a tensor)."""
     return out[0] if isinstance(out, tuple | list) else out
 
 
@@ -85,7 +86,7 @@ def _run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int,
     out = torch.empty_like(x)
     for i in range(0, x.shape[0], batch_size):
         with amp():
-            out[i : i + batch_size] = _as_tensor(layer(x[i : i + batch_size], **kwargs)).to(out.dtype)
+            out[i : i + batch_size] = layer_output(layer(x[i : i + batch_size], **kwargs)).to(out.dtype)
     return out
 
 
@@ -127,7 +128,7 @@ def reconstruct_blocks(
     for index, (t_layer, s_layer) in enumerate(zip(t_layers, s_layers, strict=True)):
         y_t = _run_layer(t_layer, x_t, kwargs, bs, amp)
         if index >= start_block and total > 0:
-            loss = _fit_layer(
+            loss = fit_layer(
                 s_layer,
                 x_t if config.inputs == "teacher" else x_s,
                 y_t,
@@ -150,9 +151,23 @@ def reconstruct_blocks(
     bar.close()
 
 
-def _fit_layer(
-    layer, x, y, kwargs, config, lrs, amp, train_norms, index, total, cuda_graphs, compiled=False
+def fit_layer(
+    layer: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kwargs: dict,
+    config: BlockConfig,
+    lrs: LearningRates,
+    amp: Callable,
+    train_norms: bool,
+    index: int,
+    total: int,
+    cuda_graphs: bool,
+    compiled: bool = False,
 ) -> float:
+    """Fit one student layer to map ``x`` to the teacher's outputs ``y``: ``config.epochs`` passes in
+    batches of ``config.batch_size``, the learning rate scheduled over ``total`` steps, the order
+    seeded by ``index``; returns the last step's relative error."""
     if compiled:
         compile_layer(layer)
     kinds = select_trainable(layer, train_norms)
@@ -166,7 +181,7 @@ def _fit_layer(
 
     def forward_backward(idx: torch.Tensor) -> dict[str, torch.Tensor]:
         with amp():
-            out = _as_tensor(layer(x[idx], **kwargs)).float()
+            out = layer_output(layer(x[idx], **kwargs)).float()
         target = y[idx]
         # Over the whole batch: from decoder layer 11 to 27 of the default model's 30 the first
         # position's massive activations hold 72-98 % of |target|^2 (benchmarks/dev/hidden_norms.py), so

@@ -36,7 +36,7 @@ from littlebit.core.convert import (
 )
 from littlebit.hf.shards import SafetensorsCheckpoint
 from littlebit.hf.streaming import meta_skeleton
-from littlebit.training.blockwise import _as_tensor, decoder_layers, first_layer_inputs
+from littlebit.training.blockwise import decoder_layers, first_layer_inputs, layer_output
 from littlebit.training.student import rescale_latents
 
 # Batches of calibration sequences per forward, as ``input_rms`` runs them: the same batches give
@@ -235,7 +235,7 @@ def _init_layer(
         moved, tokens = [], 0
         with InputSquares({n: plain.get_submodule(n) for n in modules}) as squares:
             for x, kwargs in states:
-                y = _as_tensor(block(x.to(device), **kwargs))
+                y = layer_output(block(x.to(device), **kwargs))
                 tokens += x.shape[0] * x.shape[1]
                 moved.append((y.cpu(), kwargs))
         states = moved

@@ -5,7 +5,7 @@ only one decoder layer is there at a time: the teacher's and the student's hidde
 calibration sequences stay in CPU memory between layers, and after each written layer they are saved
 next to the shards, so an interrupted run resumes after the last finished layer. For each layer:
 the teacher layer (source weights) maps the teacher's states to its outputs; the layer is converted;
-the student layer is fitted (``blockwise._fit_layer``) to map the student's states (or the teacher's,
+the student layer is fitted (``blockwise.fit_layer``) to map the student's states (or the teacher's,
 ``inputs="teacher"``) to those outputs; the student's states move on through the fitted layer.
 
 A model far larger than the GPU is so reconstructed on one GPU: device memory holds one layer, its
@@ -27,7 +27,7 @@ from torch import nn
 
 from littlebit.hf.shards import SafetensorsCheckpoint
 from littlebit.hf.streaming import LayerHooks, PartialUnusable
-from littlebit.training.blockwise import _as_tensor, _fit_layer, first_layer_inputs
+from littlebit.training.blockwise import first_layer_inputs, fit_layer, layer_output
 from littlebit.training.config import BlockConfig, LearningRates
 
 STATES_NAME = "block-states.safetensors"
@@ -140,7 +140,7 @@ class StreamedBlockReconstruction(LayerHooks):
         bs = self.config.batch_size
         for i in range(0, x.shape[0], bs):
             with self.amp():
-                y = _as_tensor(layer(x[i : i + bs].to(self.device), **self.kwargs))
+                y = layer_output(layer(x[i : i + bs].to(self.device), **self.kwargs))
             out[i : i + bs] = y.float().cpu()
         return out
 
@@ -156,7 +156,7 @@ class StreamedBlockReconstruction(LayerHooks):
             y = self.y_t.to(self.device)
             block.train()
             args = (self.kwargs, cfg, self.lrs, self.amp, self.train_norms, index, steps)
-            loss = _fit_layer(block, x, y, *args, cuda_graphs=False)
+            loss = fit_layer(block, x, y, *args, cuda_graphs=False)
             block.eval()
             del x, y
             self.losses.append(loss)
