@@ -51,7 +51,7 @@ scale() {
 }
 
 speed() {
-  # Any of: tests, gemm, acceptance, threshold, tiles, serving, expand, overlap, host, compile, bounds, causalbounds, compiledprofile, trainstep,
+  # Any of: tests, trainingtests, gemm, acceptance, threshold, tiles, serving, expand, overlap, host, compile, bounds, causalbounds, compiledprofile, trainstep,
   # blockstep (below), prefill (per layer, time to first token, serving; about 8
   # minutes), eval (WikiText-2, every test window, recorded and eager, and all of PIQA; the default model
   # packed against FP, bf16; about 4 minutes),
@@ -82,9 +82,9 @@ speed() {
       # expand: its expansion alone and in the whole call (about a minute); compile: compiled time to
       # first token of 8 layers
       tests) timeout 240 python -m pytest -q tests/test_prefill.py tests/test_batch_decoding.py tests/test_perplexity.py \
-        > "$ROOT/test_prefill.log" 2>&1
-        # recorded training steps, eager and compiled, against each other (about a minute)
-        timeout 150 python -m pytest -q tests/test_compiled_steps.py tests/test_training.py -k recorded \
+        > "$ROOT/test_prefill.log" 2>&1 ;;
+      # recorded training steps, eager and compiled, against each other (about a minute)
+      trainingtests) timeout 150 python -m pytest -q tests/test_compiled_steps.py tests/test_training.py -k recorded \
           > "$ROOT/test_training_gpu.log" 2>&1 ;;
       gemm) timeout 450 python benchmarks/prefill.py "${grid[@]}" --order layers,models,gemm-threshold \
         --out "$ROOT/prefill_gemm.json" > "$ROOT/prefill_gemm.log" 2>&1 ;;
@@ -101,8 +101,9 @@ speed() {
         --out "$ROOT/prefill_tiles.json" > "$ROOT/prefill_tiles.log" 2>&1 ;;
       # serving: batched decoding of the 7B shape at batch 64 and 256 and an eager 96-token prompt (the
       # prefill kernels' range, where their extra launches cost host time), on the shipped routing and
-      # with every call of 2 tokens or more on the prefill kernels, pipelined and not (about 6 minutes)
-      serving) for route in shipped prefill prefill-in-loop; do
+      # with every call of 2 tokens or more on the prefill kernels, pipelined and not (about 6 minutes;
+      # SERVING_ROUTES picks some of the three)
+      serving) for route in ${SERVING_ROUTES:-shipped prefill prefill-in-loop}; do
           local cfg='{}'
           [ "$route" = prefill ] && cfg='{"prefill_min_tokens": 2, "gemm_min_tokens": 1073741824}'
           [ "$route" = prefill-in-loop ] \
