@@ -255,6 +255,24 @@ def _open_partial(work: Path, manifest: dict) -> list[Path]:
     return created
 
 
+def _resume_point(
+    hooks: LayerHooks | None,
+    model: nn.Module,
+    checkpoint: SafetensorsCheckpoint,
+    work: Path,
+    shard_files: list[Path],
+) -> int:
+    """The first layer the hooks compute again (0 without hooks: every missing shard is computed), once
+    the shards the ledger does not vouch for are dropped or, where the hooks are past them, refused."""
+    first = hooks.start(model, checkpoint, work) if hooks is not None else 0
+    _drop_altered_shards(work, first if hooks is not None else None)
+    lost = [f.name for f in shard_files[:first] if not f.is_file()]
+    if lost and not (work / SINGLE_NAME).is_file():
+        # the hooks' states are past these layers: they cannot be computed again from them
+        raise PartialUnusable(f"{lost[0]} is missing from {work}: remove {work} to start again")
+    return first
+
+
 def _merge_shards(work: Path, merged: Path) -> None:
     """The layers' shards as one ``model.safetensors``, the file ``save_pretrained`` writes for a model
     of this size (the packed model is a small fraction of the source: it is read whole here)."""
@@ -340,13 +358,8 @@ def compress_streamed(
     created = _open_partial(work, manifest)
     merged = work / SINGLE_NAME
     try:
-        first = hooks.start(model, checkpoint, work) if hooks is not None else 0
-        _drop_altered_shards(work, first if hooks is not None else None)
         shard_files = [work / f"model-{k + 1:05d}-of-{n_files:05d}.safetensors" for k in range(n_files)]
-        lost = [f.name for f in shard_files[:first] if not f.is_file()]
-        if lost and not merged.is_file():
-            # the hooks' states are past these layers: they cannot be computed again from them
-            raise PartialUnusable(f"{lost[0]} is missing from {work}: remove {work} to start again")
+        first = _resume_point(hooks, model, checkpoint, work, shard_files)
         for k, block_name in enumerate(tqdm(blocks, desc="LittleBit layers", disable=not progress)):
             file = shard_files[k]
             prefix = block_name + "."
