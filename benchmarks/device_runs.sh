@@ -91,8 +91,7 @@ speed() {
       # acceptance: the same per layer and end to end without the threshold sweep (about 6 minutes)
       acceptance) timeout 400 python benchmarks/prefill.py "${grid[@]}" --order layers,models \
         --out "$ROOT/prefill_acceptance.json" > "$ROOT/prefill_acceptance.log" 2>&1 ;;
-      # threshold: the GEMM path against the register-decoding kernels at 32-2048 tokens, the prefill
-      # kernels pipelined and not (KernelConfig.prefill_pipelined; about 4 minutes)
+      # threshold: the GEMM path against the register-decoding kernels at 32-2048 tokens (about 4 minutes)
       threshold) timeout 300 python benchmarks/prefill.py --order gemm-threshold --tokens "" --ttft "" --serve "" \
         --out "$ROOT/prefill_threshold.json" > "$ROOT/prefill_threshold.log" 2>&1 ;;
       # tiles: the prefill kernels' tiles (``SWEEP``) on prompts and 256-token batches, and where they take
@@ -101,13 +100,11 @@ speed() {
         --out "$ROOT/prefill_tiles.json" > "$ROOT/prefill_tiles.log" 2>&1 ;;
       # serving: batched decoding of the 7B shape at batch 64 and 256 and an eager 96-token prompt (the
       # prefill kernels' range, where their extra launches cost host time), on the shipped routing and
-      # with every call of 2 tokens or more on the prefill kernels, pipelined and not (about 6 minutes;
-      # SERVING_ROUTES picks some of the three)
-      serving) for route in ${SERVING_ROUTES:-shipped prefill prefill-in-loop}; do
+      # with every call of 2 tokens or more on the prefill kernels (about 4 minutes; SERVING_ROUTES picks
+      # one of the two)
+      serving) for route in ${SERVING_ROUTES:-shipped prefill}; do
           local cfg='{}'
           [ "$route" = prefill ] && cfg='{"prefill_min_tokens": 2, "gemm_min_tokens": 1073741824}'
-          [ "$route" = prefill-in-loop ] \
-            && cfg='{"prefill_min_tokens": 2, "gemm_min_tokens": 1073741824, "prefill_pipelined": false}'
           timeout 150 python benchmarks/prefill.py --order models --models fp16,0.1,0.55 --ttft 96 --serve 64,256 \
             --steps 16 --reference-ttft 0 --kernel-config "$cfg" --out "$ROOT/serving_$route.json" \
             >> "$ROOT/serving.log" 2>&1

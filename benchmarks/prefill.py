@@ -267,9 +267,7 @@ GEMM_THRESHOLD_TOKENS = [32, 64, 65, 96, 128, 192, 256, 512, 2048]
 
 def gemm_threshold(device: str, save) -> list[dict]:
     """µs of the GEMM path and of the register-decoding kernels (``prefill_us``; ``family`` names
-    them) on ``GEMM_THRESHOLD_CASES``, for choosing ``KernelConfig.gemm_min_tokens``; from 65 tokens
-    also the prefill kernels with their tiles formed in the loops (``prefill_in_loop_us``,
-    ``KernelConfig.prefill_pipelined`` off)."""
+    them) on ``GEMM_THRESHOLD_CASES``, for choosing ``KernelConfig.gemm_min_tokens``."""
     from littlebit.kernels.gpu import triton_littlebit as tk
     from littlebit.kernels.gpu.route import kernel_family
 
@@ -281,11 +279,7 @@ def gemm_threshold(device: str, save) -> list[dict]:
             x = torch.randn(m, d_in, device=device).bfloat16()
             below = tk.KernelConfig(gemm_min_tokens=1 << 30)
             rec = {"layer": name, "bpw": bpw, "tokens": m, "family": kernel_family(m, below)}
-            families = [("gemm", tk.KernelConfig(gemm_min_tokens=1)), ("prefill", below)]
-            if rec["family"] == "prefill":
-                in_loop = tk.KernelConfig(gemm_min_tokens=1 << 30, prefill_pipelined=False)
-                families.append(("prefill_in_loop", in_loop))
-            for family, cfg in families:
+            for family, cfg in [("gemm", tk.KernelConfig(gemm_min_tokens=1)), ("prefill", below)]:
                 try:
                     rec[f"{family}_us"] = gpu_us(
                         lambda c=cfg, x=x, t=layer: tk.littlebit_linear_triton(x, *t, config=c), device

@@ -42,22 +42,17 @@ POINTERS = {
     "cnt_ptr": "*i32",
 }  # fmt: skip
 # (label, module, kernel, constexprs and "t" (t's pointer type where not bf16), warps, stages);
-# constexprs missing from a kernel are dropped (an older checkout's stage 2 took its splits at run time,
-# its stage 1 formed g * x in the loop), but a stage 1 without PRESCALED is not the kernel the
-# pre-scaled rows ask for
+# constexprs missing from a kernel are dropped (an older checkout's kernels take other ones: at
+# ``cba965f`` stage 1 formed g * x in its loop and stage 2 added the splits of d_in in a nested one)
 COMMON = {"P": 2, "BKW": 2, "OP_DT": "bf16", "HAS_BIAS": False, "TILED": True, "PDL": False, "ZB": 1024}
-S1, S1P, S2 = "prefill stage 1, g*x in the loop", "prefill stage 1, g*x pre-scaled", "prefill stage 2"
-TWO = {"BO": 128, "BM": 64, "N_SPLIT": 2}
+S1, S2 = "prefill stage 1", "prefill stage 2"
 TC1, TC2 = "tensor cores stage 1, 64 rows x 16 tokens", "tensor cores stage 2, 64 rows x 16 tokens"
-F32 = "*fp32"  # t with splits of d_in: fp32 partial sums (prefill) or an fp32 workspace (tensor cores)
+F32 = "*fp32"  # the 2-64-token kernels' t: an fp32 workspace stage 1 adds into
 CASES = [
-    (f"{S1}, 64x64", "prefill", "_pf_v_kernel", {"BR": 64, "BM": 64, "PRESCALED": False}, 4, 3),
-    (f"{S1}, 128x128", "prefill", "_pf_v_kernel", {"BR": 128, "BM": 128, "PRESCALED": False}, 8, 3),
-    (f"{S1P}, 64x64", "prefill", "_pf_v_kernel", {"BR": 64, "BM": 64, "PRESCALED": True}, 4, 3),
-    (f"{S1P}, 128x128", "prefill", "_pf_v_kernel", {"BR": 128, "BM": 128, "PRESCALED": True}, 8, 3),
-    (f"{S2}, 1 split, 128x64", "prefill", "_pf_u_kernel", {"BO": 128, "BM": 64, "N_SPLIT": 1}, 4, 3),
-    (f"{S2}, 1 split, 128x128", "prefill", "_pf_u_kernel", {"BO": 128, "BM": 128, "N_SPLIT": 1}, 8, 3),
-    (f"{S2}, adding 2 splits, 128x64", "prefill", "_pf_u_kernel", {**TWO, "t": F32}, 4, 3),
+    (f"{S1}, 64x64", "prefill", "_pf_v_kernel", {"BR": 64, "BM": 64}, 4, 3),
+    (f"{S1}, 128x128", "prefill", "_pf_v_kernel", {"BR": 128, "BM": 128}, 8, 3),
+    (f"{S2}, 128x64", "prefill", "_pf_u_kernel", {"BO": 128, "BM": 64}, 4, 3),
+    (f"{S2}, 128x128", "prefill", "_pf_u_kernel", {"BO": 128, "BM": 128}, 8, 3),
     (TC1, "_tensorcore", "_tc_v_kernel", {"BR": 64, "BM": 16, "t": F32}, 4, 3),
     (TC2, "_tensorcore", "_tc_u_kernel", {"BO": 64, "BM": 16, "t": F32}, 4, 3),
 ]  # fmt: skip
@@ -187,9 +182,6 @@ def main() -> int:
         fn = getattr(mod, kernel, None)
         if fn is None:
             print(f"{label}: no {kernel} in {mod.__file__}", flush=True)
-            continue
-        if consts.get("PRESCALED") and "PRESCALED" not in fn.arg_names:  # a checkout without that choice
-            print(f"{label}: {kernel} in {mod.__file__} has no PRESCALED", flush=True)
             continue
         read = analyse(fn, consts, warps, stages)
         loops = read["loops"]

@@ -147,15 +147,13 @@ def _u_offsets(p, rows, cols, d_out, W_r, TILED: tl.constexpr):
 
 @triton.jit
 def _tc_u_body(
-    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, pid0, pid1, M, d_out, W_r, Rp, stride_ym, split_stride, ones,
+    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, pid0, pid1, M, d_out, W_r, Rp, stride_ym, ones,
     P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    OP_DT: tl.constexpr, PDL: tl.constexpr, TILED: tl.constexpr, N_SPLIT: tl.constexpr,
+    OP_DT: tl.constexpr, PDL: tl.constexpr, TILED: tl.constexpr,
 ):  # fmt: skip
     """Stage 2 for program (pid0, pid1) of grid (cdiv(d_out, BO), n_mb); S_U in tile order with
-    ``TILED``. t is ``N_SPLIT`` partial sums ``split_stride`` apart (one per split of d_in in stage 1),
-    added as they are loaded. The count is a compile-time constant: Triton does not pipeline a loop that
-    holds another, such as one over the splits inside the loop over r, and with one split t goes from
-    memory straight to the MMA, which then runs asynchronously."""
+    ``TILED``; t (M, P, Rp), whole. In the operands' dtype (the prefill kernels) t goes from memory
+    straight to the MMA, which then runs asynchronously; the 2-64-token kernels' fp32 t is converted."""
     rows = pid0 * BO + tl.arange(0, BO)
     row_ok = rows < d_out
     t0, lt = (pid1 * BM).to(tl.int64), tl.arange(0, BM)  # 64-bit base, 32-bit offsets (long prompts)
@@ -173,12 +171,7 @@ def _tc_u_body(
             )
             e = k0 * 32 + tl.arange(0, BKW * 32)
             tp = t_ptr + t0 * P * Rp + (lt[None, :] * P + p) * Rp + e[:, None]
-            tmask = (e < Rp)[:, None] & tok_ok[None, :]
-            tv = tl.load(tp, mask=tmask, other=0.0)
-            if N_SPLIT > 1:
-                tv = tv.to(tl.float32)
-                for s in tl.static_range(1, N_SPLIT):
-                    tv += tl.load(tp + s * split_stride, mask=tmask, other=0.0).to(tl.float32)
+            tv = tl.load(tp, mask=(e < Rp)[:, None] & tok_ok[None, :], other=0.0)
             acc = _dot(_sign_tile(w, ones, BO, BKW, OP_DT), tv.to(OP_DT), acc, OP_DT)
         hv = tl.load(h_ptr + p * d_out + rows, mask=row_ok, other=0.0).to(tl.float32)
         y += acc * hv[:, None]
@@ -213,6 +206,6 @@ def _tc_u_kernel(
     _pdl_wait(PDL)
     _tc_u_body(
         t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, tl.program_id(0), tl.program_id(1), M, d_out, W_r, Rp, stride_ym,
-        0, ones, P, BO, BKW, BM, HAS_BIAS, OP_DT, PDL, TILED, 1,
+        ones, P, BO, BKW, BM, HAS_BIAS, OP_DT, PDL, TILED,
     )  # fmt: skip
     _release_t(t_ptr, cnt_ptr, M * P * Rp, tl.num_programs(0) * tl.num_programs(1), ZB)

@@ -73,11 +73,6 @@ class KernelConfig:
     prefill_warps: int = 0  # 0: 8 for 128-token tiles, else 4
     prefill_stages: int = 0  # software pipeline depth; 0: 3
     prefill_waves: float = 2.0  # programs per SM aimed for, by smaller token blocks, then splits of d_in
-    # the prefill kernels' tiles go from memory to the MMA untouched (g * x written in the decoded signs'
-    # order by a launch before stage 1, d_in splits added by a launch before stage 2), so both loops are
-    # pipelined with MMAs in flight (``prefill``); off: stage 1 forms g * x in its loop and stage 2 adds
-    # any splits in its own, each such loop waiting for every MMA
-    prefill_pipelined: bool = True
     # from this many tokens on, the factors expanded per call and two cuBLAS GEMMs (``gemm``) instead of
     # the prefill kernels: on the H100 the GEMMs were faster from 65 tokens on the three 7B cases of the
     # sweep and from 128 on all four (8192x28672 at 1.0 BPW: 387 against 428 µs; at 96 tokens the prefill

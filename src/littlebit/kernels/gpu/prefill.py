@@ -12,13 +12,12 @@ Two GEMM-shaped launches, signs decoded to +-1 in registers (``_tensorcore._sign
 
 Both loops are written so that their tiles go from memory to the MMA untouched: Triton then copies
 them asynchronously through the software pipeline and keeps MMAs in flight while the next signs are
-decoded (``KernelConfig.prefill_pipelined``). Stage 1 reads g * x from a buffer one small launch writes
-before it (``_pf_scale_x_kernel``: each path's g applied, entries in the order of the decoded signs'
-columns), and where d_in is split, a launch between the stages adds the partial sums into one t
-(``_pf_sum_splits_kernel``). Without that (``prefill_pipelined`` off) stage 1 forms g * x in its loop
-and stage 2 adds any splits as it loads t: such a tile passes through registers into shared memory at
-every step, and each MMA is waited for before the next step begins (the compiled loops:
-``benchmarks/dev/kernel_pipelining.py``).
+decoded (the compiled loops: ``benchmarks/dev/kernel_pipelining.py``). Stage 1 reads g * x from a
+buffer one small launch writes before it (``_pf_scale_x_kernel``: each path's g applied, entries in the
+order of the decoded signs' columns), and where d_in is split, a launch between the stages adds the
+partial sums into one t (``_pf_sum_splits_kernel``). Forming g * x in stage 1's loop and adding the
+splits in stage 2's, each such tile passing through registers and every MMA waited for, ran 1.05-2.6x
+slower from 65 to 128 tokens (docs/kernels.md, "What the compiler makes of the inner loops").
 
 d_in is split (up to 4 ways) only where the token and row blocks alone leave the GPU under
 ``prefill_waves`` programs per SM: few tokens, small ranks.
@@ -36,7 +35,6 @@ from littlebit.kernels.gpu._tensorcore import (
     _pair_slot,
     _sign_tile,
     _tc_u_body,
-    _to_pair_order,
     _v_program,
     _v_words,
     sign_ones,
@@ -51,13 +49,11 @@ _SUM_BLOCK = 1024  # entries of t per program of ``_pf_sum_splits_kernel``
 
 @triton.jit
 def _pf_v_kernel(
-    x_ptr, g_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, d_in, stride_xm, Rp, n_rb, chunk, split_stride, ones,
+    xg_ptr, v_ptr, l_ptr, t_ptr, M, R, W_in, stride_xm, Rp, n_rb, chunk, split_stride, ones,
     P: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, OP_DT: tl.constexpr,
-    PRESCALED: tl.constexpr,
 ):  # fmt: skip
-    """Stage 1: partial t of rows ``BR`` x tokens ``BM`` over one split of d_in. ``PRESCALED``: x_ptr is
-    ``_pf_scale_x_kernel``'s (P, M, stride_xm) g * x in the decoded columns' order; else x itself, g * x
-    formed per step."""
+    """Stage 1: partial t of rows ``BR`` x tokens ``BM`` over one split of d_in, from
+    ``_pf_scale_x_kernel``'s (P, M, stride_xm) g * x in the decoded columns' order."""
     pid0, split, pid2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p, rows, toks, k_lo, k_hi = _v_program(pid0, split, pid2, n_rb, chunk, W_in, BR, BM)
     tok_ok = toks < M
@@ -68,18 +64,12 @@ def _pf_v_kernel(
     for k0 in range(k_lo, k_hi, BKW):
         w = _v_words(v_ptr, p, rows, R, W_in, k0, k_hi, BKW)
         e = k0 * 32 + tl.arange(0, BKW * 32)
-        if PRESCALED:  # straight from memory to the MMA: copied asynchronously, an MMA kept in flight
-            xv = tl.load(
-                x_ptr + (p * M + t0) * stride_xm + lt[None, :] * stride_xm + e[:, None],
-                mask=(e < k_hi * 32)[:, None] & tok_ok[None, :],
-                other=0.0,
-            )
-        else:
-            e_ok = (e < k_hi * 32) & (e < d_in)
-            mask = e_ok[:, None] & tok_ok[None, :]
-            xv = tl.load(x_ptr + t0 * stride_xm + lt[None, :] * stride_xm + e[:, None], mask=mask, other=0.0)
-            gv = tl.load(g_ptr + p * d_in + e, mask=e_ok, other=0.0)
-            xv = _to_pair_order((xv.to(tl.float32) * gv.to(tl.float32)[:, None]).to(OP_DT), BKW, BM)
+        # straight from memory to the MMA: copied asynchronously, an MMA kept in flight
+        xv = tl.load(
+            xg_ptr + (p * M + t0) * stride_xm + lt[None, :] * stride_xm + e[:, None],
+            mask=(e < k_hi * 32)[:, None] & tok_ok[None, :],
+            other=0.0,
+        )
         acc = _dot(_sign_tile(w, ones, BR, BKW, OP_DT), xv, acc, OP_DT)
     # rows past R (masked words decode to -1) get l = 0: t's padding latents are stored as zeros
     lv = tl.load(l_ptr + p * R + rows, mask=rows < R, other=0.0).to(tl.float32)
@@ -123,15 +113,14 @@ def _pf_sum_splits_kernel(t_ptr, out_ptr, n, split_stride, N_SPLIT: tl.constexpr
 
 @triton.jit
 def _pf_u_kernel(
-    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, Rp, stride_ym, split_stride, ones,
+    t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, M, d_out, W_r, Rp, stride_ym, ones,
     P: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    OP_DT: tl.constexpr, TILED: tl.constexpr, N_SPLIT: tl.constexpr,
+    OP_DT: tl.constexpr, TILED: tl.constexpr,
 ):  # fmt: skip
-    """Stage 2: y for output rows ``BO`` x tokens ``BM``, adding stage 1's ``N_SPLIT`` splits of d_in
-    as t is read; S_U in tile order with ``TILED``."""
+    """Stage 2: y for output rows ``BO`` x tokens ``BM`` from one t; S_U in tile order with ``TILED``."""
     _tc_u_body(
         t_ptr, u_ptr, h_ptr, b_ptr, y_ptr, tl.program_id(0), tl.program_id(1), M, d_out, W_r, Rp, stride_ym,
-        split_stride, ones, P, BO, BKW, BM, HAS_BIAS, OP_DT, False, TILED, N_SPLIT,
+        ones, P, BO, BKW, BM, HAS_BIAS, OP_DT, False, TILED,
     )  # fmt: skip
 
 
@@ -188,26 +177,23 @@ def prefill(
     split_stride = M * P * Rp
     stages = cfg.prefill_stages or 3
     ones = sign_ones(op_dt)
-    x_arg, stride = x2, x2.stride(0)
-    if cfg.prefill_pipelined:
-        Kp = 32 * W_in
-        x_arg, stride = torch.empty((P, M, Kp), dtype=dtype, device=x2.device), Kp
-        _pf_scale_x_kernel[(cdiv(M, _SCALE_TOKENS), cdiv(Kp, _SCALE_ENTRIES), P)](
-            x2, g, x_arg, M, d_in, Kp, x2.stride(0), BM=_SCALE_TOKENS, BE=_SCALE_ENTRIES, num_warps=4,
-        )  # fmt: skip
-    _pf_v_kernel[(P * n_rb, n_split, n_mb)](
-        x_arg, g, v, l, t, M, r, W_in, d_in, stride, Rp, n_rb, chunk, split_stride, ones,
-        P=P, BR=br, BKW=words, BM=bm, OP_DT=op_dt, PRESCALED=cfg.prefill_pipelined, num_warps=warps,
-        num_stages=stages,
+    Kp = 32 * W_in
+    xg = torch.empty((P, M, Kp), dtype=dtype, device=x2.device)
+    _pf_scale_x_kernel[(cdiv(M, _SCALE_TOKENS), cdiv(Kp, _SCALE_ENTRIES), P)](
+        x2, g, xg, M, d_in, Kp, x2.stride(0), BM=_SCALE_TOKENS, BE=_SCALE_ENTRIES, num_warps=4,
     )  # fmt: skip
-    if cfg.prefill_pipelined and n_split > 1:
+    _pf_v_kernel[(P * n_rb, n_split, n_mb)](
+        xg, v, l, t, M, r, W_in, Kp, Rp, n_rb, chunk, split_stride, ones,
+        P=P, BR=br, BKW=words, BM=bm, OP_DT=op_dt, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if n_split > 1:
         whole = torch.empty((M, P, Rp), dtype=dtype, device=x2.device)
         _pf_sum_splits_kernel[(cdiv(split_stride, _SUM_BLOCK),)](
             t, whole, split_stride, split_stride, N_SPLIT=n_split, BLOCK=_SUM_BLOCK, num_warps=4
         )
-        t, n_split = whole, 1
+        t = whole
     _pf_u_kernel[(cdiv(d_out, bo), n_mb)](
-        t, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0), split_stride, ones,
+        t, u, h, y if bias is None else bias, y, M, d_out, W_r, Rp, y.stride(0), ones,
         P=P, BO=bo, BKW=words, BM=bm, HAS_BIAS=bias is not None, OP_DT=op_dt, TILED=u_tiled,
-        N_SPLIT=n_split, num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
