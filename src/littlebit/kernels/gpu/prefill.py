@@ -142,7 +142,7 @@ def prefill_tile(
     words = cfg.prefill_words or 2
     warps = cfg.prefill_warps or (8 if bm >= 128 else 4)
     programs = P * cdiv(32 * cdiv(r, 32), br) * cdiv(M, bm)
-    # at most 4 splits: stage 2 adds them at every load of t
+    # at most 4 splits: each is an fp32 partial t written, then read by the launch that adds them
     chunk, n_split = _split(W_in, words, programs, min(target, 4 * programs))
     return bm, br, bo, words, warps, chunk, n_split
 
